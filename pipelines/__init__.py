@@ -1,0 +1,1 @@
+"""Pipelines of sdt-diffusion (installed as ``sdt_diffusion.pipelines``)."""

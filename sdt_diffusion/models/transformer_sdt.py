@@ -1,0 +1,385 @@
+"""SDTTransformer2DModel: DiT's plain transformer with Spatial Decay Attention (SDT-P)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps, get_2d_sincos_pos_embed
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.modeling_utils import ModelMixin
+from torch import Tensor, nn
+
+from .. import spatial_decay as eq
+from ..attention_backends import DecayInputs, available_backends, resolve_backend
+
+# name -> (num_layers, hidden width, heads); DiT's sizes (REFERENCE §1).
+MODEL_SIZES: dict[str, tuple[int, int, int]] = {
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
+}
+PRESETS: dict[str, dict[str, int]] = {
+    f"SDT-P-{size}/{patch}": {
+        "num_layers": depth,
+        "num_attention_heads": heads,
+        "attention_head_dim": width // heads,
+        "patch_size": patch,
+    }
+    for size, (depth, width, heads) in MODEL_SIZES.items()
+    for patch in (2, 4, 8)
+}
+
+
+def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class TimestepClassEmbedding(nn.Module):
+    """DiT's conditioning c = t_emb + y_emb, with label dropout to the null label for guidance."""
+
+    def __init__(self, num_classes: int, dim: int, class_dropout_prob: float) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.class_dropout_prob = class_dropout_prob
+        # DiT's frequency embedding: [cos, sin] of t * 10000^(-k / 128), k < 128.
+        self.time_proj = Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.timestep_embedder = TimestepEmbedding(256, dim)
+        self.class_embedder = nn.Embedding(num_classes + 1, dim)  # row num_classes = null label
+
+    def forward(self, timestep: Tensor, labels: Tensor, dtype: torch.dtype, force_drop_ids: Tensor | None) -> Tensor:
+        if force_drop_ids is not None:
+            labels = torch.where(force_drop_ids.to(labels.device).bool(), self.num_classes, labels)
+        elif self.training and self.class_dropout_prob > 0:
+            drop = torch.rand(labels.shape[0], device=labels.device) < self.class_dropout_prob
+            labels = torch.where(drop, self.num_classes, labels)
+        t_emb = self.timestep_embedder(self.time_proj(timestep).to(dtype))
+        return t_emb + self.class_embedder(labels).to(dtype)
+
+
+class SpatialDecayAttention(nn.Module):
+    """Spatial Decay Attention (eq. 4-13) with a pluggable attention backend."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        decay_mode: str = "cdsf",
+        alpha: float = 0.1,
+        gate_rank: int = 16,
+        lpe_kernel_size: int = 5,
+        use_rope: bool = True,
+        fixed_decay_init: float = 2.0,
+        fixed_decay_range: float = 4.0,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.decay_mode = decay_mode
+        self.alpha = alpha
+        self.use_rope = use_rope
+        self.qkv = nn.Linear(dim, 3 * dim)
+        if decay_mode in ("cdsf", "1d", "bidirectional"):
+            self.gate = nn.Linear(dim, num_heads)  # W_g (eq. 4)
+        elif decay_mode == "decomposed":
+            self.gate = nn.Linear(dim, 2 * num_heads)  # [W_g,H, W_g,W] (eq. 11)
+        else:
+            self.gate = None
+        if decay_mode == "fixed":
+            self.register_buffer(
+                "log_gamma", eq.rmt_log_gamma(num_heads, fixed_decay_init, fixed_decay_range), persistent=False
+            )
+        else:
+            self.log_gamma = None
+        self.lpe = nn.Conv2d(dim, dim, lpe_kernel_size, padding=lpe_kernel_size // 2, groups=dim)
+        self.gate_down = nn.Linear(dim, gate_rank, bias=False)  # W_u1
+        self.gate_up = nn.Linear(gate_rank, dim, bias=False)  # W_u2
+        self.proj = nn.Linear(dim, dim)
+
+    def decay_inputs(self, x: Tensor, height: int, width: int) -> DecayInputs:
+        """Gates and constants the decay variant needs for input ``x`` (B, L, D)."""
+        decay = DecayInputs(self.decay_mode, height, width, self.alpha, log_gamma=self.log_gamma)
+        if self.decay_mode == "decomposed":
+            decay.gate_logits_h, decay.gate_logits_w = self.gate(x).float().chunk(2, dim=-1)
+        elif self.gate is not None:
+            decay.gates = eq.context_aware_gates(self.gate(x))  # eq. 4-5
+        return decay
+
+    def forward(
+        self, x: Tensor, height: int, width: int, rope: tuple[Tensor, Tensor] | None, backend
+    ) -> Tensor:
+        b, seq, dim = x.shape
+        qkv = self.qkv(x).reshape(b, seq, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # (B, N, L, d)
+        if self.use_rope and rope is not None:
+            q, k = eq.apply_rope(q, *rope), eq.apply_rope(k, *rope)
+        attn = backend(q, k, v, self.decay_inputs(x, height, width))
+        lpe = eq.local_position_encoding(v, self.lpe, height, width)
+        gate_u = self.gate_up(torch.sigmoid(self.gate_down(x)))  # U = sigma(X W_u1) W_u2
+        out = eq.spatial_decay_output(attn, lpe, gate_u.reshape(b, seq, self.num_heads, self.head_dim).transpose(1, 2))
+        return self.proj(out.transpose(1, 2).reshape(b, seq, dim))
+
+
+class SDTBlock(nn.Module):
+    """DiT block with adaLN-Zero modulation; attention is Spatial Decay Attention."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, **attn_kwargs: Any) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = SpatialDecayAttention(dim, num_heads, **attn_kwargs)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x: Tensor, c: Tensor, height: int, width: int, rope, backend) -> Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
+        x = x + gate_msa[:, None] * self.attn(_modulate(self.norm1(x), shift_msa, scale_msa), height, width, rope, backend)
+        return x + gate_mlp[:, None] * self.mlp(_modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+class SDTFinalLayer(nn.Module):
+    """adaLN-modulated LayerNorm and the linear map back to patches."""
+
+    def __init__(self, dim: int, patch_size: int, out_channels: int) -> None:
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(_modulate(self.norm_final(x), shift, scale))
+
+
+class SDTTransformer2DModel(ModelMixin, ConfigMixin):
+    """Spatial Decay Transformer, plain variant (SDT-P), as a class-conditional diffusion backbone.
+
+    A drop-in for diffusers' ``DiTTransformer2DModel``: same config names where the concept is the
+    same and the same ``forward(hidden_states, timestep, class_labels)``.  Every block's attention is
+    Spatial Decay Attention: context-aware gates, a decay bias (``decay_mode``), 2D RoPE, LPE on V and
+    a low-rank output gate.
+
+    Args:
+        num_attention_heads: heads per block (N).
+        attention_head_dim: width of one head (d); hidden width = N * d.
+        in_channels: input channels (4 for SD-VAE latents).
+        out_channels: output channels; ``None`` means ``2 * in_channels`` with ``learn_sigma`` else
+            ``in_channels``.
+        num_layers: number of blocks.
+        sample_size: the spatial size the model is built for (latent pixels); other sizes that are
+            divisible by ``patch_size`` also work (RoPE, LPE and the decay are resolution-free).
+        patch_size: patch size p.
+        num_embeds_ada_norm: number of classes; the null (unconditional) label is this number.
+        class_dropout_prob: probability of replacing a label by the null label in training.
+        learn_sigma: predict the variance as well (DiT's learned-range output), default True.
+        mlp_ratio: MLP hidden width / hidden width.
+        decay_mode: ``"cdsf"`` (paper), ``"none"``, ``"fixed"`` (RMT), ``"1d"``, ``"bidirectional"``,
+            ``"decomposed"``.
+        alpha: CDSF scale (eq. 8), 0.1 as in the paper.
+        attention_backend: ``"auto"``, ``"math"``, ``"sdpa"`` or a registered fused backend.
+        gate_rank: rank r of the low-rank output gate ``U = sigma(X W_u1) W_u2``.
+        lpe_kernel_size: kernel of the depthwise LPE convolution (5 as in RMT).
+        use_rope: apply 2D axial RoPE to Q and K.
+        rope_base: RoPE frequency base.
+        use_abs_pos_embed: add DiT's fixed 2D sin-cos position embedding to the patch tokens.  Off by
+            default: the paper's SDA layer already carries position through RoPE, LPE and the decay.
+        fixed_decay_init, fixed_decay_range: RMT's gamma schedule for ``decay_mode="fixed"``.
+    """
+
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["SDTBlock"]
+    _skip_layerwise_casting_patterns = ["pos_embed", "norm"]
+
+    @register_to_config
+    def __init__(
+        self,
+        num_attention_heads: int = 16,
+        attention_head_dim: int = 72,
+        in_channels: int = 4,
+        out_channels: int | None = None,
+        num_layers: int = 28,
+        sample_size: int = 32,
+        patch_size: int = 2,
+        num_embeds_ada_norm: int = 1000,
+        class_dropout_prob: float = 0.1,
+        learn_sigma: bool = True,
+        mlp_ratio: float = 4.0,
+        decay_mode: str = "cdsf",
+        alpha: float = 0.1,
+        attention_backend: str = "auto",
+        gate_rank: int = 16,
+        lpe_kernel_size: int = 5,
+        use_rope: bool = True,
+        rope_base: float = 10000.0,
+        use_abs_pos_embed: bool = False,
+        fixed_decay_init: float = 2.0,
+        fixed_decay_range: float = 4.0,
+    ) -> None:
+        super().__init__()
+        if decay_mode not in eq.DECAY_MODES:
+            raise ValueError(f"decay_mode must be one of {eq.DECAY_MODES}, got {decay_mode!r}")
+        if attention_backend not in available_backends():
+            raise ValueError(f"attention_backend must be one of {available_backends()}, got {attention_backend!r}")
+        if use_rope and attention_head_dim % 4:
+            raise ValueError(f"2D RoPE needs attention_head_dim divisible by 4, got {attention_head_dim}")
+        if sample_size % patch_size:
+            raise ValueError(f"sample_size {sample_size} is not divisible by patch_size {patch_size}")
+        expected_out = in_channels * (2 if learn_sigma else 1)
+        if out_channels is not None and out_channels != expected_out:
+            raise ValueError(
+                f"out_channels={out_channels} contradicts learn_sigma={learn_sigma} with in_channels={in_channels} "
+                f"(expected {expected_out})"
+            )
+        self.out_channels = expected_out
+        dim = num_attention_heads * attention_head_dim
+        self.inner_dim = dim
+        self.gradient_checkpointing = False
+
+        self.x_embedder = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+        self.emb = TimestepClassEmbedding(num_embeds_ada_norm, dim, class_dropout_prob)
+        if use_abs_pos_embed:
+            grid = sample_size // patch_size
+            pos = get_2d_sincos_pos_embed(dim, grid, output_type="pt")
+            self.register_buffer("pos_embed", pos.float()[None], persistent=False)
+        self.blocks = nn.ModuleList(
+            SDTBlock(
+                dim, num_attention_heads, mlp_ratio, decay_mode=decay_mode, alpha=alpha, gate_rank=gate_rank,
+                lpe_kernel_size=lpe_kernel_size, use_rope=use_rope, fixed_decay_init=fixed_decay_init,
+                fixed_decay_range=fixed_decay_range,
+            )
+            for _ in range(num_layers)
+        )
+        self.final_layer = SDTFinalLayer(dim, patch_size, self.out_channels)
+        self._init_weights()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> SDTTransformer2DModel:
+        """Build ``SDT-P-{S,B,L,XL}/{2,4,8}`` (DiT's sizes for 256x256 images / 32x32 latents)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def _init_weights(self) -> None:
+        """DiT's initialisation: xavier linears, zero-initialised adaLN modulation and final layer."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        w = self.x_embedder.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.bias)
+        nn.init.normal_(self.emb.class_embedder.weight, std=0.02)
+        nn.init.normal_(self.emb.timestep_embedder.linear_1.weight, std=0.02)
+        nn.init.normal_(self.emb.timestep_embedder.linear_2.weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+            if block.attn.gate is not None:  # W_g = 0: G = log sigma(0) for every token at init
+                nn.init.zeros_(block.attn.gate.weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes; the null label used for guidance equals this number."""
+        return self.config.num_embeds_ada_norm
+
+    # ------------------------------------------------------------------ forward
+    def _check_inputs(self, hidden_states: Tensor, timestep: Tensor, class_labels: Tensor) -> tuple[Tensor, Tensor]:
+        cfg = self.config
+        if hidden_states.dim() != 4:
+            raise ValueError(f"hidden_states must be (B, C, H, W), got shape {tuple(hidden_states.shape)}")
+        b, c, h, w = hidden_states.shape
+        if c != cfg.in_channels:
+            raise ValueError(f"hidden_states has {c} channels but the model expects in_channels={cfg.in_channels}")
+        if h % cfg.patch_size or w % cfg.patch_size:
+            raise ValueError(
+                f"spatial size {h}x{w} is not divisible by patch_size={cfg.patch_size}; the RoPE/LPE/decay token "
+                f"grid needs whole patches"
+            )
+        timestep = torch.as_tensor(timestep, device=hidden_states.device)
+        if timestep.dim() == 0:
+            timestep = timestep.expand(b)
+        if timestep.shape != (b,):
+            raise ValueError(f"timestep must be a scalar or have shape ({b},), got {tuple(timestep.shape)}")
+        if class_labels is None:
+            raise ValueError("class_labels are required (use the null label num_classes for unconditional)")
+        class_labels = torch.as_tensor(class_labels, device=hidden_states.device)
+        if class_labels.dim() == 0:
+            class_labels = class_labels.expand(b)
+        if class_labels.shape != (b,):
+            raise ValueError(f"class_labels must have shape ({b},), got {tuple(class_labels.shape)}")
+        if class_labels.is_floating_point():
+            raise ValueError("class_labels must be integers")
+        if not torch.compiler.is_compiling() and class_labels.numel():
+            lo, hi = int(class_labels.min()), int(class_labels.max())
+            if lo < 0 or hi > self.num_classes:
+                raise ValueError(
+                    f"class_labels must lie in [0, {self.num_classes}] ({self.num_classes} = null label), "
+                    f"got values in [{lo}, {hi}]"
+                )
+        return timestep, class_labels
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        timestep: Tensor | int | float,
+        class_labels: Tensor,
+        return_dict: bool = True,
+        force_drop_ids: Tensor | None = None,
+    ) -> Transformer2DModelOutput | tuple[Tensor]:
+        """Predict noise (and variance) for latents ``hidden_states`` (B, C, H, W).
+
+        Args:
+            hidden_states: noisy latents.
+            timestep: diffusion step, scalar or (B,).
+            class_labels: (B,) integer labels in ``[0, num_classes]``; ``num_classes`` is the null label.
+            return_dict: return a ``Transformer2DModelOutput`` (else a tuple).
+            force_drop_ids: optional (B,) mask; 1 replaces the label by the null label.
+        """
+        timestep, class_labels = self._check_inputs(hidden_states, timestep, class_labels)
+        p = self.config.patch_size
+        b, _, h, w = hidden_states.shape
+        gh, gw = h // p, w // p
+
+        x = self.x_embedder(hidden_states).flatten(2).transpose(1, 2)  # (B, L, D)
+        if self.config.use_abs_pos_embed:
+            if (gh, gw) != (self.config.sample_size // p,) * 2:
+                raise ValueError(
+                    f"use_abs_pos_embed=True fixes the grid to {self.config.sample_size // p}^2 tokens, got {gh}x{gw}"
+                )
+            x = x + self.pos_embed.to(x.dtype)
+        c = self.emb(timestep, class_labels, x.dtype, force_drop_ids)
+        rope = None
+        if self.config.use_rope:
+            angles = eq.rope_2d_angles(gh, gw, self.config.attention_head_dim, self.config.rope_base, x.device)
+            rope = (angles.cos(), angles.sin())
+        backend = resolve_backend(self.config.attention_backend, x.device, self.config.decay_mode)
+
+        for block in self.blocks:
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                x = self._gradient_checkpointing_func(block, x, c, gh, gw, rope, backend)
+            else:
+                x = block(x, c, gh, gw, rope, backend)
+
+        x = self.final_layer(x, c)  # (B, L, p*p*C_out)
+        x = x.reshape(b, gh, gw, p, p, self.out_channels)
+        out = torch.einsum("bhwpqc->bchpwq", x).reshape(b, self.out_channels, h, w)
+        if not return_dict:
+            return (out,)
+        return Transformer2DModelOutput(sample=out)
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
+    """Number of (trainable) parameters of ``model``."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+__all__ = ["SDTTransformer2DModel", "PRESETS", "MODEL_SIZES", "count_parameters"]

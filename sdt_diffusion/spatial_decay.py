@@ -1,0 +1,214 @@
+"""The equations of Spatial Decay Attention, one small function each.
+
+Everything here is written from "Learning Spatial Decay for Vision Transformers"
+(Mao et al., arXiv 2508.09525); the equation number stands beside each function.
+Shapes use B = batch, N = heads, H x W = token grid, L = H * W (row-major order),
+d = head width.  Decay biases are additive logits of shape (B, N, L, L) or (N, L, L).
+
+Variants (``decay_mode`` of :class:`~sdt_diffusion.SDTTransformer2DModel`):
+
+=================  ======================================================  ==========
+mode               bias M[i, j]                                             function
+=================  ======================================================  ==========
+``none``           0                                                        --
+``fixed``          d(i, j) * log(gamma_h)                     (RMT)          :func:`fixed_decay_bias`
+``1d``             sum of raster-order gates between i and j  (eq. 6)       :func:`raster_decay_bias`
+``bidirectional``  mean of forward- and backward-scan 1D decay (eq. 6)      :func:`bidirectional_decay_bias`
+``decomposed``     row then column attention with 1D decays   (eq. 11-12)  :func:`decomposed_attention`
+``cdsf``           -|1/2 (G_i + G_j) d(i, j) alpha|           (eq. 7-9)     :func:`spatial_decay_bias`
+=================  ======================================================  ==========
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+DECAY_MODES = ("none", "fixed", "1d", "bidirectional", "decomposed", "cdsf")
+
+
+def upcast(t: Tensor) -> Tensor:
+    """``t`` in float32, or float64 if it already is (decay arithmetic never runs in half precision)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+# ----------------------------------------------------------------------------- gates
+def context_aware_gates(gate_logits: Tensor) -> Tensor:
+    """Bounded decay strengths ``G = log sigma(F)``, ``F = X W_g`` (eq. 4-5), at least float32, <= 0."""
+    return F.logsigmoid(upcast(gate_logits))
+
+
+# ----------------------------------------------------------------------------- geometry
+def grid_coordinates(height: int, width: int, device: torch.device | str | None = None) -> Tensor:
+    """Integer (row, column) coordinates of the L = H*W tokens in row-major order, shape (L, 2)."""
+    rows = torch.arange(height, device=device).repeat_interleave(width)
+    cols = torch.arange(width, device=device).repeat(height)
+    return torch.stack([rows, cols], dim=-1)
+
+
+def manhattan_distance(height: int, width: int, device: torch.device | str | None = None) -> Tensor:
+    """``d(i, j) = |h_i - h_j| + |w_i - w_j|`` (eq. 7), float32, shape (L, L)."""
+    p = grid_coordinates(height, width, device).float()
+    return (p[:, None, :] - p[None, :, :]).abs().sum(-1)
+
+
+# ----------------------------------------------------------------------------- decay biases
+def spatial_decay_bias(gates: Tensor, alpha: float = 0.1) -> Tensor:
+    """Content-dependent spatial fusion (CDSF), eq. 8-9.
+
+    ``M[i, j] = -| 1/2 (G_i + G_j) * d(i, j) * alpha |`` per head.
+
+    Args:
+        gates: G, already log-sigmoided, shape (B, H, W, N).
+        alpha: the scale alpha of eq. 8 (paper default 0.1).
+
+    Returns:
+        The dense bias M of shape (B, N, H*W, H*W), row-major token order.
+    """
+    if gates.dim() != 4:
+        raise ValueError(f"gates must have shape (B, H, W, N), got {tuple(gates.shape)}")
+    b, h, w, n = gates.shape
+    g = gates.reshape(b, h * w, n).transpose(1, 2)  # (B, N, L)
+    dist = manhattan_distance(h, w, gates.device).to(g.dtype)  # eq. 7
+    combined = 0.5 * (g[:, :, :, None] + g[:, :, None, :]) * dist * alpha  # eq. 8
+    return -combined.abs()  # eq. 9
+
+
+def rmt_log_gamma(num_heads: int, initial_value: float = 2.0, heads_range: float = 4.0) -> Tensor:
+    """RMT's per-head decay ``log gamma_h = log(1 - 2^(-init - range * h / N))``."""
+    h = torch.arange(num_heads, dtype=torch.float64)
+    return torch.log1p(-torch.pow(2.0, -initial_value - heads_range * h / num_heads)).float()
+
+
+def fixed_decay_bias(log_gamma: Tensor, height: int, width: int) -> Tensor:
+    """Data-independent Manhattan decay of RMT: ``M[i, j] = d(i, j) * log gamma_h``, shape (N, L, L)."""
+    log_gamma = upcast(log_gamma)
+    dist = manhattan_distance(height, width, log_gamma.device).to(log_gamma.dtype)
+    return dist[None] * log_gamma[:, None, None]
+
+
+def _prefix_sums(gates: Tensor) -> tuple[Tensor, Tensor]:
+    """Exclusive and inclusive prefix sums of gates (B, L, N) along L, as (B, N, L) each."""
+    g = upcast(gates).transpose(1, 2)
+    inclusive = g.cumsum(-1)
+    return inclusive - g, inclusive
+
+
+def raster_decay_bias(gates: Tensor) -> Tensor:
+    """1D decay in raster order, eq. 6 made symmetric.
+
+    ``M[i, j] = sum_{k=min(i,j)}^{max(i,j)-1} g_k`` over the flattened (row-major) token sequence,
+    with ``g = G <= 0`` of shape (B, L, N).  Returns (B, N, L, L).
+    """
+    exclusive, _ = _prefix_sums(gates)
+    # sum_{k=a}^{b-1} g_k = C[b] - C[a] with C the exclusive prefix sum; every g_k <= 0.
+    return -(exclusive[..., :, None] - exclusive[..., None, :]).abs()
+
+
+def bidirectional_decay_bias(gates: Tensor) -> Tensor:
+    """Bidirectional 1D decay: mean of a forward and a backward raster scan of eq. 6.
+
+    Forward scan: gates of the tokens ``min(i,j) .. max(i,j)-1``; backward scan (the sequence
+    reversed): gates of ``min(i,j)+1 .. max(i,j)``.  ``g = G`` of shape (B, L, N); returns (B, N, L, L).
+    """
+    exclusive, inclusive = _prefix_sums(gates)
+    forward = -(exclusive[..., :, None] - exclusive[..., None, :]).abs()
+    backward = -(inclusive[..., :, None] - inclusive[..., None, :]).abs()
+    return 0.5 * (forward + backward)
+
+
+def axial_decay_bias(gate_logits: Tensor) -> Tensor:
+    """1D decay along one axis for decomposed attention, eq. 11.
+
+    ``M[a, b] = - sum_{k=min(a,b)}^{max(a,b)-1} |log sigma(F[k])|`` for the n tokens of one row
+    (or column).  ``gate_logits`` F has shape (..., n, N); returns (..., N, n, n).
+    """
+    g = F.logsigmoid(upcast(gate_logits)).abs().transpose(-1, -2)  # (..., N, n)
+    exclusive = g.cumsum(-1) - g
+    return -(exclusive[..., :, None] - exclusive[..., None, :]).abs()
+
+
+# ----------------------------------------------------------------------------- attention
+def attention_with_bias(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
+    """``softmax(Q K^T / sqrt(d) + M) V`` with an explicit softmax in (at least) float32 (eq. 3, 10).
+
+    q, k, v: (B, N, L, d); bias broadcastable to (B, N, L, L) or None.
+    """
+    scores = (upcast(q) @ upcast(k).transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    if bias is not None:
+        scores = scores + bias.to(scores.dtype)
+    return (scores.softmax(-1) @ upcast(v)).to(v.dtype)
+
+
+def decomposed_attention(
+    q: Tensor, k: Tensor, v: Tensor, gate_logits_h: Tensor, gate_logits_w: Tensor, height: int, width: int,
+    attend=attention_with_bias,
+) -> Tensor:
+    """Decomposed 2D decay, eq. 11-12: ``O = Attn_H(Attn_W V)``.
+
+    Attention along W within each row with the row decay of ``F_W``, then along H within each
+    column with the column decay of ``F_H``.  q, k, v: (B, N, L, d); gate logits F_H, F_W: (B, L, N).
+    ``attend(q, k, v, bias)`` computes one biased attention (plain or SDPA).
+    """
+    b, n, _, d = q.shape
+
+    def rows(t: Tensor) -> Tensor:  # (B, N, L, d) -> (B, N, H, W, d)
+        return t.reshape(b, n, height, width, d)
+
+    # Attn_W: rows are independent sequences of length W.
+    f_w = gate_logits_w.reshape(b, height, width, n)  # (B, H, W, N)
+    m_w = axial_decay_bias(f_w).transpose(1, 2)  # (B, H, N, W, W) -> (B, N, H, W, W)
+    out_w = attend(rows(q), rows(k), rows(v), m_w)  # (B, N, H, W, d)
+
+    # Attn_H: columns are independent sequences of length H.
+    def cols(t: Tensor) -> Tensor:  # (B, N, H, W, d) -> (B, N, W, H, d)
+        return t.transpose(2, 3)
+
+    f_h = gate_logits_h.reshape(b, height, width, n).transpose(1, 2)  # (B, W, H, N)
+    m_h = axial_decay_bias(f_h).transpose(1, 2)  # (B, N, W, H, H)
+    out_h = attend(cols(rows(q)), cols(rows(k)), cols(out_w), m_h)  # (B, N, W, H, d)
+    return cols(out_h).reshape(b, n, height * width, d)
+
+
+# ----------------------------------------------------------------------------- position
+def rope_2d_angles(height: int, width: int, head_dim: int, base: float = 10000.0,
+                   device: torch.device | str | None = None) -> Tensor:
+    """Rotation angles of axial 2D RoPE, shape (L, head_dim / 2).
+
+    Half of the rotary width encodes the row, half the column: the first ``head_dim/4`` angle
+    slots are ``h * theta_k``, the last ``head_dim/4`` are ``w * theta_k``,
+    ``theta_k = base^(-k / (head_dim/4))``.
+    """
+    if head_dim % 4:
+        raise ValueError(f"2D RoPE needs a head width divisible by 4, got attention_head_dim={head_dim}")
+    quarter = head_dim // 4
+    theta = base ** (-torch.arange(quarter, dtype=torch.float64, device=device) / quarter)
+    pos = grid_coordinates(height, width, device).double()
+    return torch.cat([pos[:, :1] * theta, pos[:, 1:] * theta], dim=-1).float()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary embedding R(x) (eq. 13): dims k and k + d/2 rotate together by angle k.
+
+    x: (..., L, d); cos, sin: (L, d/2).
+    """
+    x1, x2 = upcast(x).chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+
+
+def local_position_encoding(v: Tensor, conv: torch.nn.Conv2d, height: int, width: int) -> Tensor:
+    """LPE(V): a depthwise convolution over V laid out on the 2D grid (eq. 13).
+
+    v: (B, N, L, d) -> (B, N, L, d), channels = all heads' widths.
+    """
+    b, n, seq, d = v.shape
+    grid = v.permute(0, 1, 3, 2).reshape(b, n * d, height, width)
+    return conv(grid).reshape(b, n, d, seq).permute(0, 1, 3, 2)
+
+
+def spatial_decay_output(attn: Tensor, lpe: Tensor, gate_u: Tensor) -> Tensor:
+    """``O = U * [softmax(...) V + LPE(V)]`` (eq. 13) with the low-rank gate U = sigma(X W_u1) W_u2."""
+    return gate_u * (attn + lpe)

@@ -1,0 +1,245 @@
+"""SDTTransformer2DModel: presets, equivalence of backends, diffusers conventions, input checks, training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from accelerate import init_empty_weights
+
+from sdt_diffusion import DECAY_MODES, PRESETS, SDTTransformer2DModel, count_parameters
+
+TINY = dict(num_attention_heads=2, attention_head_dim=8, num_layers=2, sample_size=8, patch_size=2,
+            num_embeds_ada_norm=10, gate_rank=4, lpe_kernel_size=3)
+
+
+def tiny(**kw) -> SDTTransformer2DModel:
+    torch.manual_seed(0)
+    return SDTTransformer2DModel(**{**TINY, **kw})
+
+
+def randomise_zero_init(model: torch.nn.Module, seed: int = 1) -> None:
+    """Give adaLN-Zero, the final layer and W_g random weights so every parameter gets a gradient."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "adaLN_modulation" in name or "final_layer.linear" in name or "attn.gate." in name:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.2)
+
+
+def inputs(batch: int = 3, size: int = 8, dtype=torch.float32, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 4, size, size, generator=g).to(dtype)
+    t = torch.randint(0, 1000, (batch,), generator=g)
+    y = torch.randint(0, 10, (batch,), generator=g)
+    return x, t, y
+
+
+# ---------------------------------------------------------------------------------------------- presets
+PAPER_COUNTS = {"S": 33e6, "B": 132e6, "L": 462e6, "XL": 679e6}
+
+
+@pytest.mark.parametrize("size", list(PAPER_COUNTS))
+def test_preset_parameter_counts_match_paper(size):
+    with init_empty_weights():
+        model = SDTTransformer2DModel.from_preset(f"SDT-P-{size}/2")
+    n = count_parameters(model)
+    assert abs(n - PAPER_COUNTS[size]) / PAPER_COUNTS[size] < 0.01, (size, n)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_shapes(name):
+    model = SDTTransformer2DModel.from_preset(name, num_layers=1).eval()
+    assert model.config.num_attention_heads * model.config.attention_head_dim in (384, 768, 1024, 1152)
+    x = torch.randn(1, 4, 32, 32)
+    with torch.no_grad():
+        out = model(x, torch.tensor([10]), torch.tensor([3])).sample
+    assert out.shape == (1, 8, 32, 32)
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="unknown preset"):
+        SDTTransformer2DModel.from_preset("SDT-P-M/2")
+
+
+def test_config_names_follow_dit():
+    from diffusers import DiTTransformer2DModel
+
+    shared = {"num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "num_layers",
+              "sample_size", "patch_size", "num_embeds_ada_norm"}
+    assert shared <= set(DiTTransformer2DModel.load_config.__self__._get_init_keys(DiTTransformer2DModel))
+    assert shared <= set(tiny().config)
+
+
+# ---------------------------------------------------------------------------------------------- backends
+@pytest.mark.parametrize("mode", DECAY_MODES)
+def test_sdpa_equals_math_outputs_and_all_gradients(mode):
+    ref = tiny(decay_mode=mode, attention_backend="math").double()
+    randomise_zero_init(ref)
+    fast = tiny(decay_mode=mode, attention_backend="sdpa").double()
+    fast.load_state_dict(ref.state_dict())
+    x, t, y = inputs(dtype=torch.float64)
+    outs, grads = [], []
+    for model in (ref, fast):
+        out = model(x, t, y).sample
+        out.square().mean().backward()
+        outs.append(out)
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    torch.testing.assert_close(outs[0], outs[1])
+    for name, g in grads[0].items():
+        assert g is not None, name
+        torch.testing.assert_close(g, grads[1][name], msg=lambda m, n=name: f"{n}: {m}")
+    if mode in ("cdsf", "1d", "bidirectional", "decomposed"):
+        assert grads[0]["blocks.0.attn.gate.weight"].abs().sum() > 0  # the gradient reaches W_g
+
+
+def test_auto_backend_matches_math():
+    ref = tiny(attention_backend="math")
+    randomise_zero_init(ref)
+    auto = tiny(attention_backend="auto")
+    auto.load_state_dict(ref.state_dict())
+    x, t, y = inputs()
+    torch.testing.assert_close(ref(x, t, y).sample, auto(x, t, y).sample, atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- structure
+def test_adaln_zero_init_block_is_identity():
+    model = tiny()
+    x = torch.randn(2, 16, model.inner_dim)
+    c = torch.randn(2, model.inner_dim)
+    from sdt_diffusion.attention_backends import math_attention
+
+    block = model.blocks[0]
+    torch.testing.assert_close(block(x, c, 4, 4, None, math_attention), x)
+    out = model(*inputs()).sample
+    assert torch.count_nonzero(out) == 0  # zero-initialised final layer
+
+
+def test_class_dropout_only_in_training():
+    model = tiny(class_dropout_prob=1.0)
+    seen = []
+    model.emb.class_embedder.register_forward_hook(lambda m, args, out: seen.append(args[0].clone()))
+    x, t, y = inputs()
+    model.eval()
+    model(x, t, y)
+    assert torch.equal(seen[-1], y)
+    model.train()
+    model(x, t, y)
+    assert torch.all(seen[-1] == 10)  # the null label = num_classes
+    model.eval()
+    model(x, t, y, force_drop_ids=torch.tensor([1, 0, 1]))
+    assert seen[-1].tolist() == [10, y[1].item(), 10]
+
+
+def test_learn_sigma_off_and_out_channels():
+    model = tiny(learn_sigma=False)
+    assert model(*inputs()).sample.shape == (3, 4, 8, 8)
+    with pytest.raises(ValueError, match="contradicts learn_sigma"):
+        tiny(out_channels=5)
+
+
+def test_abs_pos_embed_flag():
+    model = tiny(use_abs_pos_embed=True)
+    assert model.pos_embed.shape == (1, 16, model.inner_dim)
+    assert "pos_embed" not in model.state_dict()  # fixed sin-cos, not a weight
+    with pytest.raises(ValueError, match="fixes the grid"):
+        model(torch.randn(1, 4, 12, 12), 1, 1)
+
+
+def test_other_resolution_without_abs_pos_embed():
+    model = tiny()
+    assert model(torch.randn(2, 4, 12, 16), 5, 2).sample.shape == (2, 8, 12, 16)
+
+
+def test_return_tuple():
+    (out,) = tiny()(*inputs(), return_dict=False)
+    assert out.shape == (3, 8, 8, 8)
+
+
+# ---------------------------------------------------------------------------------------------- diffusers conventions
+def test_save_load_round_trip_safetensors(tmp_path):
+    model = tiny(decay_mode="cdsf", alpha=0.2)
+    randomise_zero_init(model)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "diffusion_pytorch_model.safetensors").exists()
+    loaded = SDTTransformer2DModel.from_pretrained(tmp_path)
+    assert loaded.config.alpha == 0.2 and loaded.config.decay_mode == "cdsf"
+    x, t, y = inputs()
+    torch.testing.assert_close(model.eval()(x, t, y).sample, loaded.eval()(x, t, y).sample, rtol=0, atol=0)
+    half = SDTTransformer2DModel.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert next(half.parameters()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dtype_casting(dtype):
+    model = tiny()
+    randomise_zero_init(model)
+    x, t, y = inputs()
+    ref = model(x, t, y).sample
+    out = model.to(dtype)(x.to(dtype), t, y).sample
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), ref, atol=0.1, rtol=0.1)
+
+
+def test_gradient_checkpointing_same_gradients():
+    model = tiny()
+    randomise_zero_init(model)
+    x, t, y = inputs()
+    model(x, t, y).sample.square().mean().backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.enable_gradient_checkpointing()
+    assert model.gradient_checkpointing
+    model(x, t, y).sample.square().mean().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n])
+
+
+def test_torch_compile():
+    model = tiny().eval()
+    randomise_zero_init(model)
+    x, t, y = inputs()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=False)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, t, y).sample, model(x, t, y).sample, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- input checks
+def test_input_checks_name_the_problem():
+    model = tiny()
+    with pytest.raises(ValueError, match="not divisible by patch_size"):
+        model(torch.randn(1, 4, 7, 8), 1, 1)
+    with pytest.raises(ValueError, match="in_channels=4"):
+        model(torch.randn(1, 3, 8, 8), 1, 1)
+    with pytest.raises(ValueError, match=r"class_labels must lie in \[0, 10\]"):
+        model(torch.randn(2, 4, 8, 8), 1, torch.tensor([0, 11]))
+    with pytest.raises(ValueError, match="class_labels must lie"):
+        model(torch.randn(2, 4, 8, 8), 1, torch.tensor([-1, 0]))
+    with pytest.raises(ValueError, match="timestep must be a scalar or have shape"):
+        model(torch.randn(2, 4, 8, 8), torch.tensor([1, 2, 3]), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="decay_mode must be one of"):
+        tiny(decay_mode="gaussian")
+    with pytest.raises(ValueError, match="attention_backend must be one of"):
+        tiny(attention_backend="triton")
+    with pytest.raises(ValueError, match="divisible by 4"):
+        tiny(attention_head_dim=6)
+
+
+# ---------------------------------------------------------------------------------------------- learning
+def test_tiny_model_overfits_a_handful_of_latents():
+    model = tiny(num_attention_heads=4, attention_head_dim=16, learn_sigma=False, class_dropout_prob=0.0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 4, 8, 8, generator=g)
+    eps = torch.randn(4, 4, 8, 8, generator=g)
+    t = torch.tensor([100, 300, 500, 700])
+    y = torch.tensor([0, 1, 2, 3])
+    alpha_bar = torch.cos(t / 1000 * torch.pi / 2)[:, None, None, None] ** 2
+    x_t = alpha_bar.sqrt() * x + (1 - alpha_bar).sqrt() * eps
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(250):
+        loss = (model(x_t, t, y).sample - eps).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 20, (losses[0], losses[-1])
