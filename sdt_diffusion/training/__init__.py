@@ -1,0 +1,1 @@
+"""Training library behind training/train.py."""
