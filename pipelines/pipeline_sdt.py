@@ -1,0 +1,359 @@
+"""SDTPipeline: class-conditional sampling with an SDT backbone, an optional SD-VAE and classifier-free guidance.
+
+Drop-in for diffusers' ``DiTPipeline`` (same components and call), fixing its shortcomings: the null label
+follows the model's number of classes, ``id2label`` is saved with the pipeline, label names are looked up
+case-insensitively with synonyms and suggestions, the learned variance reaches schedulers that use it
+(DiT's 250-step DDPM sampler), per-sample generators give batch-independent samples, and DiT's
+first-3-channel guidance can be reproduced.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers.models import AutoencoderKL
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from sdt_diffusion.labels import LabelIndex, default_id2label, normalize_id2label
+from sdt_diffusion.models import SDTTransformer2DModel
+
+__all__ = ["SDTPipeline", "default_scheduler", "make_scheduler", "SCHEDULER_NAMES"]
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+LEARNED_VARIANCE = ("learned", "learned_range")
+# Schedulers whose ``step`` consumes a predicted variance of any channel count. Other diffusers schedulers with
+# a ``variance_type`` option (DPM-Solver family, SA-Solver) drop it by keeping ``model_output[:, :3]``, which
+# is only right for 3-channel (pixel-space) models.
+_VARIANCE_AWARE_SCHEDULERS = ("DDPMScheduler", "DDPMParallelScheduler")
+SCHEDULER_NAMES = ("ddpm", "ddim", "dpm")
+
+
+def default_scheduler() -> DDPMScheduler:
+    """DiT's sampler: DDPM, 1000 linear steps β 1e-4..0.02, learned-range variance, no clipping.
+
+    ``timestep_spacing="linspace"`` picks the same respaced steps as DiT's ``space_timesteps`` (0 and 999
+    included), e.g. for its 250-step FID sampler.
+    """
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=1e-4,
+        beta_end=0.02,
+        beta_schedule="linear",
+        variance_type="learned_range",
+        clip_sample=False,
+        prediction_type="epsilon",
+        timestep_spacing="linspace",
+    )
+
+
+def make_scheduler(name: str, config: Any | None = None):
+    """A scheduler by short name, built from ``config`` (e.g. ``pipe.scheduler.config``) for the same noise schedule.
+
+    ``"ddpm"``: DDPM with learned-range variance (DiT's sampler); ``"ddim"``: DDIM, η = 0, trailing spacing;
+    ``"dpm"``: DPM-Solver++ (2M). Settings that do not fit the target (a learned ``variance_type`` for DPM,
+    DDIM's spacing) are overridden.
+    """
+    config = config if config is not None else default_scheduler().config
+    name = name.lower()
+    if name == "ddpm":
+        return DDPMScheduler.from_config(config, variance_type="learned_range", clip_sample=False,
+                                         timestep_spacing="linspace")
+    if name == "ddim":
+        # DDIM steps to t - T/N, which matches the actual next timestep only for leading/trailing spacing.
+        return DDIMScheduler.from_config(config, clip_sample=False, timestep_spacing="trailing")
+    if name in ("dpm", "dpm++", "dpmsolver"):
+        return DPMSolverMultistepScheduler.from_config(config, variance_type=None, algorithm_type="dpmsolver++",
+                                                       solver_order=2)
+    raise ValueError(f"unknown scheduler {name!r}; choose one of {SCHEDULER_NAMES}")
+
+
+class SDTPipeline(DiffusionPipeline):
+    r"""Class-conditional image generation with a Spatial Decay Transformer.
+
+    Args:
+        transformer: the class-conditional denoiser (``SDTTransformer2DModel``).
+        vae: ``AutoencoderKL`` decoding latents to images, or ``None`` when the transformer works in pixel
+            space (its sample, in [-1, 1], is the image).
+        scheduler: any diffusers scheduler; ``default_scheduler()`` reproduces DiT's DDPM sampler.
+        id2label: ``{class_id: "name, synonym, ..."}``, stored in ``model_index.json``. ``None`` means the
+            shipped ImageNet names for a 1000-class model and ``"class 0"``, ... otherwise.
+
+    Example:
+        ```py
+        >>> pipe = SDTPipeline.from_pretrained("my-sdt-pipeline")
+        >>> images = pipe(class_labels=[207, "otter"], guidance_scale=4.0, generator=torch.manual_seed(0)).images
+        ```
+    """
+
+    model_cpu_offload_seq = "transformer->vae"
+    _optional_components = ["vae"]
+
+    def __init__(
+        self,
+        transformer: SDTTransformer2DModel,
+        vae: AutoencoderKL | None,
+        scheduler: Any,
+        id2label: dict[int, str] | dict[str, str] | None = None,  # str keys: as read back from JSON
+    ) -> None:
+        super().__init__()
+        if transformer is None:
+            raise ValueError("SDTPipeline needs a transformer")
+        if scheduler is None:
+            scheduler = default_scheduler()
+        self.register_modules(transformer=transformer, vae=vae, scheduler=scheduler)
+        self._check_components()
+        num_classes = self.transformer.num_classes
+        mapping = normalize_id2label(id2label, num_classes)
+        if mapping is None:
+            mapping = default_id2label(num_classes)
+        self._set_id2label(mapping)
+
+    # ------------------------------------------------------------------ component registry
+    def register_modules(self, **kwargs: Any) -> None:
+        super().register_modules(**kwargs)
+        self._use_public_library_names()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if "_internal_dict" in self.__dict__ and name in ("transformer", "vae", "scheduler"):
+            self._use_public_library_names()
+
+    def _use_public_library_names(self) -> None:
+        """Record sdt-diffusion components as ``["sdt_diffusion", Class]`` in ``model_index.json``.
+
+        diffusers writes the defining module of a third-party class (``sdt_diffusion.models.transformer_sdt``);
+        the top-level package exports the classes (and ``ModelMixin``), so saved pipelines do not depend on
+        the internal file layout.
+        """
+        import sdt_diffusion
+
+        fixes = {}
+        for key, value in self.config.items():
+            if (
+                isinstance(value, (list, tuple)) and len(value) == 2 and isinstance(value[0], str)
+                and value[0].startswith("sdt_diffusion.") and getattr(sdt_diffusion, str(value[1]), None) is not None
+            ):
+                fixes[key] = ("sdt_diffusion", value[1])
+        if fixes:
+            self.register_to_config(**fixes)
+
+    # ------------------------------------------------------------------ labels
+    def _set_id2label(self, mapping: dict[int, str] | None) -> None:
+        self._label_index = LabelIndex(mapping, self.transformer.num_classes)
+        self.register_to_config(id2label=mapping)
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        """Class id -> full name entry (synonyms comma-separated); ``"class i"`` where no names were given."""
+        return dict(self._label_index.id2label)
+
+    @id2label.setter
+    def id2label(self, mapping: dict[int, str] | None) -> None:
+        self._set_id2label(normalize_id2label(mapping, self.transformer.num_classes))
+
+    @property
+    def labels(self) -> dict[str, int]:
+        """Every unambiguous class name and synonym -> class id (as ``DiTPipeline.labels``)."""
+        return self._label_index.names
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes; the null (unconditional) label equals it."""
+        return self.transformer.num_classes
+
+    def get_label_ids(self, label: str | Sequence[str]) -> list[int]:
+        """Class ids for one name or a list of names: case-insensitive, any comma-separated synonym counts.
+
+        Raises:
+            ValueError: an unknown name (the message lists the closest names) or an ambiguous one.
+        """
+        return self._label_index.lookup_many(label)
+
+    def get_label_names(self, class_ids: Sequence[int], short: bool = True) -> list[str]:
+        """Names of ``class_ids`` (first synonym when ``short``), e.g. for captions."""
+        return [self._label_index.name(int(i), short=short) for i in class_ids]
+
+    def resolve_class_labels(self, class_labels: Any) -> list[int]:
+        """Class ids for ids and/or names (one or a sequence/tensor); raises ``ValueError`` for bad ones."""
+        if isinstance(class_labels, torch.Tensor):
+            class_labels = class_labels.reshape(-1).tolist()
+        elif isinstance(class_labels, (str, int, np.integer)):
+            class_labels = [class_labels]
+        elif isinstance(class_labels, np.ndarray):
+            class_labels = class_labels.reshape(-1).tolist()
+        ids: list[int] = []
+        for label in class_labels:
+            if isinstance(label, str):
+                ids.append(self._label_index.lookup(label))
+                continue
+            if isinstance(label, torch.Tensor) and label.numel() == 1:
+                label = label.item()
+            if isinstance(label, bool) or not isinstance(label, (int, np.integer)):
+                raise ValueError(f"class labels must be ints or class names, got {type(label).__name__}: {label!r}")
+            if not 0 <= int(label) < self.num_classes:
+                raise ValueError(
+                    f"class id {int(label)} is out of range: this model has {self.num_classes} classes "
+                    f"(ids 0..{self.num_classes - 1}; {self.num_classes} is the null label used for guidance)"
+                )
+            ids.append(int(label))
+        if not ids:
+            raise ValueError("class_labels is empty: pass at least one class id or name")
+        return ids
+
+    # ------------------------------------------------------------------ checks
+    def _check_components(self) -> None:
+        if not isinstance(self.transformer, SDTTransformer2DModel):
+            raise ValueError(f"transformer must be an SDTTransformer2DModel, got {type(self.transformer).__name__}")
+        if self.vae is not None:
+            latent_channels = self.vae.config.latent_channels
+            if latent_channels != self.transformer.config.in_channels:
+                raise ValueError(
+                    f"the transformer denoises {self.transformer.config.in_channels}-channel latents but the VAE "
+                    f"has latent_channels={latent_channels}; use a matching VAE (or vae=None for pixel space)"
+                )
+
+    def _uses_variance(self) -> bool:
+        """Whether ``scheduler.step`` gets the predicted variance; raises for combinations that cannot work."""
+        # `from_config` keeps keys a scheduler does not know (DDIM built from DDPM's config still lists
+        # variance_type), so only a variance_type the scheduler class declares counts.
+        declared = inspect.signature(type(self.scheduler).__init__).parameters
+        variance_type = self.scheduler.config.get("variance_type") if "variance_type" in declared else None
+        if variance_type not in LEARNED_VARIANCE:
+            return False
+        name = type(self.scheduler).__name__
+        if not self.transformer.config.learn_sigma:
+            raise ValueError(
+                f"{name} has variance_type={variance_type!r} but the transformer does not predict a variance "
+                f"(learn_sigma=False); use e.g. variance_type='fixed_small'"
+            )
+        if name not in _VARIANCE_AWARE_SCHEDULERS and self.transformer.config.in_channels != 3:
+            raise ValueError(
+                f"{name} with variance_type={variance_type!r} keeps only the first 3 output channels, which breaks "
+                f"{self.transformer.config.in_channels}-channel latents; build it with variance_type=None, e.g. "
+                f"make_scheduler('dpm', pipe.scheduler.config) or {name}.from_config(config, variance_type=None)"
+            )
+        return True
+
+    def _step_kwargs(self, generator: torch.Generator | list[torch.Generator] | None) -> dict[str, Any]:
+        params = inspect.signature(self.scheduler.step).parameters
+        return {"generator": generator} if "generator" in params and generator is not None else {}
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: int | str | Sequence[int | str] | torch.Tensor,
+        guidance_scale: float = 4.0,
+        num_inference_steps: int = 250,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        guide_first_3_channels: bool = False,
+    ) -> ImagePipelineOutput | tuple:
+        r"""Generate one image per class label.
+
+        Args:
+            class_labels: class ids and/or names (any synonym, case-insensitive), mixed freely.
+            guidance_scale: classifier-free guidance weight ``s`` in ``ε_u + s (ε_c − ε_u)``; values ≤ 1 run
+                the conditional model alone (DiT's convention). DiT's FID-50K setting is 1.5.
+            num_inference_steps: denoising steps (DiT samples with 250 DDPM steps).
+            generator: a ``torch.Generator`` or one per image; with one per image, each image is the same as
+                when sampled alone with that generator (for schedulers whose ``step`` draws its noise
+                through ``generator``: DDPM, DDIM, DPM-Solver(++ SDE), Euler ancestral, ...).
+            latents: initial noise ``(B, C, H, W)`` in the transformer's latent shape (drawn when ``None``).
+            output_type: ``"pil"``; ``"np"`` (float NHWC in [0, 1]); ``"pt"`` (float NCHW in [0, 1]);
+                ``"latent"`` (the final latents, still multiplied by the VAE's scaling factor).
+            return_dict: return an ``ImagePipelineOutput`` rather than a tuple.
+            guide_first_3_channels: guide only latent channels 0–2 and take the rest from the conditional
+                prediction, as DiT's published sampler (``forward_with_cfg``) does.
+
+        Returns:
+            ``ImagePipelineOutput(images=...)`` or ``(images,)``.
+        """
+        # ---- validate
+        ids = self.resolve_class_labels(class_labels)
+        batch = len(ids)
+        if guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0 (<= 1 disables guidance), got {guidance_scale}")
+        if int(num_inference_steps) != num_inference_steps or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != batch:
+                raise ValueError(f"got {len(generator)} generators for a batch of {batch} class labels")
+            generator = list(generator)
+        self._check_components()
+        use_variance = self._uses_variance()
+        cfg = self.transformer.config
+        channels, size = cfg.in_channels, cfg.sample_size
+        shape = (batch, channels, size, size)
+        if latents is not None and tuple(latents.shape) != shape:
+            raise ValueError(
+                f"latents must have shape {shape} (batch, in_channels, sample_size, sample_size), "
+                f"got {tuple(latents.shape)}"
+            )
+
+        device = self._execution_device
+        model_dtype = self.transformer.dtype
+        do_cfg = guidance_scale > 1.0
+
+        # ---- noise (the sampling state is kept in float32 whatever the model dtype)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        else:
+            latents = latents.to(device=device, dtype=torch.float32)
+        self.scheduler.set_timesteps(int(num_inference_steps), device=device)
+        latents = latents * self.scheduler.init_noise_sigma
+
+        labels = torch.tensor(ids, device=device, dtype=torch.long)
+        if do_cfg:
+            labels = torch.cat([labels, torch.full_like(labels, self.num_classes)])
+        n_guided = min(3, channels) if guide_first_3_channels else channels
+        step_kwargs = self._step_kwargs(generator)
+
+        # ---- denoise
+        for t in self.progress_bar(self.scheduler.timesteps):
+            model_in = self.scheduler.scale_model_input(latents, t)
+            if do_cfg:
+                model_in = torch.cat([model_in, model_in])
+            timestep = torch.as_tensor(t, device=device).reshape(()).expand(model_in.shape[0])
+            out = self.transformer(model_in.to(model_dtype), timestep, labels).sample.float()
+            if do_cfg:
+                cond, uncond = out.chunk(2)
+                eps = cond[:, :channels].clone()
+                g = slice(0, n_guided)
+                eps[:, g] = uncond[:, g] + guidance_scale * (cond[:, g] - uncond[:, g])
+                out = torch.cat([eps, cond[:, channels:]], dim=1)
+            model_output = out if use_variance else out[:, :channels]
+            latents = self.scheduler.step(model_output, t, latents, **step_kwargs).prev_sample
+
+        # ---- decode
+        if output_type == "latent":
+            images = latents
+        else:
+            if self.vae is not None:
+                z = latents / self.vae.config.scaling_factor
+                shift = getattr(self.vae.config, "shift_factor", None)
+                if shift:
+                    z = z + shift
+                samples = self.vae.decode(z.to(self.vae.dtype)).sample.float()
+            else:
+                samples = latents
+            images = (samples / 2 + 0.5).clamp(0, 1)
+            if output_type != "pt":
+                images = images.cpu().permute(0, 2, 3, 1).numpy()
+                if output_type == "pil":
+                    images = self.numpy_to_pil(images)
+
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
