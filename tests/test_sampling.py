@@ -1,0 +1,81 @@
+"""eval/sample.py: ADM layout, independence of the number of processes, resume after a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_tiny_transformer, make_tiny_vae
+
+from sdt_diffusion import SDTPipeline
+from sdt_diffusion.sampling import sample_labels, to_uint8
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("pipe") / "pipeline"
+    SDTPipeline(transformer=make_tiny_transformer(), vae=make_tiny_vae(), scheduler=None).save_pretrained(folder)
+    return folder
+
+
+def launch(pipeline_dir: Path, output: Path, processes: int, extra_env: dict | None = None,
+           extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(processes),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(REPO / "eval" / "sample.py"), "--pipeline", str(pipeline_dir), "--num-samples", "10",
+           "--per-device-batch", "3", "--steps", "2", "--guidance-scale", "2.0", "--seed", "7",
+           "--output", str(output), *extra]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(extra_env or {})}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_labels_random_and_balanced():
+    random = sample_labels(1000, 10, "random", 0)
+    assert random.min() >= 0 and random.max() < 10
+    np.testing.assert_array_equal(random, sample_labels(1000, 10, "random", 0))
+    balanced = sample_labels(50, 10, "balanced", 3)
+    assert np.all(np.bincount(balanced, minlength=10) == 5)
+    with pytest.raises(ValueError, match="divisible by 10"):
+        sample_labels(55, 10, "balanced", 0)
+
+
+def test_uint8_conversion_is_adm():
+    x = torch.tensor([-1.5, -1.0, 0.0, 0.5, 1.0, 2.0]).reshape(1, 1, 1, 6).expand(1, 3, 1, 6)
+    expected = np.clip(127.5 * np.array([-1.5, -1.0, 0.0, 0.5, 1.0, 2.0]) + 128, 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(to_uint8(x)[0, 0, :, 0], expected)
+
+
+def test_one_and_two_processes_give_identical_npz_and_resume_after_kill(pipeline_dir, tmp_path):
+    one = launch(pipeline_dir, tmp_path / "one.npz", 1)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = launch(pipeline_dir, tmp_path / "two.npz", 2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
+    assert a["arr_0"].dtype == np.uint8 and a["arr_0"].shape == (10, 16, 16, 3)  # ADM's layout
+    np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
+    np.testing.assert_array_equal(a["arr_1"], b["arr_1"])
+    assert len(np.unique(a["arr_0"].reshape(10, -1), axis=0)) == 10  # every index has its own noise
+    sidecar = json.loads((tmp_path / "one.json").read_text())
+    assert sidecar["seed"] == 7 and sidecar["guidance_scale"] == 2.0 and sidecar["steps"] == 2
+    assert sidecar["labels"] == "random" and sidecar["scheduler"] == "ddpm"
+
+    # a run killed after one chunk, then the same command again: every index exactly once
+    killed = launch(pipeline_dir, tmp_path / "k.npz", 1, {"SDT_DEBUG_STOP_AFTER_CHUNKS": "1"})
+    assert killed.returncode != 0 and not (tmp_path / "k.npz").exists()
+    assert len(list((tmp_path / "k.npz.shards").glob("chunk-*.npz"))) == 1
+    resumed = launch(pipeline_dir, tmp_path / "k.npz", 2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    k = np.load(tmp_path / "k.npz")
+    np.testing.assert_array_equal(k["arr_0"], a["arr_0"])
+
+    # other settings on the same shards are refused
+    clash = launch(pipeline_dir, tmp_path / "k.npz", 1, extra=("--labels", "balanced"))
+    assert clash.returncode != 0 and "other settings" in clash.stderr
