@@ -48,6 +48,46 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
+def pipeline_from_checkpoint(checkpoint: str | Path, vae: str | None = None, dtype: torch.dtype = torch.float32):
+    """An ``SDTPipeline`` with the EMA weights of a training checkpoint (``<run>/checkpoint-<step>``).
+
+    The EMA is read with ``torch.load(weights_only=True)`` (no arbitrary unpickling); ``vae`` is a local
+    folder or hub id of an ``AutoencoderKL``, ``"none"`` for pixel space, or ``None`` to use the one the run
+    trained with.
+    """
+    from .models import SDTTransformer2DModel
+    from .pipelines import SDTPipeline
+    from .training.checkpointing import read_training_state
+
+    checkpoint = Path(checkpoint)
+    state = read_training_state(checkpoint)
+    ema_file = checkpoint / "custom_checkpoint_0.pkl"
+    if not ema_file.is_file():
+        raise FileNotFoundError(
+            f"{checkpoint} has no EMA state ({ema_file.name}); FSDP checkpoints keep the EMA in per-rank shards: "
+            "sample from the run's exported pipeline folder instead"
+        )
+    ema = torch.load(ema_file, map_location="cpu", weights_only=True)
+    transformer = SDTTransformer2DModel.from_config(state["model_config"])
+    params = list(transformer.parameters())
+    if len(ema["shadow"]) != len(params):
+        raise ValueError(f"{ema_file} holds {len(ema['shadow'])} tensors, the model config has {len(params)}")
+    with torch.no_grad():
+        for p, s in zip(params, ema["shadow"]):
+            if p.shape != s.shape:
+                raise ValueError(f"{ema_file}: EMA tensor of shape {tuple(s.shape)} for a parameter of {tuple(p.shape)}")
+            p.copy_(s)
+    vae_name = vae if vae is not None else state.get("vae")
+    autoencoder = None
+    if vae_name and vae_name.lower() != "none":
+        from diffusers import AutoencoderKL
+
+        autoencoder = AutoencoderKL.from_pretrained(vae_name)
+    id2label = {int(k): v for k, v in state["id2label"].items()} if state.get("id2label") else None
+    pipe = SDTPipeline(transformer=transformer.eval(), vae=autoencoder, scheduler=None, id2label=id2label)
+    return pipe.to(dtype=dtype)
+
+
 def shard_dir(output: Path) -> Path:
     return output.with_name(output.name + ".shards")
 
@@ -79,7 +119,9 @@ def _chunk_done(path: Path, size: int) -> bool:
 def settings_of(args: argparse.Namespace, num_classes: int) -> dict:
     """What determines the samples: a rerun must match these to resume from the shards."""
     return {
-        "pipeline": str(Path(args.pipeline).resolve()),
+        "pipeline": str(Path(args.pipeline).resolve()) if args.pipeline else None,
+        "checkpoint": str(Path(args.checkpoint).resolve()) if args.checkpoint else None,
+        "vae": args.vae,
         "num_samples": args.num_samples,
         "per_device_batch": args.per_device_batch,
         "guidance_scale": args.guidance_scale,
@@ -100,17 +142,22 @@ def run(args: argparse.Namespace) -> Path | None:
 
     from .pipelines import SDTPipeline, make_scheduler
 
-    state = PartialState()
+    # several processes without CUDA (``accelerate launch --multi_gpu`` on a CPU machine): gloo on the CPU
+    state = PartialState(cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available())
     output = Path(args.output)
     if output.suffix != ".npz":
         raise ValueError(f"--output must end in .npz, got {output}")
     if args.num_samples < 1 or args.per_device_batch < 1 or args.steps < 1:
         raise ValueError("--num-samples, --per-device-batch and --steps must be positive")
-    if not (Path(args.pipeline) / "model_index.json").exists():
-        raise FileNotFoundError(f"--pipeline {args.pipeline} is not an SDTPipeline folder (no model_index.json)")
-
     dtype = DTYPES[args.dtype]
-    pipe = SDTPipeline.from_pretrained(args.pipeline, dtype=dtype)
+    if (args.pipeline is None) == (args.checkpoint is None):
+        raise ValueError("give exactly one of --pipeline DIR and --checkpoint DIR")
+    if args.checkpoint is not None:
+        pipe = pipeline_from_checkpoint(args.checkpoint, args.vae, dtype)
+    elif not (Path(args.pipeline) / "model_index.json").exists():
+        raise FileNotFoundError(f"--pipeline {args.pipeline} is not an SDTPipeline folder (no model_index.json)")
+    else:
+        pipe = SDTPipeline.from_pretrained(args.pipeline, dtype=dtype)
     pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
     pipe.to(state.device)
     pipe.set_progress_bar_config(disable=True)
@@ -166,7 +213,7 @@ def run(args: argparse.Namespace) -> Path | None:
     state.wait_for_everyone()
     if not state.is_main_process:
         return None
-    return assemble(output, num_chunks, sizes, labels, settings)
+    return assemble(output, num_chunks, sizes, labels, {**settings, "num_processes": state.num_processes})
 
 
 def assemble(output: Path, num_chunks: int, sizes: list[int], labels: np.ndarray, settings: dict) -> Path:
@@ -204,7 +251,11 @@ def assemble(output: Path, num_chunks: int, sizes: list[int], labels: np.ndarray
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Sample an ADM-format npz from an SDTPipeline (run with accelerate launch).")
-    p.add_argument("--pipeline", required=True, help="an SDTPipeline folder (save_pretrained / training export)")
+    p.add_argument("--pipeline", default=None, help="an SDTPipeline folder (save_pretrained / training export)")
+    p.add_argument("--checkpoint", default=None,
+                   help="a training checkpoint folder (<run>/checkpoint-<step>): its EMA weights are sampled")
+    p.add_argument("--vae", default=None,
+                   help="with --checkpoint: AutoencoderKL folder or hub id, or 'none' (default: the run's --vae)")
     p.add_argument("--num-samples", type=int, default=50_000)
     p.add_argument("--per-device-batch", type=int, default=32)
     p.add_argument("--guidance-scale", type=float, default=1.5)

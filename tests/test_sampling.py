@@ -28,7 +28,8 @@ def pipeline_dir(tmp_path_factory) -> Path:
 
 def launch(pipeline_dir: Path, output: Path, processes: int, extra_env: dict | None = None,
            extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(processes),
+    mode = "--cpu" if processes == 1 else "--multi_gpu"  # --multi_gpu without CUDA: CPU processes over gloo
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", mode, "--num_processes", str(processes),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            str(REPO / "eval" / "sample.py"), "--pipeline", str(pipeline_dir), "--num-samples", "10",
            "--per-device-batch", "3", "--steps", "2", "--guidance-scale", "2.0", "--seed", "7",
@@ -58,6 +59,7 @@ def test_one_and_two_processes_give_identical_npz_and_resume_after_kill(pipeline
     assert one.returncode == 0, one.stderr[-3000:]
     two = launch(pipeline_dir, tmp_path / "two.npz", 2)
     assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("wrote ") == 1  # only the main process assembles
     a, b = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
     assert a["arr_0"].dtype == np.uint8 and a["arr_0"].shape == (10, 16, 16, 3)  # ADM's layout
     np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
@@ -66,6 +68,7 @@ def test_one_and_two_processes_give_identical_npz_and_resume_after_kill(pipeline
     sidecar = json.loads((tmp_path / "one.json").read_text())
     assert sidecar["seed"] == 7 and sidecar["guidance_scale"] == 2.0 and sidecar["steps"] == 2
     assert sidecar["labels"] == "random" and sidecar["scheduler"] == "ddpm"
+    assert json.loads((tmp_path / "two.json").read_text())["num_processes"] == 2
 
     # a run killed after one chunk, then the same command again: every index exactly once
     killed = launch(pipeline_dir, tmp_path / "k.npz", 1, {"SDT_DEBUG_STOP_AFTER_CHUNKS": "1"})

@@ -1,0 +1,246 @@
+"""Command-line flags and YAML configs of ``training/train.py``; static validation of flag combinations.
+
+A YAML config (``--config``) supplies defaults: its keys are the flags' destination names (``max_steps`` or
+``max-steps``), unknown keys are rejected, and flags given on the command line override it.  Everything
+that can be checked without data, models or devices is checked by :func:`validate_args`; the trainer
+checks the rest (batch divisibility, shapes against the data) before any compute starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["ConfigError", "build_parser", "load_yaml_config", "parse_args", "validate_args", "parse_model_kwargs"]
+
+REPORT_TO = ("tensorboard", "wandb", "all", "none")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+class ConfigError(ValueError):
+    """A bad flag, flag combination or config file; raised before any compute starts."""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: ...)`` only for flags whose default says something (not ``None`` or on/off switches)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.nargs == 0 or "%(default)" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``training/train.py``."""
+    p = argparse.ArgumentParser(
+        prog="train.py",
+        description="Train SDT-P (class-conditional latent diffusion, DiT's recipe) with accelerate.",
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument("--config", type=str, default=None,
+                   help="YAML file of defaults (keys = flag names); command-line flags override it")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model", type=str, default="SDT-P-XL/2", help="preset, e.g. SDT-P-S/2 ... SDT-P-XL/8")
+    g.add_argument("--decay-mode", type=str, default=None, help="override the decay variant (cdsf, none, fixed, ...)")
+    g.add_argument("--alpha", type=float, default=None, help="override the CDSF scale alpha")
+    g.add_argument("--attention-backend", type=str, default=None, help="override the attention backend")
+    g.add_argument("--model-kwargs", type=str, default=None,
+                   help='JSON object of any SDTTransformer2DModel config field, e.g. \'{"num_layers": 2}\'')
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-dir", type=str, default=None, help="image folder, one subfolder per class")
+    g.add_argument("--dataset", type=str, default=None, help="a datasets dataset saved with save_to_disk")
+    g.add_argument("--dataset-split", type=str, default="train", help="split of a saved DatasetDict")
+    g.add_argument("--image-column", type=str, default="image")
+    g.add_argument("--label-column", type=str, default="label")
+    g.add_argument("--latents-dir", type=str, default=None, help="latent cache written by training/extract_latents.py")
+    g.add_argument("--resolution", type=int, default=None,
+                   help="image side after ADM centre crop (default 256; with --latents-dir the cache's)")
+    g.add_argument("--vae", type=str, default=None,
+                   help="AutoencoderKL folder or hub id, 'none' = pixel space (default stabilityai/sd-vae-ft-ema; "
+                        "with --latents-dir the cache's VAE)")
+    g.add_argument("--vae-subfolder", type=str, default=None)
+    g.add_argument("--random-flip", dest="random_flip", action="store_true", default=True,
+                   help="random horizontal flips (default on)")
+    g.add_argument("--no-flip", dest="random_flip", action="store_false", help="disable random horizontal flips")
+    g.add_argument("--num-workers", type=int, default=4, help="data-loader worker processes per GPU")
+    g.add_argument("--eval-data-dir", type=str, default=None, help="held-out image folder for eval_loss")
+    g.add_argument("--eval-every", type=int, default=1000, help="steps between held-out losses")
+    g.add_argument("--eval-max-samples", type=int, default=512, help="held-out images used (evenly spaced)")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--output-dir", type=str, default=None, help="checkpoints, logs, samples, exported pipeline")
+    g.add_argument("--max-steps", type=int, default=400_000, help="optimizer steps")
+    g.add_argument("--global-batch-size", type=int, default=256)
+    g.add_argument("--per-device-batch", type=int, default=None,
+                   help="micro-batch per process; default global/processes (gradient accumulation fills the rest)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--cpu", action="store_true", help="train on CPU even if a GPU is present")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--learning-rate", type=float, default=1e-4)
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--ema-decay", type=float, default=0.9999)
+    g.add_argument("--max-grad-norm", type=float, default=None, help="gradient clipping (DiT: none)")
+    g.add_argument("--mixed-precision", type=str, default=None, choices=MIXED_PRECISION,
+                   help="default: accelerate's config")
+    g.add_argument("--allow-tf32", action="store_true", help="TF32 matmuls/convolutions on Ampere+")
+    g.add_argument("--gradient-checkpointing", action="store_true")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (inductor)")
+
+    g = p.add_argument_group("checkpoints and export")
+    g.add_argument("--checkpoint-every", type=int, default=10_000)
+    g.add_argument("--keep-checkpoints", type=int, default=3, help="newest checkpoints kept; 0 keeps all")
+    g.add_argument("--resume", type=str, default=None,
+                   help="'latest' (newest checkpoint in --output-dir, error if none), 'auto' (latest if any) or a path")
+    g.add_argument("--export-every", type=int, default=0, help="steps between pipeline exports (0: only at the end)")
+
+    g = p.add_argument_group("logging and samples")
+    g.add_argument("--report-to", type=str, default="tensorboard", choices=REPORT_TO)
+    g.add_argument("--tracker-project", type=str, default="sdt-diffusion")
+    g.add_argument("--log-every", type=int, default=10, help="steps per metrics line / tracker point")
+    g.add_argument("--sample-every", type=int, default=0, help="steps between EMA sample grids (0: off)")
+    g.add_argument("--sample-steps", type=int, default=50, help="DDPM steps for the sample grids")
+    g.add_argument("--sample-guidance-scale", type=float, default=4.0)
+    g.add_argument("--sample-classes", type=str, default=None, help="comma-separated class ids for the grids")
+    g.add_argument("--no-progress-bar", dest="progress_bar", action="store_false", default=True)
+    return p
+
+
+def _option_dests(parser: argparse.ArgumentParser) -> set[str]:
+    return {a.dest for a in parser._actions if a.dest not in ("help", "config")}
+
+
+def load_yaml_config(path: str | os.PathLike, parser: argparse.ArgumentParser | None = None) -> dict[str, Any]:
+    """Read a YAML config as ``{dest: value}``; keys may use dashes or underscores.
+
+    Raises:
+        ConfigError: the file is missing, is not a mapping, or has keys that are not flags.
+    """
+    parser = parser or build_parser()
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config {path}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of flag names to values, got {type(data).__name__}")
+    valid = _option_dests(parser)
+    out: dict[str, Any] = {}
+    unknown = []
+    for key, value in data.items():
+        dest = str(key).replace("-", "_")
+        if dest not in valid:
+            unknown.append(str(key))
+            continue
+        if dest == "model_kwargs" and isinstance(value, dict):
+            value = json.dumps(value)
+        if dest == "sample_classes" and isinstance(value, list):
+            value = ",".join(str(v) for v in value)
+        out[dest] = value
+    if unknown:
+        raise ConfigError(f"--config {path}: unknown keys {sorted(unknown)}; valid keys: {sorted(valid)}")
+    return out
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse flags, with ``--config`` YAML values as defaults that command-line flags override."""
+    parser = build_parser()
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        parser.set_defaults(**load_yaml_config(pre.config, parser))
+    args = parser.parse_args(argv)
+    return args
+
+
+def parse_model_kwargs(value: str | dict | None) -> dict[str, Any]:
+    """``--model-kwargs`` as a dict (a JSON object string, a dict or ``None``)."""
+    if value is None or value == "":
+        return {}
+    if isinstance(value, dict):
+        return dict(value)
+    try:
+        out = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--model-kwargs is not valid JSON ({e}): {value!r}") from None
+    if not isinstance(out, dict):
+        raise ConfigError(f"--model-kwargs must be a JSON object, got {value!r}")
+    return out
+
+
+def _positive(args: argparse.Namespace, name: str, allow_zero: bool = False) -> None:
+    value = getattr(args, name)
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        flag = "--" + name.replace("_", "-")
+        raise ConfigError(f"{flag} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Check flags and their combinations without touching data, models or devices.
+
+    Raises:
+        ConfigError: with a message naming the flags at fault.
+    """
+    from ..models import PRESETS
+    from ..models.transformer_sdt import SDTTransformer2DModel
+
+    if not args.output_dir:
+        raise ConfigError("--output-dir is required")
+    sources = {"--data-dir": args.data_dir, "--dataset": args.dataset, "--latents-dir": args.latents_dir}
+    given = [k for k, v in sources.items() if v]
+    if len(given) != 1:
+        what = "none" if not given else " and ".join(given)
+        raise ConfigError(f"pass exactly one of --data-dir, --dataset, --latents-dir (got {what})")
+    for flag, value in sources.items():
+        if value and not Path(value).is_dir():
+            raise ConfigError(f"{flag} {value}: not a directory")
+    if args.latents_dir and not (Path(args.latents_dir) / "metadata.json").is_file():
+        raise ConfigError(
+            f"--latents-dir {args.latents_dir}: no metadata.json (an incomplete or foreign cache; "
+            f"run training/extract_latents.py)"
+        )
+    if args.eval_data_dir and not Path(args.eval_data_dir).is_dir():
+        raise ConfigError(f"--eval-data-dir {args.eval_data_dir}: not a directory")
+    if args.model not in PRESETS:
+        raise ConfigError(f"--model {args.model!r} is not a preset; choose one of {sorted(PRESETS)}")
+    kwargs = parse_model_kwargs(args.model_kwargs)
+    fields = set(inspect.signature(SDTTransformer2DModel.__init__).parameters) - {"self"}
+    bad = sorted(k for k in kwargs if k not in fields)
+    if bad:
+        raise ConfigError(f"--model-kwargs: unknown SDTTransformer2DModel fields {bad}")
+    for name in ("max_steps", "global_batch_size", "per_device_batch", "checkpoint_every", "log_every",
+                 "sample_steps", "eval_every", "eval_max_samples"):
+        _positive(args, name)
+    for name in ("keep_checkpoints", "export_every", "sample_every", "num_workers"):
+        _positive(args, name, allow_zero=True)
+    if args.resolution is not None and args.resolution <= 0:
+        raise ConfigError(f"--resolution must be > 0, got {args.resolution}")
+    if args.learning_rate <= 0:
+        raise ConfigError(f"--learning-rate must be > 0, got {args.learning_rate}")
+    if not 0.0 <= args.ema_decay < 1.0:
+        raise ConfigError(f"--ema-decay must lie in [0, 1), got {args.ema_decay}")
+    if args.max_grad_norm is not None and args.max_grad_norm <= 0:
+        raise ConfigError(f"--max-grad-norm must be > 0, got {args.max_grad_norm}")
+    if args.per_device_batch is not None and args.per_device_batch > args.global_batch_size:
+        raise ConfigError(
+            f"--per-device-batch {args.per_device_batch} exceeds --global-batch-size {args.global_batch_size}"
+        )
+    if args.sample_classes:
+        try:
+            [int(c) for c in str(args.sample_classes).split(",")]
+        except ValueError:
+            raise ConfigError(f"--sample-classes must be comma-separated ints, got {args.sample_classes!r}") from None
+    if args.resume not in (None, "latest", "auto") and not Path(args.resume).is_dir():
+        raise ConfigError(f"--resume {args.resume}: not a checkpoint directory (or pass 'latest' / 'auto')")

@@ -1,0 +1,542 @@
+"""Training: DiT's loss terms, data pipeline, config handling, accelerate launches, resume, failures (CPU, offline)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_tiny_vae
+from PIL import Image
+
+from sdt_diffusion.training import diffusion as D
+from sdt_diffusion.training import trainer
+from sdt_diffusion.training.checkpointing import latest_checkpoint, list_checkpoints
+from sdt_diffusion.training.config import ConfigError, load_yaml_config, parse_args
+from sdt_diffusion.training.data import (
+    EpochSampler,
+    ImageClassDataset,
+    LatentCacheDataset,
+    center_crop_arr,
+    iterate_batches,
+    load_image_source,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = json.dumps({"num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 8, "gate_rank": 4,
+                   "lpe_kernel_size": 3})
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    for k, v in OFFLINE.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv(trainer.NAN_HOOK_ENV, raising=False)
+
+
+def _write_folder(root: Path, per_class: int, seed: int) -> None:
+    """Two classes of 20x24 RGB images: a red-ish and a blue-ish noisy pattern."""
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(("red thing", "blue thing")):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            base = np.zeros((20, 24, 3))
+            base[..., 2 * c] = 200
+            base[:, : 12 * (1 + c) // 2] += 40
+            img = np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(root / name / f"{i:03d}.png")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("training_data")
+    _write_folder(root / "train", 8, 0)
+    _write_folder(root / "heldout", 2, 1)
+    make_tiny_vae().save_pretrained(root / "vae")
+    return {"train": root / "train", "heldout": root / "heldout", "vae": root / "vae", "root": root}
+
+
+def _argv(data: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return ["--model", "SDT-P-S/2", "--model-kwargs", TINY, "--data-dir", str(data["train"]), "--vae", str(data["vae"]),
+            "--resolution", "16", "--global-batch-size", "4", "--num-workers", "0", "--log-every", "1",
+            "--report-to", "none", "--no-progress-bar", "--output-dir", str(out), *extra]
+
+
+def _reset_accelerate() -> None:
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def _train(argv: list[str]) -> trainer.TrainResult:
+    try:
+        return trainer.train(parse_args(argv))
+    finally:
+        _reset_accelerate()
+
+
+def _main(argv: list[str]) -> int:
+    try:
+        return trainer.main(argv)
+    finally:
+        _reset_accelerate()
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(args: list[str], num_processes: int, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``accelerate launch`` on CPU: 1 process plainly, several through torchrun with gloo (``--multi_gpu``
+    without CUDA; the scripts then ask accelerate for CPU processes)."""
+    dist = ["--cpu"] if num_processes == 1 else ["--multi_gpu", "--main_process_port", str(_free_port())]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *dist, "--num_processes", str(num_processes),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *args]
+    env = {**os.environ, **OFFLINE, "PYTHONPATH": str(REPO)}
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# ------------------------------------------------------------------------------------- diffusion math
+def test_noise_schedule_is_dits_and_matches_the_exported_scheduler():
+    from sdt_diffusion.pipelines import default_scheduler
+
+    ours, theirs = D.make_noise_scheduler(True).config, default_scheduler().config
+    for key in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "variance_type", "clip_sample",
+                "prediction_type"):
+        assert ours[key] == theirs[key], key
+    assert D.make_noise_scheduler(False).config.variance_type == "fixed_large"
+    s = D.DiffusionSchedule.from_scheduler()
+    betas = np.linspace(1e-4, 0.02, 1000)
+    np.testing.assert_allclose(s.betas.numpy(), betas, rtol=1e-12)
+    np.testing.assert_allclose(s.alphas_cumprod.numpy(), np.cumprod(1 - betas), rtol=1e-12)
+    scheduler = D.make_noise_scheduler(True)  # the exported scheduler holds the same schedule in float32
+    np.testing.assert_allclose(scheduler.betas.numpy(), betas, rtol=1e-6)
+    np.testing.assert_allclose(scheduler.alphas_cumprod.numpy(), s.alphas_cumprod.numpy(), rtol=1e-6, atol=1e-7)
+    post = betas[1:] * (1 - np.cumprod(1 - betas)[:-1]) / (1 - np.cumprod(1 - betas)[1:])
+    np.testing.assert_allclose(s.posterior_log_variance_clipped.numpy()[1:], np.log(post), rtol=1e-4)
+    assert s.posterior_log_variance_clipped[0] == s.posterior_log_variance_clipped[1]  # iDDPM's clipping
+
+
+def test_normal_kl_matches_numerical_integration():
+    from scipy import integrate
+    from scipy.stats import norm
+
+    for m1, lv1, m2, lv2 in [(0.0, 0.0, 0.0, 0.0), (0.3, -1.0, -0.2, 0.5), (1.5, 0.7, 0.1, -0.4), (-2.0, -3.0, -1.0, -2.0)]:
+        s1, s2 = math.exp(0.5 * lv1), math.exp(0.5 * lv2)
+        direct, _ = integrate.quad(lambda x, m1=m1, s1=s1, m2=m2, s2=s2: norm.pdf(x, m1, s1)
+                                   * (norm.logpdf(x, m1, s1) - norm.logpdf(x, m2, s2)), -np.inf, np.inf)
+        ours = float(D.normal_kl(torch.tensor(m1), torch.tensor(lv1), torch.tensor(m2), torch.tensor(lv2)))
+        assert ours == pytest.approx(direct, abs=1e-6)
+
+
+def test_discretized_gaussian_log_likelihood_matches_scipy():
+    from scipy.stats import norm
+
+    x = torch.tensor([-1.0, -0.5, 0.0, 0.3, 1.0, -1.0, 1.0], dtype=torch.float64)
+    means = torch.tensor([-0.9, -0.4, 0.1, 0.3, 0.8, 0.5, -0.5], dtype=torch.float64)
+    log_scales = torch.tensor([-2.0, -1.0, -3.0, -4.0, -1.5, 0.0, -0.5], dtype=torch.float64)
+    ours = D.discretized_gaussian_log_likelihood(x, means, log_scales, cdf=D.standard_normal_cdf).numpy()
+    xs, ms, ss = x.numpy(), means.numpy(), np.exp(log_scales.numpy())
+    expected = np.where(
+        xs < -0.999, norm.logcdf(xs + 1 / 255, ms, ss),
+        np.where(xs > 0.999, norm.logsf(xs - 1 / 255, ms, ss),
+                 np.log(norm.cdf(xs + 1 / 255, ms, ss) - norm.cdf(xs - 1 / 255, ms, ss))))
+    np.testing.assert_allclose(ours, expected, rtol=1e-6)
+    # DiT's default tanh CDF stays within 2e-4 of the exact one
+    grid = torch.linspace(-6, 6, 2001, dtype=torch.float64)
+    assert float((D.approx_standard_normal_cdf(grid) - torch.from_numpy(norm.cdf(grid.numpy()))).abs().max()) < 2e-4
+
+
+def test_vlb_terms_match_a_direct_computation():
+    from scipy.stats import norm
+
+    torch.manual_seed(0)
+    s = D.DiffusionSchedule.from_scheduler()
+    x0 = torch.rand(4, 2, 3, 3) * 2 - 1
+    x0[0, 0, 0, 0], x0[0, 0, 0, 1] = -1.0, 1.0  # the open-ended edge bins
+    t = torch.tensor([0, 1, 500, 999])
+    noise, eps, v = torch.randn_like(x0), torch.randn_like(x0), torch.rand_like(x0) * 2 - 1
+    x0, noise, eps, v = (a.double() for a in (x0, noise, eps, v))  # float64: no cancellation in the CDF differences
+    x_t = s.q_sample(x0, t, noise)
+    ours = D.vlb_terms(s, x0, x_t, t, eps, v, cdf=D.standard_normal_cdf).numpy()
+
+    betas = np.linspace(1e-4, 0.02, 1000)
+    ac = np.cumprod(1 - betas)
+    ac_prev = np.append(1.0, ac[:-1])
+    post_var = betas * (1 - ac_prev) / (1 - ac)
+    post_var[0] = post_var[1]
+    X0, XT, E, V = (a.double().numpy() for a in (x0, x_t, eps, v))
+    for i, ti in enumerate(t.tolist()):
+        c1 = betas[ti] * np.sqrt(ac_prev[ti]) / (1 - ac[ti])
+        c2 = (1 - ac_prev[ti]) * np.sqrt(1 - betas[ti]) / (1 - ac[ti])
+        mu_q = c1 * X0[i] + c2 * XT[i]
+        x0_hat = (XT[i] - np.sqrt(1 - ac[ti]) * E[i]) / np.sqrt(ac[ti])
+        mu_p = c1 * x0_hat + c2 * XT[i]
+        f = (V[i] + 1) / 2
+        var_p = np.exp(f * np.log(betas[ti]) + (1 - f) * np.log(post_var[ti]))
+        if ti == 0:
+            sd = np.sqrt(var_p)
+            xs = X0[i]
+            p = np.where(xs < -0.999, norm.cdf(xs + 1 / 255, mu_p, sd),
+                         np.where(xs > 0.999, norm.sf(xs - 1 / 255, mu_p, sd),
+                                  norm.cdf(xs + 1 / 255, mu_p, sd) - norm.cdf(xs - 1 / 255, mu_p, sd)))
+            expected = -np.mean(np.log(np.maximum(p, 1e-12))) / np.log(2)
+        else:  # KL(N(mu_q, var_q) || N(mu_p, var_p)) in the textbook form
+            var_q = post_var[ti]
+            kl = np.log(np.sqrt(var_p) / np.sqrt(var_q)) + (var_q + (mu_q - mu_p) ** 2) / (2 * var_p) - 0.5
+            expected = np.mean(kl) / np.log(2)
+        assert ours[i] == pytest.approx(expected, rel=1e-9, abs=1e-12), ti
+
+
+def test_hybrid_loss_detaches_the_mean_and_falls_back_to_mse():
+    s = D.DiffusionSchedule.from_scheduler()
+    x0, noise = torch.randn(3, 4, 4, 4), torch.randn(3, 4, 4, 4)
+    t = torch.tensor([0, 10, 900])
+    x_t = s.q_sample(x0, t, noise)
+    out = torch.randn(3, 8, 4, 4, requires_grad=True)
+    terms = D.training_losses(out, x0, x_t, t, noise, s, learn_sigma=True)
+    torch.testing.assert_close(terms["loss"], terms["mse"] + terms["vb"])
+    torch.testing.assert_close(terms["mse"], ((noise - out[:, :4]) ** 2).mean(dim=(1, 2, 3)))
+    terms["vb"].sum().backward()
+    assert float(out.grad[:, :4].abs().max()) == 0.0 and float(out.grad[:, 4:].abs().max()) > 0
+    plain = D.training_losses(out[:, :4], x0, x_t, t, noise, s, learn_sigma=False)
+    assert float(plain["vb"].abs().max()) == 0.0
+    torch.testing.assert_close(plain["loss"], plain["mse"])
+
+
+# ------------------------------------------------------------------------------------------- data
+def test_adm_center_crop_and_unreadable_image(tmp_path):
+    img = np.zeros((50, 100, 3), np.uint8)
+    img[:, :50, 0] = 255  # left half red, right half blue
+    img[:, 50:, 2] = 255
+    out = center_crop_arr(Image.fromarray(img), 16)
+    assert out.shape == (16, 16, 3) and out.dtype == np.uint8
+    assert out[:, 0, 0].min() > 200 and out[:, -1, 2].min() > 200  # the centre crop straddles the two halves
+    # halving with BOX while the short side >= 2*size: 1000x500 -> 250x125 -> bicubic to 32x16 (short side 16)
+    big = center_crop_arr(Image.fromarray(np.full((500, 1000, 3), 7, np.uint8)), 16)
+    assert big.shape == (16, 16, 3) and (big == 7).all()
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        Image.fromarray(img).save(tmp_path / name / "ok.png")
+    (tmp_path / "b" / "broken.png").write_bytes(b"this is not a png")
+    source = load_image_source(data_dir=str(tmp_path))
+    ds = ImageClassDataset(source, 16)
+    bad = [i for i in range(len(ds)) if "broken" in str(source.dataset[i]["image"]["path"])][0]
+    with pytest.raises(OSError, match="broken.png"):
+        ds[bad]
+    assert ds[(1 - bad, 1)]["pixel_values"].shape == (3, 16, 16)
+
+
+def test_epoch_sampler_is_seeded_disjoint_and_complete():
+    ranks = [EpochSampler(17, 2, r, seed=3) for r in range(2)]
+    keys = [s.epoch_keys(0) for s in ranks]
+    idx = [i for k in keys for i, _ in k]
+    assert len(idx) == 16 and len(set(idx)) == 16  # disjoint; the odd sample is dropped
+    assert keys[0] == EpochSampler(17, 2, 0, seed=3).epoch_keys(0)  # a pure function of (seed, epoch)
+    assert keys[0] != ranks[0].epoch_keys(1)
+    assert {f for k in keys for _, f in k} == {0, 1}
+    assert {f for _, f in EpochSampler(17, 1, 0, random_flip=False).epoch_keys(0)} == {0}
+
+
+# ------------------------------------------------------------------------------------------ config
+def test_yaml_config_defaults_cli_overrides_and_unknown_keys(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("model: SDT-P-B/4\nmax-steps: 7\nlearning_rate: 2.0e-4\nmodel_kwargs: {num_layers: 2}\n"
+                   "global_batch_size: 64\n")
+    args = parse_args(["--config", str(cfg), "--max-steps", "9"])
+    assert (args.model, args.max_steps, args.learning_rate, args.global_batch_size) == ("SDT-P-B/4", 9, 2e-4, 64)
+    assert json.loads(args.model_kwargs) == {"num_layers": 2}
+    cfg.write_text("max_steps: 7\nlearnig_rate: 1.0\n")
+    with pytest.raises(ConfigError, match="learnig_rate"):
+        parse_args(["--config", str(cfg)])
+
+    shipped = sorted((REPO / "training" / "configs").glob("sdt-p-*.yaml"))
+    assert {p.name for p in shipped} >= {"sdt-p-s2.yaml", "sdt-p-b2.yaml", "sdt-p-l2.yaml", "sdt-p-xl2.yaml"}
+    for path in shipped:
+        a = parse_args(["--config", str(path), "--data-dir", "x", "--output-dir", "y"])
+        assert (a.max_steps, a.global_batch_size, a.learning_rate, a.ema_decay, a.resolution, a.weight_decay) == (
+            400_000, 256, 1e-4, 0.9999, 256, 0.0)
+        assert a.vae == "stabilityai/sd-vae-ft-ema" and a.model.startswith("SDT-P-") and a.data_dir == "x"
+        assert load_yaml_config(path)  # no unknown keys
+
+
+@pytest.fixture(scope="module")
+def fake_cache(data) -> Path:
+    """A tiny consistent latent cache (random latents) in the extraction format."""
+    from sdt_diffusion.training.data import CACHE_FORMAT, CACHE_VERSION
+
+    cache = data["root"] / "fake_cache"
+    shard = cache / "shard-00000-of-00001"
+    shard.mkdir(parents=True)
+    n = 8
+    np.save(shard / "mean.npy", np.random.default_rng(0).normal(size=(n, 2, 4, 8, 8)).astype(np.float16))
+    np.save(shard / "std.npy", np.full((n, 2, 4, 8, 8), 0.01, np.float16))
+    np.save(shard / "labels.npy", np.arange(n) % 2)
+    np.save(shard / "indices.npy", np.arange(n))
+    meta = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "num_samples": n, "num_shards": 1,
+            "shards": [shard.name], "latent_shape": [4, 8, 8], "dtype": "float16", "scaling_factor": 0.18215,
+            "vae": str(data["vae"]), "vae_subfolder": None, "resolution": 16, "num_classes": 2,
+            "class_names": ["a", "b"], "id2label": {"0": "a", "1": "b"}}
+    (cache / "metadata.json").write_text(json.dumps(meta))
+    return cache
+
+
+@pytest.mark.parametrize("case", ["both_sources", "no_source", "batch_split", "resume_latest_empty",
+                                  "resolution_vs_vae", "resolution_vs_patch", "cache_vs_model", "unknown_field",
+                                  "existing_run"])
+def test_bad_flags_fail_before_any_compute(case, data, fake_cache, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = _argv(data, out)
+    extra = {
+        "both_sources": ["--dataset", str(data["train"])],
+        "no_source": [],
+        "batch_split": ["--global-batch-size", "6", "--per-device-batch", "4"],
+        "resume_latest_empty": ["--resume", "latest"],
+        "resolution_vs_vae": ["--resolution", "15"],
+        "resolution_vs_patch": ["--resolution", "18"],
+        "unknown_field": ["--model-kwargs", '{"num_layerz": 2}'],
+        "cache_vs_model": [],
+        "existing_run": [],
+    }[case]
+    if case == "no_source":
+        i = argv.index("--data-dir")
+        del argv[i:i + 2]
+    if case == "cache_vs_model":
+        i = argv.index("--data-dir")
+        argv[i:i + 2] = ["--latents-dir", str(fake_cache)]
+        i = argv.index("--resolution")
+        del argv[i:i + 2]
+        extra = ["--model-kwargs", json.dumps({**json.loads(TINY), "in_channels": 3})]
+    if case == "existing_run":
+        (out / "checkpoint-5").mkdir(parents=True)
+        (out / "checkpoint-5" / "training_state.json").write_text("{}")
+    expected = {
+        "both_sources": "exactly one of", "no_source": "exactly one of", "batch_split": "not divisible",
+        "resume_latest_empty": "no complete checkpoint", "resolution_vs_vae": "downsampling factor",
+        "resolution_vs_patch": "patch size", "cache_vs_model": "in_channels=3", "unknown_field": "num_layerz",
+        "existing_run": "already holds checkpoints",
+    }[case]
+    assert _main(argv + extra) == 2
+    err = capsys.readouterr().err
+    assert expected in err, err
+    assert not (out / "metrics.jsonl").exists() and not list(out.glob("checkpoint-*.tmp"))
+
+
+# --------------------------------------------------------------------------------- training runs
+@pytest.mark.slow
+def test_accelerate_launch_one_process_trains_logs_and_exports(data, tmp_path):
+    out = tmp_path / "run"
+    args = ["training/train.py", *_argv(data, out, "--max-steps", "4", "--checkpoint-every", "2",
+                                         "--keep-checkpoints", "1", "--eval-data-dir", str(data["heldout"]),
+                                         "--eval-every", "2", "--sample-every", "2", "--sample-steps", "2",
+                                         "--report-to", "tensorboard", "--per-device-batch", "2")]
+    proc = _launch(args, 1)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert [p.name for _, p in list_checkpoints(out)] == ["checkpoint-4"]  # --keep-checkpoints 1
+    rows = _metrics(out)
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
+    for key in ("loss", "mse", "vb", "grad_norm", "lr", "images_per_s", "epoch"):
+        assert all(math.isfinite(r[key]) for r in train_rows), key
+    assert [r["step"] for r in rows if "eval_loss" in r] == [0, 2, 4]
+    assert sorted(p.name for p in (out / "samples").glob("*.png")) == ["step-0000002.png", "step-0000004.png"]
+    assert list((out / "logs").rglob("events.out.tfevents*"))
+
+    from sdt_diffusion.pipelines import SDTPipeline
+
+    pipe = SDTPipeline.from_pretrained(str(out / "pipeline"))
+    assert pipe.id2label == {0: "blue thing", 1: "red thing"}  # folder names, sorted
+    assert pipe.scheduler.config.variance_type == "learned_range" and pipe.vae is not None
+    images = pipe(class_labels=[0, "red thing"], num_inference_steps=2, generator=torch.manual_seed(0),
+                  output_type="np").images
+    assert images.shape == (2, 16, 16, 3) and np.isfinite(images).all()
+    # the exported weights are the EMA of the last checkpoint
+    ema = torch.load(out / "checkpoint-4" / "custom_checkpoint_0.pkl", weights_only=True)
+    exported = [p.detach() for p in pipe.transformer.parameters()]
+    assert ema["num_updates"] == 4
+    assert all(torch.equal(a, b) for a, b in zip(exported, ema["shadow"]))
+    # eval/sample.py --checkpoint builds the same pipeline from the checkpoint (and the run's VAE)
+    from sdt_diffusion.sampling import pipeline_from_checkpoint
+
+    from_ckpt = pipeline_from_checkpoint(out / "checkpoint-4")
+    assert from_ckpt.id2label == pipe.id2label and from_ckpt.vae is not None
+    assert all(torch.equal(a, b) for a, b in zip(exported, from_ckpt.transformer.parameters()))
+
+
+@pytest.mark.slow
+def test_extract_latents_on_two_processes_then_train_from_the_cache_on_two_processes(data, tmp_path):
+    cache = tmp_path / "cache"
+    proc = _launch(["training/extract_latents.py", "--data-dir", str(data["train"]), "--vae", str(data["vae"]),
+                    "--resolution", "16", "--output-dir", str(cache), "--dtype", "float32", "--num-workers", "0",
+                    "--batch-size", "3"], 2)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    meta = json.loads((cache / "metadata.json").read_text())
+    assert meta["num_shards"] == 2 and meta["num_samples"] == 16 and meta["latent_shape"] == [4, 8, 8]
+    parts = [np.load(cache / s / "indices.npy") for s in meta["shards"]]
+    assert all(len(p) for p in parts) and sorted(np.concatenate(parts).tolist()) == list(range(16))
+
+    # the cache gives the same batches as encoding on the fly: same keys and flips, same posterior means,
+    # and the same latents when the posterior draw uses the same RNG state
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(data["vae"]).eval()
+    images = ImageClassDataset(load_image_source(data_dir=str(data["train"])), 16)
+    cached = LatentCacheDataset(cache)
+    np.testing.assert_array_equal(cached.labels, images.labels)
+    stream_img = iterate_batches(images, EpochSampler(16, 1, 0, seed=5), 4)
+    stream_lat = iterate_batches(cached, EpochSampler(16, 1, 0, seed=5), 4)
+    for _ in range(5):  # crosses into the second epoch
+        (_, bi), (_, bl) = next(stream_img), next(stream_lat)
+        assert torch.equal(bi["index"], bl["index"]) and torch.equal(bi["labels"], bl["labels"])
+        with torch.no_grad():
+            dist = vae.encode(bi["pixel_values"]).latent_dist
+        torch.testing.assert_close(bl["latent_mean"], dist.mean, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(bl["latent_std"], dist.std, atol=1e-5, rtol=1e-4)
+        torch.manual_seed(11)
+        z_fly = trainer.encode_batch(bi, vae, 0.18215, torch.device("cpu"))
+        torch.manual_seed(11)
+        z_cache = trainer.encode_batch(bl, None, 0.18215, torch.device("cpu"))
+        torch.testing.assert_close(z_cache, z_fly, atol=1e-5, rtol=1e-4)
+
+    out = tmp_path / "run"
+    proc = _launch(["training/train.py", "--model", "SDT-P-S/2", "--model-kwargs", TINY, "--latents-dir", str(cache),
+                    "--global-batch-size", "4", "--max-steps", "3", "--checkpoint-every", "2", "--num-workers", "0",
+                    "--log-every", "1", "--report-to", "none", "--no-progress-bar", "--output-dir", str(out)], 2)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert {p.name for p in (out / "checkpoint-3").iterdir()} >= {"random_states_0.pkl", "random_states_1.pkl",
+                                                                   "model.safetensors", "training_state.json"}
+    state = json.loads((out / "checkpoint-3" / "training_state.json").read_text())
+    assert (state["num_processes"], state["per_device_batch"], state["grad_accum"]) == (2, 2, 1)
+    from sdt_diffusion.pipelines import SDTPipeline
+
+    pipe = SDTPipeline.from_pretrained(str(out / "pipeline"))
+    assert pipe.id2label == {0: "blue thing", 1: "red thing"} and pipe.transformer.config.in_channels == 4
+
+
+def test_loss_falls_on_a_tiny_dataset(data, tmp_path):
+    out = tmp_path / "run"
+    argv = _argv(data, out, "--vae", "none", "--resolution", "8", "--global-batch-size", "8", "--max-steps", "40",
+                 "--checkpoint-every", "1000", "--learning-rate", "1e-3", "--ema-decay", "0.9",
+                 "--eval-data-dir", str(data["heldout"]), "--eval-every", "40")
+    result = _train(argv)
+    assert result.step == 40 and result.last_checkpoint == out / "checkpoint-40"
+    evals = {r["step"]: r["eval_loss"] for r in _metrics(out) if "eval_loss" in r}
+    assert evals[40] < 0.8 * evals[0], evals  # fixed held-out set, timesteps and noise
+    losses = [r["loss"] for r in _metrics(out) if "loss" in r]
+    assert np.mean(losses[-10:]) < np.mean(losses[:10])
+
+
+def test_resume_after_sigterm_matches_an_uninterrupted_run(data, tmp_path, monkeypatch):
+    common = ("--per-device-batch", "2", "--max-steps", "6", "--eval-data-dir", str(data["heldout"]),
+              "--eval-every", "2", "--sample-every", "2", "--sample-steps", "2")
+    straight = tmp_path / "straight"
+    _train(_argv(data, straight, *common, "--checkpoint-every", "6"))
+
+    # run 2: SIGTERM during step 3 (mid-epoch: 4 steps per epoch) -> checkpoint-3, clean return
+    part = tmp_path / "part"
+    calls = {"n": 0}
+    real = trainer.encode_batch
+
+    def encode_then_sigterm(*a, **k):  # called once per training micro-batch
+        calls["n"] += 1
+        if calls["n"] == 5:  # first micro-batch of step 3 (2 micro-batches per step)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+
+    monkeypatch.setattr(trainer, "encode_batch", encode_then_sigterm)
+    result = _train(_argv(data, part, *common, "--checkpoint-every", "100"))
+    monkeypatch.setattr(trainer, "encode_batch", real)
+    assert result.stopped_by_signal and result.step == 3
+    assert [p.name for _, p in list_checkpoints(part)] == ["checkpoint-3"] and not (part / "pipeline").exists()
+
+    # a crashed later save leaves a .tmp folder: never resumed from
+    (part / "checkpoint-5.tmp").mkdir()
+    (part / "checkpoint-5.tmp" / "training_state.json").write_text('{"step": 5}')
+    assert latest_checkpoint(part) == part / "checkpoint-3"
+    result = _train(_argv(data, part, *common, "--checkpoint-every", "6", "--resume", "latest"))
+    assert result.step == 6 and not (part / "checkpoint-5.tmp").exists()
+
+    def curve(out):
+        return [(r["step"], r.get("loss"), r.get("eval_loss")) for r in _metrics(out)]
+
+    assert curve(part) == curve(straight)  # identical losses and held-out losses, step by step
+    for name in ("model.safetensors", "custom_checkpoint_0.pkl", "optimizer.bin"):  # weights, EMA, AdamW
+        a = (straight / "checkpoint-6" / name).read_bytes()
+        b = (part / "checkpoint-6" / name).read_bytes()
+        if name == "model.safetensors":
+            assert a == b
+        else:
+            sa = torch.load(straight / "checkpoint-6" / name, weights_only=False)
+            sb = torch.load(part / "checkpoint-6" / name, weights_only=False)
+            flat_a, flat_b = _flatten(sa), _flatten(sb)
+            assert flat_a.keys() == flat_b.keys()
+            for k in flat_a:
+                va, vb = flat_a[k], flat_b[k]
+                assert torch.equal(va, vb) if isinstance(va, torch.Tensor) else va == vb, k
+    assert _hashes(straight / "pipeline") == _hashes(part / "pipeline")
+
+
+def _flatten(obj, prefix: str = "") -> dict:
+    if isinstance(obj, dict):
+        return {k2: v2 for k, v in obj.items() for k2, v2 in _flatten(v, f"{prefix}{k}.").items()}
+    if isinstance(obj, (list, tuple)):
+        return {k2: v2 for i, v in enumerate(obj) for k2, v2 in _flatten(v, f"{prefix}{i}.").items()}
+    return {prefix: obj}
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(data, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    _train(_argv(data, out, "--max-steps", "2", "--checkpoint-every", "2"))
+    before = _hashes(out / "checkpoint-2")
+    monkeypatch.setenv(trainer.NAN_HOOK_ENV, "3")
+    code = _main(_argv(data, out, "--max-steps", "6", "--checkpoint-every", "2", "--resume", "latest"))
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "non-finite training loss nan at step 3" in err and "checkpoint-2" in err, err
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-2"]  # nothing saved after the NaN
+    assert _hashes(out / "checkpoint-2") == before
+    assert max(r["step"] for r in _metrics(out)) == 2
+
+
+def test_saved_dataset_with_custom_columns_trains_and_names_classes(tmp_path):
+    import datasets
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (12, 10, 3), dtype=np.uint8)) for _ in range(6)]
+    features = datasets.Features({"img": datasets.Image(), "y": datasets.ClassLabel(names=["cat", "dog", "owl"])})
+    ds = datasets.Dataset.from_dict({"img": images, "y": [0, 1, 2, 0, 1, 2]}, features=features)
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "ds"))
+    out = tmp_path / "run"
+    argv = ["--model", "SDT-P-S/2", "--model-kwargs", TINY, "--dataset", str(tmp_path / "ds"), "--image-column", "img",
+            "--label-column", "y", "--vae", "none", "--resolution", "8", "--global-batch-size", "2", "--max-steps", "2",
+            "--checkpoint-every", "2", "--num-workers", "0", "--report-to", "none", "--no-progress-bar",
+            "--output-dir", str(out)]
+    result = _train(argv)
+    assert result.step == 2
+    index = json.loads((out / "pipeline" / "model_index.json").read_text())
+    assert index["id2label"] == {"0": "cat", "1": "dog", "2": "owl"} and index["vae"] == [None, None]
+    assert json.loads((out / "pipeline" / "transformer" / "config.json").read_text())["in_channels"] == 3
