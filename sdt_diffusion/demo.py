@@ -208,6 +208,13 @@ def run(args: argparse.Namespace) -> dict:
         t0 = time.time()
         subprocess.run(cmd, check=True, cwd=REPO, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
         train_seconds = time.time() - t0
+        from .training.checkpointing import latest_checkpoint, read_training_state
+
+        last = latest_checkpoint(run_dir)
+        reached = read_training_state(last)["step"] if last is not None else 0
+        if reached < args.steps:  # stopped by a signal: keep the checkpoint, don't export a half-trained model
+            raise SystemExit(f"[demo] training stopped at step {reached} of {args.steps}; run the same command "
+                             "again to resume from the last checkpoint")
         if pipeline_dir.exists():
             shutil.rmtree(pipeline_dir)
         shutil.copytree(run_dir / "pipeline", pipeline_dir)
@@ -284,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="SDT end-to-end CPU demo on scikit-learn's handwritten digits.")
     p.add_argument("--output-dir", default="outputs/demo")
     p.add_argument("--steps", type=int, default=1500, help="training steps")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--samples-per-class", type=int, default=8)

@@ -1,0 +1,13 @@
+"""FID-50K metrics (FID, sFID, IS, precision, recall; ADM definitions) of a sample batch against a reference.
+
+    python eval/evaluate.py samples.npz VIRTUAL_imagenet256_labeled.npz --output results.json --compare XL
+
+All logic lives in ``sdt_diffusion.metrics`` (see ``evaluate_main`` for the options, or ``--help``).
+"""
+
+import sys
+
+from sdt_diffusion.metrics import evaluate_main
+
+if __name__ == "__main__":
+    sys.exit(evaluate_main())

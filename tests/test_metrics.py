@@ -1,0 +1,460 @@
+"""Offline CPU tests of sdt_diffusion.metrics (FID, sFID, IS, precision/recall; ADM definitions).
+
+The Inception network is torch-fidelity's inception-v3-compat architecture with random (non-degenerate)
+weights written by the tests, so nothing is downloaded; sockets and torch.hub downloads are blocked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from sdt_diffusion import metrics as M
+
+# 299×299 Inception forwards cost ~6 GFLOP each: keep the sets tiny (a, b: N_IMAGES; c, d: N_SMALL images)
+N_IMAGES = 8
+N_SMALL = 5
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_network():
+    """Fail loudly if anything in this module tries to reach the network."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("network access attempted during an offline test")
+
+    real_connect = socket.socket.connect
+
+    def guarded_connect(self, address):
+        if self.family in (socket.AF_INET, socket.AF_INET6):
+            refuse()
+        return real_connect(self, address)
+
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(socket.socket, "connect", guarded_connect)
+        mp.setattr(socket, "create_connection", refuse)
+        mp.setattr(torch.hub, "load_state_dict_from_url", refuse)
+        mp.setattr(torch.hub, "download_url_to_file", refuse)
+        mp.setattr(fe, "load_state_dict_from_url", refuse)
+        yield
+
+
+def make_random_inception_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+    """inception-v3-compat with Kaiming convs, BN statistics calibrated on random images, a spread-out fc."""
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    with pytest.MonkeyPatch.context() as mp:  # build the architecture without loading any weights
+        mp.setattr(fe, "load_state_dict_from_url", lambda *a, **k: {})
+        mp.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
+        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"])
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.Conv2d):
+                fan_in = m.weight[0].numel()
+                m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * (2.0 / fan_in) ** 0.5)
+            elif isinstance(m, nn.BatchNorm2d):
+                m.reset_running_stats()
+                m.momentum = None  # cumulative average: one batch sets the statistics
+        net.fc.weight.copy_(torch.randn(net.fc.weight.shape, generator=gen) * 0.05)
+        net.fc.bias.zero_()
+        net.train()
+        net((torch.rand(4, 3, 32, 32, generator=gen) * 255).to(torch.uint8))  # calibrate BN statistics
+    net.eval()
+    return net.state_dict()
+
+
+@pytest.fixture(scope="module")
+def weights_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("weights") / "random-inception.pth"
+    torch.save(make_random_inception_state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def inception(weights_file) -> M.InceptionFeatures:
+    return M.load_inception(weights_file, "cpu")
+
+
+def make_images(n: int, seed: int, size: int = 32) -> np.ndarray:
+    """Random-ish RGB images: a colour gradient plus a bright rectangle plus noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    out = np.empty((n, size, size, 3), dtype=np.uint8)
+    for i in range(n):
+        base = rng.uniform(0, 255, 3) * (1 - xx[..., None]) + rng.uniform(0, 255, 3) * yy[..., None]
+        y0, x0 = rng.integers(0, size // 2, 2)
+        base[y0 : y0 + size // 3, x0 : x0 + size // 3] = rng.uniform(0, 255, 3)
+        out[i] = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+    return out
+
+
+def write_folder(images: np.ndarray, folder: Path) -> Path:
+    """PNG files in sorted order; the second half in a subfolder (exercises the recursive search)."""
+    for i, img in enumerate(images):
+        sub = folder / "sub" if i >= len(images) // 2 else folder
+        sub.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(sub / f"{i:03d}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory) -> SimpleNamespace:
+    root = tmp_path_factory.mktemp("images")
+    out = SimpleNamespace(root=root)
+    for name, n, seed in (("a", N_IMAGES, 1), ("b", N_IMAGES, 2), ("c", N_SMALL, 3), ("d", N_SMALL, 4)):
+        images = make_images(n, seed=seed)
+        save = np.savez_compressed if name == "b" else np.savez  # compressed npz streams too
+        save(root / f"{name}.npz", arr_0=images)
+        setattr(out, name, images)
+        setattr(out, f"{name}_npz", root / f"{name}.npz")
+        setattr(out, f"{name}_dir", write_folder(images, root / f"{name}_png"))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ formulas
+
+
+def test_fid_of_a_set_with_itself_is_zero():
+    x = np.random.default_rng(0).normal(size=(2000, 16)) @ np.random.default_rng(1).normal(size=(16, 16))
+    mu, sigma = M.feature_statistics(x)
+    assert abs(M.frechet_distance(mu, sigma, mu, sigma)) < 1e-6
+
+
+def test_fid_matches_the_analytic_frechet_distance():
+    rng = np.random.default_rng(0)
+    d = 6
+    m1, m2 = rng.normal(size=d), rng.normal(size=d)
+    s1, s2 = rng.uniform(0.5, 2.0, d), rng.uniform(0.5, 2.0, d)
+    analytic = np.sum((m1 - m2) ** 2) + np.sum(s1 + s2 - 2 * np.sqrt(s1 * s2))
+    # exact statistics: closed form to rounding error
+    assert M.frechet_distance(m1, np.diag(s1), m2, np.diag(s2)) == pytest.approx(analytic, rel=1e-10)
+    # large samples from the two Gaussians approach it
+    x1 = m1 + rng.normal(size=(100_000, d)) * np.sqrt(s1)
+    x2 = m2 + rng.normal(size=(100_000, d)) * np.sqrt(s2)
+    assert M.frechet_distance(*M.feature_statistics(x1), *M.feature_statistics(x2)) == pytest.approx(analytic, rel=0.02)
+
+
+def test_fid_agrees_with_torch_fidelity_on_full_covariances():
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
+
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(20, 20)), rng.normal(size=(20, 20))
+    s1, s2 = a @ a.T / 20 + 0.1 * np.eye(20), b @ b.T / 20 + 0.1 * np.eye(20)
+    m1, m2 = rng.normal(size=20), rng.normal(size=20)
+    theirs = fid_statistics_to_metric({"mu": m1, "sigma": s1}, {"mu": m2, "sigma": s2}, verbose=False)[KEY_METRIC_FID]
+    assert M.frechet_distance(m1, s1, m2, s2) == pytest.approx(theirs, rel=1e-8)
+    with pytest.raises(ValueError, match="shape"):
+        M.frechet_distance(m1, s1, m2[:5], s2[:5, :5])
+
+
+def test_inception_score_on_hand_made_logits():
+    assert M.inception_score(np.zeros((50, 1008))) == pytest.approx(1.0, abs=1e-12)
+    # 10 contiguous splits of 4; each split holds 4 confident, distinct classes -> IS = 4 per split
+    labels = np.tile(np.arange(4), 10) + np.repeat(np.arange(10), 4)
+    logits = np.full((40, 1008), -50.0)
+    logits[np.arange(40), labels] = 50.0
+    assert M.inception_score(logits, splits=10) == pytest.approx(4.0, rel=1e-9)
+    # the same rows shuffled across splits would give a different score: no shuffling is part of the definition
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(30, 7)) * 3
+    p = np.exp(x - x.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    direct = np.mean([np.exp(np.mean(np.sum(q * (np.log(q) - np.log(q.mean(0))), axis=1))) for q in np.split(p, 3)])
+    assert M.inception_score(x, splits=3) == pytest.approx(direct, rel=1e-9)
+    with pytest.raises(ValueError, match="at least 10 samples"):
+        M.inception_score(x[:5])
+
+
+def _square(corner: tuple[float, float], side: float = 1.0) -> list[tuple[float, float]]:
+    x, y = corner
+    return [(x, y), (x + side, y), (x, y + side), (x + side, y + side)]
+
+
+@pytest.mark.parametrize("batch_size", [3, 5000])
+def test_precision_recall_on_constructed_sets(batch_size):
+    # Four points on a unit square: each one's 3rd nearest neighbour is the opposite corner, squared radius 2.
+    real = _square((0, 0)) + _square((100, 0)) + _square((200, 0))  # 12 reference points
+    fake = _square((0.25, 0)) + _square((0, 100))  # 8 samples; the first square overlaps the first real one
+    pad = np.zeros((1, 14))
+    real_f = np.hstack([np.array(real), np.repeat(pad, len(real), 0)])
+    fake_f = np.hstack([np.array(fake), np.repeat(pad, len(fake), 0)])
+    precision, recall = M.precision_recall(real_f, fake_f, k=3, batch_size=batch_size)
+    assert precision == pytest.approx(4 / 8)  # the shifted square lies in the real balls; the far one does not
+    assert recall == pytest.approx(4 / 12)  # only the first real square is covered by sample balls
+    # a sample exactly on a ball's boundary counts as inside (<=, as in ADM)
+    on_edge = np.vstack([fake_f[4:], [[-1.0, -1.0] + [0.0] * 14]])  # squared distance 2 to (0, 0)
+    precision, _ = M.precision_recall(real_f, np.vstack([on_edge, fake_f[4:] + 5.0]), k=3, batch_size=batch_size)
+    assert precision == pytest.approx(1 / 9)
+
+
+def test_precision_recall_agrees_with_torch_fidelity_and_checks_counts():
+    from torch_fidelity.metric_prc import calculate_precision_recall_full
+
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(60, 8)).astype(np.float32)
+    fake = (rng.normal(size=(45, 8)) * 1.3 + 0.4).astype(np.float32)
+    ours = M.precision_recall(real, fake, k=3, batch_size=7)
+    theirs = calculate_precision_recall_full(torch.from_numpy(fake).double(), torch.from_numpy(real).double(), 3)
+    assert ours == pytest.approx(theirs)
+    assert 0 < ours[0] < 1 and 0 < ours[1] < 1
+    with pytest.raises(ValueError, match="at least 4 sample points"):
+        M.precision_recall(real, fake[:3], k=3)
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+
+
+@pytest.mark.slow
+def test_end_to_end_set_against_itself(sets, weights_file, tmp_path):
+    cache = tmp_path / "cache"
+    r = M.compute_metrics(sets.a_npz, sets.a_npz, inception_weights=weights_file, device="cpu", cache_dir=cache,
+                          batch_size=3, is_splits=2, progress=False)
+    for key in ("fid", "sfid", "inception_score", "precision", "recall"):
+        assert r[key] is not None and np.isfinite(r[key]), key
+    cached = list(cache.glob("ref-*.npz"))
+    assert len(cached) == 1  # reference features cached on disk, plain arrays
+    with np.load(cached[0], allow_pickle=False) as npz:
+        assert npz["pool"].shape == (N_IMAGES, 2048)
+        scale, scale_s = np.trace(npz["sigma"]), np.trace(npz["sigma_s"])
+    assert scale > 1e-2 and scale_s > 1e-2  # the random network gives non-degenerate features
+    assert abs(r["fid"]) < 1e-3 * scale
+    assert abs(r["sfid"]) < 1e-3 * scale_s
+    assert r["precision"] == 1.0 and r["recall"] == 1.0
+    assert r["inception_score"] > 1.0
+    assert r["num_samples"] == r["num_reference_images"] == N_IMAGES
+    assert r["sample_resolution"] == [32, 32]
+    assert r["reference_statistics"] == {"fid": "computed", "sfid": "computed"}
+    assert r["settings"]["inception_weights"] == str(weights_file)
+    json.dumps(r)  # serialisable as is
+
+
+def test_reference_features_are_cached_and_reused(sets, inception, tmp_path, monkeypatch):
+    calls = []
+    real_extract = M.extract_features
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["desc"])
+        return real_extract(*args, **kwargs)
+
+    monkeypatch.setattr(M, "extract_features", spy)
+    kwargs = dict(model=inception, cache_dir=tmp_path, metrics=("is", "pr"), is_splits=2, progress=False,
+                  pr_batch_size=3)
+    first = M.compute_metrics(sets.c_npz, sets.d_npz, **kwargs)
+    assert calls == ["Inception features (reference)", "Inception features (samples)"]
+    assert len(list(tmp_path.glob("ref-*.npz"))) == 1
+    calls.clear()
+    second = M.compute_metrics(sets.c_npz, sets.d_npz, **kwargs)
+    assert calls == ["Inception features (samples)"]  # reference came from the cache
+    assert (second["precision"], second["recall"]) == (first["precision"], first["recall"])
+    assert first["fid"] is None and first["sfid"] is None  # not requested
+
+
+def test_folder_and_npz_inputs_give_the_same_features(sets, inception):
+    folder, npz = M.open_images(sets.c_dir), M.open_images(sets.c_npz)
+    assert isinstance(folder, M.FolderImages) and isinstance(npz, M.NpzImages)
+    np.testing.assert_array_equal(np.concatenate(list(folder.batches(3))), sets.c)
+    np.testing.assert_array_equal(np.concatenate(list(folder.batches(2, num_workers=2))), sets.c)
+    np.testing.assert_array_equal(np.concatenate(list(M.open_images(sets.b_npz).batches(3))), sets.b)
+    f_folder = M.extract_features(folder.batches(3), inception, progress=False)
+    f_npz = M.extract_features(npz.batches(3), inception, progress=False)
+    assert f_npz["pool"].shape == (N_SMALL, 2048)
+    assert f_npz["spatial"].shape == (N_SMALL, 7 * 17 * 17)
+    assert f_npz["logits"].shape == (N_SMALL, 1008)
+    for key in f_npz:
+        np.testing.assert_allclose(f_folder[key], f_npz[key], rtol=1e-5, atol=1e-6)
+    # spatial features = Mixed_6d.branch1x1 output, channels 0..6, flattened in TF's (H, W, C) order
+    seen = {}
+    handle = inception.net.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, o: seen.setdefault("x", o))
+    try:
+        with torch.inference_mode():
+            out = inception(torch.from_numpy(sets.c[:2]).permute(0, 3, 1, 2))
+    finally:
+        handle.remove()
+    expected = seen["x"][:, :7].permute(0, 2, 3, 1).reshape(2, -1)
+    torch.testing.assert_close(out["spatial"], expected)
+    # (CPU convolutions differ in the last bits between batch shapes, hence the tolerance)
+    np.testing.assert_allclose(out["pool"].numpy(), f_npz["pool"][:2], rtol=1e-3, atol=1e-4)
+
+
+def test_agrees_with_torch_fidelity_calculate_metrics(sets, inception, weights_file):
+    import torch_fidelity
+
+    ours = M.compute_metrics(sets.c_dir, sets.d_dir, model=inception, metrics=("is", "pr"), use_cache=False,
+                             is_splits=2, progress=False)
+    theirs = torch_fidelity.calculate_metrics(
+        input1=str(sets.c_dir), input2=str(sets.d_dir), cuda=False, isc=True, prc=True, isc_splits=2,
+        feature_extractor="inception-v3-compat", feature_extractor_weights_path=str(weights_file),
+        samples_shuffle=False, samples_find_deep=True, cache=False, verbose=False, save_cpu_ram=True,
+    )
+    assert ours["inception_score"] == pytest.approx(theirs["inception_score_mean"], rel=1e-5)
+    assert ours["precision"] == pytest.approx(theirs["precision"])
+    assert ours["recall"] == pytest.approx(theirs["recall"])
+
+
+def test_cli_with_statistics_only_reference(sets, inception, weights_file, tmp_path, monkeypatch, capsys):
+    rng = np.random.default_rng(0)
+    stats = {"mu": rng.normal(size=2048), "sigma": np.eye(2048), "mu_s": rng.normal(size=2023),
+             "sigma_s": np.eye(2023)}
+    ref = tmp_path / "ref_stats.npz"
+    np.savez(ref, **stats)
+    seen = []
+
+    def fake_frechet(mu1, sigma1, mu2, sigma2, eps=1e-6):  # the real one is tested above; avoid 2048² sqrtm here
+        seen.append((mu2, sigma2))
+        return 12.345
+
+    monkeypatch.setattr(M, "frechet_distance", fake_frechet)
+    out = tmp_path / "out" / "result.json"
+    with pytest.warns(UserWarning, match="precision/recall skipped"):
+        code = M.evaluate_main([str(sets.c_npz), str(ref), "--output", str(out), "--inception-weights",
+                                str(weights_file), "--device", "cpu", "--batch-size", "5", "--is-splits", "2", "--cache-dir",
+                                str(tmp_path / "cache"), "--compare", "XL-G", "--name", "tiny", "--quiet"])
+    assert code == 0
+    np.testing.assert_array_equal(seen[0][0], stats["mu"])  # the npz's ADM statistics were used
+    np.testing.assert_array_equal(seen[1][0], stats["mu_s"])
+    result = json.loads(out.read_text())
+    assert result["fid"] == result["sfid"] == 12.345
+    assert result["precision"] is None and result["recall"] is None
+    assert np.isfinite(result["inception_score"])
+    assert result["reference_statistics"] == {"fid": "npz", "sfid": "npz"}
+    assert result["num_samples"] == N_SMALL and result["num_reference_images"] is None
+    assert not (tmp_path / "cache").exists()  # nothing to cache without reference images
+    table = capsys.readouterr().out.strip().splitlines()
+    assert table[0] == "| model | FID | sFID | IS | Prec | Rec |"
+    assert table[2].startswith("| tiny | 12.35 | 12.35 | ") and table[2].endswith(" | – | – |")
+    assert table[3] == "| SDT-P-XL/2-G (paper) | 2.25 | 4.59 | 279.85 | 0.83 | 0.58 |"
+    assert table[4] == "| DiT-XL/2-G (paper) | 2.27 | 4.60 | 278.24 | 0.83 | 0.57 |"
+
+
+def test_stored_reference_statistics_take_precedence_over_its_images(sets, inception, tmp_path, monkeypatch):
+    mu = np.full(2048, 0.5)
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, arr_0=sets.c, mu=mu, sigma=np.eye(2048))  # pool stats only: sFID falls back to the images
+    seen = []
+    monkeypatch.setattr(M, "frechet_distance", lambda m1, s1, m2, s2: seen.append(m2) or 1.0)
+    r = M.compute_metrics(sets.c_npz, ref, model=inception, metrics=("fid", "sfid", "pr"), use_cache=False,
+                          progress=False)
+    np.testing.assert_array_equal(seen[0], mu)
+    assert seen[1].shape == (2023,)
+    assert r["reference_statistics"] == {"fid": "npz", "sfid": "computed"}
+    assert r["precision"] == r["recall"] == 1.0  # arr_0 still serves precision/recall
+
+
+def test_markdown_table_compare_rows():
+    table = M.format_markdown_table({"fid": 20.0}, "mine", compare="B").splitlines()
+    assert table[2] == "| mine | 20.00 | – | – | – | – |"
+    assert table[3] == "| SDT-P-B/2 (paper, 400K) | 37.47 | – | – | – | – |"
+    assert table[4] == "| DiT-B/2 (paper, 400K) | 43.47 | – | – | – | – |"
+    with pytest.raises(ValueError, match="compare"):
+        M.format_markdown_table({}, "mine", compare="XXL")
+
+
+# ------------------------------------------------------------------------------------------------ bad inputs
+
+
+def _npz(tmp_path: Path, name: str, **arrays) -> Path:
+    path = tmp_path / name
+    np.savez(path, **arrays)
+    return path
+
+
+def test_bad_inputs_are_rejected_with_the_file_name(sets, tmp_path):
+    imgs = make_images(6, seed=3)
+    cases = [
+        (_npz(tmp_path, "float.npz", arr_0=imgs.astype(np.float32) / 127.5 - 1), r"uint8.*values in \[-1, 1\]"),
+        (_npz(tmp_path, "nchw.npz", arr_0=imgs.transpose(0, 3, 1, 2).copy()), "channels-first"),
+        (_npz(tmp_path, "gray.npz", arr_0=imgs[..., 0]), "N×H×W×3"),
+        (_npz(tmp_path, "noarr.npz", labels=np.arange(3)), "no 'arr_0'"),
+        (tmp_path / "samples.txt", "unsupported"),
+    ]
+    (tmp_path / "samples.txt").write_text("hello")
+    for path, message in cases:
+        with pytest.raises(M.EvaluationInputError, match=message) as info:
+            M.open_images(path, role="samples")
+        assert str(path) in str(info.value)
+
+    mixed = write_folder(imgs, tmp_path / "mixed")
+    Image.fromarray(make_images(1, seed=4, size=48)[0]).save(mixed / "sub" / "zzz.png")
+    with pytest.raises(M.EvaluationInputError, match="differs from") as info:
+        M.open_images(mixed)
+    assert "zzz.png" in str(info.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(M.EvaluationInputError, match="no .png"):
+        M.open_images(tmp_path / "empty")
+    deep = tmp_path / "sixteen"
+    deep.mkdir()
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint16)).save(deep / "a.png")
+    with pytest.raises(M.EvaluationInputError, match="not 8-bit"):
+        M.open_images(deep)
+
+    missing = tmp_path / "VIRTUAL_imagenet256_labeled.npz"
+    with pytest.raises(FileNotFoundError, match="VIRTUAL_imagenet256_labeled.npz"):
+        M.compute_metrics(sets.a_npz, missing, progress=False)
+    with pytest.raises(ValueError, match="does not exist"):  # also a ValueError
+        M.compute_metrics(sets.a_npz, missing, progress=False)
+    bad_stats = _npz(tmp_path, "bad_stats.npz", mu=np.zeros(10), sigma=np.eye(10))
+    with pytest.raises(M.EvaluationInputError, match="expected \\(2048,\\)"):
+        M.compute_metrics(sets.a_npz, bad_stats, progress=False)
+    three = _npz(tmp_path, "three.npz", arr_0=imgs[:3])
+    with pytest.raises(M.EvaluationInputError, match="needs at least 4 samples") as info:
+        M.compute_metrics(three, sets.a_npz, metrics=("pr",), progress=False)  # fails before any model is built
+    assert "three.npz" in str(info.value)
+
+
+def test_cli_reports_bad_input_without_traceback(sets, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        M.evaluate_main([str(sets.a_npz), str(tmp_path / "nope.npz"), "--quiet"])
+    assert info.value.code == 2
+    assert "nope.npz" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        M.evaluate_main([str(sets.a_npz), str(sets.a_npz), "--metrics", "fid,kid"])
+
+
+def test_weights_are_never_unpickled(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.mkdir, (str(marker),))
+
+    evil = tmp_path / "evil.pth"
+    torch.save({"Conv2d_1a_3x3.conv.weight": Exploit()}, evil)
+    with pytest.raises(M.EvaluationInputError, match="evil.pth"):
+        M.load_inception(evil)
+    assert not marker.exists()
+    with pytest.raises(FileNotFoundError):
+        M.load_inception(tmp_path / "missing.pth")
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"fc.weight": torch.zeros(3)}, wrong)
+    with pytest.raises(M.EvaluationInputError, match="wrong.pth"):
+        M.load_inception(wrong)
+
+
+def test_default_weights_come_from_torch_fidelity_url_without_unpickling(weights_file, inception, monkeypatch):
+    seen = {}
+
+    def fake_hub(url, **kwargs):  # stands in for the (blocked) download
+        seen.update(kwargs, url=url)
+        return torch.load(weights_file, weights_only=True)
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", fake_hub)
+    model = M.load_inception(None, "cpu")
+    assert seen["url"].endswith("/weights-inception-2015-12-05-6726825d.pth")
+    assert seen["weights_only"] is True and seen["check_hash"] is True
+    assert model.weights_source == seen["url"]
+    assert model.weights_id == inception.weights_id  # the cache key uses the weights' content, not their path
