@@ -149,7 +149,9 @@ def test_guidance_matches_reference_and_scale_one_is_conditional_model():
     ref_cond = reference_sample(pipe, labels, 1.0, STEPS, seed=3)
     for scale in (1.0, 0.5, 0.0):  # <= 1 runs the conditional model alone (DiT's convention)
         out = run(pipe, labels, seed=3, guidance_scale=scale, output_type="latent")
-        torch.testing.assert_close(out, ref_cond, rtol=0, atol=0)
+        # equal up to float32 rounding (multi-threaded CPU kernels may order sums differently between calls),
+        # amplified by the first step's 1/sqrt(alpha_bar_999) ~ 158
+        torch.testing.assert_close(out, ref_cond, rtol=1e-4, atol=1e-4)
     guided = run(pipe, labels, seed=3, guidance_scale=4.0, output_type="latent")
     # the pipeline batches [cond; uncond] in one forward, the reference does two: float32 last-bit differences,
     # amplified by the first DDIM step's 1/sqrt(alpha_bar_999) ~ 158 (see the batch-consistency test)
