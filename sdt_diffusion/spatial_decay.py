@@ -17,11 +17,18 @@ mode               bias M[i, j]                                             func
 ``decomposed``     row then column attention with 1D decays   (eq. 11-12)  :func:`decomposed_attention`
 ``cdsf``           -|1/2 (G_i + G_j) d(i, j) alpha|           (eq. 7-9)     :func:`spatial_decay_bias`
 =================  ======================================================  ==========
+
+Fused forms (no L x L tensor, used by the ``augmented`` and ``flex`` backends): the exact low-rank
+identity ``d(i, j) = K - 1/2 V_i . V_j`` (:func:`threshold_codes`) writes CDSF and the fixed decay as a
+dot product of extra query and key dims (:func:`decay_query_features`, :func:`decay_key_features`,
+:func:`fixed_query_features`, :func:`fixed_key_features`); the ``*_score_mod`` functions compute the
+bias per (query, key) index pair inside FlexAttention.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -97,6 +104,11 @@ def _prefix_sums(gates: Tensor) -> tuple[Tensor, Tensor]:
     return inclusive - g, inclusive
 
 
+def gate_prefix_sums(gates: Tensor) -> tuple[Tensor, Tensor]:
+    """Exclusive and inclusive prefix sums ``E_i = sum_{k<i} g_k``, ``I_i = sum_{k<=i} g_k`` of (B, L, N) gates, as (B, N, L)."""
+    return _prefix_sums(gates)
+
+
 def raster_decay_bias(gates: Tensor) -> Tensor:
     """1D decay in raster order, eq. 6 made symmetric.
 
@@ -129,6 +141,133 @@ def axial_decay_bias(gate_logits: Tensor) -> Tensor:
     g = F.logsigmoid(upcast(gate_logits)).abs().transpose(-1, -2)  # (..., N, n)
     exclusive = g.cumsum(-1) - g
     return -(exclusive[..., :, None] - exclusive[..., None, :]).abs()
+
+
+# ----------------------------------------------------------------------------- exact low-rank decay
+# Identity (REFERENCE §1, re-centred): for integers x, y in [0, n) and the threshold codes
+# v_t(x) = 2 * 1[x < t] - 1 in {-1, +1}, t = 1 .. n-1,
+#     |x - y| = sum_t (u_t(x) - u_t(y))^2 = sum_t 1/2 (1 - v_t(x) v_t(y)),   u_t = (1 + v_t) / 2,
+# so with V_i = [v(h_i), v(w_i)] (T = H + W - 2 entries) and K = T / 2:
+#     d(i, j) = K - 1/2 V_i . V_j                                               (eq. 7, rank T + 1)
+# A decay M[i, j] = (a_i + a_j) d(i, j) with per-token rates a (CDSF: a = alpha/2 * G, eq. 8-9, since
+# G <= 0 and d >= 0 remove the |.|) is then, up to the term a_i K that depends on i only and cancels
+# in the row softmax,
+#     M[i, j] = a_j K - 1/2 a_j V_i . V_j - 1/2 a_i V_i . V_j = [K, -1/2 V_i, -1/2 a_i V_i] . [a_j, a_j V_j, V_j],
+# a dot product of a query-side and a key-side vector: appended to Q and K they turn the biased
+# attention into plain attention.  Every feature is K, +-1/2, +-a or +-a/2: once the rates a are rounded
+# to a low precision, all products are exact, so bf16 perturbs only the rates (as rounding the dense
+# bias to bf16 does), never the cancellation between the terms (docs/performance.md).
+
+
+def threshold_codes(height: int, width: int, device: torch.device | str | None = None,
+                    dtype: torch.dtype = torch.float32) -> Tensor:
+    """``V_i = [v_1(h_i) .. v_{H-1}(h_i), v_1(w_i) .. v_{W-1}(w_i)]``, ``v_t(x) = 2*1[x < t] - 1``.
+
+    Shape (L, H + W - 2), entries +-1, such that ``d(i, j) = (H + W - 2)/2 - 1/2 V_i . V_j`` (eq. 7).
+    """
+    pos = grid_coordinates(height, width, device)
+    rows = pos[:, :1] < torch.arange(1, height, device=device)  # u_t(h_i), t = 1 .. H-1
+    cols = pos[:, 1:] < torch.arange(1, width, device=device)  # u_t(w_i), t = 1 .. W-1
+    return torch.cat([rows, cols], dim=-1).to(dtype) * 2 - 1
+
+
+def cdsf_rates(gates: Tensor, alpha: float = 0.1) -> Tensor:
+    """Per-token decay rates ``a_i = alpha/2 * G_i`` of CDSF: ``M[i, j] = (a_i + a_j) d(i, j)`` (eq. 8-9, G <= 0)."""
+    return 0.5 * alpha * gates
+
+
+def decay_query_features(rates: Tensor, codes: Tensor) -> Tensor:
+    """Query side ``[K, -1/2 V_i, -1/2 a_i V_i]`` of ``M[i, j] = (a_i + a_j) d(i, j)`` (identity above).
+
+    Args:
+        rates: a (..., L), e.g. (B, N, L); the features take its dtype.
+        codes: V from :func:`threshold_codes`, (L, T).
+
+    Returns:
+        (..., L, 1 + 2T); its dot product with :func:`decay_key_features` of the same rates is M up to
+        a term that depends on i only.
+    """
+    a = rates[..., None]
+    v = codes.to(rates.dtype).expand(*rates.shape, codes.shape[-1])
+    half_t = torch.full_like(a, 0.5 * codes.shape[-1])
+    return torch.cat([half_t, -0.5 * v, -0.5 * a * v], dim=-1)
+
+
+def decay_key_features(rates: Tensor, codes: Tensor) -> Tensor:
+    """Key side ``[a_j, a_j V_j, V_j]`` of ``M[i, j] = (a_i + a_j) d(i, j)`` (see :func:`decay_query_features`).
+
+    rates: a (..., L); codes: V (L, T).  Returns (..., L, 1 + 2T).
+    """
+    a = rates[..., None]
+    v = codes.to(rates.dtype).expand(*rates.shape, codes.shape[-1])
+    return torch.cat([a, a * v, v], dim=-1)
+
+
+def fixed_query_features(rates: Tensor, codes: Tensor) -> Tensor:
+    """Query side ``-1/2 c_h V_i`` of a fixed decay ``M[i, j] = c_h d(i, j)`` (RMT: ``c_h = log gamma_h``), (N, L, T).
+
+    ``c_h d(i, j) = c_h K - 1/2 c_h V_i . V_j``; the first term is constant per head and cancels in the
+    softmax, the second is this vector dotted with :func:`fixed_key_features`.  rates: c (N,).
+    """
+    return -0.5 * rates[:, None, None] * codes.to(rates.dtype)
+
+
+def fixed_key_features(codes: Tensor) -> Tensor:
+    """Key side ``V_j`` of a fixed decay, shape (L, T) (see :func:`fixed_query_features`)."""
+    return codes
+
+
+# ----------------------------------------------------------------------------- score modifications
+# FlexAttention form: the bias is computed per (query, key) pair inside the kernel from token
+# indices, so nothing of size L x L is stored.  Each ``*_score_mod`` returns a function
+# ``(score, b, h, q_idx, kv_idx) -> score + M[b, h, q_idx, kv_idx]``.  A captured tensor is read
+# once per score_mod (REFERENCE §5), hence the separate query-side and key-side tensors.
+ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
+
+
+def index_manhattan_distance(q_idx: Tensor, kv_idx: Tensor, width: int) -> Tensor:
+    """``d(i, j) = |h_i - h_j| + |w_i - w_j|`` (eq. 7) from row-major token indices."""
+    return (q_idx // width - kv_idx // width).abs() + (q_idx % width - kv_idx % width).abs()
+
+
+def cdsf_score_mod(gates_q: Tensor, gates_k: Tensor, width: int, alpha: float = 0.1) -> ScoreMod:
+    """CDSF (eq. 8-9): ``score - |1/2 (G_i + G_j) d(i, j) alpha|``; gates_q, gates_k: G as (B, N, L), equal values."""
+
+    def score_mod(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        dist = index_manhattan_distance(q_idx, kv_idx, width)
+        return score - (0.5 * alpha * (gates_q[b, h, q_idx] + gates_k[b, h, kv_idx]) * dist).abs()
+
+    return score_mod
+
+
+def fixed_score_mod(log_gamma: Tensor, width: int) -> ScoreMod:
+    """RMT's fixed decay: ``score + d(i, j) log(gamma_h)``; log_gamma: (N,)."""
+
+    def score_mod(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return score + index_manhattan_distance(q_idx, kv_idx, width) * log_gamma[h]
+
+    return score_mod
+
+
+def prefix_score_mod(prefix_q: Tensor, prefix_k: Tensor) -> ScoreMod:
+    """1D decay (eq. 6, symmetric): ``score - |C_i - C_j|`` with C a prefix sum of the gates, (B, N, L)."""
+
+    def score_mod(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return score - (prefix_q[b, h, q_idx] - prefix_k[b, h, kv_idx]).abs()
+
+    return score_mod
+
+
+def bidirectional_score_mod(exclusive_q: Tensor, exclusive_k: Tensor, inclusive_q: Tensor,
+                            inclusive_k: Tensor) -> ScoreMod:
+    """Bidirectional 1D decay: ``score - 1/2 (|E_i - E_j| + |I_i - I_j|)``, E/I exclusive/inclusive prefix sums."""
+
+    def score_mod(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        forward = (exclusive_q[b, h, q_idx] - exclusive_k[b, h, kv_idx]).abs()
+        backward = (inclusive_q[b, h, q_idx] - inclusive_k[b, h, kv_idx]).abs()
+        return score - 0.5 * (forward + backward)
+
+    return score_mod
 
 
 # ----------------------------------------------------------------------------- attention
@@ -199,6 +338,24 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 
+def rope_tables(angles: Tensor) -> tuple[Tensor, Tensor]:
+    """Full-width tables ``([cos, cos], [-sin, sin])``, each (L, d), of :func:`rope_2d_angles` for :func:`apply_rope_tables`."""
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
+
+
+def apply_rope_tables(x: Tensor, cos_full: Tensor, sin_signed: Tensor) -> Tensor:
+    """R(x) of :func:`apply_rope` with two products instead of four (eq. 13).
+
+    ``R(x) = x * [cos, cos] + [x2, x1] * [-sin, sin]`` for ``x = [x1, x2]``; since IEEE negation is exact
+    and ``a + (-b) = a - b``, the result is bitwise that of :func:`apply_rope`.  x: (..., d); tables from
+    :func:`rope_tables`, broadcastable to x.
+    """
+    x_up = upcast(x)
+    x1, x2 = x_up.chunk(2, dim=-1)
+    return (x_up * cos_full + torch.cat([x2, x1], dim=-1) * sin_signed).to(x.dtype)
+
+
 def local_position_encoding(v: Tensor, conv: torch.nn.Conv2d, height: int, width: int) -> Tensor:
     """LPE(V): a depthwise convolution over V laid out on the 2D grid (eq. 13).
 
@@ -207,6 +364,18 @@ def local_position_encoding(v: Tensor, conv: torch.nn.Conv2d, height: int, width
     b, n, seq, d = v.shape
     grid = v.permute(0, 1, 3, 2).reshape(b, n * d, height, width)
     return conv(grid).reshape(b, n, d, seq).permute(0, 1, 3, 2)
+
+
+def local_position_encoding_tokens(v: Tensor, conv: torch.nn.Conv2d, height: int, width: int) -> Tensor:
+    """LPE(V) of :func:`local_position_encoding` for token-major V (B, L, C) -> (B, L, C), C = heads * d.
+
+    The convolution runs in channels-last layout, which is V's own (token, channel) order: no transposes
+    around it, and the depthwise kernels are faster in that layout on CPU.
+    """
+    b, seq, channels = v.shape
+    grid = v.reshape(b, height, width, channels).permute(0, 3, 1, 2)  # (B, C, H, W) view
+    grid = grid.contiguous(memory_format=torch.channels_last)
+    return conv(grid).permute(0, 2, 3, 1).reshape(b, seq, channels)
 
 
 def spatial_decay_output(attn: Tensor, lpe: Tensor, gate_u: Tensor) -> Tensor:

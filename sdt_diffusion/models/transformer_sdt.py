@@ -98,9 +98,12 @@ class SpatialDecayAttention(nn.Module):
         self.gate_up = nn.Linear(gate_rank, dim, bias=False)  # W_u2
         self.proj = nn.Linear(dim, dim)
 
-    def decay_inputs(self, x: Tensor, height: int, width: int) -> DecayInputs:
-        """Gates and constants the decay variant needs for input ``x`` (B, L, D)."""
-        decay = DecayInputs(self.decay_mode, height, width, self.alpha, log_gamma=self.log_gamma)
+    def decay_inputs(self, x: Tensor, height: int, width: int, codes: Tensor | None = None) -> DecayInputs:
+        """Gates and constants the decay variant needs for input ``x`` (B, L, D).
+
+        ``codes``: the grid's ``threshold_codes`` when already computed (the fused backend needs them).
+        """
+        decay = DecayInputs(self.decay_mode, height, width, self.alpha, log_gamma=self.log_gamma, codes=codes)
         if self.decay_mode == "decomposed":
             decay.gate_logits_h, decay.gate_logits_w = self.gate(x).float().chunk(2, dim=-1)
         elif self.gate is not None:
@@ -108,18 +111,29 @@ class SpatialDecayAttention(nn.Module):
         return decay
 
     def forward(
-        self, x: Tensor, height: int, width: int, rope: tuple[Tensor, Tensor] | None, backend
+        self, x: Tensor, height: int, width: int, rope: tuple[Tensor, Tensor] | None, backend,
+        codes: Tensor | None = None,
     ) -> Tensor:
+        """Spatial Decay Attention of tokens ``x`` (B, L, D) on an ``height`` x ``width`` grid (eq. 4-13).
+
+        Args:
+            rope: ``spatial_decay.rope_tables`` (cos, sin), each (L, d), or None for no RoPE.
+            backend: an attention backend ``(q, k, v, decay) -> out``.
+            codes: optional ``spatial_decay.threshold_codes`` of the grid, shared by all layers.
+        """
         b, seq, dim = x.shape
-        qkv = self.qkv(x).reshape(b, seq, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # (B, N, L, d)
-        if self.use_rope and rope is not None:
-            q, k = eq.apply_rope(q, *rope), eq.apply_rope(k, *rope)
-        attn = backend(q, k, v, self.decay_inputs(x, height, width))
-        lpe = eq.local_position_encoding(v, self.lpe, height, width)
+        qkv = self.qkv(x).reshape(b, seq, 3, self.num_heads, self.head_dim)  # token-major (B, L, 3, N, d)
+        qk = qkv[:, :, :2]
+        if self.use_rope and rope is not None:  # R(Q), R(K) together (eq. 13)
+            cos, sin = rope
+            qk = eq.apply_rope_tables(qk, cos[:, None, None], sin[:, None, None])
+        q, k = qk.permute(2, 0, 3, 1, 4).unbind(0)  # (B, N, L, d) each
+        v_tokens = qkv[:, :, 2]  # (B, L, N, d)
+        attn = backend(q, k, v_tokens.transpose(1, 2), self.decay_inputs(x, height, width, codes))
+        lpe = eq.local_position_encoding_tokens(v_tokens.reshape(b, seq, dim), self.lpe, height, width)
         gate_u = self.gate_up(torch.sigmoid(self.gate_down(x)))  # U = sigma(X W_u1) W_u2
-        out = eq.spatial_decay_output(attn, lpe, gate_u.reshape(b, seq, self.num_heads, self.head_dim).transpose(1, 2))
-        return self.proj(out.transpose(1, 2).reshape(b, seq, dim))
+        out = eq.spatial_decay_output(attn.transpose(1, 2).reshape(b, seq, dim), lpe, gate_u)  # (B, L, D)
+        return self.proj(out)
 
 
 class SDTBlock(nn.Module):
@@ -134,9 +148,12 @@ class SDTBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x: Tensor, c: Tensor, height: int, width: int, rope, backend) -> Tensor:
+    def forward(
+        self, x: Tensor, c: Tensor, height: int, width: int, rope, backend, codes: Tensor | None = None
+    ) -> Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
-        x = x + gate_msa[:, None] * self.attn(_modulate(self.norm1(x), shift_msa, scale_msa), height, width, rope, backend)
+        attn = self.attn(_modulate(self.norm1(x), shift_msa, scale_msa), height, width, rope, backend, codes)
+        x = x + gate_msa[:, None] * attn
         return x + gate_mlp[:, None] * self.mlp(_modulate(self.norm2(x), shift_mlp, scale_mlp))
 
 
@@ -357,17 +374,19 @@ class SDTTransformer2DModel(ModelMixin, ConfigMixin):
                 )
             x = x + self.pos_embed.to(x.dtype)
         c = self.emb(timestep, class_labels, x.dtype, force_drop_ids)
+        # Computed once here rather than in every layer: RoPE tables and the grid's threshold codes.
         rope = None
         if self.config.use_rope:
             angles = eq.rope_2d_angles(gh, gw, self.config.attention_head_dim, self.config.rope_base, x.device)
-            rope = (angles.cos(), angles.sin())
+            rope = eq.rope_tables(angles)
+        codes = eq.threshold_codes(gh, gw, x.device) if self.config.decay_mode in ("cdsf", "fixed") else None
         backend = resolve_backend(self.config.attention_backend, x.device, self.config.decay_mode)
 
         for block in self.blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:
-                x = self._gradient_checkpointing_func(block, x, c, gh, gw, rope, backend)
+                x = self._gradient_checkpointing_func(block, x, c, gh, gw, rope, backend, codes)
             else:
-                x = block(x, c, gh, gw, rope, backend)
+                x = block(x, c, gh, gw, rope, backend, codes)
 
         x = self.final_layer(x, c)  # (B, L, p*p*C_out)
         x = x.reshape(b, gh, gw, p, p, self.out_channels)

@@ -1,0 +1,127 @@
+"""SDT-P against diffusers' DiT of the same size: training step, sampling throughput, attention alone, MFU.
+
+One run measures everything and prints a table last; ``--output`` also gets a JSON file with the
+device, date, torch version and git commit.  Definitions: ``sdt_diffusion/benchmarking.py``.
+
+    # GPU (bf16 autocast): S/2 .. XL/2 at batch 32, sampling batch 64 x 250 steps
+    python benchmarks/benchmark.py --output benchmarks/results_h100.json
+    # CPU (float32): S/2 at batch 8
+    python benchmarks/benchmark.py --device cpu --sizes S --batch 8 --sample-batch 4 --output cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+from sdt_diffusion import benchmarking as bm
+from sdt_diffusion.attention_backends import auto_backend_name
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", help="cuda, cpu or auto (cuda when available)")
+    p.add_argument("--sizes", nargs="+", default=None, choices=list(bm.MODEL_SIZES),
+                   help="model sizes (default: S B L XL on CUDA, S on CPU)")
+    p.add_argument("--patch-size", type=int, default=2)
+    p.add_argument("--batch", type=int, default=None, help="training batch (default 32 on CUDA, 8 on CPU)")
+    p.add_argument("--sample-batch", type=int, default=None,
+                   help="images per guided sampling step; the model sees twice as many (default 64 CUDA, 4 CPU)")
+    p.add_argument("--sample-steps", type=int, default=250, help="DDPM steps the images/s figure assumes")
+    p.add_argument("--attn-tokens", type=int, nargs="*", default=[256, 1024],
+                   help="token counts (square grids) for the attention-alone benchmark; none to skip")
+    p.add_argument("--attn-batch", type=int, default=None, help="batch of the attention benchmark (default: --batch)")
+    p.add_argument("--attn-size", default=None, choices=list(bm.MODEL_SIZES),
+                   help="heads and head width of the attention benchmark (default: the largest of --sizes)")
+    p.add_argument("--attn-backends", nargs="+", default=None,
+                   help="backends to time against SDPA without bias (default: sdpa augmented flex math)")
+    p.add_argument("--backend", default="auto", help="SDT's attention_backend for the model benchmarks")
+    p.add_argument("--decay-mode", default="cdsf")
+    p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 3 CUDA, 1 CPU)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs, median reported (default 10 CUDA, 5 CPU)")
+    p.add_argument("--peak-tflops", type=float, default=bm.H100_BF16_DENSE_TFLOPS,
+                   help="dense bf16 peak for MFU (H100/H200 SXM: 989); MFU is reported on CUDA only")
+    p.add_argument("--skip-train", action="store_true")
+    p.add_argument("--skip-sample", action="store_true")
+    p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--output", default=None, help="JSON file for all results")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    name = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.set_float32_matmul_precision("high")  # TF32 for the float32 leftovers, as DiT trains
+    sizes = args.sizes or (["S", "B", "L", "XL"] if cuda else ["S"])
+    batch = args.batch or (32 if cuda else 8)
+    sample_batch = args.sample_batch or (64 if cuda else 4)
+    warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
+    repeats = args.repeats or (10 if cuda else 5)
+    attn_size = args.attn_size or max(sizes, key=lambda s: bm.MODEL_SIZES[s][1])
+    attn_backends = args.attn_backends or ["sdpa", "augmented", "flex", "math"]
+
+    results: dict = {
+        "env": bm.environment(device),
+        "command": "python " + " ".join(sys.argv),
+        "settings": {**vars(args), "sizes": sizes, "batch": batch, "sample_batch": sample_batch, "warmup": warmup,
+                     "repeats": repeats, "attn_size": attn_size,
+                     "sdt_backend_resolved": args.backend if args.backend != "auto"
+                     else auto_backend_name(device, args.decay_mode)},
+        "train": [], "sample": [], "attention": [],
+    }
+    results["errors"] = []
+    for size in sizes:
+        if not args.skip_train:
+            print(f"[train] {size}/{args.patch_size} batch {batch}", flush=True)
+            try:
+                results["train"].append(bm.benchmark_training(
+                    size, batch, device, warmup, repeats, args.backend, args.decay_mode, args.patch_size,
+                    measure_memory=not args.skip_memory, peak_tflops=args.peak_tflops if cuda else None))
+            except Exception as err:  # e.g. out of memory: keep the other sizes
+                results["errors"].append(f"train {size}: {type(err).__name__}: {err}")
+        if not args.skip_sample:
+            print(f"[sample] {size}/{args.patch_size} batch {sample_batch} x2", flush=True)
+            try:
+                results["sample"].append(bm.benchmark_sampling(
+                    size, sample_batch, args.sample_steps, device, warmup, repeats, args.backend, args.decay_mode,
+                    args.patch_size))
+            except Exception as err:
+                results["errors"].append(f"sample {size}: {type(err).__name__}: {err}")
+        if cuda:
+            torch.cuda.empty_cache()
+    shape = bm.model_shape(attn_size)
+    for tokens in args.attn_tokens:
+        print(f"[attention] {tokens} tokens, {attn_size} heads", flush=True)
+        results["attention"] += bm.benchmark_attention(
+            tokens, args.attn_batch or batch, shape["num_attention_heads"], shape["attention_head_dim"], device,
+            attn_backends, warmup, repeats, args.decay_mode)
+
+    if hasattr(os, "getloadavg"):
+        results["env"]["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
+    results = bm.as_json(results)
+    table = bm.format_tables(results)
+    results["table"] = table
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(results, f, indent=2)
+    env = results["env"]
+    print(f"\n{env['device']} | {env['date_utc']} | torch {env['torch']} | commit {env['git_commit']} | "
+          f"SDT backend {results['settings']['sdt_backend_resolved']}")
+    print(table)
+    for err in results["errors"]:
+        print("ERROR", err)
+    return results
+
+
+if __name__ == "__main__":
+    main()
