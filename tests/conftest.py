@@ -37,6 +37,13 @@ def make_tiny_vae(seed: int = 0):
     ).eval()
 
 
+def forward_backward(model, x, t, y):
+    """The output of ``model`` and every parameter's gradient of ``mean(out**2)``."""
+    out = model(x, t, y).sample
+    out.square().mean().backward()
+    return out, {n: p.grad for n, p in model.named_parameters()}
+
+
 @pytest.fixture
 def tiny_transformer() -> SDTTransformer2DModel:
     return make_tiny_transformer()

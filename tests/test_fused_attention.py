@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import forward_backward
 
 from sdt_diffusion import SDTTransformer2DModel
 from sdt_diffusion import spatial_decay as eq
@@ -243,12 +244,7 @@ def model_inputs(batch: int, height: int, width: int, seed: int = 0):
 def test_model_augmented_equals_math_every_parameter_gradient(mode, latent_hw, overrides):
     ref, fast = randomised_pair("augmented", decay_mode=mode, **overrides)
     x, t, y = model_inputs(2, *latent_hw)
-    outs, grads = [], []
-    for model in (ref, fast):
-        out = model(x, t, y).sample
-        out.square().mean().backward()
-        outs.append(out)
-        grads.append({n: p.grad for n, p in model.named_parameters()})
+    outs, grads = zip(*(forward_backward(model, x, t, y) for model in (ref, fast)))
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-10, atol=1e-12)
     for name, g in grads[0].items():
         assert g is not None, name

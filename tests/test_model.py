@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from accelerate import init_empty_weights
+from conftest import forward_backward
 
 from sdt_diffusion import DECAY_MODES, PRESETS, SDTTransformer2DModel, count_parameters
 
@@ -78,12 +79,7 @@ def test_sdpa_equals_math_outputs_and_all_gradients(mode):
     fast = tiny(decay_mode=mode, attention_backend="sdpa").double()
     fast.load_state_dict(ref.state_dict())
     x, t, y = inputs(dtype=torch.float64)
-    outs, grads = [], []
-    for model in (ref, fast):
-        out = model(x, t, y).sample
-        out.square().mean().backward()
-        outs.append(out)
-        grads.append({n: p.grad for n, p in model.named_parameters()})
+    outs, grads = zip(*(forward_backward(model, x, t, y) for model in (ref, fast)))
     torch.testing.assert_close(outs[0], outs[1])
     for name, g in grads[0].items():
         assert g is not None, name
