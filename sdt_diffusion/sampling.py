@@ -106,12 +106,16 @@ def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
 
 
 def _chunk_done(path: Path, size: int) -> bool:
-    """A chunk file counts when it loads and holds ``size`` images (a torn file is redone)."""
+    """A chunk file counts when it opens and lists ``size`` indices.
+
+    Chunks are written to a temporary name and renamed, so reading the small ``indices`` array is
+    enough; the images are not read here (at 50K samples that would be gigabytes per process).
+    """
     if not path.exists():
         return False
     try:
         with np.load(path) as z:
-            return z["images"].shape[0] == size and z["indices"].shape[0] == size
+            return "images" in z.files and z["indices"].shape[0] == size
     except Exception:
         return False
 
@@ -185,8 +189,9 @@ def run(args: argparse.Namespace) -> Path | None:
     num_chunks = -(-args.num_samples // batch)
     sizes = [min(batch, args.num_samples - c * batch) for c in range(num_chunks)]
     mine = [c for c in range(state.process_index, num_chunks, state.num_processes)]
-    todo = [c for c in mine if not _chunk_done(chunk_path(output, c), sizes[c])]
-    done_before = sum(sizes[c] for c in range(num_chunks) if _chunk_done(chunk_path(output, c), sizes[c]))
+    done = {c for c in range(num_chunks) if _chunk_done(chunk_path(output, c), sizes[c])}
+    todo = [c for c in mine if c not in done]
+    done_before = sum(sizes[c] for c in done)
     stop_after = int(os.environ.get("SDT_DEBUG_STOP_AFTER_CHUNKS", "0"))  # test hook: simulate a crash
 
     bar = tqdm(total=args.num_samples, initial=done_before, unit="img", desc="sampling",
@@ -224,6 +229,8 @@ def assemble(output: Path, num_chunks: int, sizes: list[int], labels: np.ndarray
         if not _chunk_done(path, sizes[c]):
             raise RuntimeError(f"chunk {c} is missing or torn ({path}); run the same command again to finish it")
         with np.load(path) as z:
+            if z["images"].shape[0] != sizes[c]:
+                raise RuntimeError(f"chunk {c} ({path}) holds {z['images'].shape[0]} images, expected {sizes[c]}")
             parts.append(z["images"])
             seen.append(z["indices"])
     indices = np.concatenate(seen)
