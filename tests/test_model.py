@@ -220,6 +220,24 @@ def test_input_checks_name_the_problem():
         tiny(attention_head_dim=6)
 
 
+def test_set_attention_backend_switches_and_saves(tmp_path):
+    model = tiny(attention_backend="math").eval()
+    randomise_zero_init(model)
+    x, t, y = inputs()
+    with torch.no_grad():
+        ref = model(x, t, y).sample
+        model.set_attention_backend("augmented")
+        assert model.config.attention_backend == "augmented"
+        assert ref.abs().mean() > 0.1
+        torch.testing.assert_close(model(x, t, y).sample, ref, atol=1e-5, rtol=1e-4)
+    model.save_pretrained(tmp_path)
+    assert SDTTransformer2DModel.from_pretrained(tmp_path).config.attention_backend == "augmented"
+    model.reset_attention_backend()
+    assert model.config.attention_backend == "auto"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        model.set_attention_backend("flash")  # a diffusers processor name, not one of ours
+
+
 # ---------------------------------------------------------------------------------------------- learning
 def test_tiny_model_overfits_a_handful_of_latents():
     model = tiny(num_attention_heads=4, attention_head_dim=16, learn_sigma=False, class_dropout_prob=0.0)

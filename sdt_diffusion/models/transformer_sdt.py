@@ -280,6 +280,21 @@ class SDTTransformer2DModel(ModelMixin, ConfigMixin):
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
+    def set_attention_backend(self, backend: str) -> None:
+        """Switch the spatial-decay attention backend (``"auto"``, ``"math"``, ``"sdpa"``, ``"augmented"``,
+        ``"flex"`` or a registered one); the choice is stored in the config, so it is saved with the model.
+
+        Overrides diffusers' ``ModelMixin.set_attention_backend``, whose backend names (``"native"``,
+        ``"flash"``, ...) address diffusers' own attention processors, which this model does not use.
+        """
+        if backend not in available_backends():
+            raise ValueError(f"backend must be one of {available_backends()}, got {backend!r}")
+        self.register_to_config(attention_backend=backend)
+
+    def reset_attention_backend(self) -> None:
+        """Back to ``attention_backend="auto"``."""
+        self.set_attention_backend("auto")
+
     def _init_weights(self) -> None:
         """DiT's initialisation: xavier linears, zero-initialised adaLN modulation and final layer."""
         for module in self.modules():

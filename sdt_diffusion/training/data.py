@@ -60,7 +60,7 @@ def center_crop_arr(image: Image.Image, size: int) -> np.ndarray:
 
 def pil_to_tensor(arr: np.ndarray) -> torch.Tensor:
     """uint8 ``(H, W, 3)`` → float ``(3, H, W)`` in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float().div(127.5).sub(1.0)
+    return torch.from_numpy(np.array(arr, dtype=np.uint8)).permute(2, 0, 1).float().div(127.5).sub(1.0)  # a writable copy
 
 
 def _open_image(value: Any, where: str) -> Image.Image:
