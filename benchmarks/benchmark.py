@@ -16,10 +16,10 @@ import json
 import os
 import sys
 
+import harness as bm
 import torch
 
-from sdt_diffusion import benchmarking as bm
-from sdt_diffusion.attention_backends import auto_backend_name
+from sdt_diffusion.attention.backends import auto_backend_name
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -18,8 +18,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from sdt_diffusion import spatial_decay as eq
-from sdt_diffusion.attention_backends import ATTENTION_BACKENDS, DecayInputs, math_attention
+from sdt_diffusion.attention import spatial_decay as eq
+from sdt_diffusion.attention.backends import ATTENTION_BACKENDS, DecayInputs, math_attention
 
 DEVICE = torch.device("cpu")
 

@@ -1,10 +1,10 @@
 """Sample an ADM-format npz for FID-50K: ``accelerate launch eval/sample.py --pipeline DIR --output samples.npz``.
 
 Resumable (rerun the same command after a crash) and independent of the number of processes; see
-``sdt_diffusion.sampling`` for how.
+``sdt_diffusion.evaluation.sampling`` for how.
 """
 
-from sdt_diffusion.sampling import main
+from sdt_diffusion.evaluation.sampling import main
 
 if __name__ == "__main__":
     main()

@@ -1,5 +1,5 @@
 """Pipelines of sdt-diffusion (installed as ``sdt_diffusion.pipelines``)."""
 
-from .pipeline_sdt import SCHEDULER_NAMES, SDTPipeline, default_scheduler, make_scheduler
+from .pipeline_sdt import SDTPipeline
 
-__all__ = ["SCHEDULER_NAMES", "SDTPipeline", "default_scheduler", "make_scheduler"]
+__all__ = ["SDTPipeline"]

@@ -15,62 +15,21 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers.models import AutoencoderKL
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from sdt_diffusion.labels import LabelIndex, default_id2label, normalize_id2label
 from sdt_diffusion.models import SDTTransformer2DModel
+from sdt_diffusion.schedulers import LEARNED_VARIANCE, SCHEDULER_NAMES, default_scheduler, make_scheduler
+from sdt_diffusion.utils.labels import LabelIndex, default_id2label, normalize_id2label
 
 __all__ = ["SDTPipeline", "default_scheduler", "make_scheduler", "SCHEDULER_NAMES"]
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-LEARNED_VARIANCE = ("learned", "learned_range")
 # Schedulers whose ``step`` consumes a predicted variance of any channel count. Other diffusers schedulers with
 # a ``variance_type`` option (DPM-Solver family, SA-Solver) drop it by keeping ``model_output[:, :3]``, which
 # is only right for 3-channel (pixel-space) models.
 _VARIANCE_AWARE_SCHEDULERS = ("DDPMScheduler", "DDPMParallelScheduler")
-SCHEDULER_NAMES = ("ddpm", "ddim", "dpm")
-
-
-def default_scheduler() -> DDPMScheduler:
-    """DiT's sampler: DDPM, 1000 linear steps β 1e-4..0.02, learned-range variance, no clipping.
-
-    ``timestep_spacing="linspace"`` picks the same respaced steps as DiT's ``space_timesteps`` (0 and 999
-    included), e.g. for its 250-step FID sampler.
-    """
-    return DDPMScheduler(
-        num_train_timesteps=1000,
-        beta_start=1e-4,
-        beta_end=0.02,
-        beta_schedule="linear",
-        variance_type="learned_range",
-        clip_sample=False,
-        prediction_type="epsilon",
-        timestep_spacing="linspace",
-    )
-
-
-def make_scheduler(name: str, config: Any | None = None):
-    """A scheduler by short name, built from ``config`` (e.g. ``pipe.scheduler.config``) for the same noise schedule.
-
-    ``"ddpm"``: DDPM with learned-range variance (DiT's sampler); ``"ddim"``: DDIM, η = 0, trailing spacing;
-    ``"dpm"``: DPM-Solver++ (2M). Settings that do not fit the target (a learned ``variance_type`` for DPM,
-    DDIM's spacing) are overridden.
-    """
-    config = config if config is not None else default_scheduler().config
-    name = name.lower()
-    if name == "ddpm":
-        return DDPMScheduler.from_config(config, variance_type="learned_range", clip_sample=False,
-                                         timestep_spacing="linspace")
-    if name == "ddim":
-        # DDIM steps to t - T/N, which matches the actual next timestep only for leading/trailing spacing.
-        return DDIMScheduler.from_config(config, clip_sample=False, timestep_spacing="trailing")
-    if name in ("dpm", "dpm++", "dpmsolver"):
-        return DPMSolverMultistepScheduler.from_config(config, variance_type=None, algorithm_type="dpmsolver++",
-                                                       solver_order=2)
-    raise ValueError(f"unknown scheduler {name!r}; choose one of {SCHEDULER_NAMES}")
 
 
 class SDTPipeline(DiffusionPipeline):

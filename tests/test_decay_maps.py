@@ -9,8 +9,8 @@ from conftest import make_tiny_transformer, make_tiny_vae
 from PIL import Image
 
 from sdt_diffusion import SDTPipeline, spatial_decay_bias
-from sdt_diffusion.cli import visualize_main
-from sdt_diffusion.decay_maps import compute_decay_maps, figure_size_pixels
+from sdt_diffusion.tools.cli import visualize_main
+from sdt_diffusion.tools.decay_maps import compute_decay_maps, figure_size_pixels
 
 
 def test_learned_map_is_the_cdsf_row():

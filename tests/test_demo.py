@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdt_diffusion import demo
+from sdt_diffusion.tools import demo
 
 
 def test_digits_split_is_fixed_and_disjoint(tmp_path):

@@ -1,4 +1,4 @@
-"""Offline CPU tests of sdt_diffusion.metrics (FID, sFID, IS, precision/recall; ADM definitions).
+"""Offline CPU tests of sdt_diffusion.evaluation.metrics (FID, sFID, IS, precision/recall; ADM definitions).
 
 The Inception network is torch-fidelity's inception-v3-compat architecture with random (non-degenerate)
 weights written by the tests, so nothing is downloaded; sockets and torch.hub downloads are blocked.
@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from sdt_diffusion import metrics as M
+from sdt_diffusion.evaluation import metrics as M
 
 # 299×299 Inception forwards cost ~6 GFLOP each: keep the sets tiny (a, b: N_IMAGES; c, d: N_SMALL images)
 N_IMAGES = 8

@@ -102,7 +102,7 @@ def test_adaln_zero_init_block_is_identity():
     model = tiny()
     x = torch.randn(2, 16, model.inner_dim)
     c = torch.randn(2, model.inner_dim)
-    from sdt_diffusion.attention_backends import math_attention
+    from sdt_diffusion.attention.backends import math_attention
 
     block = model.blocks[0]
     torch.testing.assert_close(block(x, c, 4, 4, None, math_attention), x)

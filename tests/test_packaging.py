@@ -18,7 +18,7 @@ def test_wheel_layout(tmp_path):
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top == {"sdt_diffusion"}  # no generic top-level names such as training, eval or pipelines
     for needed in ("sdt_diffusion/pipelines/pipeline_sdt.py", "sdt_diffusion/models/transformer_sdt.py",
-                   "sdt_diffusion/spatial_decay.py", "sdt_diffusion/data/imagenet_classes.json",
+                   "sdt_diffusion/attention/spatial_decay.py", "sdt_diffusion/utils/imagenet_classes.json",
                    "sdt_diffusion/training/trainer.py"):
         assert needed in names, needed
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))

@@ -23,8 +23,8 @@ from sdt_diffusion import (
     make_labelled_grid,
     make_scheduler,
 )
-from sdt_diffusion.cli import sample_main
-from sdt_diffusion.labels import LabelIndex
+from sdt_diffusion.tools.cli import sample_main
+from sdt_diffusion.utils.labels import LabelIndex
 
 STEPS = 3
 NAMES = {i: name for i, name in enumerate(
@@ -424,4 +424,4 @@ def test_console_script_installed():
     script = Path(sys.executable).parent / "sdt-sample"
     if not script.exists():
         pytest.skip("sdt-sample is not installed in this environment")
-    assert "sdt_diffusion.cli" in script.read_text()
+    assert "sdt_diffusion.tools.cli" in script.read_text()

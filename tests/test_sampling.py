@@ -14,7 +14,7 @@ import torch
 from conftest import make_tiny_transformer, make_tiny_vae
 
 from sdt_diffusion import SDTPipeline
-from sdt_diffusion.sampling import sample_labels, to_uint8
+from sdt_diffusion.evaluation.sampling import sample_labels, to_uint8
 
 REPO = Path(__file__).resolve().parent.parent
 

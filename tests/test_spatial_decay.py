@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sdt_diffusion import spatial_decay as eq
 from sdt_diffusion import spatial_decay_bias
-from sdt_diffusion.attention_backends import DecayInputs, math_attention, sdpa_attention
+from sdt_diffusion.attention import spatial_decay as eq
+from sdt_diffusion.attention.backends import DecayInputs, math_attention, sdpa_attention
 
 B, H, W, N = 2, 3, 4, 2
 L = H * W

@@ -121,18 +121,18 @@ def _launch(args: list[str], num_processes: int, timeout: int = 300) -> subproce
 
 # ------------------------------------------------------------------------------------- diffusion math
 def test_noise_schedule_is_dits_and_matches_the_exported_scheduler():
-    from sdt_diffusion.pipelines import default_scheduler
+    from sdt_diffusion.schedulers import default_scheduler
 
-    ours, theirs = D.make_noise_scheduler(True).config, default_scheduler().config
-    for key in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "variance_type", "clip_sample",
-                "prediction_type"):
-        assert ours[key] == theirs[key], key
-    assert D.make_noise_scheduler(False).config.variance_type == "fixed_large"
+    config = default_scheduler().config
+    assert (config.num_train_timesteps, config.beta_start, config.beta_end, config.beta_schedule) == (
+        1000, 1e-4, 0.02, "linear")
+    assert (config.variance_type, config.clip_sample, config.prediction_type) == ("learned_range", False, "epsilon")
+    assert default_scheduler(learn_sigma=False).config.variance_type == "fixed_large"
     s = D.DiffusionSchedule.from_scheduler()
     betas = np.linspace(1e-4, 0.02, 1000)
     np.testing.assert_allclose(s.betas.numpy(), betas, rtol=1e-12)
     np.testing.assert_allclose(s.alphas_cumprod.numpy(), np.cumprod(1 - betas), rtol=1e-12)
-    scheduler = D.make_noise_scheduler(True)  # the exported scheduler holds the same schedule in float32
+    scheduler = default_scheduler(True)  # the exported scheduler holds the same schedule in float32
     np.testing.assert_allclose(scheduler.betas.numpy(), betas, rtol=1e-6)
     np.testing.assert_allclose(scheduler.alphas_cumprod.numpy(), s.alphas_cumprod.numpy(), rtol=1e-6, atol=1e-7)
     post = betas[1:] * (1 - np.cumprod(1 - betas)[:-1]) / (1 - np.cumprod(1 - betas)[1:])
@@ -380,7 +380,7 @@ def test_accelerate_launch_one_process_trains_logs_and_exports(data, tmp_path):
     assert ema["num_updates"] == 4
     assert all(torch.equal(a, b) for a, b in zip(exported, ema["shadow"]))
     # eval/sample.py --checkpoint builds the same pipeline from the checkpoint (and the run's VAE)
-    from sdt_diffusion.sampling import pipeline_from_checkpoint
+    from sdt_diffusion.evaluation.sampling import pipeline_from_checkpoint
 
     from_ckpt = pipeline_from_checkpoint(out / "checkpoint-4")
     assert from_ckpt.id2label == pipe.id2label and from_ckpt.vae is not None

@@ -11,10 +11,12 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
 
-from .. import spatial_decay as eq
-from ..attention_backends import DecayInputs, available_backends, resolve_backend
+from ..attention import spatial_decay as eq
+from ..attention.backends import available_backends, resolve_backend
+from ..attention.modes import decay_mode as get_decay_mode
+from .spatial_decay_attention import SpatialDecayAttention
 
-# name -> (num_layers, hidden width, heads); DiT's sizes (REFERENCE §1).
+# name -> (num_layers, hidden width, heads); DiT's sizes (DiT paper, Table 1).
 MODEL_SIZES: dict[str, tuple[int, int, int]] = {
     "S": (12, 384, 6),
     "B": (12, 768, 12),
@@ -57,83 +59,6 @@ class TimestepClassEmbedding(nn.Module):
             labels = torch.where(drop, self.num_classes, labels)
         t_emb = self.timestep_embedder(self.time_proj(timestep).to(dtype))
         return t_emb + self.class_embedder(labels).to(dtype)
-
-
-class SpatialDecayAttention(nn.Module):
-    """Spatial Decay Attention (eq. 4-13) with a pluggable attention backend."""
-
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        decay_mode: str = "cdsf",
-        alpha: float = 0.1,
-        gate_rank: int = 16,
-        lpe_kernel_size: int = 5,
-        use_rope: bool = True,
-        fixed_decay_init: float = 2.0,
-        fixed_decay_range: float = 4.0,
-    ) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.decay_mode = decay_mode
-        self.alpha = alpha
-        self.use_rope = use_rope
-        self.qkv = nn.Linear(dim, 3 * dim)
-        if decay_mode in ("cdsf", "1d", "bidirectional"):
-            self.gate = nn.Linear(dim, num_heads)  # W_g (eq. 4)
-        elif decay_mode == "decomposed":
-            self.gate = nn.Linear(dim, 2 * num_heads)  # [W_g,H, W_g,W] (eq. 11)
-        else:
-            self.gate = None
-        if decay_mode == "fixed":
-            self.register_buffer(
-                "log_gamma", eq.rmt_log_gamma(num_heads, fixed_decay_init, fixed_decay_range), persistent=False
-            )
-        else:
-            self.log_gamma = None
-        self.lpe = nn.Conv2d(dim, dim, lpe_kernel_size, padding=lpe_kernel_size // 2, groups=dim)
-        self.gate_down = nn.Linear(dim, gate_rank, bias=False)  # W_u1
-        self.gate_up = nn.Linear(gate_rank, dim, bias=False)  # W_u2
-        self.proj = nn.Linear(dim, dim)
-
-    def decay_inputs(self, x: Tensor, height: int, width: int, codes: Tensor | None = None) -> DecayInputs:
-        """Gates and constants the decay variant needs for input ``x`` (B, L, D).
-
-        ``codes``: the grid's ``threshold_codes`` when already computed (the fused backend needs them).
-        """
-        decay = DecayInputs(self.decay_mode, height, width, self.alpha, log_gamma=self.log_gamma, codes=codes)
-        if self.decay_mode == "decomposed":
-            decay.gate_logits_h, decay.gate_logits_w = self.gate(x).float().chunk(2, dim=-1)
-        elif self.gate is not None:
-            decay.gates = eq.context_aware_gates(self.gate(x))  # eq. 4-5
-        return decay
-
-    def forward(
-        self, x: Tensor, height: int, width: int, rope: tuple[Tensor, Tensor] | None, backend,
-        codes: Tensor | None = None,
-    ) -> Tensor:
-        """Spatial Decay Attention of tokens ``x`` (B, L, D) on an ``height`` x ``width`` grid (eq. 4-13).
-
-        Args:
-            rope: ``spatial_decay.rope_tables`` (cos, sin), each (L, d), or None for no RoPE.
-            backend: an attention backend ``(q, k, v, decay) -> out``.
-            codes: optional ``spatial_decay.threshold_codes`` of the grid, shared by all layers.
-        """
-        b, seq, dim = x.shape
-        qkv = self.qkv(x).reshape(b, seq, 3, self.num_heads, self.head_dim)  # token-major (B, L, 3, N, d)
-        qk = qkv[:, :, :2]
-        if self.use_rope and rope is not None:  # R(Q), R(K) together (eq. 13)
-            cos, sin = rope
-            qk = eq.apply_rope_tables(qk, cos[:, None, None], sin[:, None, None])
-        q, k = qk.permute(2, 0, 3, 1, 4).unbind(0)  # (B, N, L, d) each
-        v_tokens = qkv[:, :, 2]  # (B, L, N, d)
-        attn = backend(q, k, v_tokens.transpose(1, 2), self.decay_inputs(x, height, width, codes))
-        lpe = eq.local_position_encoding_tokens(v_tokens.reshape(b, seq, dim), self.lpe, height, width)
-        gate_u = self.gate_up(torch.sigmoid(self.gate_down(x)))  # U = sigma(X W_u1) W_u2
-        out = eq.spatial_decay_output(attn.transpose(1, 2).reshape(b, seq, dim), lpe, gate_u)  # (B, L, D)
-        return self.proj(out)
 
 
 class SDTBlock(nn.Module):
@@ -236,8 +161,7 @@ class SDTTransformer2DModel(ModelMixin, ConfigMixin):
         fixed_decay_range: float = 4.0,
     ) -> None:
         super().__init__()
-        if decay_mode not in eq.DECAY_MODES:
-            raise ValueError(f"decay_mode must be one of {eq.DECAY_MODES}, got {decay_mode!r}")
+        get_decay_mode(decay_mode)  # a ValueError naming the choices for an unknown mode
         if attention_backend not in available_backends():
             raise ValueError(f"attention_backend must be one of {available_backends()}, got {attention_backend!r}")
         if use_rope and attention_head_dim % 4:
@@ -394,7 +318,7 @@ class SDTTransformer2DModel(ModelMixin, ConfigMixin):
         if self.config.use_rope:
             angles = eq.rope_2d_angles(gh, gw, self.config.attention_head_dim, self.config.rope_base, x.device)
             rope = eq.rope_tables(angles)
-        codes = eq.threshold_codes(gh, gw, x.device) if self.config.decay_mode in ("cdsf", "fixed") else None
+        codes = eq.threshold_codes(gh, gw, x.device) if get_decay_mode(self.config.decay_mode).low_rank else None
         backend = resolve_backend(self.config.attention_backend, x.device, self.config.decay_mode)
 
         for block in self.blocks:

@@ -164,7 +164,7 @@ def load_image_source(
 def class_names_to_id2label(names: Sequence[str] | None, num_classes: int) -> dict[int, str] | None:
     """id2label for the exported pipeline: folder / ClassLabel names; WordNet ids of a 1000-class folder
     (ImageNet's ``n01440764`` ...) and unnamed 1000-class data get the shipped ImageNet names."""
-    from ..labels import default_id2label
+    from ..utils.labels import default_id2label
 
     if names is None or (len(names) == 1000 and all(_SYNSET.match(n) for n in names)):
         return default_id2label(num_classes)

@@ -1,7 +1,7 @@
 """DiT's diffusion training objective: ε-prediction with the improved-DDPM hybrid loss.
 
 The noise schedule has one source of truth, a diffusers ``DDPMScheduler`` (1000 linear β steps from 1e-4
-to 0.02, learned-range variance, no clipping; :func:`make_noise_scheduler`).  The same scheduler config is
+to 0.02, learned-range variance, no clipping; :func:`sdt_diffusion.schedulers.default_scheduler`).  The same scheduler config is
 exported with the trained pipeline, so training and sampling use the same β values.  Every table the loss
 needs is derived from that scheduler's β schedule in float64 (``alphas_cumprod`` = cumulative product of
 ``1 - β`` in float64, equal to the scheduler's float32 ``alphas_cumprod`` to float32 precision) and gathered
@@ -32,38 +32,18 @@ import torch
 from diffusers import DDPMScheduler
 from torch import Tensor
 
+from ..schedulers import default_scheduler
+
 __all__ = [
     "DiffusionSchedule",
     "approx_standard_normal_cdf",
     "discretized_gaussian_log_likelihood",
-    "make_noise_scheduler",
     "mean_flat",
     "normal_kl",
     "standard_normal_cdf",
     "training_losses",
     "vlb_terms",
 ]
-
-NUM_TRAIN_TIMESTEPS = 1000
-
-
-def make_noise_scheduler(learn_sigma: bool = True) -> DDPMScheduler:
-    """DiT's noise schedule as a diffusers scheduler; the one exported with the trained pipeline.
-
-    ``variance_type`` is ``"learned_range"`` for a model that predicts its variance and ``"fixed_large"``
-    (DiT's choice without learned sigma) otherwise; the β values do not depend on it.
-    """
-    return DDPMScheduler(
-        num_train_timesteps=NUM_TRAIN_TIMESTEPS,
-        beta_start=1e-4,
-        beta_end=0.02,
-        beta_schedule="linear",
-        variance_type="learned_range" if learn_sigma else "fixed_large",
-        clip_sample=False,
-        prediction_type="epsilon",
-        timestep_spacing="linspace",
-    )
-
 
 def mean_flat(x: Tensor) -> Tensor:
     """Mean over every dimension but the first (per-sample mean)."""
@@ -133,8 +113,8 @@ class DiffusionSchedule:
 
     @classmethod
     def from_scheduler(cls, scheduler: DDPMScheduler | None = None) -> DiffusionSchedule:
-        """Build the tables from ``scheduler`` (default :func:`make_noise_scheduler`)."""
-        scheduler = scheduler if scheduler is not None else make_noise_scheduler()
+        """Build the tables from ``scheduler`` (default :func:`sdt_diffusion.schedulers.default_scheduler`)."""
+        scheduler = scheduler if scheduler is not None else default_scheduler()
         cfg = scheduler.config
         if cfg.beta_schedule == "linear" and cfg.get("trained_betas") is None:
             # the scheduler's own float32 linspace, recomputed in float64 (= DiT's np.linspace)

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from ..models import SDTTransformer2DModel
-from .diffusion import make_noise_scheduler
+from ..schedulers import default_scheduler
 from .ema import EMA
 
 __all__ = ["default_sample_classes", "ema_transformer", "export_pipeline", "sample_grid"]
@@ -67,7 +67,7 @@ def export_pipeline(
     old = target.with_name(target.name + ".old")
     if tmp.exists():
         shutil.rmtree(tmp)
-    scheduler = make_noise_scheduler(learn_sigma=bool(transformer.config.learn_sigma))
+    scheduler = default_scheduler(learn_sigma=bool(transformer.config.learn_sigma))
     pipe = SDTPipeline(transformer=transformer, vae=vae, scheduler=scheduler, id2label=id2label)
     pipe.save_pretrained(str(tmp))
     if target.exists():
@@ -92,11 +92,11 @@ def sample_grid(
     seed: int = 0,
 ) -> Image.Image:
     """A labelled grid of EMA samples, one per class in ``class_ids``, from a fixed CPU generator."""
-    from ..labels import short_name
     from ..pipelines import SDTPipeline
-    from ..visualization import make_labelled_grid
+    from ..utils.images import make_labelled_grid
+    from ..utils.labels import short_name
 
-    scheduler = make_noise_scheduler(learn_sigma=bool(transformer.config.learn_sigma))
+    scheduler = default_scheduler(learn_sigma=bool(transformer.config.learn_sigma))
     pipe = SDTPipeline(transformer=transformer, vae=vae, scheduler=scheduler, id2label=id2label)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)

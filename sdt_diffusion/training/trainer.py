@@ -43,6 +43,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from ..models import PRESETS, SDTTransformer2DModel
+from ..schedulers import default_scheduler
 from .checkpointing import (
     list_checkpoints,
     prune_checkpoints,
@@ -59,7 +60,7 @@ from .data import (
     iterate_batches,
     load_image_source,
 )
-from .diffusion import DiffusionSchedule, make_noise_scheduler, training_losses
+from .diffusion import DiffusionSchedule, training_losses
 from .ema import EMA
 from .export import default_sample_classes, ema_transformer, export_pipeline, sample_grid
 
@@ -492,7 +493,7 @@ def train(args: argparse.Namespace) -> TrainResult:
     fsdp = _is_fsdp(accelerator)
     if not fsdp:
         accelerator.register_for_checkpointing(ema)
-    schedule = DiffusionSchedule.from_scheduler(make_noise_scheduler(learn_sigma))
+    schedule = DiffusionSchedule.from_scheduler(default_scheduler(learn_sigma))
     held_out = None
     if args.eval_data_dir:
         with torch.random.fork_rng(devices=[]):
@@ -703,3 +704,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"train.py: error: {e}", file=sys.stderr, flush=True)
         return 1
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

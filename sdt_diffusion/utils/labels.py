@@ -26,7 +26,7 @@ IMAGENET_NUM_CLASSES = 1000
 
 @lru_cache(maxsize=1)
 def _imagenet_names() -> tuple[str, ...]:
-    text = resources.files("sdt_diffusion").joinpath("data/imagenet_classes.json").read_text(encoding="utf-8")
+    text = resources.files(__package__).joinpath("imagenet_classes.json").read_text(encoding="utf-8")
     raw = json.loads(text)
     names = tuple(raw[str(i)] for i in range(IMAGENET_NUM_CLASSES))
     return names

@@ -21,7 +21,7 @@ mode               bias M[i, j]                                             func
 Fused forms (no L x L tensor, used by the ``augmented`` and ``flex`` backends): the exact low-rank
 identity ``d(i, j) = K - 1/2 V_i . V_j`` (:func:`threshold_codes`) writes CDSF and the fixed decay as a
 dot product of extra query and key dims (:func:`decay_query_features`, :func:`decay_key_features`,
-:func:`fixed_query_features`, :func:`fixed_key_features`); the ``*_score_mod`` functions compute the
+:func:`fixed_query_features` against the codes); the ``*_score_mod`` functions compute the
 bias per (query, key) index pair inside FlexAttention.
 """
 
@@ -33,8 +33,6 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-DECAY_MODES = ("none", "fixed", "1d", "bidirectional", "decomposed", "cdsf")
 
 
 def upcast(t: Tensor) -> Tensor:
@@ -97,16 +95,11 @@ def fixed_decay_bias(log_gamma: Tensor, height: int, width: int) -> Tensor:
     return dist[None] * log_gamma[:, None, None]
 
 
-def _prefix_sums(gates: Tensor) -> tuple[Tensor, Tensor]:
-    """Exclusive and inclusive prefix sums of gates (B, L, N) along L, as (B, N, L) each."""
+def gate_prefix_sums(gates: Tensor) -> tuple[Tensor, Tensor]:
+    """Exclusive and inclusive prefix sums ``E_i = sum_{k<i} g_k``, ``I_i = sum_{k<=i} g_k`` of gates (B, L, N), as (B, N, L)."""
     g = upcast(gates).transpose(1, 2)
     inclusive = g.cumsum(-1)
     return inclusive - g, inclusive
-
-
-def gate_prefix_sums(gates: Tensor) -> tuple[Tensor, Tensor]:
-    """Exclusive and inclusive prefix sums ``E_i = sum_{k<i} g_k``, ``I_i = sum_{k<=i} g_k`` of (B, L, N) gates, as (B, N, L)."""
-    return _prefix_sums(gates)
 
 
 def raster_decay_bias(gates: Tensor) -> Tensor:
@@ -115,7 +108,7 @@ def raster_decay_bias(gates: Tensor) -> Tensor:
     ``M[i, j] = sum_{k=min(i,j)}^{max(i,j)-1} g_k`` over the flattened (row-major) token sequence,
     with ``g = G <= 0`` of shape (B, L, N).  Returns (B, N, L, L).
     """
-    exclusive, _ = _prefix_sums(gates)
+    exclusive, _ = gate_prefix_sums(gates)
     # sum_{k=a}^{b-1} g_k = C[b] - C[a] with C the exclusive prefix sum; every g_k <= 0.
     return -(exclusive[..., :, None] - exclusive[..., None, :]).abs()
 
@@ -126,7 +119,7 @@ def bidirectional_decay_bias(gates: Tensor) -> Tensor:
     Forward scan: gates of the tokens ``min(i,j) .. max(i,j)-1``; backward scan (the sequence
     reversed): gates of ``min(i,j)+1 .. max(i,j)``.  ``g = G`` of shape (B, L, N); returns (B, N, L, L).
     """
-    exclusive, inclusive = _prefix_sums(gates)
+    exclusive, inclusive = gate_prefix_sums(gates)
     forward = -(exclusive[..., :, None] - exclusive[..., None, :]).abs()
     backward = -(inclusive[..., :, None] - inclusive[..., None, :]).abs()
     return 0.5 * (forward + backward)
@@ -144,7 +137,7 @@ def axial_decay_bias(gate_logits: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- exact low-rank decay
-# Identity (REFERENCE §1, re-centred): for integers x, y in [0, n) and the threshold codes
+# Identity (the Manhattan distance of eq. 7 written with threshold codes, re-centred): for integers x, y in [0, n) and the threshold codes
 # v_t(x) = 2 * 1[x < t] - 1 in {-1, +1}, t = 1 .. n-1,
 #     |x - y| = sum_t (u_t(x) - u_t(y))^2 = sum_t 1/2 (1 - v_t(x) v_t(y)),   u_t = (1 + v_t) / 2,
 # so with V_i = [v(h_i), v(w_i)] (T = H + W - 2 entries) and K = T / 2:
@@ -207,21 +200,17 @@ def fixed_query_features(rates: Tensor, codes: Tensor) -> Tensor:
     """Query side ``-1/2 c_h V_i`` of a fixed decay ``M[i, j] = c_h d(i, j)`` (RMT: ``c_h = log gamma_h``), (N, L, T).
 
     ``c_h d(i, j) = c_h K - 1/2 c_h V_i . V_j``; the first term is constant per head and cancels in the
-    softmax, the second is this vector dotted with :func:`fixed_key_features`.  rates: c (N,).
+    softmax, the second is this vector dotted with the key side ``V_j`` (the codes themselves).  rates: c (N,).
     """
     return -0.5 * rates[:, None, None] * codes.to(rates.dtype)
 
-
-def fixed_key_features(codes: Tensor) -> Tensor:
-    """Key side ``V_j`` of a fixed decay, shape (L, T) (see :func:`fixed_query_features`)."""
-    return codes
 
 
 # ----------------------------------------------------------------------------- score modifications
 # FlexAttention form: the bias is computed per (query, key) pair inside the kernel from token
 # indices, so nothing of size L x L is stored.  Each ``*_score_mod`` returns a function
 # ``(score, b, h, q_idx, kv_idx) -> score + M[b, h, q_idx, kv_idx]``.  A captured tensor is read
-# once per score_mod (REFERENCE §5), hence the separate query-side and key-side tensors.
+# once per score_mod (a FlexAttention restriction), hence the separate query-side and key-side tensors.
 ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
 
 
@@ -356,18 +345,9 @@ def apply_rope_tables(x: Tensor, cos_full: Tensor, sin_signed: Tensor) -> Tensor
     return (x_up * cos_full + torch.cat([x2, x1], dim=-1) * sin_signed).to(x.dtype)
 
 
-def local_position_encoding(v: Tensor, conv: torch.nn.Conv2d, height: int, width: int) -> Tensor:
-    """LPE(V): a depthwise convolution over V laid out on the 2D grid (eq. 13).
-
-    v: (B, N, L, d) -> (B, N, L, d), channels = all heads' widths.
-    """
-    b, n, seq, d = v.shape
-    grid = v.permute(0, 1, 3, 2).reshape(b, n * d, height, width)
-    return conv(grid).reshape(b, n, d, seq).permute(0, 1, 3, 2)
-
 
 def local_position_encoding_tokens(v: Tensor, conv: torch.nn.Conv2d, height: int, width: int) -> Tensor:
-    """LPE(V) of :func:`local_position_encoding` for token-major V (B, L, C) -> (B, L, C), C = heads * d.
+    """LPE(V), a depthwise convolution over V laid out on the 2D grid (eq. 13), for token-major V (B, L, C) -> (B, L, C), C = heads * d.
 
     The convolution runs in channels-last layout, which is V's own (token, channel) order: no transposes
     around it, and the depthwise kernels are faster in that layout on CPU.

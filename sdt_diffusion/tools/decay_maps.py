@@ -15,8 +15,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .attention_backends import dense_decay_bias
-from .spatial_decay import manhattan_distance
+from ..attention.backends import dense_decay_bias
+from ..attention.modes import DECAY_MODE_TABLE, decay_mode
+from ..attention.spatial_decay import manhattan_distance
 
 PANEL_INCHES = 1.1
 DPI = 100
@@ -62,10 +63,11 @@ def compute_decay_maps(
     ``query`` is a (row, column) on the token grid; the default is its centre.
     """
     cfg = transformer.config
-    if cfg.decay_mode in ("none", "decomposed"):
+    spec = decay_mode(cfg.decay_mode)
+    if not spec.has_distance_map:
+        drawable = [name for name, mode in DECAY_MODE_TABLE.items() if mode.has_distance_map]
         raise ValueError(
-            f"decay_mode={cfg.decay_mode!r} has no single L x L decay map to show; "
-            "decay maps exist for 'cdsf', 'fixed', '1d' and 'bidirectional'"
+            f"decay_mode={cfg.decay_mode!r} has no single L x L decay map to show; decay maps exist for {drawable}"
         )
     if latents.dim() != 4 or latents.shape[0] != 1:
         raise ValueError(f"latents must have shape (1, C, H, W), got {tuple(latents.shape)}")
@@ -89,7 +91,7 @@ def compute_decay_maps(
         row = row.reshape(-1, gh * gw)
         if decay.gates is not None:  # the same average strength, blind to content
             strength = decay.gates.float().mean(dim=1)[0]  # (N,)
-            scale = decay.alpha if cfg.decay_mode == "cdsf" else 1.0
+            scale = decay.alpha if spec.uses_alpha else 1.0
             flat = strength[:, None] * dist[None] * scale
         else:  # fixed decay is content-blind already
             flat = row

@@ -22,56 +22,23 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from . import spatial_decay as eq
-
-
-@dataclass
-class DecayInputs:
-    """What the decay of one attention call depends on.
-
-    Attributes:
-        mode: one of :data:`~sdt_diffusion.spatial_decay.DECAY_MODES`.
-        height, width: token grid.
-        alpha: CDSF scale (eq. 8).
-        gates: G = log sigma(X W_g), float32 (B, L, N), for ``cdsf``, ``1d``, ``bidirectional``.
-        gate_logits_h, gate_logits_w: F_H and F_W (B, L, N) for ``decomposed`` (eq. 11).
-        log_gamma: (N,) RMT decay for ``fixed``.
-        codes: optional ``threshold_codes(height, width)`` (L, H + W - 2), computed once per forward by
-            the model so that the ``augmented`` backend does not rebuild them in every layer.
-    """
-
-    mode: str
-    height: int
-    width: int
-    alpha: float = 0.1
-    gates: Tensor | None = None
-    gate_logits_h: Tensor | None = None
-    gate_logits_w: Tensor | None = None
-    log_gamma: Tensor | None = None
-    codes: Tensor | None = None
+from .modes import DecayInputs, decay_mode
 
 
 def dense_decay_bias(decay: DecayInputs) -> Tensor | None:
     """The materialised bias M, (B, N, L, L) or (N, L, L), or None for ``"none"``."""
-    mode = decay.mode
-    if mode == "none":
+    spec = decay_mode(decay.mode)
+    if spec.dense_bias is not None:
+        return spec.dense_bias(decay)
+    if spec.axial is None:
         return None
-    if mode == "cdsf":
-        b, _, n = decay.gates.shape
-        return eq.spatial_decay_bias(decay.gates.reshape(b, decay.height, decay.width, n), decay.alpha)
-    if mode == "fixed":
-        return eq.fixed_decay_bias(decay.log_gamma, decay.height, decay.width)
-    if mode == "1d":
-        return eq.raster_decay_bias(decay.gates)
-    if mode == "bidirectional":
-        return eq.bidirectional_decay_bias(decay.gates)
-    raise ValueError(f"decay_mode {mode!r} has no dense L x L bias")
+    raise ValueError(f"decay_mode {decay.mode!r} has no dense L x L bias")
 
 
 def _sdpa_with_bias(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
@@ -80,10 +47,9 @@ def _sdpa_with_bias(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Ten
 
 
 def _run_dense(q: Tensor, k: Tensor, v: Tensor, decay: DecayInputs, attend) -> Tensor:
-    if decay.mode == "decomposed":
-        return eq.decomposed_attention(
-            q, k, v, decay.gate_logits_h, decay.gate_logits_w, decay.height, decay.width, attend=attend
-        )
+    axial = decay_mode(decay.mode).axial
+    if axial is not None:
+        return axial(q, k, v, decay, attend)
     return attend(q, k, v, dense_decay_bias(decay))
 
 
@@ -114,13 +80,14 @@ def augment_qk(q: Tensor, k: Tensor, decay: DecayInputs, multiple: int = 8) -> t
     """
     b, n, seq, d = q.shape
     codes = decay.codes if decay.codes is not None else eq.threshold_codes(decay.height, decay.width, q.device)
-    if decay.mode == "cdsf":
-        rates = (eq.cdsf_rates(decay.gates.transpose(1, 2), decay.alpha) * math.sqrt(d)).to(q.dtype)  # (B, N, L)
+    spec = decay_mode(decay.mode)
+    if spec.rates is not None:
+        rates = (spec.rates(decay) * math.sqrt(d)).to(q.dtype)  # (B, N, L)
         f_q, f_k = eq.decay_query_features(rates, codes), eq.decay_key_features(rates, codes)
-    elif decay.mode == "fixed":
+    elif spec.fixed_gamma:
         rates = (eq.upcast(decay.log_gamma) * math.sqrt(d)).to(q.dtype)  # (N,)
         f_q = eq.fixed_query_features(rates, codes).expand(b, n, seq, codes.shape[-1])
-        f_k = eq.fixed_key_features(codes).to(q.dtype).expand(b, n, seq, codes.shape[-1])
+        f_k = codes.to(q.dtype).expand(b, n, seq, codes.shape[-1])  # key side: the codes V_j
     else:
         raise ValueError(f"decay_mode {decay.mode!r} has no low-rank form")
     extra = f_q.shape[-1]
@@ -137,7 +104,7 @@ def augmented_attention(q: Tensor, k: Tensor, v: Tensor, decay: DecayInputs) -> 
     output sliced back.  ``none`` is plain SDPA; ``1d``, ``bidirectional`` and ``decomposed`` fall back to
     the dense ``sdpa`` backend.
     """
-    if decay.mode not in ("cdsf", "fixed"):
+    if not decay_mode(decay.mode).low_rank:
         return sdpa_attention(q, k, v, decay)
     d = q.shape[-1]
     q_aug, k_aug = augment_qk(q, k, decay)
@@ -166,21 +133,12 @@ def _flex_kernel(compiled: bool) -> Callable[..., Tensor]:
 def flex_score_mod(decay: DecayInputs) -> eq.ScoreMod | None:
     """The ``score_mod`` adding M for ``decay`` (None for ``none``); the captured tensors are (B, N, L) views
     of the gates or their prefix sums, two per quantity (one for the query index, one for the key)."""
-    mode = decay.mode
-    if mode == "none":
+    spec = decay_mode(decay.mode)
+    if spec.score_mod is not None:
+        return spec.score_mod(decay)
+    if spec.axial is None and spec.dense_bias is None:
         return None
-    if mode == "cdsf":
-        g = decay.gates.transpose(1, 2).contiguous()
-        return eq.cdsf_score_mod(g, g.clone(), decay.width, decay.alpha)
-    if mode == "fixed":
-        return eq.fixed_score_mod(eq.upcast(decay.log_gamma).contiguous(), decay.width)
-    exclusive, inclusive = eq.gate_prefix_sums(decay.gates)
-    if mode == "1d":
-        return eq.prefix_score_mod(exclusive.contiguous(), exclusive.clone())
-    if mode == "bidirectional":
-        return eq.bidirectional_score_mod(exclusive.contiguous(), exclusive.clone(),
-                                          inclusive.contiguous(), inclusive.clone())
-    raise ValueError(f"decay_mode {mode!r} has no score_mod")
+    raise ValueError(f"decay_mode {decay.mode!r} has no score_mod")
 
 
 def flex_decay_attention(q: Tensor, k: Tensor, v: Tensor, decay: DecayInputs, compiled: bool = True) -> Tensor:
@@ -189,7 +147,7 @@ def flex_decay_attention(q: Tensor, k: Tensor, v: Tensor, decay: DecayInputs, co
     ``decomposed`` (whose biases are only H x H and W x W) falls back to ``sdpa``.  PyTorch implements
     no FlexAttention backward on CPU: there, with gradients required, this raises.
     """
-    if decay.mode == "decomposed":
+    if decay_mode(decay.mode).axial is not None:
         return sdpa_attention(q, k, v, decay)
     if q.device.type == "cpu" and torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, decay.gates)
@@ -229,10 +187,10 @@ def available_backends() -> tuple[str, ...]:
     return (*ATTENTION_BACKENDS, "auto")
 
 
-def resolve_backend(name: str, device: torch.device, decay_mode: str) -> AttentionBackend:
+def resolve_backend(name: str, device: torch.device, mode: str) -> AttentionBackend:
     """The backend function for ``name``; ``"auto"`` picks the fastest exact one for the device."""
     if name == "auto":
-        name = auto_backend_name(device, decay_mode)
+        name = auto_backend_name(device, mode)
     try:
         return ATTENTION_BACKENDS[name]
     except KeyError:
@@ -241,7 +199,7 @@ def resolve_backend(name: str, device: torch.device, decay_mode: str) -> Attenti
         ) from None
 
 
-def auto_backend_name(device: torch.device | str, decay_mode: str) -> str:
+def auto_backend_name(device: torch.device | str, mode: str) -> str:
     """The backend ``"auto"`` resolves to on ``device`` for ``decay_mode``.
 
     ``cdsf`` and ``fixed`` have an exact low-rank form: ``"augmented"`` (plain SDPA, no L x L bias) on
@@ -250,6 +208,4 @@ def auto_backend_name(device: torch.device | str, decay_mode: str) -> str:
     attention is 1.4-1.8x faster at 1024 tokens.  ``none`` is plain SDPA; the variants without a fused
     form (``1d``, ``bidirectional``, ``decomposed``) use the dense ``"sdpa"`` path.
     """
-    if decay_mode in ("cdsf", "fixed"):
-        return "augmented"
-    return "sdpa"
+    return "augmented" if decay_mode(mode).low_rank else "sdpa"

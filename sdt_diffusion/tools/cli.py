@@ -10,6 +10,14 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+from PIL import Image
+
+from ..pipelines import SDTPipeline
+from ..schedulers import make_scheduler
+from ..utils.images import make_labelled_grid
+from .decay_maps import pipeline_decay_maps, plot_decay_maps
+
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
 
 
@@ -51,11 +59,6 @@ def sample_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``sdt-sample``; returns the exit status."""
     parser = build_sample_parser()
     args = parser.parse_args(argv)
-
-    import torch
-
-    from .pipelines import SDTPipeline, make_scheduler
-    from .visualization import make_labelled_grid
 
     folder = Path(args.pipeline)
     if not (folder / "model_index.json").is_file():
@@ -117,12 +120,6 @@ def visualize_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``sdt-visualize``; returns the exit status."""
     parser = build_visualize_parser()
     args = parser.parse_args(argv)
-
-    import torch
-    from PIL import Image
-
-    from .decay_maps import pipeline_decay_maps, plot_decay_maps
-    from .pipelines import SDTPipeline
 
     folder = Path(args.pipeline)
     if not (folder / "model_index.json").is_file():

@@ -18,9 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
-REPO = Path(__file__).resolve().parent.parent
+from ..pipelines import SDTPipeline
+from ..training.checkpointing import latest_checkpoint, read_training_state
+from ..utils.images import make_labelled_grid
+from .decay_maps import pipeline_decay_maps, plot_decay_maps
+
 DIGIT_NAMES = [f"digit {k}" for k in range(10)]
 
 # A small SDT-P override sized for ~5 minutes of training on 2 CPU cores: 16x16 pixels in 4x4 patches
@@ -162,11 +167,15 @@ def plot_losses(metrics_path: Path, out: Path) -> dict[str, float | None]:
 
 # ----------------------------------------------------------------------------------------- stages
 def train_command(data: DigitData, out: Path, args: argparse.Namespace) -> list[str]:
-    """The ``accelerate launch training/train.py`` command the demo runs (printed for the user)."""
+    """The ``accelerate launch`` training command the demo runs (printed for the user).
+
+    It launches the installed trainer module (``-m sdt_diffusion.training.trainer``, the code behind
+    ``training/train.py``), so the demo runs from an installed package as well as from a checkout.
+    """
     return [
         sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        str(REPO / "training" / "train.py"),
+        "-m", "sdt_diffusion.training.trainer",
         "--model", "SDT-P-S/2",
         "--model-kwargs", json.dumps(DEMO_MODEL_KWARGS),
         "--data-dir", str(data.train_dir),
@@ -192,12 +201,6 @@ def train_command(data: DigitData, out: Path, args: argparse.Namespace) -> list[
 
 def run(args: argparse.Namespace) -> dict:
     """Run every stage of the demo and return the report."""
-    import torch
-
-    from .decay_maps import pipeline_decay_maps, plot_decay_maps
-    from .pipelines import SDTPipeline
-    from .visualization import make_labelled_grid
-
     start = time.time()
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -217,10 +220,8 @@ def run(args: argparse.Namespace) -> dict:
         if args.fresh and run_dir.exists():
             shutil.rmtree(run_dir)
         t0 = time.time()
-        subprocess.run(cmd, check=True, cwd=REPO, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        subprocess.run(cmd, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
         train_seconds = time.time() - t0
-        from .training.checkpointing import latest_checkpoint, read_training_state
-
         last = latest_checkpoint(run_dir)
         reached = read_training_state(last)["step"] if last is not None else 0
         if reached < args.steps:  # stopped by a signal: keep the checkpoint, don't export a half-trained model

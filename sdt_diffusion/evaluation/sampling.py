@@ -17,10 +17,17 @@ import sys
 import time
 from pathlib import Path
 
+import diffusers
 import numpy as np
 import torch
+from accelerate import PartialState
+from diffusers import AutoencoderKL
+from tqdm.auto import tqdm
 
-SCHEDULERS = ("ddpm", "ddim", "dpm")
+from ..models import SDTTransformer2DModel
+from ..pipelines import SDTPipeline
+from ..schedulers import SCHEDULER_NAMES, make_scheduler
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -55,9 +62,7 @@ def pipeline_from_checkpoint(checkpoint: str | Path, vae: str | None = None, dty
     folder or hub id of an ``AutoencoderKL``, ``"none"`` for pixel space, or ``None`` to use the one the run
     trained with.
     """
-    from .models import SDTTransformer2DModel
-    from .pipelines import SDTPipeline
-    from .training.checkpointing import read_training_state
+    from ..training.checkpointing import read_training_state
 
     checkpoint = Path(checkpoint)
     state = read_training_state(checkpoint)
@@ -80,8 +85,6 @@ def pipeline_from_checkpoint(checkpoint: str | Path, vae: str | None = None, dty
     vae_name = vae if vae is not None else state.get("vae")
     autoencoder = None
     if vae_name and vae_name.lower() != "none":
-        from diffusers import AutoencoderKL
-
         autoencoder = AutoencoderKL.from_pretrained(vae_name)
     id2label = {int(k): v for k, v in state["id2label"].items()} if state.get("id2label") else None
     pipe = SDTPipeline(transformer=transformer.eval(), vae=autoencoder, scheduler=None, id2label=id2label)
@@ -141,10 +144,7 @@ def settings_of(args: argparse.Namespace, num_classes: int) -> dict:
 
 def run(args: argparse.Namespace) -> Path | None:
     """Sample (this process's share of) ``args.num_samples`` images; the main process writes the npz."""
-    from accelerate import PartialState
-    from tqdm.auto import tqdm
 
-    from .pipelines import SDTPipeline, make_scheduler
 
     # several processes without CUDA (``accelerate launch --multi_gpu`` on a CPU machine): gloo on the CPU
     state = PartialState(cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available())
@@ -239,7 +239,6 @@ def assemble(output: Path, num_chunks: int, sizes: list[int], labels: np.ndarray
     images = np.concatenate(parts)
     output.parent.mkdir(parents=True, exist_ok=True)
     _atomic_savez(output, arr_0=images, arr_1=labels)
-    import diffusers
 
     sidecar = {
         **settings,
@@ -267,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-device-batch", type=int, default=32)
     p.add_argument("--guidance-scale", type=float, default=1.5)
     p.add_argument("--steps", type=int, default=250)
-    p.add_argument("--scheduler", choices=SCHEDULERS, default="ddpm",
+    p.add_argument("--scheduler", choices=SCHEDULER_NAMES, default="ddpm",
                    help="ddpm = the pipeline's DDPM with learned-range variance (DiT's sampler)")
     p.add_argument("--labels", choices=("random", "balanced"), default="random")
     p.add_argument("--seed", type=int, default=0)

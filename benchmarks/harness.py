@@ -42,9 +42,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import spatial_decay as eq
-from .attention_backends import ATTENTION_BACKENDS, DecayInputs
-from .models.transformer_sdt import MODEL_SIZES, SDTTransformer2DModel
+from sdt_diffusion.attention import spatial_decay as eq
+from sdt_diffusion.attention.backends import ATTENTION_BACKENDS, DecayInputs
+from sdt_diffusion.models.transformer_sdt import MODEL_SIZES, SDTTransformer2DModel
 
 H100_BF16_DENSE_TFLOPS = 989.0  # H100 SXM dense bf16 peak (H200: the same compute)
 
