@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from sdt_diffusion.attention import spatial_decay as eq
 from sdt_diffusion.attention.backends import ATTENTION_BACKENDS, DecayInputs
-from sdt_diffusion.models.transformer_sdt import MODEL_SIZES, SDTTransformer2DModel
+from sdt_diffusion.models.transformer_sdt import MODEL_SIZES, SDTTransformer2DModel, count_parameters
 
 H100_BF16_DENSE_TFLOPS = 989.0  # H100 SXM dense bf16 peak (H200: the same compute)
 
@@ -82,11 +82,6 @@ def build_model(kind: str, size: str, patch_size: int = 2, attention_backend: st
     if kind == "dit":
         return build_dit(size, patch_size)
     raise ValueError(f"unknown model kind {kind!r}")
-
-
-def count_params(model: nn.Module) -> int:
-    """Trainable parameters."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def make_batch(batch: int, device: torch.device, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
@@ -410,13 +405,13 @@ def compare_models(build: Callable[[str], nn.Module], make_step: Callable[[nn.Mo
         steps = {kind: make_step(models[kind]) for kind in kinds}
         times = time_interleaved(steps, device, warmup, repeats)
         for kind in kinds:
-            out[kind] = {"time": Timing.of(times[kind]), "params": count_params(models[kind])}
+            out[kind] = {"time": Timing.of(times[kind]), "params": count_parameters(models[kind])}
         return out
     for kind in kinds:
         model = build(kind)
         step = make_step(model)
         entry: dict[str, Any] = {"time": Timing.of(time_interleaved({kind: step}, device, warmup, repeats)[kind]),
-                                 "params": count_params(model)}
+                                 "params": count_parameters(model)}
         if cuda_memory:
             entry["peak_mem_mib"] = cuda_training_memory(step, device) / 2**20
         out[kind] = entry

@@ -20,6 +20,7 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineO
 from diffusers.utils.torch_utils import randn_tensor
 
 from sdt_diffusion.models import SDTTransformer2DModel
+from sdt_diffusion.models.vae import decode_latents
 from sdt_diffusion.schedulers import LEARNED_VARIANCE, SCHEDULER_NAMES, default_scheduler, make_scheduler
 from sdt_diffusion.utils.labels import LabelIndex, default_id2label, normalize_id2label
 
@@ -299,11 +300,7 @@ class SDTPipeline(DiffusionPipeline):
             images = latents
         else:
             if self.vae is not None:
-                z = latents / self.vae.config.scaling_factor
-                shift = getattr(self.vae.config, "shift_factor", None)
-                if shift:
-                    z = z + shift
-                samples = self.vae.decode(z.to(self.vae.dtype)).sample.float()
+                samples = decode_latents(self.vae, latents).float()
             else:
                 samples = latents
             images = (samples / 2 + 0.5).clamp(0, 1)

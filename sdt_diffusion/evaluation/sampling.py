@@ -27,6 +27,9 @@ from tqdm.auto import tqdm
 from ..models import SDTTransformer2DModel
 from ..pipelines import SDTPipeline
 from ..schedulers import SCHEDULER_NAMES, make_scheduler
+from ..utils.files import atomic_write
+from ..utils.runtime import cpu_multiprocess
+from ..utils.seeding import index_generator
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -46,7 +49,7 @@ def sample_labels(num_samples: int, num_classes: int, mode: str, seed: int) -> n
 
 def sample_generator(seed: int, index: int) -> torch.Generator:
     """The generator of sample ``index``: independent of batch composition and process count."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + index) % (2**63 - 1))
+    return index_generator(seed, index)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -100,12 +103,7 @@ def chunk_path(output: Path, chunk: int) -> Path:
 
 
 def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def _chunk_done(path: Path, size: int) -> bool:
@@ -147,7 +145,7 @@ def run(args: argparse.Namespace) -> Path | None:
 
 
     # several processes without CUDA (``accelerate launch --multi_gpu`` on a CPU machine): gloo on the CPU
-    state = PartialState(cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available())
+    state = PartialState(cpu=cpu_multiprocess())
     output = Path(args.output)
     if output.suffix != ".npz":
         raise ValueError(f"--output must end in .npz, got {output}")

@@ -16,6 +16,7 @@ from PIL import Image
 from ..pipelines import SDTPipeline
 from ..schedulers import make_scheduler
 from ..utils.images import make_labelled_grid
+from ..utils.seeding import index_generator
 from .decay_maps import pipeline_decay_maps, plot_decay_maps
 
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
@@ -42,7 +43,7 @@ def build_sample_parser() -> argparse.ArgumentParser:
                         help="classifier-free guidance scale; <= 1 disables guidance (default 4)")
     parser.add_argument("--steps", type=int, default=250, help="denoising steps (default 250, DiT's sampler)")
     parser.add_argument("--seed", type=int, default=0,
-                        help="image i uses seed + i, so an image does not depend on the others (default 0)")
+                        help="image i draws from its own seed derived from (seed, i), so an image does not depend on the others (default 0)")
     parser.add_argument("--out", default="samples.png", help="output image grid (default samples.png)")
     parser.add_argument("--scheduler", choices=("ddpm", "ddim", "dpm"), default=None,
                         help="ddpm (learned variance, DiT), ddim or dpm (DPM-Solver++); default: the saved one")
@@ -77,7 +78,7 @@ def sample_main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         parser.error(str(err))
     # CPU generators: the same seed gives the same noise on every device.
-    generators = [torch.Generator().manual_seed(args.seed + i) for i in range(len(ids))]
+    generators = [index_generator(args.seed, i) for i in range(len(ids))]
     images = pipe(
         class_labels=ids,
         guidance_scale=args.guidance,

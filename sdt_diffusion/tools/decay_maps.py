@@ -18,6 +18,7 @@ from torch import Tensor
 from ..attention.backends import dense_decay_bias
 from ..attention.modes import DECAY_MODE_TABLE, decay_mode
 from ..attention.spatial_decay import manhattan_distance
+from ..models.vae import decode_latents, encode_latents, vae_downsampling_factor
 
 PANEL_INCHES = 1.1
 DPI = 100
@@ -169,20 +170,19 @@ def pipeline_decay_maps(
     generator = torch.Generator().manual_seed(seed)
     vae = pipe.vae
     if image is not None:
-        factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+        factor = vae_downsampling_factor(vae) if vae is not None else 1
         size = transformer.config.sample_size * factor
         arr = np.asarray(image.convert("RGB").resize((size, size)), dtype=np.float32) / 127.5 - 1.0
         pixels = torch.from_numpy(arr).permute(2, 0, 1)[None]
         if vae is not None:
-            dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-            latents = dist.mean * vae.config.scaling_factor
+            latents = encode_latents(vae, pixels, sample=False)
         else:
             latents = pixels
         shown = (arr + 1) / 2
     else:
         latents = pipe(class_labels=[label], num_inference_steps=num_inference_steps, generator=generator,
                        output_type="latent").images
-        pixels = latents if vae is None else vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample
+        pixels = latents if vae is None else decode_latents(vae, latents)
         shown = (pixels[0].float().permute(1, 2, 0).cpu().numpy() + 1) / 2
     if shown.shape[-1] != 3:  # a pixel-space model with other than 3 channels: show the mean as grey
         shown = np.repeat(shown.mean(-1, keepdims=True), 3, axis=-1)

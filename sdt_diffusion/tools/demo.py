@@ -24,6 +24,7 @@ from PIL import Image
 from ..pipelines import SDTPipeline
 from ..training.checkpointing import latest_checkpoint, read_training_state
 from ..utils.images import make_labelled_grid
+from ..utils.seeding import index_generator
 from .decay_maps import pipeline_decay_maps, plot_decay_maps
 
 DIGIT_NAMES = [f"digit {k}" for k in range(10)]
@@ -237,10 +238,10 @@ def run(args: argparse.Namespace) -> dict:
     pipe = SDTPipeline.from_pretrained(pipeline_dir)
     n = args.samples_per_class
     labels = [k for k in range(10) for _ in range(n)]
-    generators = [torch.Generator().manual_seed(args.seed * 100_003 + i) for i in range(len(labels))]
+    generators = [index_generator(args.seed, i) for i in range(len(labels))]
     guided = pipe(class_labels=labels, guidance_scale=args.guidance_scale, num_inference_steps=args.sample_steps,
                   generator=generators, output_type="np").images
-    generators = [torch.Generator().manual_seed(args.seed * 100_003 + i) for i in range(len(labels))]
+    generators = [index_generator(args.seed, i) for i in range(len(labels))]
     unguided = pipe(class_labels=labels, guidance_scale=1.0, num_inference_steps=args.sample_steps,
                     generator=generators, output_type="np").images
     to_pil = [Image.fromarray((im * 255).round().astype(np.uint8)) for im in guided]

@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from ..utils.files import replace_dir
 from .config import ConfigError
 
 __all__ = [
@@ -99,18 +100,6 @@ def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
     return path
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
 
 def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, state: dict[str, Any],
                     extra_saver: Any | None = None) -> Path:
@@ -144,15 +133,7 @@ def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, state: 
             json.dump({**state, "step": step}, f, indent=2)
             f.flush()
             os.fsync(f.fileno())
-        old = root / f"checkpoint-{step}.old"
-        if final.exists():  # re-saving a step (e.g. after a resume): swap, then drop the old copy
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        if old.exists():
-            shutil.rmtree(old)
+        replace_dir(tmp, final)  # re-saving a step (e.g. after a resume) swaps, then drops the old copy
     accelerator.wait_for_everyone()
     return final
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,6 +12,7 @@ from PIL import Image
 
 from ..models import SDTTransformer2DModel
 from ..schedulers import default_scheduler
+from ..utils.files import replace_dir
 from .ema import EMA
 
 __all__ = ["default_sample_classes", "ema_transformer", "export_pipeline", "sample_grid"]
@@ -64,20 +64,12 @@ def export_pipeline(
 
     target = Path(target)
     tmp = target.with_name(target.name + ".tmp")
-    old = target.with_name(target.name + ".old")
     if tmp.exists():
         shutil.rmtree(tmp)
     scheduler = default_scheduler(learn_sigma=bool(transformer.config.learn_sigma))
     pipe = SDTPipeline(transformer=transformer, vae=vae, scheduler=scheduler, id2label=id2label)
     pipe.save_pretrained(str(tmp))
-    if target.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old.exists():
-        shutil.rmtree(old)
-    return target
+    return replace_dir(tmp, target)
 
 
 @torch.no_grad()

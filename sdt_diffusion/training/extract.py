@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
 import sys
 from collections.abc import Sequence
@@ -30,6 +29,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from ..models.vae import vae_downsampling_factor, vae_scaling_factor
+from ..utils.files import atomic_write_text
+from ..utils.runtime import cpu_multiprocess, enable_tf32
 from .config import ConfigError, HelpFormatter
 from .data import CACHE_FORMAT, CACHE_VERSION, ImageClassDataset, class_names_to_id2label, load_image_source
 
@@ -88,12 +90,11 @@ def extract_latents(args: argparse.Namespace) -> Path:
         vae_cfg = dict(AutoencoderKL.load_config(args.vae, subfolder=args.vae_subfolder))
     except Exception as e:  # noqa: BLE001
         raise ConfigError(f"--vae {args.vae}: cannot load an AutoencoderKL config: {e}") from None
-    factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+    factor = vae_downsampling_factor(vae_cfg)
     if args.resolution % factor:
         raise ConfigError(f"--resolution {args.resolution} is not divisible by the VAE's downsampling factor {factor}")
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    accelerator = Accelerator(cpu=bool(args.cpu) or (world > 1 and not torch.cuda.is_available()))
+    accelerator = Accelerator(cpu=bool(args.cpu) or cpu_multiprocess())
     rank, world = accelerator.process_index, accelerator.num_processes
     with accelerator.local_main_process_first():
         source = load_image_source(args.data_dir, args.dataset, args.dataset_split, args.image_column, args.label_column)
@@ -110,8 +111,7 @@ def extract_latents(args: argparse.Namespace) -> Path:
     accelerator.wait_for_everyone()
 
     if args.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        enable_tf32()
     device = accelerator.device
     vae = AutoencoderKL.from_pretrained(args.vae, subfolder=args.vae_subfolder).eval().requires_grad_(False).to(device)
     channels, size = int(vae_cfg["latent_channels"]), args.resolution // factor
@@ -172,7 +172,7 @@ def extract_latents(args: argparse.Namespace) -> Path:
             "shards": shards,
             "latent_shape": [channels, size, size],
             "dtype": args.dtype,
-            "scaling_factor": float(vae_cfg.get("scaling_factor", 0.18215)),
+            "scaling_factor": vae_scaling_factor(vae_cfg),
             "vae": str(Path(args.vae).resolve()) if Path(args.vae).is_dir() else args.vae,
             "vae_subfolder": args.vae_subfolder,
             "resolution": args.resolution,
@@ -181,9 +181,7 @@ def extract_latents(args: argparse.Namespace) -> Path:
             "id2label": {str(k): v for k, v in id2label.items()} if id2label else None,
             "source": source.description,
         }
-        tmp = out / "metadata.json.tmp"
-        tmp.write_text(json.dumps(meta, indent=2))
-        os.replace(tmp, out / "metadata.json")
+        atomic_write_text(out / "metadata.json", json.dumps(meta, indent=2))
         logger.info("latent cache of %d images (%d shards) written to %s", n, world, out)
     accelerator.wait_for_everyone()
     return out

@@ -42,8 +42,11 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from ..models import PRESETS, SDTTransformer2DModel
+from ..models import PRESETS, SDTTransformer2DModel, count_parameters
+from ..models.vae import posterior_sample, vae_downsampling_factor, vae_scaling_factor
 from ..schedulers import default_scheduler
+from ..utils.runtime import cpu_multiprocess, enable_tf32
+from ..utils.seeding import index_generator
 from .checkpointing import (
     list_checkpoints,
     prune_checkpoints,
@@ -172,10 +175,6 @@ def _vae_config(name: str, subfolder: str | None) -> dict:
         raise ConfigError(f"--vae {where}: cannot load an AutoencoderKL config: {e}") from None
 
 
-def _vae_factor(cfg: dict) -> int:
-    return 2 ** (len(cfg.get("block_out_channels", (0,))) - 1)
-
-
 def plan_data(args: argparse.Namespace, accelerator: Any) -> DataPlan:
     """Open the training data (image folder, saved dataset or latent cache) and check shapes against flags."""
     vae_arg = None if args.vae is None else (None if str(args.vae).lower() == "none" else args.vae)
@@ -189,7 +188,7 @@ def plan_data(args: argparse.Namespace, accelerator: Any) -> DataPlan:
         vae_name = vae_arg or meta["vae"]
         subfolder = args.vae_subfolder if vae_arg else meta.get("vae_subfolder")
         cfg = _vae_config(vae_name, subfolder)
-        scaling = float(cfg.get("scaling_factor", 0.18215))
+        scaling = vae_scaling_factor(cfg)
         if not math.isclose(scaling, float(meta["scaling_factor"]), rel_tol=1e-6):
             raise ConfigError(f"--vae {vae_name} has scaling_factor {scaling}, the cache was made with {meta['scaling_factor']}")
         channels, size, width = meta["latent_shape"]
@@ -200,7 +199,7 @@ def plan_data(args: argparse.Namespace, accelerator: Any) -> DataPlan:
         names = meta.get("class_names")
         id2label = {int(k): v for k, v in meta["id2label"].items()} if meta.get("id2label") else None
         return DataPlan("latents", dataset, dataset.labels, int(meta["num_classes"]), id2label, names,
-                        int(meta["resolution"]), vae_name, subfolder, int(channels), int(size), scaling, _vae_factor(cfg))
+                        int(meta["resolution"]), vae_name, subfolder, int(channels), int(size), scaling, vae_downsampling_factor(cfg))
 
     resolution = args.resolution or DEFAULT_RESOLUTION
     vae_name = vae_arg if args.vae is not None else DEFAULT_VAE
@@ -208,7 +207,7 @@ def plan_data(args: argparse.Namespace, accelerator: Any) -> DataPlan:
         channels, factor, scaling = 3, 1, 1.0
     else:
         cfg = _vae_config(vae_name, args.vae_subfolder)
-        channels, factor, scaling = int(cfg["latent_channels"]), _vae_factor(cfg), float(cfg.get("scaling_factor", 0.18215))
+        channels, factor, scaling = int(cfg["latent_channels"]), vae_downsampling_factor(cfg), vae_scaling_factor(cfg)
     if resolution % factor:
         raise ConfigError(f"--resolution {resolution} is not divisible by the VAE's downsampling factor {factor}")
     with accelerator.local_main_process_first():  # one datasets cache build per node
@@ -228,7 +227,7 @@ def encode_batch(batch: dict[str, torch.Tensor], vae: Any | None, scaling_factor
         mean = batch["latent_mean"].to(device, non_blocking=True)
         std = batch["latent_std"].to(device, non_blocking=True)
         eps = torch.randn(mean.shape, generator=generator, device=generator.device if generator else device)
-        return (mean + std * eps.to(device)) * scaling_factor
+        return posterior_sample(mean, std, eps.to(device), scaling_factor)
     pixels = batch["pixel_values"].to(device, non_blocking=True)
     if vae is None:
         return pixels
@@ -296,7 +295,7 @@ class HeldOutSet:
         for p in positions:
             real = p >= 0
             p = p if real else 0
-            g = torch.Generator().manual_seed(args.seed * 1_000_003 + int(chosen[p]) + 1)
+            g = index_generator(args.seed, int(chosen[p]))
             item = dataset[int(chosen[p])]
             pixels = item["pixel_values"][None].to(self.device)
             if vae is None:
@@ -305,7 +304,7 @@ class HeldOutSet:
                 with torch.no_grad():
                     dist = vae.encode(pixels).latent_dist
                 vae_eps = torch.randn(shape, generator=g).to(self.device)
-                latent = (dist.mean[0] + dist.std[0] * vae_eps) * plan.scaling_factor
+                latent = posterior_sample(dist.mean[0], dist.std[0], vae_eps, plan.scaling_factor)
             x0.append(latent.float())
             labels.append(item["labels"])
             t.append(int(torch.randint(0, num_timesteps, (1,), generator=g)))
@@ -382,8 +381,7 @@ def make_accelerator(args: argparse.Namespace) -> Any:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    cpu = bool(args.cpu) or (world > 1 and not torch.cuda.is_available())
+    cpu = bool(args.cpu) or cpu_multiprocess()
     out = Path(args.output_dir)
     kwargs: dict[str, Any] = {}
     if args.mixed_precision is not None:
@@ -469,8 +467,7 @@ def train(args: argparse.Namespace) -> TrainResult:
     # ---- build (same seed on every process: identical initial weights everywhere)
     set_seed(args.seed)
     if args.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        enable_tf32()
     vae = None
     if plan.vae_name is not None:
         from diffusers import AutoencoderKL
@@ -483,7 +480,7 @@ def train(args: argparse.Namespace) -> TrainResult:
     except ValueError as e:
         raise ConfigError(f"bad model configuration: {e}") from None
     learn_sigma = bool(model.config.learn_sigma)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = count_parameters(model, trainable_only=False)
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     model.train()

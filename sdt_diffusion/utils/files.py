@@ -1,0 +1,80 @@
+"""Crash-safe file writes: a finished file or folder is either the old one or the new one, never half of each."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+__all__ = ["atomic_write", "atomic_write_text", "fsync_dir", "replace_dir", "sha256_file"]
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Flush a folder's entries (a rename inside it) to disk; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> Path:
+    """Write ``path`` through ``write(binary_file)`` into a temporary file beside it, fsync, then rename.
+
+    Readers see the old content or the new, never a partial file; a crash leaves at most a hidden
+    ``.<name>.<pid>.tmp`` file, which nothing reads.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """:func:`atomic_write` of UTF-8 text."""
+    return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def replace_dir(tmp: str | Path, target: str | Path) -> Path:
+    """Move the finished folder ``tmp`` to ``target``, replacing an existing ``target`` safely.
+
+    The old ``target`` is first renamed to ``<target>.old`` and deleted only once the new one is in place,
+    so a crash at any point leaves either folder complete under one of the two names.
+    """
+    tmp, target = Path(tmp), Path(target)
+    old = target.with_name(target.name + ".old")
+    if target.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(target, old)
+    os.replace(tmp, target)
+    fsync_dir(target.parent)
+    if old.exists():
+        shutil.rmtree(old)
+    return target
+
+
+def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk_size), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,34 @@
+"""Process set-up shared by the training, latent-extraction and sampling entry points."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+
+__all__ = ["cpu_multiprocess", "enable_tf32", "ieee_fp32"]
+
+
+def cpu_multiprocess() -> bool:
+    """True when several processes were launched without CUDA (``accelerate launch --multi_gpu`` on a CPU
+    machine), where accelerate must be told ``cpu=True`` to use gloo on the CPU."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def enable_tf32(enabled: bool = True) -> None:
+    """Allow (or forbid) TF32 matmuls and convolutions on Ampere and newer GPUs."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
+@contextlib.contextmanager
+def ieee_fp32() -> Iterator[None]:
+    """Run the block with TF32 switched off (IEEE float32 convolutions and matmuls), then restore."""
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    enable_tf32(False)
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
