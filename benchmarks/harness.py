@@ -38,9 +38,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import diffusers
 import torch
 import torch.nn.functional as F
+from diffusers import DiTTransformer2DModel
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from sdt_diffusion.attention import spatial_decay as eq
 from sdt_diffusion.attention.backends import ATTENTION_BACKENDS, DecayInputs
@@ -66,8 +70,6 @@ def build_sdt(size: str, patch_size: int = 2, attention_backend: str = "auto", d
 
 def build_dit(size: str, patch_size: int = 2) -> nn.Module:
     """diffusers' ``DiTTransformer2DModel`` of the same size: in 4, out 8 channels, 32x32 latents, 1000 classes."""
-    from diffusers import DiTTransformer2DModel
-
     return DiTTransformer2DModel(
         **model_shape(size), patch_size=patch_size, in_channels=4, out_channels=8, sample_size=32,
         num_embeds_ada_norm=1000,
@@ -243,9 +245,6 @@ def forward_flops_per_image(kind: str, size: str, patch_size: int = 2, decay_mod
     are seen); elementwise work is not counted.  SDT uses the ``math`` backend here, so its attention
     counts head width d, not the augmented width of the fused backend: these are model FLOPs.
     """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
     model = build_model(kind, size, patch_size, attention_backend="math", decay_mode=decay_mode).eval()
     x, t, y = make_batch(1, torch.device("cpu"))
     counter = FlopCounterMode(display=False)
@@ -321,8 +320,6 @@ def device_name(device: torch.device) -> str:
 
 def environment(device: torch.device) -> dict[str, Any]:
     """Device, date, versions, commit and load: recorded beside every result."""
-    import diffusers
-
     info: dict[str, Any] = {
         "device": device_name(device),
         "device_type": device.type,
@@ -440,7 +437,7 @@ def benchmark_training(size: str, batch: int, device: torch.device, warmup: int,
         images_per_s = batch / entry["time"].median_s
         entry["forward_gflops_per_image"] = flops / 1e9
         entry["train_images_per_s"] = images_per_s
-        entry["achieved_tflops"] = 3 * flops * images_per_s / 1e12  # training = ~3 x forward (REFERENCE §6)
+        entry["achieved_tflops"] = 3 * flops * images_per_s / 1e12  # training ~ 3 x forward FLOPs (backward ~ 2 x forward)
         entry["mfu"] = entry["achieved_tflops"] / peak_tflops if peak_tflops else None
     return {"size": size, "patch_size": patch_size, "batch": batch, "precision": "bf16 autocast" if amp else "fp32",
             **res}

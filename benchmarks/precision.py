@@ -4,7 +4,7 @@
 * bf16 (CPU): q, k, v rounded to bf16, gates in float32, output vs the float64 reference on the
   unrounded inputs; for the fused form used here, for the dense bias cast to bf16 ("sdpa"), for the
   dense bias kept in float32 with bf16 q/k/v (the floor bf16 inputs allow), and for the 0/1-code
-  layout of REFERENCE §1 with every feature rounded separately (shown for comparison only).
+  layout (unit codes u_t = 1[x < t], the identity before re-centring to +-1 codes) with every feature rounded separately (shown for comparison only).
 
     python benchmarks/precision.py [--device cuda] [--output precision.json]
 """
@@ -33,7 +33,7 @@ def make_problem(height: int, width: int, batch: int, heads: int, head_dim: int,
 
 
 def reference_layout_attention(q, k, v, gates, height: int, width: int, alpha: float):
-    """REFERENCE §1 as written: 0/1 codes, query s[1, G_i, c_i, -2 G_i U_i, -2 U_i], key [G_j c_j, c_j, G_j, U_j, G_j U_j],
+    """The un-centred 0/1-code layout of the low-rank identity: 0/1 codes, query s[1, G_i, c_i, -2 G_i U_i, -2 U_i], key [G_j c_j, c_j, G_j, U_j, G_j U_j],
     each feature computed in float32 and rounded to q's dtype on its own (comparison only)."""
     u = (eq.threshold_codes(height, width, q.device) + 1) / 2  # u_t = 1[x < t]
     c = u.sum(-1)
@@ -84,7 +84,7 @@ def bf16_errors(logit_std: float, height: int = 16, width: int = 16, seeds: int 
                 "augmented (bf16)": ATTENTION_BACKENDS["augmented"](qb, kb, vb, decay),
                 "sdpa, dense bias cast to bf16": ATTENTION_BACKENDS["sdpa"](qb, kb, vb, decay),
                 "floor: bf16 q/k/v, float32 bias": eq.attention_with_bias(qb, kb, vb, bias.float()),
-                "REFERENCE 0/1 layout (bf16)": reference_layout_attention(qb, kb, vb, gates, height, width, 0.1),
+                "0/1-code layout (bf16)": reference_layout_attention(qb, kb, vb, gates, height, width, 0.1),
             }
         for name, out in outs.items():
             err = (out.double() - ref).abs()
