@@ -1,4 +1,5 @@
-"""Offline CPU tests of sdt_diffusion.evaluation.metrics (FID, sFID, IS, precision/recall; ADM definitions).
+"""Offline CPU tests of the metrics from images to numbers (sdt_diffusion.evaluation: readers, Inception features,
+reference cache, compute_metrics and the command line; ADM definitions). The formulas: test_metric_formulas.py.
 
 The Inception network is torch-fidelity's inception-v3-compat architecture with random (non-degenerate)
 weights written by the tests, so nothing is downloaded; sockets and torch.hub downloads are blocked.
@@ -15,10 +16,25 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import torch_fidelity
+import torch_fidelity.feature_extractor_inceptionv3 as fe
 from PIL import Image
 from torch import nn
 
-from sdt_diffusion.evaluation import metrics as M
+import sdt_diffusion.evaluation.evaluate as evaluate_module
+import sdt_diffusion.evaluation.reference as reference_module
+from sdt_diffusion.evaluation import (
+    EvaluationInputError,
+    FolderImages,
+    InceptionFeatures,
+    NpzImages,
+    compute_metrics,
+    evaluate_main,
+    extract_features,
+    format_markdown_table,
+    load_inception,
+    open_images,
+)
 
 # 299×299 Inception forwards cost ~6 GFLOP each: keep the sets tiny (a, b: N_IMAGES; c, d: N_SMALL images)
 N_IMAGES = 8
@@ -42,8 +58,6 @@ def no_network():
             refuse()
         return real_connect(self, address)
 
-    import torch_fidelity.feature_extractor_inceptionv3 as fe
-
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(socket.socket, "connect", guarded_connect)
         mp.setattr(socket, "create_connection", refuse)
@@ -55,8 +69,6 @@ def no_network():
 
 def make_random_inception_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     """inception-v3-compat with Kaiming convs, BN statistics calibrated on random images, a spread-out fc."""
-    import torch_fidelity.feature_extractor_inceptionv3 as fe
-
     with pytest.MonkeyPatch.context() as mp:  # build the architecture without loading any weights
         mp.setattr(fe, "load_state_dict_from_url", lambda *a, **k: {})
         mp.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
@@ -86,8 +98,8 @@ def weights_file(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def inception(weights_file) -> M.InceptionFeatures:
-    return M.load_inception(weights_file, "cpu")
+def inception(weights_file) -> InceptionFeatures:
+    return load_inception(weights_file, "cpu")
 
 
 def make_images(n: int, seed: int, size: int = 32) -> np.ndarray:
@@ -126,103 +138,13 @@ def sets(tmp_path_factory) -> SimpleNamespace:
     return out
 
 
-# ------------------------------------------------------------------------------------------------ formulas
-
-
-def test_fid_of_a_set_with_itself_is_zero():
-    x = np.random.default_rng(0).normal(size=(2000, 16)) @ np.random.default_rng(1).normal(size=(16, 16))
-    mu, sigma = M.feature_statistics(x)
-    assert abs(M.frechet_distance(mu, sigma, mu, sigma)) < 1e-6
-
-
-def test_fid_matches_the_analytic_frechet_distance():
-    rng = np.random.default_rng(0)
-    d = 6
-    m1, m2 = rng.normal(size=d), rng.normal(size=d)
-    s1, s2 = rng.uniform(0.5, 2.0, d), rng.uniform(0.5, 2.0, d)
-    analytic = np.sum((m1 - m2) ** 2) + np.sum(s1 + s2 - 2 * np.sqrt(s1 * s2))
-    # exact statistics: closed form to rounding error
-    assert M.frechet_distance(m1, np.diag(s1), m2, np.diag(s2)) == pytest.approx(analytic, rel=1e-10)
-    # large samples from the two Gaussians approach it
-    x1 = m1 + rng.normal(size=(100_000, d)) * np.sqrt(s1)
-    x2 = m2 + rng.normal(size=(100_000, d)) * np.sqrt(s2)
-    assert M.frechet_distance(*M.feature_statistics(x1), *M.feature_statistics(x2)) == pytest.approx(analytic, rel=0.02)
-
-
-def test_fid_agrees_with_torch_fidelity_on_full_covariances():
-    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
-
-    rng = np.random.default_rng(3)
-    a, b = rng.normal(size=(20, 20)), rng.normal(size=(20, 20))
-    s1, s2 = a @ a.T / 20 + 0.1 * np.eye(20), b @ b.T / 20 + 0.1 * np.eye(20)
-    m1, m2 = rng.normal(size=20), rng.normal(size=20)
-    theirs = fid_statistics_to_metric({"mu": m1, "sigma": s1}, {"mu": m2, "sigma": s2}, verbose=False)[KEY_METRIC_FID]
-    assert M.frechet_distance(m1, s1, m2, s2) == pytest.approx(theirs, rel=1e-8)
-    with pytest.raises(ValueError, match="shape"):
-        M.frechet_distance(m1, s1, m2[:5], s2[:5, :5])
-
-
-def test_inception_score_on_hand_made_logits():
-    assert M.inception_score(np.zeros((50, 1008))) == pytest.approx(1.0, abs=1e-12)
-    # 10 contiguous splits of 4; each split holds 4 confident, distinct classes -> IS = 4 per split
-    labels = np.tile(np.arange(4), 10) + np.repeat(np.arange(10), 4)
-    logits = np.full((40, 1008), -50.0)
-    logits[np.arange(40), labels] = 50.0
-    assert M.inception_score(logits, splits=10) == pytest.approx(4.0, rel=1e-9)
-    # the same rows shuffled across splits would give a different score: no shuffling is part of the definition
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(30, 7)) * 3
-    p = np.exp(x - x.max(1, keepdims=True))
-    p /= p.sum(1, keepdims=True)
-    direct = np.mean([np.exp(np.mean(np.sum(q * (np.log(q) - np.log(q.mean(0))), axis=1))) for q in np.split(p, 3)])
-    assert M.inception_score(x, splits=3) == pytest.approx(direct, rel=1e-9)
-    with pytest.raises(ValueError, match="at least 10 samples"):
-        M.inception_score(x[:5])
-
-
-def _square(corner: tuple[float, float], side: float = 1.0) -> list[tuple[float, float]]:
-    x, y = corner
-    return [(x, y), (x + side, y), (x, y + side), (x + side, y + side)]
-
-
-@pytest.mark.parametrize("batch_size", [3, 5000])
-def test_precision_recall_on_constructed_sets(batch_size):
-    # Four points on a unit square: each one's 3rd nearest neighbour is the opposite corner, squared radius 2.
-    real = _square((0, 0)) + _square((100, 0)) + _square((200, 0))  # 12 reference points
-    fake = _square((0.25, 0)) + _square((0, 100))  # 8 samples; the first square overlaps the first real one
-    pad = np.zeros((1, 14))
-    real_f = np.hstack([np.array(real), np.repeat(pad, len(real), 0)])
-    fake_f = np.hstack([np.array(fake), np.repeat(pad, len(fake), 0)])
-    precision, recall = M.precision_recall(real_f, fake_f, k=3, batch_size=batch_size)
-    assert precision == pytest.approx(4 / 8)  # the shifted square lies in the real balls; the far one does not
-    assert recall == pytest.approx(4 / 12)  # only the first real square is covered by sample balls
-    # a sample exactly on a ball's boundary counts as inside (<=, as in ADM)
-    on_edge = np.vstack([fake_f[4:], [[-1.0, -1.0] + [0.0] * 14]])  # squared distance 2 to (0, 0)
-    precision, _ = M.precision_recall(real_f, np.vstack([on_edge, fake_f[4:] + 5.0]), k=3, batch_size=batch_size)
-    assert precision == pytest.approx(1 / 9)
-
-
-def test_precision_recall_agrees_with_torch_fidelity_and_checks_counts():
-    from torch_fidelity.metric_prc import calculate_precision_recall_full
-
-    rng = np.random.default_rng(0)
-    real = rng.normal(size=(60, 8)).astype(np.float32)
-    fake = (rng.normal(size=(45, 8)) * 1.3 + 0.4).astype(np.float32)
-    ours = M.precision_recall(real, fake, k=3, batch_size=7)
-    theirs = calculate_precision_recall_full(torch.from_numpy(fake).double(), torch.from_numpy(real).double(), 3)
-    assert ours == pytest.approx(theirs)
-    assert 0 < ours[0] < 1 and 0 < ours[1] < 1
-    with pytest.raises(ValueError, match="at least 4 sample points"):
-        M.precision_recall(real, fake[:3], k=3)
-
-
 # ------------------------------------------------------------------------------------------------ end to end
 
 
 @pytest.mark.slow
 def test_end_to_end_set_against_itself(sets, weights_file, tmp_path):
     cache = tmp_path / "cache"
-    r = M.compute_metrics(sets.a_npz, sets.a_npz, inception_weights=weights_file, device="cpu", cache_dir=cache,
+    r = compute_metrics(sets.a_npz, sets.a_npz, inception_weights=weights_file, device="cpu", cache_dir=cache,
                           batch_size=3, is_splits=2, progress=False)
     for key in ("fid", "sfid", "inception_score", "precision", "recall"):
         assert r[key] is not None and np.isfinite(r[key]), key
@@ -245,33 +167,33 @@ def test_end_to_end_set_against_itself(sets, weights_file, tmp_path):
 
 def test_reference_features_are_cached_and_reused(sets, inception, tmp_path, monkeypatch):
     calls = []
-    real_extract = M.extract_features
 
     def spy(*args, **kwargs):
         calls.append(kwargs["desc"])
-        return real_extract(*args, **kwargs)
+        return extract_features(*args, **kwargs)
 
-    monkeypatch.setattr(M, "extract_features", spy)
+    monkeypatch.setattr(evaluate_module, "extract_features", spy)  # the samples' pass
+    monkeypatch.setattr(reference_module, "extract_features", spy)  # the reference's pass
     kwargs = dict(model=inception, cache_dir=tmp_path, metrics=("is", "pr"), is_splits=2, progress=False,
                   pr_batch_size=3)
-    first = M.compute_metrics(sets.c_npz, sets.d_npz, **kwargs)
+    first = compute_metrics(sets.c_npz, sets.d_npz, **kwargs)
     assert calls == ["Inception features (reference)", "Inception features (samples)"]
     assert len(list(tmp_path.glob("ref-*.npz"))) == 1
     calls.clear()
-    second = M.compute_metrics(sets.c_npz, sets.d_npz, **kwargs)
+    second = compute_metrics(sets.c_npz, sets.d_npz, **kwargs)
     assert calls == ["Inception features (samples)"]  # reference came from the cache
     assert (second["precision"], second["recall"]) == (first["precision"], first["recall"])
     assert first["fid"] is None and first["sfid"] is None  # not requested
 
 
 def test_folder_and_npz_inputs_give_the_same_features(sets, inception):
-    folder, npz = M.open_images(sets.c_dir), M.open_images(sets.c_npz)
-    assert isinstance(folder, M.FolderImages) and isinstance(npz, M.NpzImages)
+    folder, npz = open_images(sets.c_dir), open_images(sets.c_npz)
+    assert isinstance(folder, FolderImages) and isinstance(npz, NpzImages)
     np.testing.assert_array_equal(np.concatenate(list(folder.batches(3))), sets.c)
     np.testing.assert_array_equal(np.concatenate(list(folder.batches(2, num_workers=2))), sets.c)
-    np.testing.assert_array_equal(np.concatenate(list(M.open_images(sets.b_npz).batches(3))), sets.b)
-    f_folder = M.extract_features(folder.batches(3), inception, progress=False)
-    f_npz = M.extract_features(npz.batches(3), inception, progress=False)
+    np.testing.assert_array_equal(np.concatenate(list(open_images(sets.b_npz).batches(3))), sets.b)
+    f_folder = extract_features(folder.batches(3), inception, progress=False)
+    f_npz = extract_features(npz.batches(3), inception, progress=False)
     assert f_npz["pool"].shape == (N_SMALL, 2048)
     assert f_npz["spatial"].shape == (N_SMALL, 7 * 17 * 17)
     assert f_npz["logits"].shape == (N_SMALL, 1008)
@@ -292,9 +214,7 @@ def test_folder_and_npz_inputs_give_the_same_features(sets, inception):
 
 
 def test_agrees_with_torch_fidelity_calculate_metrics(sets, inception, weights_file):
-    import torch_fidelity
-
-    ours = M.compute_metrics(sets.c_dir, sets.d_dir, model=inception, metrics=("is", "pr"), use_cache=False,
+    ours = compute_metrics(sets.c_dir, sets.d_dir, model=inception, metrics=("is", "pr"), use_cache=False,
                              is_splits=2, progress=False)
     theirs = torch_fidelity.calculate_metrics(
         input1=str(sets.c_dir), input2=str(sets.d_dir), cuda=False, isc=True, prc=True, isc_splits=2,
@@ -318,10 +238,10 @@ def test_cli_with_statistics_only_reference(sets, inception, weights_file, tmp_p
         seen.append((mu2, sigma2))
         return 12.345
 
-    monkeypatch.setattr(M, "frechet_distance", fake_frechet)
+    monkeypatch.setattr(evaluate_module, "frechet_distance", fake_frechet)
     out = tmp_path / "out" / "result.json"
     with pytest.warns(UserWarning, match="precision/recall skipped"):
-        code = M.evaluate_main([str(sets.c_npz), str(ref), "--output", str(out), "--inception-weights",
+        code = evaluate_main([str(sets.c_npz), str(ref), "--output", str(out), "--inception-weights",
                                 str(weights_file), "--device", "cpu", "--batch-size", "5", "--is-splits", "2", "--cache-dir",
                                 str(tmp_path / "cache"), "--compare", "XL-G", "--name", "tiny", "--quiet"])
     assert code == 0
@@ -346,8 +266,8 @@ def test_stored_reference_statistics_take_precedence_over_its_images(sets, incep
     ref = tmp_path / "ref.npz"
     np.savez(ref, arr_0=sets.c, mu=mu, sigma=np.eye(2048))  # pool stats only: sFID falls back to the images
     seen = []
-    monkeypatch.setattr(M, "frechet_distance", lambda m1, s1, m2, s2: seen.append(m2) or 1.0)
-    r = M.compute_metrics(sets.c_npz, ref, model=inception, metrics=("fid", "sfid", "pr"), use_cache=False,
+    monkeypatch.setattr(evaluate_module, "frechet_distance", lambda m1, s1, m2, s2: seen.append(m2) or 1.0)
+    r = compute_metrics(sets.c_npz, ref, model=inception, metrics=("fid", "sfid", "pr"), use_cache=False,
                           progress=False)
     np.testing.assert_array_equal(seen[0], mu)
     assert seen[1].shape == (2023,)
@@ -356,12 +276,12 @@ def test_stored_reference_statistics_take_precedence_over_its_images(sets, incep
 
 
 def test_markdown_table_compare_rows():
-    table = M.format_markdown_table({"fid": 20.0}, "mine", compare="B").splitlines()
+    table = format_markdown_table({"fid": 20.0}, "mine", compare="B").splitlines()
     assert table[2] == "| mine | 20.00 | – | – | – | – |"
     assert table[3] == "| SDT-P-B/2 (paper, 400K) | 37.47 | – | – | – | – |"
     assert table[4] == "| DiT-B/2 (paper, 400K) | 43.47 | – | – | – | – |"
     with pytest.raises(ValueError, match="compare"):
-        M.format_markdown_table({}, "mine", compare="XXL")
+        format_markdown_table({}, "mine", compare="XXL")
 
 
 # ------------------------------------------------------------------------------------------------ bad inputs
@@ -384,45 +304,45 @@ def test_bad_inputs_are_rejected_with_the_file_name(sets, tmp_path):
     ]
     (tmp_path / "samples.txt").write_text("hello")
     for path, message in cases:
-        with pytest.raises(M.EvaluationInputError, match=message) as info:
-            M.open_images(path, role="samples")
+        with pytest.raises(EvaluationInputError, match=message) as info:
+            open_images(path, role="samples")
         assert str(path) in str(info.value)
 
     mixed = write_folder(imgs, tmp_path / "mixed")
     Image.fromarray(make_images(1, seed=4, size=48)[0]).save(mixed / "sub" / "zzz.png")
-    with pytest.raises(M.EvaluationInputError, match="differs from") as info:
-        M.open_images(mixed)
+    with pytest.raises(EvaluationInputError, match="differs from") as info:
+        open_images(mixed)
     assert "zzz.png" in str(info.value)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(M.EvaluationInputError, match="no .png"):
-        M.open_images(tmp_path / "empty")
+    with pytest.raises(EvaluationInputError, match="no .png"):
+        open_images(tmp_path / "empty")
     deep = tmp_path / "sixteen"
     deep.mkdir()
     Image.fromarray(np.zeros((8, 8), dtype=np.uint16)).save(deep / "a.png")
-    with pytest.raises(M.EvaluationInputError, match="not 8-bit"):
-        M.open_images(deep)
+    with pytest.raises(EvaluationInputError, match="not 8-bit"):
+        open_images(deep)
 
     missing = tmp_path / "VIRTUAL_imagenet256_labeled.npz"
     with pytest.raises(FileNotFoundError, match="VIRTUAL_imagenet256_labeled.npz"):
-        M.compute_metrics(sets.a_npz, missing, progress=False)
+        compute_metrics(sets.a_npz, missing, progress=False)
     with pytest.raises(ValueError, match="does not exist"):  # also a ValueError
-        M.compute_metrics(sets.a_npz, missing, progress=False)
+        compute_metrics(sets.a_npz, missing, progress=False)
     bad_stats = _npz(tmp_path, "bad_stats.npz", mu=np.zeros(10), sigma=np.eye(10))
-    with pytest.raises(M.EvaluationInputError, match="expected \\(2048,\\)"):
-        M.compute_metrics(sets.a_npz, bad_stats, progress=False)
+    with pytest.raises(EvaluationInputError, match="expected \\(2048,\\)"):
+        compute_metrics(sets.a_npz, bad_stats, progress=False)
     three = _npz(tmp_path, "three.npz", arr_0=imgs[:3])
-    with pytest.raises(M.EvaluationInputError, match="needs at least 4 samples") as info:
-        M.compute_metrics(three, sets.a_npz, metrics=("pr",), progress=False)  # fails before any model is built
+    with pytest.raises(EvaluationInputError, match="needs at least 4 samples") as info:
+        compute_metrics(three, sets.a_npz, metrics=("pr",), progress=False)  # fails before any model is built
     assert "three.npz" in str(info.value)
 
 
 def test_cli_reports_bad_input_without_traceback(sets, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
-        M.evaluate_main([str(sets.a_npz), str(tmp_path / "nope.npz"), "--quiet"])
+        evaluate_main([str(sets.a_npz), str(tmp_path / "nope.npz"), "--quiet"])
     assert info.value.code == 2
     assert "nope.npz" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        M.evaluate_main([str(sets.a_npz), str(sets.a_npz), "--metrics", "fid,kid"])
+        evaluate_main([str(sets.a_npz), str(sets.a_npz), "--metrics", "fid,kid"])
 
 
 def test_weights_are_never_unpickled(tmp_path):
@@ -434,15 +354,15 @@ def test_weights_are_never_unpickled(tmp_path):
 
     evil = tmp_path / "evil.pth"
     torch.save({"Conv2d_1a_3x3.conv.weight": Exploit()}, evil)
-    with pytest.raises(M.EvaluationInputError, match="evil.pth"):
-        M.load_inception(evil)
+    with pytest.raises(EvaluationInputError, match="evil.pth"):
+        load_inception(evil)
     assert not marker.exists()
     with pytest.raises(FileNotFoundError):
-        M.load_inception(tmp_path / "missing.pth")
+        load_inception(tmp_path / "missing.pth")
     wrong = tmp_path / "wrong.pth"
     torch.save({"fc.weight": torch.zeros(3)}, wrong)
-    with pytest.raises(M.EvaluationInputError, match="wrong.pth"):
-        M.load_inception(wrong)
+    with pytest.raises(EvaluationInputError, match="wrong.pth"):
+        load_inception(wrong)
 
 
 def test_default_weights_come_from_torch_fidelity_url_without_unpickling(weights_file, inception, monkeypatch):
@@ -453,7 +373,7 @@ def test_default_weights_come_from_torch_fidelity_url_without_unpickling(weights
         return torch.load(weights_file, weights_only=True)
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", fake_hub)
-    model = M.load_inception(None, "cpu")
+    model = load_inception(None, "cpu")
     assert seen["url"].endswith("/weights-inception-2015-12-05-6726825d.pth")
     assert seen["weights_only"] is True and seen["check_hash"] is True
     assert model.weights_source == seen["url"]

@@ -25,10 +25,24 @@ def enable_tf32(enabled: bool = True) -> None:
 
 @contextlib.contextmanager
 def ieee_fp32() -> Iterator[None]:
-    """Run the block with TF32 switched off (IEEE float32 convolutions and matmuls), then restore."""
-    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    """Run the block with TF32 switched off (IEEE float32 convolutions and matmuls), then restore.
+
+    Uses the ``fp32_precision`` settings where torch has them (2.9 and later): once those have been set, torch
+    refuses to read the legacy ``allow_tf32`` flags, so the two are never mixed here.
+    """
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    matmul = torch.backends.cuda.matmul
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        saved = (conv.fp32_precision, matmul.fp32_precision)
+        conv.fp32_precision, matmul.fp32_precision = "ieee", "ieee"
+        try:
+            yield
+        finally:
+            conv.fp32_precision, matmul.fp32_precision = saved
+        return
+    saved = (torch.backends.cudnn.allow_tf32, matmul.allow_tf32)
     enable_tf32(False)
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+        torch.backends.cudnn.allow_tf32, matmul.allow_tf32 = saved
