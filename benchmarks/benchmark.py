@@ -20,6 +20,7 @@ import harness as bm
 import torch
 
 from sdt_diffusion.attention.backends import auto_backend_name
+from sdt_diffusion.utils.runtime import default_device
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    name = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    name = default_device(args.device).type
     device = torch.device(name)
     cuda = device.type == "cuda"
     if cuda:

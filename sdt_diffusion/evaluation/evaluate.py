@@ -23,6 +23,7 @@ import torch
 import torch_fidelity
 
 from ..utils.files import atomic_write_text
+from ..utils.runtime import default_device
 from .formulas import feature_statistics, frechet_distance, inception_score, precision_recall
 from .images import EvaluationInputError, ImageSource, open_images
 from .inception import FEATURE_EXTRACTOR_NAME, InceptionFeatures, extract_features, load_inception
@@ -61,12 +62,6 @@ PAPER_RESULTS: dict[str, list[tuple[str, float | None, float | None, float | Non
 # ----------------------------------------------------------------------------------------------------------
 # Computing the metrics
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def _computable_metrics(requested: set[str], ref: Reference) -> tuple[set[str], list[str]]:
@@ -208,7 +203,7 @@ def compute_metrics(
         warnings.warn(message, stacklevel=2)
     _check_counts(wanted, src, ref, k, is_splits)
 
-    dev = _resolve_device(device) if model is None else model.device
+    dev = default_device(device) if model is None else model.device
     if model is None:
         model = load_inception(inception_weights, dev)
     ref_feats: dict[str, np.ndarray] = {}

@@ -16,6 +16,7 @@ from PIL import Image
 from ..pipelines import SDTPipeline
 from ..schedulers import make_scheduler
 from ..utils.images import make_labelled_grid
+from ..utils.runtime import default_device
 from ..utils.seeding import index_generator
 from .decay_maps import pipeline_decay_maps, plot_decay_maps
 
@@ -66,7 +67,7 @@ def sample_main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--pipeline {folder} is not a saved pipeline folder (no model_index.json)")
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(args.device)
     dtype = getattr(torch, args.dtype)
 
     pipe = SDTPipeline.from_pretrained(folder, dtype=dtype)
@@ -132,7 +133,7 @@ def visualize_main(argv: Sequence[str] | None = None) -> int:
         if not Path(args.image).is_file():
             parser.error(f"--image {args.image} does not exist")
         image = Image.open(args.image)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(args.device)
     pipe = SDTPipeline.from_pretrained(folder).to(device)
     try:
         label = pipe.resolve_class_labels([args.class_label])[0]

@@ -8,7 +8,14 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["cpu_multiprocess", "enable_tf32", "ieee_fp32"]
+__all__ = ["cpu_multiprocess", "default_device", "enable_tf32", "ieee_fp32"]
+
+
+def default_device(requested: str | torch.device | None = None) -> torch.device:
+    """``requested`` if given, else CUDA when available, else the CPU."""
+    if requested not in (None, "auto"):
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def cpu_multiprocess() -> bool:
