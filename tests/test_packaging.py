@@ -1,32 +1,99 @@
-"""The wheel (a non-editable install) holds one top-level package, sdt_diffusion, with pipelines and data."""
+"""Packaging: the wheel holds one top-level package with every module and its data, builds without setuptools
+warnings, and code that needs a missing optional dependency names the extra that provides it."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import pytest
+
+from sdt_diffusion.tools import decay_maps, demo
+from sdt_diffusion.utils.optional import import_optional
+
 REPO = Path(__file__).resolve().parent.parent
+# Not part of the source: environments, build outputs, caches.
+_NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "outputs",
+                                     ".pytest_cache", ".ruff_cache")
+# Printed by distutils when the environment disables byte-code (PYTHONDONTWRITEBYTECODE): not about the project.
+_ENVIRONMENT_NOTES = ("byte-compiling is disabled",)
 
 
-def test_wheel_layout(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", str(REPO),
-                    "-w", str(tmp_path)], check=True, capture_output=True)
-    (wheel,) = tmp_path.glob("sdt_diffusion-*.whl")
-    names = zipfile.ZipFile(wheel).namelist()
+@dataclass
+class Build:
+    source: Path
+    wheel: Path
+    log: str
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory) -> Build:
+    """Build the wheel once from a clean copy (so no stale ``build/`` folder leaks into it), offline."""
+    source = tmp_path_factory.mktemp("src") / "sdt-diffusion"
+    shutil.copytree(REPO, source, ignore=_NOT_SOURCE)
+    out = source.parent / "wheel"
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "--no-build-isolation",
+                           "--no-index", str(source), "-w", str(out)], capture_output=True, text=True)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    (wheel,) = out.glob("sdt_diffusion-*.whl")
+    return Build(source, wheel, log)
+
+
+def test_wheel_layout(build):
+    names = set(zipfile.ZipFile(build.wheel).namelist())
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top == {"sdt_diffusion"}  # no generic top-level names such as training, eval or pipelines
-    for needed in ("sdt_diffusion/pipelines/pipeline_sdt.py", "sdt_diffusion/models/transformer_sdt.py",
-                   "sdt_diffusion/attention/spatial_decay.py", "sdt_diffusion/utils/imagenet_classes.json",
-                   "sdt_diffusion/training/trainer.py"):
-        assert needed in names, needed
+    expected = {"sdt_diffusion/" + p.relative_to(build.source / "sdt_diffusion").as_posix()
+                for p in (build.source / "sdt_diffusion").rglob("*") if p.suffix in (".py", ".json")}
+    expected |= {f"sdt_diffusion/pipelines/{p.name}" for p in (build.source / "pipelines").glob("*.py")}
+    assert "sdt_diffusion/utils/imagenet_classes.json" in expected
+    assert expected <= names, f"missing from the wheel (add the package to pyproject.toml): {expected - names}"
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-    text = zipfile.ZipFile(wheel).read(entry_points).decode()
+    text = zipfile.ZipFile(build.wheel).read(entry_points).decode()
     assert "sdt-sample" in text and "sdt-visualize" in text
+    metadata = zipfile.ZipFile(build.wheel).read(next(n for n in names if n.endswith("METADATA"))).decode()
+    assert "License-Expression: Apache-2.0" in metadata
+
+
+def test_wheel_build_prints_no_setuptools_warning(build):
+    warnings = [line for line in build.log.splitlines()
+                if ("warning" in line.lower()) and not any(note in line for note in _ENVIRONMENT_NOTES)]
+    assert not warnings, "\n".join(warnings)
 
 
 def test_import_from_another_directory(tmp_path):
     code = "import sdt_diffusion, sdt_diffusion.pipelines as p; print(sdt_diffusion.SDTTransformer2DModel.__name__)"
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, capture_output=True, text=True)
     assert out.stdout.strip() == "SDTTransformer2DModel"
+
+
+def test_missing_optional_dependency_names_its_extra(monkeypatch, tmp_path):
+    for name in ("matplotlib", "matplotlib.pyplot", "sklearn", "sklearn.datasets", "sklearn.svm"):
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed
+    maps = decay_maps.DecayMaps(np.zeros((1, 1, 2, 2)), np.zeros((1, 1, 2, 2)), (0, 0), 0, 0, "cdsf")
+    with pytest.raises(ImportError, match=r"pip install 'sdt-diffusion\[demo\]' \(or pip install matplotlib\)"):
+        decay_maps.plot_decay_maps(maps, tmp_path / "maps.png")
+    with pytest.raises(ImportError, match=r"pip install 'sdt-diffusion\[demo\]'"):
+        demo.plot_losses(tmp_path / "metrics.jsonl", tmp_path / "loss.png")
+    with pytest.raises(ImportError, match=r"sdt-diffusion\[demo\]' \(or pip install scikit-learn\)"):
+        import_optional("sklearn.datasets", "demo")
+    assert not (tmp_path / "maps.png").exists() and not (tmp_path / "loss.png").exists()
+
+
+def test_import_optional_keeps_errors_inside_an_installed_package(monkeypatch):
+    assert import_optional("json", "demo") is sys.modules["json"]
+    monkeypatch.setitem(sys.modules, "sdt_test_missing_dependency", None)
+    with pytest.raises(ImportError, match=r"sdt-diffusion\[eval\]"):
+        import_optional("sdt_test_missing_dependency.sub", "eval")
+    # An installed package whose own dependency is missing keeps Python's message (naming that dependency).
+    error = ModuleNotFoundError("No module named 'other'", name="other")
+    monkeypatch.setattr("importlib.import_module", lambda name: (_ for _ in ()).throw(error))
+    with pytest.raises(ModuleNotFoundError, match="other") as info:
+        import_optional("sdt_test_pkg", "eval")
+    assert "sdt-diffusion" not in str(info.value)

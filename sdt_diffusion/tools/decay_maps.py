@@ -19,6 +19,7 @@ from ..attention.backends import dense_decay_bias
 from ..attention.modes import DECAY_MODE_TABLE, decay_mode
 from ..attention.spatial_decay import manhattan_distance
 from ..models.vae import decode_latents, encode_latents, vae_downsampling_factor
+from ..utils.optional import import_optional
 
 PANEL_INCHES = 1.1
 DPI = 100
@@ -115,10 +116,8 @@ def plot_decay_maps(maps: DecayMaps, path: str | Path, title: str | None = None,
     Colours are exp(M), the factor the decay multiplies attention weights by (1 = no decay).
     ``image`` (H, W, 3 in [0, 1]) is drawn faintly under the maps when given.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import_optional("matplotlib", "demo").use("Agg")  # optional dependency: imported only to draw
+    plt = import_optional("matplotlib.pyplot", "demo")
 
     layers, heads = maps.learned.shape[:2]
     w_px, h_px = figure_size_pixels(layers, heads)

@@ -24,6 +24,7 @@ from PIL import Image
 from ..pipelines import SDTPipeline
 from ..training.checkpointing import latest_checkpoint, read_training_state
 from ..utils.images import make_labelled_grid
+from ..utils.optional import import_optional
 from ..utils.seeding import index_generator
 from .decay_maps import pipeline_decay_maps, plot_decay_maps
 
@@ -48,9 +49,7 @@ DEMO_MODEL_KWARGS = {
 # ----------------------------------------------------------------------------------------- data
 def load_digits_arrays(resolution: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """All 1,797 digits as uint8 (N, resolution, resolution) grey images and int labels."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
+    digits = import_optional("sklearn.datasets", "demo").load_digits()  # optional dependency (demo extra)
     small = np.clip(digits.images * (255.0 / 16.0), 0, 255).astype(np.uint8)
     big = np.stack([np.asarray(Image.fromarray(im).resize((resolution, resolution), Image.BICUBIC)) for im in small])
     return big, digits.target.astype(np.int64)
@@ -115,9 +114,7 @@ def train_digit_classifier(images: np.ndarray, labels: np.ndarray, seed: int = 0
     digits, so per-pixel standardisation multiplies any faint ink there by ~100 and sends nearly every
     imperfect digit to one class.
     """
-    from sklearn.svm import SVC
-
-    clf = SVC(C=10.0, gamma="scale", random_state=seed)
+    clf = import_optional("sklearn.svm", "demo").SVC(C=10.0, gamma="scale", random_state=seed)
     clf.fit(_features(images), labels)
     return clf
 
@@ -131,10 +128,8 @@ def class_consistency(classifier, images: np.ndarray, requested: np.ndarray) -> 
 # ----------------------------------------------------------------------------------------- pictures
 def plot_losses(metrics_path: Path, out: Path) -> dict[str, float | None]:
     """Plot the training loss (and held-out loss) from train.py's metrics.jsonl; return the final values."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import_optional("matplotlib", "demo").use("Agg")  # optional dependency: imported only to draw
+    plt = import_optional("matplotlib.pyplot", "demo")
 
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
