@@ -17,8 +17,12 @@ import numpy as np
 import torch
 from diffusers.models import AutoencoderKL
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
+from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
+# The whole package, for its public names (read at call time). No new import cycle: importing any
+# ``sdt_diffusion.*`` module already runs ``sdt_diffusion/__init__``, which imports this module.
+import sdt_diffusion
 from sdt_diffusion.models import SDTTransformer2DModel
 from sdt_diffusion.models.vae import decode_latents
 from sdt_diffusion.schedulers import LEARNED_VARIANCE, SCHEDULER_NAMES, default_scheduler, make_scheduler
@@ -26,10 +30,14 @@ from sdt_diffusion.utils.labels import LabelIndex, default_id2label, normalize_i
 
 __all__ = ["SDTPipeline", "default_scheduler", "make_scheduler", "SCHEDULER_NAMES"]
 
+logger = logging.get_logger(__name__)
+
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# Image channel counts ``numpy_to_pil`` turns into images (grey, RGB).
+IMAGE_CHANNELS = (1, 3)
 # Schedulers whose ``step`` consumes a predicted variance of any channel count. Other diffusers schedulers with
-# a ``variance_type`` option (DPM-Solver family, SA-Solver) drop it by keeping ``model_output[:, :3]``, which
-# is only right for 3-channel (pixel-space) models.
+# a ``variance_type`` option (DPM-Solver family, SA-Solver) never use it: they drop it by keeping
+# ``model_output[:, :3]``, which is only right for 3-channel (pixel-space) models.
 _VARIANCE_AWARE_SCHEDULERS = ("DDPMScheduler", "DDPMParallelScheduler")
 
 
@@ -91,8 +99,6 @@ class SDTPipeline(DiffusionPipeline):
         the top-level package exports the classes (and ``ModelMixin``), so saved pipelines do not depend on
         the internal file layout.
         """
-        import sdt_diffusion
-
         fixes = {}
         for key, value in self.config.items():
             if (
@@ -140,20 +146,16 @@ class SDTPipeline(DiffusionPipeline):
         return [self._label_index.name(int(i), short=short) for i in class_ids]
 
     def resolve_class_labels(self, class_labels: Any) -> list[int]:
-        """Class ids for ids and/or names (one or a sequence/tensor); raises ``ValueError`` for bad ones."""
-        if isinstance(class_labels, torch.Tensor):
-            class_labels = class_labels.reshape(-1).tolist()
-        elif isinstance(class_labels, (str, int, np.integer)):
-            class_labels = [class_labels]
-        elif isinstance(class_labels, np.ndarray):
-            class_labels = class_labels.reshape(-1).tolist()
+        """Class ids for ids and/or names: one, or any nesting of sequences, tensors and arrays of them.
+
+        The nesting is flattened in order, as ``DiTPipeline`` does, so ``[[1], [1]]`` and
+        ``[pipe.get_label_ids(n) for n in names]`` work. Raises ``ValueError`` naming a bad label.
+        """
         ids: list[int] = []
-        for label in class_labels:
+        for label in _flatten_labels(class_labels):
             if isinstance(label, str):
                 ids.append(self._label_index.lookup(label))
                 continue
-            if isinstance(label, torch.Tensor) and label.numel() == 1:
-                label = label.item()
             if isinstance(label, bool) or not isinstance(label, (int, np.integer)):
                 raise ValueError(f"class labels must be ints or class names, got {type(label).__name__}: {label!r}")
             if not 0 <= int(label) < self.num_classes:
@@ -179,7 +181,13 @@ class SDTPipeline(DiffusionPipeline):
                 )
 
     def _uses_variance(self) -> bool:
-        """Whether ``scheduler.step`` gets the predicted variance; raises for combinations that cannot work."""
+        """Whether ``scheduler.step`` gets the predicted variance.
+
+        A learned ``variance_type`` on a scheduler that never uses it (DPM-Solver, SA-Solver: typically inherited
+        through ``from_config`` of DiT's DDPM config) is set to ``None`` with a warning, so the scheduler gets
+        the noise prediction alone; DDPM's learned variance is kept. Raises for a DDPM that expects a variance
+        from a transformer that does not predict one.
+        """
         # `from_config` keeps keys a scheduler does not know (DDIM built from DDPM's config still lists
         # variance_type), so only a variance_type the scheduler class declares counts.
         declared = inspect.signature(type(self.scheduler).__init__).parameters
@@ -187,16 +195,17 @@ class SDTPipeline(DiffusionPipeline):
         if variance_type not in LEARNED_VARIANCE:
             return False
         name = type(self.scheduler).__name__
+        if name not in _VARIANCE_AWARE_SCHEDULERS:
+            self.scheduler.register_to_config(variance_type=None)
+            logger.warning(
+                f"set {name}'s variance_type from {variance_type!r} to None: {name} cannot use a predicted "
+                f"variance (it keeps the first 3 output channels), so it gets the predicted noise alone"
+            )
+            return False
         if not self.transformer.config.learn_sigma:
             raise ValueError(
                 f"{name} has variance_type={variance_type!r} but the transformer does not predict a variance "
                 f"(learn_sigma=False); use e.g. variance_type='fixed_small'"
-            )
-        if name not in _VARIANCE_AWARE_SCHEDULERS and self.transformer.config.in_channels != 3:
-            raise ValueError(
-                f"{name} with variance_type={variance_type!r} keeps only the first 3 output channels, which breaks "
-                f"{self.transformer.config.in_channels}-channel latents; build it with variance_type=None, e.g. "
-                f"make_scheduler('dpm', pipe.scheduler.config) or {name}.from_config(config, variance_type=None)"
             )
         return True
 
@@ -208,7 +217,7 @@ class SDTPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        class_labels: int | str | Sequence[int | str] | torch.Tensor,
+        class_labels: int | str | Sequence[Any] | torch.Tensor | np.ndarray,
         guidance_scale: float = 4.0,
         num_inference_steps: int = 250,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -220,7 +229,8 @@ class SDTPipeline(DiffusionPipeline):
         r"""Generate one image per class label.
 
         Args:
-            class_labels: class ids and/or names (any synonym, case-insensitive), mixed freely.
+            class_labels: class ids and/or names (any synonym, case-insensitive), mixed freely: one, or any
+                nesting of lists, tuples, tensors and arrays of them, flattened in order (one image each).
             guidance_scale: classifier-free guidance weight ``s`` in ``ε_u + s (ε_c − ε_u)``; values ≤ 1 run
                 the conditional model alone (DiT's convention). DiT's FID-50K setting is 1.5.
             num_inference_steps: denoising steps (DiT samples with 250 DDPM steps).
@@ -251,9 +261,15 @@ class SDTPipeline(DiffusionPipeline):
                 raise ValueError(f"got {len(generator)} generators for a batch of {batch} class labels")
             generator = list(generator)
         self._check_components()
-        use_variance = self._uses_variance()
         cfg = self.transformer.config
         channels, size = cfg.in_channels, cfg.sample_size
+        if output_type != "latent" and self.vae is None and channels not in IMAGE_CHANNELS:
+            raise ValueError(
+                f"output_type={output_type!r} needs images, but the transformer makes {channels}-channel latents "
+                f"and the pipeline has no VAE to decode them; set pipe.vae to an AutoencoderKL with "
+                f"latent_channels={channels}, or use output_type='latent'"
+            )
+        use_variance = self._uses_variance()
         shape = (batch, channels, size, size)
         if latents is not None and tuple(latents.shape) != shape:
             raise ValueError(
@@ -313,3 +329,12 @@ class SDTPipeline(DiffusionPipeline):
         if not return_dict:
             return (images,)
         return ImagePipelineOutput(images=images)
+
+
+def _flatten_labels(labels: Any) -> list[Any]:
+    """The labels of any nesting of lists, tuples, tensors and arrays, in order; a string is one label."""
+    if isinstance(labels, (torch.Tensor, np.ndarray)):
+        return labels.reshape(-1).tolist()
+    if isinstance(labels, (list, tuple, range)):
+        return [label for item in labels for label in _flatten_labels(item)]
+    return [labels]

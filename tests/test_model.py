@@ -190,6 +190,56 @@ def test_gradient_checkpointing_same_gradients():
         torch.testing.assert_close(p.grad, ref[n])
 
 
+def precision_critical(param_name: str) -> bool:
+    """Whether SDT keeps this parameter in the compute dtype under layerwise casting."""
+    module = param_name.rsplit(".", 1)[0]
+    return (module == "x_embedder" or module.startswith(("emb.", "final_layer.")) or ".adaLN_modulation." in module
+            or module.endswith(".attn.gate"))
+
+
+def storage_bytes(model: torch.nn.Module, keep: bool) -> int:
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if precision_critical(n) == keep)
+
+
+def test_layerwise_casting_keeps_precision_critical_modules():
+    model = tiny().eval()
+    randomise_zero_init(model)
+    x, t, y = inputs()
+    with torch.no_grad():
+        ref = model(x, t, y).sample
+    cast_bytes = storage_bytes(model, keep=False)
+    model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    for name, p in model.named_parameters():
+        assert p.dtype == (torch.float32 if precision_critical(name) else torch.float8_e4m3fn), name
+    kept = {n.rsplit(".", 1)[0] for n, p in model.named_parameters() if p.dtype == torch.float32}
+    assert kept >= {"x_embedder", "emb.timestep_embedder.linear_1", "emb.class_embedder", "blocks.0.adaLN_modulation.1",
+                    "blocks.1.attn.gate", "final_layer.linear", "final_layer.adaLN_modulation.1"}
+    assert storage_bytes(model, keep=False) * 4 == cast_bytes  # qkv, proj, LPE, output gate, MLP: 1 byte a weight
+    with torch.no_grad():
+        out = model(x, t, y).sample  # runs on CPU, each cast layer upcast for its forward
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert (out - ref).abs().max() < 0.2 * ref.abs().max()  # fp8 weights: close, not equal
+    assert all(p.dtype == torch.float8_e4m3fn for n, p in model.named_parameters() if not precision_critical(n))
+
+
+def test_layerwise_casting_footprint_follows_compute_dtype():
+    """The kept modules are stored in the compute dtype, so bf16 compute must take less memory than fp32
+    compute (the check diffusers' LayerwiseCastingTesterMixin makes); with nothing kept both were equal."""
+
+    def footprint(storage, compute):
+        model = tiny().eval().to(compute)
+        model.enable_layerwise_casting(storage_dtype=storage, compute_dtype=compute)
+        x, t, y = inputs(dtype=compute)
+        with torch.no_grad():
+            model(x, t, y)
+        return model.get_memory_footprint()
+
+    fp32 = footprint(torch.float32, torch.float32)
+    fp8_fp32 = footprint(torch.float8_e4m3fn, torch.float32)
+    fp8_bf16 = footprint(torch.float8_e4m3fn, torch.bfloat16)
+    assert fp8_bf16 < fp8_fp32 < fp32
+
+
 def test_torch_compile():
     model = tiny().eval()
     randomise_zero_init(model)

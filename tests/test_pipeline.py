@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 import subprocess
 import sys
 import textwrap
@@ -12,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_tiny_transformer, make_tiny_vae
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from PIL import Image
 
@@ -132,12 +134,38 @@ def test_learned_variance_changes_ddpm_samples():
     assert not np.allclose(a, b)
 
 
-def test_dpm_with_inherited_learned_variance_raises_with_fix():
-    # `from_config` of DiT's DDPM config carries variance_type="learned_range", which DPM-Solver handles by
-    # keeping 3 channels; the pipeline says how to fix it instead of crashing inside the scheduler.
-    pipe = make_pipe(scheduler=DPMSolverMultistepScheduler.from_config(default_scheduler().config))
-    with pytest.raises(ValueError, match="variance_type=None"):
-        run(pipe, [1])
+@pytest.mark.parametrize("scheduler_class", [DPMSolverMultistepScheduler, EulerDiscreteScheduler, DDIMScheduler])
+def test_swapping_in_a_scheduler_from_the_pipeline_config(scheduler_class, caplog, monkeypatch):
+    # the canonical diffusers swap; DiT's DDPM config carries variance_type="learned_range", which DPM-Solver
+    # would honour by keeping 3 of the 4 latent channels: the pipeline sets it to None, with one warning
+    pipe = make_pipe()
+    pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+    seen = []
+    step = pipe.scheduler.step
+    monkeypatch.setattr(pipe.scheduler, "step", lambda out, *a, **k: seen.append(out.shape[1]) or step(out, *a, **k))
+    with caplog.at_level(logging.WARNING):
+        latents = run(pipe, [1, 2], guidance_scale=3.0, output_type="latent")
+        run(pipe, [1])  # corrected once: no second warning
+    assert latents.shape == (2, 4, 8, 8) and torch.isfinite(latents).all()
+    assert set(seen) == {4}  # the noise prediction alone
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    if scheduler_class is DPMSolverMultistepScheduler:
+        assert len(warnings) == 1 and "variance_type from 'learned_range' to None" in warnings[0]
+        assert "\n" not in warnings[0] and pipe.scheduler.config.variance_type is None
+        # exactly the sampler make_scheduler("dpm") builds from the same config
+        reference = run(make_pipe(scheduler=make_scheduler("dpm", default_scheduler().config)), [1, 2],
+                        guidance_scale=3.0, output_type="latent")
+        torch.testing.assert_close(latents, reference, rtol=0, atol=0)
+    else:
+        assert warnings == []
+
+
+def test_inherited_learned_variance_is_dropped_for_a_model_without_it():
+    # a learn_sigma=False model with DPM-Solver built from DiT's (learned-range) config: corrected, not refused
+    pipe = make_pipe(scheduler=DPMSolverMultistepScheduler.from_config(default_scheduler().config), learn_sigma=False)
+    assert run(pipe, [1]).shape == (1, 16, 16, 3)
+    with pytest.raises(ValueError, match="learn_sigma=False"):  # DDPM would use the variance: still refused
+        make_pipe(learn_sigma=False)(class_labels=[1], num_inference_steps=1)
 
 
 # ----------------------------------------------------------------------------- guidance
@@ -218,6 +246,17 @@ def test_pixel_space_pipeline_without_vae(tmp_path):
     loaded.set_progress_bar_config(disable=True)
     assert loaded.vae is None
     torch.testing.assert_close(run(loaded, [1, 2], output_type="pt"), pt, rtol=0, atol=0)
+
+
+def test_latent_model_without_vae_refuses_image_output():
+    # a 4-channel latent is not an image: without a VAE it used to come back as an RGBA picture / 4-channel array
+    pipe = make_pipe(vae=False)
+    for output_type in ("pil", "np", "pt"):
+        with pytest.raises(ValueError, match="4-channel latents and the pipeline has no VAE"):
+            pipe(class_labels=[1], num_inference_steps=1, output_type=output_type)
+    assert run(pipe, [1], output_type="latent").shape == (1, 4, 8, 8)
+    pipe.vae = make_tiny_vae()
+    assert run(pipe, [1], output_type="np").shape == (1, 16, 16, 3)
 
 
 def test_bfloat16_transformer_runs(pipe):
@@ -312,6 +351,25 @@ def test_label_lookup_names_synonyms_and_suggestions(pipe):
     assert pipe.get_label_names([9], short=False) == ["nine, Niner"]
 
 
+def test_nested_class_labels_are_flattened(pipe):
+    # as DiTPipeline, and as `[pipe.get_label_ids(n) for n in names]` produces
+    flat = run(pipe, [1, 1, 2, 3], generator=[gen(s) for s in range(4)], output_type="latent")
+    nested = [[[1], [1], [2], [3]], [pipe.get_label_ids(n) for n in ("one", "one", "two", "three")],
+              torch.tensor([[1], [1], [2], [3]]), np.array([[1, 1], [2, 3]]),
+              [torch.tensor([1, 1]), (np.int64(2), "three")], [[[1, 1]], [[2], ["three"]]]]
+    for labels in nested:
+        out = run(pipe, labels, generator=[gen(s) for s in range(4)], output_type="latent")
+        torch.testing.assert_close(out, flat, rtol=0, atol=0, msg=lambda m, la=labels: f"{la!r}: {m}")
+    assert pipe.resolve_class_labels([[0, "two"], [torch.tensor(9)], np.array([[4]])]) == [0, 2, 9, 4]
+    assert pipe.resolve_class_labels([["Niner"]]) == [9]
+    # errors still name the bad label, however deep
+    for labels, match in [([[1], ["elephant"]], "unknown class name 'elephant'"), ([[1], [1.5]], "got float: 1.5"),
+                          ([[1], [[10]]], "class id 10 is out of range"), (torch.tensor([[0.0]]), "got float: 0.0"),
+                          ([[], []], "class_labels is empty"), ([{1}], "got set"), ([[True]], "got bool")]:
+        with pytest.raises(ValueError, match=re.escape(match)):
+            pipe.resolve_class_labels(labels)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -373,16 +431,6 @@ def test_batch_consistency_with_per_sample_generators(name):
     with torch.no_grad():
         one_by_one = torch.cat([pipe.transformer(x[i:i + 1], t[:1], y[i:i + 1]).sample for i in range(3)])
         torch.testing.assert_close(pipe.transformer(x, t, y).sample, one_by_one, rtol=0, atol=1e-5)
-
-
-def test_enable_model_cpu_offload_runs_where_possible(pipe):
-    offloaded = make_pipe(id2label=NAMES)
-    try:
-        offloaded.enable_model_cpu_offload(device="cpu")
-    except (RuntimeError, ValueError, ImportError, NotImplementedError) as err:
-        pytest.skip(f"model CPU offload unavailable here: {err}")
-    np.testing.assert_allclose(run(offloaded, [1, 2]), run(pipe, [1, 2]), rtol=0, atol=1e-6)
-    np.testing.assert_allclose(run(offloaded, [3]), run(pipe, [3]), rtol=0, atol=1e-6)  # hooks re-armed
 
 
 # ----------------------------------------------------------------------------- grid and CLI

@@ -133,7 +133,21 @@ class SDTTransformer2DModel(ModelMixin, ConfigMixin):
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["SDTBlock"]
-    _skip_layerwise_casting_patterns = ["pos_embed", "norm"]
+    # Modules that `enable_layerwise_casting()` keeps in the compute dtype: regexes searched in module names, added
+    # to diffusers' defaults ("pos_embed", "patch_embed", "norm", ...), which match nothing with weights here (the
+    # norms have no affine weights, the sin-cos position embedding is a buffer).  Rounding in these modules
+    # reaches every token of every layer; they hold about a third of the weights (mostly adaLN):
+    # - x_embedder: the patch embedding, the one map from the latents into the network;
+    # - emb: the timestep MLP and the class table, i.e. the conditioning c of every adaLN modulation;
+    # - adaLN_modulation: each block's shift/scale/gate (diffusers' DiT keeps these, which live in its
+    #   AdaLayerNormZero "norm1", out of the cast through its "norm" pattern);
+    # - final_layer: the output projection, which writes epsilon and the variance interpolation directly;
+    # - attn.gate (W_g): the decay gate; the decay bias multiplies a gate by the token distance (eq. 8) or sums
+    #   gates along the path (eq. 6), so a rounding error in W_g grows with distance.
+    # What is cast: attention qkv/proj, the LPE convolution, the low-rank output gate and the MLP.
+    _skip_layerwise_casting_patterns = [
+        "x_embedder", r"^emb\.", "adaLN_modulation", r"^final_layer\.", r"\.attn\.gate$",
+    ]
 
     @register_to_config
     def __init__(
