@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from diffusers import AutoencoderKL
 
 from sdt_diffusion import SDTTransformer2DModel
 
@@ -26,8 +27,6 @@ def make_tiny_transformer(seed: int = 0, randomise: bool = True, **overrides) ->
 
 def make_tiny_vae(seed: int = 0):
     """A randomly initialised 2-level AutoencoderKL: 3x16x16 images <-> 4x8x8 latents (factor 2)."""
-    from diffusers import AutoencoderKL
-
     torch.manual_seed(seed)
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4,

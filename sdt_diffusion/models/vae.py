@@ -28,9 +28,11 @@ def _config(vae_or_config: Any) -> Mapping[str, Any]:
 
 
 def vae_downsampling_factor(vae_or_config: Any) -> int:
-    """Pixels per latent along each side: 2 to the number of down blocks minus one (8 for SD-VAE)."""
+    """Pixels per latent along each side: 2 to the number of encoder blocks minus one (8 for SD-VAE and for
+    the tiny TAESD-style ``AutoencoderTiny``, whose config names them ``encoder_block_out_channels``)."""
     cfg = _config(vae_or_config)
-    return 2 ** (len(cfg.get("block_out_channels", (0,))) - 1)
+    blocks = cfg.get("block_out_channels") or cfg.get("encoder_block_out_channels") or (0,)
+    return 2 ** (len(blocks) - 1)
 
 
 def vae_scaling_factor(vae_or_config: Any) -> float:
