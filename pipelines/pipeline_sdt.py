@@ -24,6 +24,8 @@ from diffusers.utils.torch_utils import randn_tensor
 # ``sdt_diffusion.*`` module already runs ``sdt_diffusion/__init__``, which imports this module.
 import sdt_diffusion
 from sdt_diffusion.models import SDTTransformer2DModel
+from sdt_diffusion.models.dit import DiTTransformer2DModel
+from sdt_diffusion.models.registry import MODEL_CLASSES, learns_sigma, num_classes_of
 from sdt_diffusion.models.vae import decode_latents
 from sdt_diffusion.schedulers import LEARNED_VARIANCE, SCHEDULER_NAMES, default_scheduler, make_scheduler
 from sdt_diffusion.utils.labels import LabelIndex, default_id2label, normalize_id2label
@@ -45,7 +47,8 @@ class SDTPipeline(DiffusionPipeline):
     r"""Class-conditional image generation with a Spatial Decay Transformer.
 
     Args:
-        transformer: the class-conditional denoiser (``SDTTransformer2DModel``).
+        transformer: the class-conditional denoiser: ``SDTTransformer2DModel``, or diffusers' ``DiTTransformer2DModel``
+            (the DiT baseline; see ``sdt_diffusion.models.dit``).
         vae: ``AutoencoderKL`` decoding latents to images, or ``None`` when the transformer works in pixel
             space (its sample, in [-1, 1], is the image).
         scheduler: any diffusers scheduler; ``default_scheduler()`` reproduces DiT's DDPM sampler.
@@ -64,7 +67,7 @@ class SDTPipeline(DiffusionPipeline):
 
     def __init__(
         self,
-        transformer: SDTTransformer2DModel,
+        transformer: SDTTransformer2DModel | DiTTransformer2DModel,
         vae: AutoencoderKL | None,
         scheduler: Any,
         id2label: dict[int, str] | dict[str, str] | None = None,  # str keys: as read back from JSON
@@ -76,7 +79,7 @@ class SDTPipeline(DiffusionPipeline):
             scheduler = default_scheduler()
         self.register_modules(transformer=transformer, vae=vae, scheduler=scheduler)
         self._check_components()
-        num_classes = self.transformer.num_classes
+        num_classes = num_classes_of(self.transformer)
         mapping = normalize_id2label(id2label, num_classes)
         if mapping is None:
             mapping = default_id2label(num_classes)
@@ -111,7 +114,7 @@ class SDTPipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------------ labels
     def _set_id2label(self, mapping: dict[int, str] | None) -> None:
-        self._label_index = LabelIndex(mapping, self.transformer.num_classes)
+        self._label_index = LabelIndex(mapping, num_classes_of(self.transformer))
         self.register_to_config(id2label=mapping)
 
     @property
@@ -121,7 +124,7 @@ class SDTPipeline(DiffusionPipeline):
 
     @id2label.setter
     def id2label(self, mapping: dict[int, str] | None) -> None:
-        self._set_id2label(normalize_id2label(mapping, self.transformer.num_classes))
+        self._set_id2label(normalize_id2label(mapping, num_classes_of(self.transformer)))
 
     @property
     def labels(self) -> dict[str, int]:
@@ -131,7 +134,7 @@ class SDTPipeline(DiffusionPipeline):
     @property
     def num_classes(self) -> int:
         """Number of classes; the null (unconditional) label equals it."""
-        return self.transformer.num_classes
+        return num_classes_of(self.transformer)
 
     def get_label_ids(self, label: str | Sequence[str]) -> list[int]:
         """Class ids for one name or a list of names: case-insensitive, any comma-separated synonym counts.
@@ -170,8 +173,9 @@ class SDTPipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------------ checks
     def _check_components(self) -> None:
-        if not isinstance(self.transformer, SDTTransformer2DModel):
-            raise ValueError(f"transformer must be an SDTTransformer2DModel, got {type(self.transformer).__name__}")
+        if not isinstance(self.transformer, tuple(MODEL_CLASSES.values())):
+            raise ValueError(f"transformer must be an SDTTransformer2DModel or diffusers' DiTTransformer2DModel "
+                             f"(the DiT baseline), got {type(self.transformer).__name__}")
         if self.vae is not None:
             latent_channels = self.vae.config.latent_channels
             if latent_channels != self.transformer.config.in_channels:
@@ -202,7 +206,7 @@ class SDTPipeline(DiffusionPipeline):
                 f"variance (it keeps the first 3 output channels), so it gets the predicted noise alone"
             )
             return False
-        if not self.transformer.config.learn_sigma:
+        if not learns_sigma(self.transformer):
             raise ValueError(
                 f"{name} has variance_type={variance_type!r} but the transformer does not predict a variance "
                 f"(learn_sigma=False); use e.g. variance_type='fixed_small'"
