@@ -9,7 +9,17 @@ from .attention import (
     register_attention_backend,
     spatial_decay_bias,
 )
-from .models import MODEL_SIZES, PRESETS, SDTTransformer2DModel, SpatialDecayAttention, count_parameters
+from .models import (
+    MODEL_SIZES,
+    PRESETS,
+    SDTHBackbone,
+    SDTHConfig,
+    SDTHForImageClassification,
+    SDTHModel,
+    SDTTransformer2DModel,
+    SpatialDecayAttention,
+    count_parameters,
+)
 from .pipelines import SDTPipeline
 from .schedulers import default_scheduler, make_scheduler
 from .utils.images import make_labelled_grid
@@ -24,6 +34,10 @@ __all__ = [
     "MODEL_SIZES",
     "ModelMixin",
     "PRESETS",
+    "SDTHBackbone",
+    "SDTHConfig",
+    "SDTHForImageClassification",
+    "SDTHModel",
     "SDTPipeline",
     "SDTTransformer2DModel",
     "SpatialDecayAttention",

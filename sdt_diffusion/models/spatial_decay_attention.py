@@ -38,19 +38,23 @@ class SpatialDecayAttention(nn.Module):
         self.alpha = alpha
         self.use_rope = use_rope
         self.qkv = nn.Linear(dim, 3 * dim)
+        self.fixed_decay_init = fixed_decay_init
+        self.fixed_decay_range = fixed_decay_range
         spec = decay_mode_spec(decay_mode)
         # W_g (eq. 4): one output per head, or [W_g,H, W_g,W] for the decomposed decay (eq. 11).
         self.gate = nn.Linear(dim, spec.gate_outputs * num_heads) if spec.gate_outputs else None
         if spec.fixed_gamma:
-            self.register_buffer(
-                "log_gamma", eq.rmt_log_gamma(num_heads, fixed_decay_init, fixed_decay_range), persistent=False
-            )
+            self.register_buffer("log_gamma", self.fixed_log_gamma(), persistent=False)
         else:
             self.log_gamma = None
         self.lpe = nn.Conv2d(dim, dim, lpe_kernel_size, padding=lpe_kernel_size // 2, groups=dim)
         self.gate_down = nn.Linear(dim, gate_rank, bias=False)  # W_u1
         self.gate_up = nn.Linear(gate_rank, dim, bias=False)  # W_u2
         self.proj = nn.Linear(dim, dim)
+
+    def fixed_log_gamma(self) -> torch.Tensor:
+        """RMT's per-head ``log gamma_h`` for ``decay_mode="fixed"`` (the non-persistent ``log_gamma`` buffer's value)."""
+        return eq.rmt_log_gamma(self.num_heads, self.fixed_decay_init, self.fixed_decay_range)
 
     def decay_inputs(self, x: Tensor, height: int, width: int, codes: Tensor | None = None) -> DecayInputs:
         """Gates and constants the decay variant needs for input ``x`` (B, L, D).
