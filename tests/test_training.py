@@ -540,3 +540,24 @@ def test_saved_dataset_with_custom_columns_trains_and_names_classes(tmp_path):
     index = json.loads((out / "pipeline" / "model_index.json").read_text())
     assert index["id2label"] == {"0": "cat", "1": "dog", "2": "owl"} and index["vae"] == [None, None]
     assert json.loads((out / "pipeline" / "transformer" / "config.json").read_text())["in_channels"] == 3
+
+
+def test_image_folder_loads_silently_with_the_folder_listing_as_class_ids(tmp_path, capfd):
+    img = Image.fromarray(np.zeros((6, 6, 3), np.uint8))
+    for rel in ("b/1.png", "b/10.PNG", "a/x.jpg", "a/deeper/y.png", "c c/z.png", ".hidden/h.png", "a/.h.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        img.save(tmp_path / rel, format="JPEG" if rel.endswith("jpg") else "PNG")
+    (tmp_path / "b" / "notes.txt").write_text("not an image")
+    capfd.readouterr()
+    source = load_image_source(data_dir=str(tmp_path))
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""  # no "Downloading data" / "Generating train split" progress
+    assert source.class_names == ["a", "b", "c c"] and source.num_classes == 3
+    rows = [Path(source.dataset[i]["image"]["path"]).relative_to(tmp_path).as_posix() for i in range(len(source))]
+    assert rows == ["a/deeper/y.png", "a/x.jpg", "b/1.png", "b/10.PNG", "c c/z.png"]
+    assert source.labels.tolist() == [0, 0, 1, 1, 2]
+    assert ImageClassDataset(source, 4)[(1, 0)]["pixel_values"].shape == (3, 4, 4)
+
+    (tmp_path / "0 empty").mkdir()  # an empty class folder would shift every class id after it: refused
+    with pytest.raises(ConfigError, match="'0 empty' holds no images"):
+        load_image_source(data_dir=str(tmp_path))

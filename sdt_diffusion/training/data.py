@@ -13,28 +13,36 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
 import torch
+from accelerate.data_loader import skip_first_batches as accelerate_skip_first_batches
 from PIL import Image
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
+from ..utils.labels import default_id2label
 from .config import ConfigError
 
 __all__ = [
     "CACHE_FORMAT",
     "EpochSampler",
+    "FolderRows",
+    "IMAGE_EXTENSIONS",
     "ImageClassDataset",
     "ImageSource",
     "LatentCacheDataset",
     "center_crop_arr",
     "iterate_batches",
+    "load_image_folder",
     "load_image_source",
+    "load_saved_dataset",
     "pil_to_tensor",
     "read_cache_metadata",
 ]
@@ -89,7 +97,7 @@ def _open_image(value: Any, where: str) -> Image.Image:
 class ImageSource:
     """An image/label dataset and its class names."""
 
-    dataset: Any  # datasets.Dataset with images not decoded
+    dataset: Any  # rows ``{image_column: cell}``: a datasets.Dataset with images not decoded, or FolderRows
     image_column: str
     labels: np.ndarray
     num_classes: int
@@ -100,55 +108,93 @@ class ImageSource:
         return len(self.labels)
 
 
-def load_image_source(
-    data_dir: str | None = None,
-    dataset: str | None = None,
-    split: str = "train",
-    image_column: str = "image",
-    label_column: str = "label",
-) -> ImageSource:
-    """Load an image folder (datasets' ``imagefolder`` builder, local) or a ``save_to_disk`` dataset.
+# Files PIL can open, matched case-insensitively (the same set datasets' ``imagefolder`` builder reads).
+IMAGE_EXTENSIONS = frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
 
-    Images stay undecoded (decoded per sample in :class:`ImageClassDataset`, so a bad file is named).
+
+def _visible(name: str) -> bool:
+    return not name.startswith((".", "__"))
+
+
+class FolderRows:
+    """The rows of an image folder, ``{"image": {"path", "bytes": None}}``, from a compact array of paths.
+
+    Paths are kept as file-system bytes in one numpy array (about 50 MB for ImageNet's 1.28M files, shared
+    with data-loader workers without per-object reference counts), so any file name, UTF-8 or not, works.
+    """
+
+    def __init__(self, root: Path, relative_paths: Sequence[bytes]) -> None:
+        self.root = os.fsencode(root)
+        self.paths = np.array(relative_paths, dtype=np.bytes_)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict[str, dict[str, Any]]:
+        return {"image": {"path": os.fsdecode(os.path.join(self.root, bytes(self.paths[index]))), "bytes": None}}
+
+
+def _list_images(folder: Path, root: Path) -> list[bytes]:
+    """Image files below ``folder`` (any depth, hidden entries skipped) as paths relative to ``root``."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(os.fsencode(folder)):
+        dirnames[:] = [d for d in dirnames if _visible(os.fsdecode(d))]
+        for name in filenames:
+            decoded = os.fsdecode(name)
+            if _visible(decoded) and os.path.splitext(decoded)[1].lower() in IMAGE_EXTENSIONS:
+                found.append(os.path.relpath(os.path.join(dirpath, name), os.fsencode(root)))
+    return found
+
+
+def load_image_folder(data_dir: str | Path) -> ImageSource:
+    """An image folder with one subfolder per class, read from the file system (no ``datasets`` cache).
+
+    Class ids follow the sorted subfolder names; every image below a class folder (at any depth) belongs to
+    that class; images are ordered by their path (the order of datasets' ``imagefolder`` builder).
 
     Raises:
-        ConfigError: no images, no labels, or missing columns.
+        ConfigError: no class subfolders, or a class subfolder without images (its id would shift the rest).
     """
-    import datasets
+    root = Path(data_dir)
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and _visible(p.name))
+    if not classes:
+        raise ConfigError(f"image folder {data_dir}: expected one subfolder per class, found no subfolders")
+    files: list[tuple[bytes, int]] = []
+    for label, name in enumerate(classes):
+        images = _list_images(root / name, root)
+        if not images:
+            raise ConfigError(
+                f"image folder {data_dir}: class folder {name!r} holds no images; class ids follow the folder "
+                f"listing, so remove the folder or add its images"
+            )
+        files.extend((path, label) for path in images)
+    files.sort()
+    labels = np.array([label for _, label in files], dtype=np.int64)
+    rows = FolderRows(root, [path for path, _ in files])
+    return ImageSource(rows, "image", labels, len(classes), classes, f"image folder {data_dir}")
 
-    if data_dir is not None:
-        root = Path(data_dir)
-        classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        if not classes:
-            raise ConfigError(f"--data-dir {data_dir}: expected one subfolder per class, found no subfolders")
-        try:
-            ds = datasets.load_dataset("imagefolder", data_dir=str(root), split="train")
-        except Exception as e:  # noqa: BLE001
-            raise ConfigError(f"--data-dir {data_dir}: cannot load it as an image folder: {e}") from e
-        image_column, label_column = "image", "label"
-        if label_column not in ds.column_names:
-            if len(classes) != 1:
-                raise ConfigError(f"--data-dir {data_dir}: could not infer class labels from the subfolders")
-            ds = ds.add_column(label_column, [0] * len(ds))
-            names: list[str] | None = classes
-        else:
-            names = list(ds.features[label_column].names)
-        description = f"image folder {data_dir}"
-    else:
-        try:
-            ds = datasets.load_from_disk(dataset)
-        except Exception as e:  # noqa: BLE001
-            raise ConfigError(f"--dataset {dataset}: not a dataset saved with save_to_disk: {e}") from e
-        if isinstance(ds, datasets.DatasetDict):
-            if split not in ds:
-                raise ConfigError(f"--dataset {dataset}: no split {split!r} (splits: {list(ds)})")
-            ds = ds[split]
-        for flag, col in (("--image-column", image_column), ("--label-column", label_column)):
-            if col not in ds.column_names:
-                raise ConfigError(f"--dataset {dataset}: no column {col!r} ({flag}); columns: {ds.column_names}")
-        feature = ds.features[label_column]
-        names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
-        description = f"dataset {dataset}"
+
+def load_saved_dataset(dataset: str, split: str = "train", image_column: str = "image",
+                       label_column: str = "label") -> ImageSource:
+    """A ``save_to_disk`` dataset (or one split of a ``DatasetDict``), images left undecoded.
+
+    Raises:
+        ConfigError: not a saved dataset, a missing split or column, no rows or negative labels.
+    """
+    try:
+        ds = datasets.load_from_disk(dataset)
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(f"--dataset {dataset}: not a dataset saved with save_to_disk: {e}") from e
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise ConfigError(f"--dataset {dataset}: no split {split!r} (splits: {list(ds)})")
+        ds = ds[split]
+    for flag, col in (("--image-column", image_column), ("--label-column", label_column)):
+        if col not in ds.column_names:
+            raise ConfigError(f"--dataset {dataset}: no column {col!r} ({flag}); columns: {ds.column_names}")
+    feature = ds.features[label_column]
+    names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+    description = f"dataset {dataset}"
     if len(ds) == 0:
         raise ConfigError(f"{description}: no images")
     labels = np.asarray(ds[label_column], dtype=np.int64)
@@ -161,11 +207,25 @@ def load_image_source(
     return ImageSource(ds, image_column, labels, num_classes, names, description)
 
 
+def load_image_source(
+    data_dir: str | None = None,
+    dataset: str | None = None,
+    split: str = "train",
+    image_column: str = "image",
+    label_column: str = "label",
+) -> ImageSource:
+    """An image folder (:func:`load_image_folder`) or a ``save_to_disk`` dataset (:func:`load_saved_dataset`).
+
+    Images stay undecoded (decoded per sample in :class:`ImageClassDataset`, so a bad file is named).
+    """
+    if data_dir is not None:
+        return load_image_folder(data_dir)
+    return load_saved_dataset(dataset, split, image_column, label_column)
+
+
 def class_names_to_id2label(names: Sequence[str] | None, num_classes: int) -> dict[int, str] | None:
     """id2label for the exported pipeline: folder / ClassLabel names; WordNet ids of a 1000-class folder
     (ImageNet's ``n01440764`` ...) and unnamed 1000-class data get the shipped ImageNet names."""
-    from ..utils.labels import default_id2label
-
     if names is None or (len(names) == 1000 and all(_SYNSET.match(n) for n in names)):
         return default_id2label(num_classes)
     return {i: str(n) for i, n in enumerate(names)}
@@ -338,8 +398,7 @@ def iterate_batches(
             f"each process sees {len(sampler)} samples per epoch, fewer than one batch of {batch_size}; "
             f"use a smaller batch or more data"
         )
-    if skip_first_batches is None:
-        from accelerate.data_loader import skip_first_batches
+    skip_first_batches = skip_first_batches or accelerate_skip_first_batches
     epoch, skip = divmod(start_batch, per_epoch)
     while True:
         sampler.set_epoch(epoch)
