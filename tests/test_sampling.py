@@ -11,10 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from accelerate.state import PartialState
 from conftest import make_tiny_transformer, make_tiny_vae
 
 from sdt_diffusion import SDTPipeline
-from sdt_diffusion.evaluation.sampling import sample_labels, to_uint8
+from sdt_diffusion.evaluation import sampling
+from sdt_diffusion.evaluation.sampling import SamplingSettings, sample_generator, sample_labels, to_uint8
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -36,6 +38,21 @@ def launch(pipeline_dir: Path, output: Path, processes: int, extra_env: dict | N
            "--output", str(output), *extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(extra_env or {})}
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _in_process(settings: SamplingSettings, **kwargs):
+    """``sampling.run`` in this process (one process), leaving no accelerate state behind."""
+    try:
+        return sampling.run(settings, **kwargs)
+    finally:
+        PartialState._reset_state()
+
+
+def _main(argv: list[str]) -> int:
+    try:
+        return sampling.main(argv)
+    finally:
+        PartialState._reset_state()
 
 
 def test_labels_random_and_balanced():
@@ -67,12 +84,22 @@ def test_one_and_two_processes_give_identical_npz_and_resume_after_kill(pipeline
     assert len(np.unique(a["arr_0"].reshape(10, -1), axis=0)) == 10  # every index has its own noise
     sidecar = json.loads((tmp_path / "one.json").read_text())
     assert sidecar["seed"] == 7 and sidecar["guidance_scale"] == 2.0 and sidecar["steps"] == 2
-    assert sidecar["labels"] == "random" and sidecar["scheduler"] == "ddpm"
+    assert sidecar["labels"] == "random" and sidecar["scheduler"] is None  # the pipeline's own scheduler
     assert json.loads((tmp_path / "two.json").read_text())["num_processes"] == 2
 
-    # a run killed after one chunk, then the same command again: every index exactly once
-    killed = launch(pipeline_dir, tmp_path / "k.npz", 1, {"SDT_DEBUG_STOP_AFTER_CHUNKS": "1"})
-    assert killed.returncode != 0 and not (tmp_path / "k.npz").exists()
+    # a run that dies after its first chunk, then the same command again: every index exactly once
+    settings = SamplingSettings(pipeline=str(pipeline_dir), output=str(tmp_path / "k.npz"), num_samples=10,
+                                per_device_batch=3, guidance_scale=2.0, steps=2, seed=7)
+
+    class Crash(Exception):
+        pass
+
+    def crash(chunk):
+        raise Crash(f"simulated crash after chunk {chunk}")
+
+    with pytest.raises(Crash):
+        _in_process(settings, on_chunk=crash)
+    assert not (tmp_path / "k.npz").exists()
     assert len(list((tmp_path / "k.npz.shards").glob("chunk-*.npz"))) == 1
     resumed = launch(pipeline_dir, tmp_path / "k.npz", 2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -82,3 +109,58 @@ def test_one_and_two_processes_give_identical_npz_and_resume_after_kill(pipeline
     # other settings on the same shards are refused
     clash = launch(pipeline_dir, tmp_path / "k.npz", 1, extra=("--labels", "balanced"))
     assert clash.returncode != 0 and "other settings" in clash.stderr
+
+
+def test_default_flags_sample_with_the_pipelines_own_scheduler(tmp_path):
+    """The saved scheduler is used as it is (here DDPM with fixed variance and trailing spacing, for a model
+    without a learned variance); --scheduler switches only when asked."""
+    from diffusers import DDPMScheduler
+
+    transformer = make_tiny_transformer(learn_sigma=False)
+    scheduler = DDPMScheduler(beta_schedule="linear", variance_type="fixed_small", timestep_spacing="trailing")
+    pipe = SDTPipeline(transformer=transformer, vae=make_tiny_vae(), scheduler=scheduler)
+    pipe.save_pretrained(tmp_path / "pipe")
+    argv = ["--pipeline", str(tmp_path / "pipe"), "--num-samples", "3", "--per-device-batch", "2", "--steps", "3",
+            "--seed", "5"]
+    assert _main([*argv, "--output", str(tmp_path / "a.npz")]) == 0
+    got = np.load(tmp_path / "a.npz")
+    expected = pipe(class_labels=got["arr_1"].tolist(), guidance_scale=1.5, num_inference_steps=3,
+                    generator=[sample_generator(5, i) for i in range(3)], output_type="pt").images
+    np.testing.assert_array_equal(got["arr_0"], to_uint8(expected * 2 - 1))
+    assert json.loads((tmp_path / "a.json").read_text())["scheduler_class"] == "DDPMScheduler"
+
+    assert _main([*argv, "--scheduler", "ddim", "--output", str(tmp_path / "b.npz")]) == 0
+    assert json.loads((tmp_path / "b.json").read_text())["scheduler_class"] == "DDIMScheduler"
+    assert not np.array_equal(np.load(tmp_path / "b.npz")["arr_0"], got["arr_0"])
+
+
+def test_only_pipeline_folders_that_make_images_are_sampled(tmp_path, capsys):
+    out = str(tmp_path / "s.npz")
+    # a training checkpoint: pointed at the export command
+    checkpoint = tmp_path / "run" / "checkpoint-10"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "training_state.json").write_text("{}")
+    assert _main(["--pipeline", str(checkpoint), "--output", out]) == 2
+    assert "sdt-export" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # --checkpoint is gone: evaluation reads only pipeline folders
+        _main(["--checkpoint", str(checkpoint), "--output", out])
+    assert e.value.code == 2
+    # a latent-space transformer without a VAE would write 4-channel 'images': refused before any sampling
+    SDTPipeline(transformer=make_tiny_transformer(), vae=None, scheduler=None).save_pretrained(tmp_path / "latents")
+    capsys.readouterr()
+    assert _main(["--pipeline", str(tmp_path / "latents"), "--num-samples", "50000", "--output", out]) == 2
+    assert "does not produce RGB images" in capsys.readouterr().err
+    assert not (tmp_path / "s.npz.shards").exists()
+    # a bad flag is a one-line usage error naming it
+    with pytest.raises(SystemExit) as e:
+        _main(["--pipeline", str(tmp_path / "latents"), "--num-samples", "0", "--output", out])
+    assert e.value.code == 2 and "--num-samples must be positive" in capsys.readouterr().err
+
+
+def test_evaluation_never_imports_training():
+    code = ("import sys, sdt_diffusion.evaluation.sampling, sdt_diffusion.evaluation; "
+            "print([m for m in sys.modules if m.startswith('sdt_diffusion.training')])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "[]"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -18,7 +19,7 @@ from conftest import make_tiny_vae
 from PIL import Image
 
 from sdt_diffusion.training import diffusion as D
-from sdt_diffusion.training import trainer
+from sdt_diffusion.training import export, plan, trainer
 from sdt_diffusion.training.checkpointing import latest_checkpoint, list_checkpoints
 from sdt_diffusion.training.config import ConfigError, load_yaml_config, parse_args
 from sdt_diffusion.training.data import (
@@ -29,6 +30,7 @@ from sdt_diffusion.training.data import (
     iterate_batches,
     load_image_source,
 )
+from sdt_diffusion.training.step import NonFiniteLossError, encode_batch
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = json.dumps({"num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 8, "gate_rank": 4,
@@ -40,7 +42,6 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS":
 def _offline(monkeypatch):
     for k, v in OFFLINE.items():
         monkeypatch.setenv(k, v)
-    monkeypatch.delenv(trainer.NAN_HOOK_ENV, raising=False)
 
 
 def _write_folder(root: Path, per_class: int, seed: int) -> None:
@@ -78,9 +79,9 @@ def _reset_accelerate() -> None:
     GradientState._reset_state()
 
 
-def _train(argv: list[str]) -> trainer.TrainResult:
+def _train(argv: list[str], **kwargs) -> trainer.TrainResult:
     try:
-        return trainer.train(parse_args(argv))
+        return trainer.train(parse_args(argv), **kwargs)
     finally:
         _reset_accelerate()
 
@@ -379,11 +380,11 @@ def test_accelerate_launch_one_process_trains_logs_and_exports(data, tmp_path):
     exported = [p.detach() for p in pipe.transformer.parameters()]
     assert ema["num_updates"] == 4
     assert all(torch.equal(a, b) for a, b in zip(exported, ema["shadow"]))
-    # eval/sample.py --checkpoint builds the same pipeline from the checkpoint (and the run's VAE)
-    from sdt_diffusion.evaluation.sampling import pipeline_from_checkpoint
-
-    from_ckpt = pipeline_from_checkpoint(out / "checkpoint-4")
+    # the checkpoint export (sdt-export) builds the same pipeline from the checkpoint and the run's VAE
+    assert export.main([str(out / "checkpoint-4"), "--output", str(tmp_path / "from_ckpt")]) == 0
+    from_ckpt = SDTPipeline.from_pretrained(str(tmp_path / "from_ckpt"))
     assert from_ckpt.id2label == pipe.id2label and from_ckpt.vae is not None
+    assert from_ckpt.scheduler.config.variance_type == "learned_range"
     assert all(torch.equal(a, b) for a, b in zip(exported, from_ckpt.transformer.parameters()))
 
 
@@ -417,9 +418,9 @@ def test_extract_latents_on_two_processes_then_train_from_the_cache_on_two_proce
         torch.testing.assert_close(bl["latent_mean"], dist.mean, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(bl["latent_std"], dist.std, atol=1e-5, rtol=1e-4)
         torch.manual_seed(11)
-        z_fly = trainer.encode_batch(bi, vae, 0.18215, torch.device("cpu"))
+        z_fly = encode_batch(bi, vae, 0.18215, torch.device("cpu"))
         torch.manual_seed(11)
-        z_cache = trainer.encode_batch(bl, None, 0.18215, torch.device("cpu"))
+        z_cache = encode_batch(bl, None, 0.18215, torch.device("cpu"))
         torch.testing.assert_close(z_cache, z_fly, atol=1e-5, rtol=1e-4)
 
     out = tmp_path / "run"
@@ -450,7 +451,7 @@ def test_loss_falls_on_a_tiny_dataset(data, tmp_path):
     assert np.mean(losses[-10:]) < np.mean(losses[:10])
 
 
-def test_resume_after_sigterm_matches_an_uninterrupted_run(data, tmp_path, monkeypatch):
+def test_resume_after_sigterm_matches_an_uninterrupted_run(data, tmp_path):
     common = ("--per-device-batch", "2", "--max-steps", "6", "--eval-data-dir", str(data["heldout"]),
               "--eval-every", "2", "--sample-every", "2", "--sample-steps", "2")
     straight = tmp_path / "straight"
@@ -458,19 +459,16 @@ def test_resume_after_sigterm_matches_an_uninterrupted_run(data, tmp_path, monke
 
     # run 2: SIGTERM during step 3 (mid-epoch: 4 steps per epoch) -> checkpoint-3, clean return
     part = tmp_path / "part"
-    calls = {"n": 0}
-    real = trainer.encode_batch
+    sent = []
 
-    def encode_then_sigterm(*a, **k):  # called once per training micro-batch
-        calls["n"] += 1
-        if calls["n"] == 5:  # first micro-batch of step 3 (2 micro-batches per step)
+    def sigterm_in_step_3(step, loss):  # called once per training micro-batch (2 per step here)
+        if step == 3 and not sent:
+            sent.append(step)
             os.kill(os.getpid(), signal.SIGTERM)
-        return real(*a, **k)
+        return loss
 
-    monkeypatch.setattr(trainer, "encode_batch", encode_then_sigterm)
-    result = _train(_argv(data, part, *common, "--checkpoint-every", "100"))
-    monkeypatch.setattr(trainer, "encode_batch", real)
-    assert result.stopped_by_signal and result.step == 3
+    result = _train(_argv(data, part, *common, "--checkpoint-every", "100"), loss_hook=sigterm_in_step_3)
+    assert sent == [3] and result.stopped_by_signal and result.step == 3
     assert [p.name for _, p in list_checkpoints(part)] == ["checkpoint-3"] and not (part / "pipeline").exists()
 
     # a crashed later save leaves a .tmp folder: never resumed from
@@ -512,11 +510,20 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(data, tmp_path, mo
     out = tmp_path / "run"
     _train(_argv(data, out, "--max-steps", "2", "--checkpoint-every", "2"))
     before = _hashes(out / "checkpoint-2")
-    monkeypatch.setenv(trainer.NAN_HOOK_ENV, "3")
-    code = _main(_argv(data, out, "--max-steps", "6", "--checkpoint-every", "2", "--resume", "latest"))
+
+    def nan_at_step_3(step, loss):
+        return loss * float("nan") if step == 3 else loss
+
+    argv = _argv(data, out, "--max-steps", "6", "--checkpoint-every", "2", "--resume", "latest")
+    with pytest.raises(NonFiniteLossError, match="non-finite training loss nan at step 3") as caught:
+        _train(argv, loss_hook=nan_at_step_3)
+    assert caught.value.step == 3 and caught.value.last_checkpoint == out / "checkpoint-2"
+    # the command line turns it into exit status 1 and a message naming the step and the checkpoint
+    monkeypatch.setattr(trainer, "train", functools.partial(trainer.train, loss_hook=nan_at_step_3))
+    code = _main(argv)
     err = capsys.readouterr().err
     assert code == 1
-    assert "non-finite training loss nan at step 3" in err and "checkpoint-2" in err, err
+    assert "non-finite training loss nan at step 3" in err and "checkpoint-2" in err and "--learning-rate" in err, err
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-2"]  # nothing saved after the NaN
     assert _hashes(out / "checkpoint-2") == before
     assert max(r["step"] for r in _metrics(out)) == 2
@@ -540,6 +547,76 @@ def test_saved_dataset_with_custom_columns_trains_and_names_classes(tmp_path):
     index = json.loads((out / "pipeline" / "model_index.json").read_text())
     assert index["id2label"] == {"0": "cat", "1": "dog", "2": "owl"} and index["vae"] == [None, None]
     assert json.loads((out / "pipeline" / "transformer" / "config.json").read_text())["in_channels"] == 3
+
+
+# ---------------------------------------------------------------------- export and sampling of a run
+@pytest.fixture(scope="module")
+def default_vae_run(data, tmp_path_factory) -> Path:
+    """A 2-step run of a learn_sigma=False model with no --vae flag: the default VAE (here the tiny one)."""
+    out = tmp_path_factory.mktemp("default_vae_run") / "run"
+    argv = _argv(data, out, "--max-steps", "2", "--checkpoint-every", "2", "--model-kwargs",
+                 json.dumps({**json.loads(TINY), "learn_sigma": False}))
+    i = argv.index("--vae")
+    del argv[i:i + 2]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(plan, "DEFAULT_VAE", str(data["vae"]))
+        for k, v in OFFLINE.items():
+            mp.setenv(k, v)
+        result = _train(argv)
+    assert result.step == 2 and result.pipeline_dir == out / "pipeline"
+    return out
+
+
+def _sample_script(pipeline: Path, output: Path, *extra: str) -> subprocess.CompletedProcess:
+    """``python eval/sample.py`` with its default flags but for the size of the job."""
+    cmd = [sys.executable, str(REPO / "eval" / "sample.py"), "--pipeline", str(pipeline), "--num-samples", "2",
+           "--per-device-batch", "2", "--steps", "3", "--output", str(output), *extra]
+    env = {**os.environ, **OFFLINE, "PYTHONPATH": str(REPO)}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_a_learn_sigma_false_export_samples_with_the_default_flags(default_vae_run, tmp_path):
+    """Bug: the sampler rebuilt the scheduler by name with learned-range variance, which a model without a
+    learned variance cannot use; it now samples with the scheduler exported beside the model."""
+    pipeline = default_vae_run / "pipeline"
+    assert json.loads((pipeline / "scheduler" / "scheduler_config.json").read_text())["variance_type"] == "fixed_large"
+    proc = _sample_script(pipeline, tmp_path / "s.npz")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    images = np.load(tmp_path / "s.npz")["arr_0"]
+    assert images.shape == (2, 16, 16, 3) and images.dtype == np.uint8
+    sidecar = json.loads((tmp_path / "s.json").read_text())
+    assert sidecar["scheduler"] is None and sidecar["scheduler_class"] == "DDPMScheduler"
+
+
+def test_a_checkpoint_of_a_default_vae_run_exports_an_image_pipeline(default_vae_run, data, tmp_path):
+    """Bug: the checkpoint recorded the raw --vae flag (None for the default), so a pipeline made from it had
+    no VAE and sampled 4-channel 'images'. The trainer now records the resolved VAE and exports it."""
+    state = json.loads((default_vae_run / "checkpoint-2" / "training_state.json").read_text())
+    assert state["vae"] == str(data["vae"].resolve()) and state["vae_subfolder"] is None
+    target = tmp_path / "exported"
+    proc = subprocess.run([sys.executable, str(REPO / "training" / "export_pipeline.py"),
+                           str(default_vae_run / "checkpoint-2"), "--output", str(target)],
+                          env={**os.environ, **OFFLINE, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from sdt_diffusion.pipelines import SDTPipeline
+
+    pipe = SDTPipeline.from_pretrained(str(target))
+    assert pipe.vae is not None and pipe.vae.config.out_channels == 3
+    trained = SDTPipeline.from_pretrained(str(default_vae_run / "pipeline"))
+    assert all(torch.equal(a, b) for a, b in zip(pipe.transformer.parameters(), trained.transformer.parameters()))
+    assert pipe.scheduler.config.variance_type == "fixed_large" and pipe.id2label == trained.id2label
+    images = pipe(class_labels=[0], num_inference_steps=2, generator=torch.manual_seed(0), output_type="np").images
+    assert images.shape == (1, 16, 16, 3)
+
+    # --vae none would give latents as 'images': refused; so is an output folder that is not a pipeline
+    with pytest.raises(ValueError, match="without a VAE"):
+        export.export_checkpoint(default_vae_run / "checkpoint-2", tmp_path / "pixels", vae="none")
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "notes.txt").write_text("keep me")
+    assert export.main([str(default_vae_run / "checkpoint-2"), "--output", str(tmp_path / "precious")]) == 2
+    assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"
+    assert export.main([str(default_vae_run), "--output", str(tmp_path / "x")]) == 2  # not a checkpoint
 
 
 def test_image_folder_loads_silently_with_the_folder_listing_as_class_ids(tmp_path, capfd):

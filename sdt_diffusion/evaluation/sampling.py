@@ -6,25 +6,28 @@ chunks of ``per_device_batch`` indices; process r takes chunks r, r+P, r+2P, ...
 atomically as ``<output>.shards/chunk-XXXXXX.npz``.  A rerun skips chunks already on disk, so a crash
 or kill loses at most the chunks in flight.  The main process finally assembles ADM's layout:
 ``arr_0`` uint8 (N, H, W, 3) converted as ``clamp(127.5 x + 128, 0, 255)`` and ``arr_1`` the labels.
+
+Input is always a pipeline folder (``save_pretrained``, a training run's ``pipeline/``, or a checkpoint
+exported with ``sdt-export``), sampled with the scheduler saved in it unless another one is asked for.  The
+pipeline is checked to decode to RGB images before the first sample is drawn.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import diffusers
 import numpy as np
 import torch
 from accelerate import PartialState
-from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
-from ..models import SDTTransformer2DModel
 from ..pipelines import SDTPipeline
 from ..schedulers import SCHEDULER_NAMES, make_scheduler
 from ..utils.files import atomic_write
@@ -32,6 +35,21 @@ from ..utils.runtime import cpu_multiprocess
 from ..utils.seeding import index_generator
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The completeness marker of a training checkpoint folder (the trainer's file name; evaluation never reads the
+# checkpoint, it only recognises one to point at the export command).
+CHECKPOINT_MARKER = "training_state.json"
+
+
+class SettingsMismatchError(ValueError):
+    """The shards of an interrupted run were made with other settings than this run's."""
+
+
+class SettingError(ValueError):
+    """A bad sampling setting: ``field`` (a :class:`SamplingSettings` field) and what is wrong with it."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field} {problem}")
+        self.field, self.problem = field, problem
 
 
 def sample_labels(num_samples: int, num_classes: int, mode: str, seed: int) -> np.ndarray:
@@ -41,10 +59,10 @@ def sample_labels(num_samples: int, num_classes: int, mode: str, seed: int) -> n
         return rng.integers(0, num_classes, size=num_samples, dtype=np.int64)
     if mode == "balanced":
         if num_samples % num_classes:
-            raise ValueError(f"--labels balanced needs --num-samples divisible by {num_classes} classes, "
+            raise ValueError(f"balanced labels need a number of samples divisible by {num_classes} (the classes), "
                              f"got {num_samples}")
         return rng.permutation(np.arange(num_samples, dtype=np.int64) % num_classes)
-    raise ValueError(f"--labels must be 'random' or 'balanced', got {mode!r}")
+    raise ValueError(f"the labels mode must be 'random' or 'balanced', got {mode!r}")
 
 
 def sample_generator(seed: int, index: int) -> torch.Generator:
@@ -58,40 +76,48 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def pipeline_from_checkpoint(checkpoint: str | Path, vae: str | None = None, dtype: torch.dtype = torch.float32):
-    """An ``SDTPipeline`` with the EMA weights of a training checkpoint (``<run>/checkpoint-<step>``).
+def load_pipeline(folder: str | Path, dtype: torch.dtype = torch.float32) -> SDTPipeline:
+    """The ``SDTPipeline`` saved in ``folder`` (``save_pretrained`` or the trainer's export).
 
-    The EMA is read with ``torch.load(weights_only=True)`` (no arbitrary unpickling); ``vae`` is a local
-    folder or hub id of an ``AutoencoderKL``, ``"none"`` for pixel space, or ``None`` to use the one the run
-    trained with.
+    Raises:
+        FileNotFoundError: no such folder, or no ``model_index.json`` in it.
+        ValueError: ``folder`` is a training checkpoint (export it first).
     """
-    from ..training.checkpointing import read_training_state
-
-    checkpoint = Path(checkpoint)
-    state = read_training_state(checkpoint)
-    ema_file = checkpoint / "custom_checkpoint_0.pkl"
-    if not ema_file.is_file():
-        raise FileNotFoundError(
-            f"{checkpoint} has no EMA state ({ema_file.name}); FSDP checkpoints keep the EMA in per-rank shards: "
-            "sample from the run's exported pipeline folder instead"
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"pipeline folder {folder} does not exist")
+    if (folder / CHECKPOINT_MARKER).is_file():
+        raise ValueError(
+            f"{folder} is a training checkpoint, not a pipeline folder; export its EMA weights first with "
+            f"`sdt-export {folder} --output PIPELINE_DIR` (or `python training/export_pipeline.py ...`) and sample "
+            f"from PIPELINE_DIR"
         )
-    ema = torch.load(ema_file, map_location="cpu", weights_only=True)
-    transformer = SDTTransformer2DModel.from_config(state["model_config"])
-    params = list(transformer.parameters())
-    if len(ema["shadow"]) != len(params):
-        raise ValueError(f"{ema_file} holds {len(ema['shadow'])} tensors, the model config has {len(params)}")
-    with torch.no_grad():
-        for p, s in zip(params, ema["shadow"]):
-            if p.shape != s.shape:
-                raise ValueError(f"{ema_file}: EMA tensor of shape {tuple(s.shape)} for a parameter of {tuple(p.shape)}")
-            p.copy_(s)
-    vae_name = vae if vae is not None else state.get("vae")
-    autoencoder = None
-    if vae_name and vae_name.lower() != "none":
-        autoencoder = AutoencoderKL.from_pretrained(vae_name)
-    id2label = {int(k): v for k, v in state["id2label"].items()} if state.get("id2label") else None
-    pipe = SDTPipeline(transformer=transformer.eval(), vae=autoencoder, scheduler=None, id2label=id2label)
-    return pipe.to(dtype=dtype)
+    if not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(f"{folder} is not an SDTPipeline folder (no model_index.json)")
+    return SDTPipeline.from_pretrained(str(folder), dtype=dtype)
+
+
+def image_channels(pipe: SDTPipeline) -> int:
+    """Channels of the pipeline's decoded output: the VAE's ``out_channels``, else the transformer's own."""
+    if pipe.vae is not None:
+        return int(pipe.vae.config.out_channels)
+    return int(pipe.transformer.config.in_channels)
+
+
+def check_image_output(pipe: SDTPipeline) -> None:
+    """Refuse a pipeline whose output is not an RGB image (e.g. latents without a VAE) before any sampling.
+
+    Raises:
+        ValueError: the decoded output would not have 3 channels.
+    """
+    channels = image_channels(pipe)
+    if channels != 3:
+        what = ("its VAE decodes to" if pipe.vae is not None
+                else "it has no VAE, so its 'images' are the transformer's")
+        raise ValueError(
+            f"this pipeline does not produce RGB images: {what} {channels} channels; ADM's npz and the metrics "
+            f"need 3. A latent-space model needs its VAE in the pipeline (re-export it with the right VAE)"
+        )
 
 
 def shard_dir(output: Path) -> Path:
@@ -121,102 +147,137 @@ def _chunk_done(path: Path, size: int) -> bool:
         return False
 
 
-def settings_of(args: argparse.Namespace, num_classes: int) -> dict:
+@dataclass(frozen=True)
+class SamplingSettings:
+    """What determines the samples (and where they go)."""
+
+    pipeline: str
+    output: str
+    num_samples: int = 50_000
+    per_device_batch: int = 32
+    guidance_scale: float = 1.5
+    steps: int = 250
+    scheduler: str | None = None  # None: the pipeline's own scheduler; else a name of SCHEDULER_NAMES
+    labels: str = "random"
+    seed: int = 0
+    guide_first_3_channels: bool = False
+    dtype: str = "fp32"
+
+    def check(self) -> None:
+        """Raises :class:`SettingError` naming the first bad value."""
+        if Path(self.output).suffix != ".npz":
+            raise SettingError("output", f"must end in .npz, got {self.output}")
+        for name in ("num_samples", "per_device_batch", "steps"):
+            if getattr(self, name) < 1:
+                raise SettingError(name, f"must be positive, got {getattr(self, name)}")
+        if self.dtype not in DTYPES:
+            raise SettingError("dtype", f"must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        if self.scheduler is not None and self.scheduler not in SCHEDULER_NAMES:
+            raise SettingError("scheduler", f"must be one of {SCHEDULER_NAMES} (or None), got {self.scheduler!r}")
+
+
+def settings_of(settings: SamplingSettings, num_classes: int) -> dict:
     """What determines the samples: a rerun must match these to resume from the shards."""
-    return {
-        "pipeline": str(Path(args.pipeline).resolve()) if args.pipeline else None,
-        "checkpoint": str(Path(args.checkpoint).resolve()) if args.checkpoint else None,
-        "vae": args.vae,
-        "num_samples": args.num_samples,
-        "per_device_batch": args.per_device_batch,
-        "guidance_scale": args.guidance_scale,
-        "steps": args.steps,
-        "scheduler": args.scheduler,
-        "labels": args.labels,
-        "seed": args.seed,
-        "guide_first_3_channels": args.guide_first_3_channels,
-        "dtype": args.dtype,
-        "num_classes": num_classes,
-    }
+    recorded = {k: v for k, v in asdict(settings).items() if k != "output"}
+    return {**recorded, "pipeline": str(Path(settings.pipeline).resolve()), "num_classes": num_classes}
 
 
-def run(args: argparse.Namespace) -> Path | None:
-    """Sample (this process's share of) ``args.num_samples`` images; the main process writes the npz."""
-
-
-    # several processes without CUDA (``accelerate launch --multi_gpu`` on a CPU machine): gloo on the CPU
-    state = PartialState(cpu=cpu_multiprocess())
-    output = Path(args.output)
-    if output.suffix != ".npz":
-        raise ValueError(f"--output must end in .npz, got {output}")
-    if args.num_samples < 1 or args.per_device_batch < 1 or args.steps < 1:
-        raise ValueError("--num-samples, --per-device-batch and --steps must be positive")
-    dtype = DTYPES[args.dtype]
-    if (args.pipeline is None) == (args.checkpoint is None):
-        raise ValueError("give exactly one of --pipeline DIR and --checkpoint DIR")
-    if args.checkpoint is not None:
-        pipe = pipeline_from_checkpoint(args.checkpoint, args.vae, dtype)
-    elif not (Path(args.pipeline) / "model_index.json").exists():
-        raise FileNotFoundError(f"--pipeline {args.pipeline} is not an SDTPipeline folder (no model_index.json)")
-    else:
-        pipe = SDTPipeline.from_pretrained(args.pipeline, dtype=dtype)
-    pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
-    pipe.to(state.device)
+def prepare_pipeline(settings: SamplingSettings, device: torch.device | str) -> SDTPipeline:
+    """Load the pipeline, switch its scheduler only if asked, and check that it produces RGB images."""
+    pipe = load_pipeline(settings.pipeline, DTYPES[settings.dtype])
+    if settings.scheduler is not None:
+        pipe.scheduler = make_scheduler(settings.scheduler, pipe.scheduler.config)
+    check_image_output(pipe)
+    pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    num_classes = pipe.transformer.num_classes
-    labels = sample_labels(args.num_samples, num_classes, args.labels, args.seed)
-    settings = settings_of(args, num_classes)
+    return pipe
 
+
+def claim_shards(state: PartialState, output: Path, settings: dict) -> None:
+    """Create ``<output>.shards/`` with its ``settings.json``, or check that an earlier run used the same settings.
+
+    Every process checks before the main process writes, so a mismatch stops them all alike.
+
+    Raises:
+        SettingsMismatchError: the shards were made with other settings.
+    """
     shards = shard_dir(output)
     settings_file = shards / "settings.json"
-    if state.is_main_process:
+    if settings_file.exists():
+        previous = json.loads(settings_file.read_text())
+        if previous != settings:
+            changed = sorted(k for k in settings if previous.get(k) != settings[k])
+            raise SettingsMismatchError(f"{shards} holds shards made with other settings ({', '.join(changed)}); "
+                                        f"use another output or delete that folder")
+    state.wait_for_everyone()
+    if state.is_main_process and not settings_file.exists():
         shards.mkdir(parents=True, exist_ok=True)
-        if settings_file.exists():
-            previous = json.loads(settings_file.read_text())
-            if previous != settings:
-                changed = sorted(k for k in settings if previous.get(k) != settings[k])
-                raise SystemExit(
-                    f"{shards} holds shards made with other settings ({', '.join(changed)}); "
-                    f"use another --output or delete that folder"
-                )
-        else:
-            settings_file.write_text(json.dumps(settings, indent=2))
+        settings_file.write_text(json.dumps(settings, indent=2))
     state.wait_for_everyone()
 
-    batch = args.per_device_batch
-    num_chunks = -(-args.num_samples // batch)
-    sizes = [min(batch, args.num_samples - c * batch) for c in range(num_chunks)]
-    mine = [c for c in range(state.process_index, num_chunks, state.num_processes)]
-    done = {c for c in range(num_chunks) if _chunk_done(chunk_path(output, c), sizes[c])}
-    todo = [c for c in mine if c not in done]
-    done_before = sum(sizes[c] for c in done)
-    stop_after = int(os.environ.get("SDT_DEBUG_STOP_AFTER_CHUNKS", "0"))  # test hook: simulate a crash
 
-    bar = tqdm(total=args.num_samples, initial=done_before, unit="img", desc="sampling",
+def sample_chunk(pipe: SDTPipeline, settings: SamplingSettings, indices: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """uint8 ``(n, H, W, 3)`` images of sample ``indices``, each from its own generator."""
+    images = pipe(
+        class_labels=labels[indices].tolist(),
+        guidance_scale=settings.guidance_scale,
+        num_inference_steps=settings.steps,
+        generator=[sample_generator(settings.seed, int(i)) for i in indices],
+        output_type="pt",
+        guide_first_3_channels=settings.guide_first_3_channels,
+    ).images  # [0, 1]
+    if images.shape[1] != 3:  # check_image_output should have caught it; never write such a shard
+        raise ValueError(f"the pipeline produced {images.shape[1]}-channel images, expected 3")
+    return to_uint8(images * 2 - 1)
+
+
+def run(settings: SamplingSettings, on_chunk: Callable[[int], None] | None = None) -> Path | None:
+    """Sample (this process's share of) ``settings.num_samples`` images; the main process writes the npz.
+
+    Args:
+        settings: what to sample and where.
+        on_chunk: optional ``callback(chunk)`` after each chunk file is written (progress reporting; tests
+            use it to interrupt a run).
+
+    Returns:
+        The npz on the main process, ``None`` on the others.
+
+    Raises:
+        FileNotFoundError, ValueError: a bad pipeline folder, a pipeline that does not produce images, bad
+            settings, or shards of an earlier run with other settings (:class:`SettingsMismatchError`).
+    """
+    settings.check()
+    # several processes without CUDA (``accelerate launch --multi_gpu`` on a CPU machine): gloo on the CPU
+    state = PartialState(cpu=cpu_multiprocess())
+    output = Path(settings.output)
+    pipe = prepare_pipeline(settings, state.device)
+    num_classes = pipe.num_classes
+    labels = sample_labels(settings.num_samples, num_classes, settings.labels, settings.seed)
+    recorded = settings_of(settings, num_classes)
+    claim_shards(state, output, recorded)
+
+    batch = settings.per_device_batch
+    num_chunks = -(-settings.num_samples // batch)
+    sizes = [min(batch, settings.num_samples - c * batch) for c in range(num_chunks)]
+    done = {c for c in range(num_chunks) if _chunk_done(chunk_path(output, c), sizes[c])}
+    todo = [c for c in range(state.process_index, num_chunks, state.num_processes) if c not in done]
+    bar = tqdm(total=settings.num_samples, initial=sum(sizes[c] for c in done), unit="img", desc="sampling",
                disable=not state.is_main_process, dynamic_ncols=True)
     start = time.time()
     for n_done, chunk in enumerate(todo):
-        if stop_after and n_done >= stop_after:
-            os._exit(17)
         indices = np.arange(chunk * batch, chunk * batch + sizes[chunk])
-        generators = [sample_generator(args.seed, int(i)) for i in indices]
-        images = pipe(
-            class_labels=labels[indices].tolist(),
-            guidance_scale=args.guidance_scale,
-            num_inference_steps=args.steps,
-            generator=generators,
-            output_type="pt",
-            guide_first_3_channels=args.guide_first_3_channels,
-        ).images  # [0, 1]
-        _atomic_savez(chunk_path(output, chunk), images=to_uint8(images * 2 - 1), indices=indices,
-                      labels=labels[indices])
+        images = sample_chunk(pipe, settings, indices, labels)
+        _atomic_savez(chunk_path(output, chunk), images=images, indices=indices, labels=labels[indices])
+        if on_chunk is not None:
+            on_chunk(chunk)
         bar.update(len(indices) * state.num_processes)
         bar.set_postfix(img_per_s=f"{(n_done + 1) * batch * state.num_processes / (time.time() - start):.2f}")
     bar.close()
     state.wait_for_everyone()
     if not state.is_main_process:
         return None
-    return assemble(output, num_chunks, sizes, labels, {**settings, "num_processes": state.num_processes})
+    extra = {"num_processes": state.num_processes, "scheduler_class": type(pipe.scheduler).__name__}
+    return assemble(output, num_chunks, sizes, labels, {**recorded, **extra})
 
 
 def assemble(output: Path, num_chunks: int, sizes: list[int], labels: np.ndarray, settings: dict) -> Path:
@@ -254,18 +315,20 @@ def assemble(output: Path, num_chunks: int, sizes: list[int], labels: np.ndarray
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Sample an ADM-format npz from an SDTPipeline (run with accelerate launch).")
-    p.add_argument("--pipeline", default=None, help="an SDTPipeline folder (save_pretrained / training export)")
-    p.add_argument("--checkpoint", default=None,
-                   help="a training checkpoint folder (<run>/checkpoint-<step>): its EMA weights are sampled")
-    p.add_argument("--vae", default=None,
-                   help="with --checkpoint: AutoencoderKL folder or hub id, or 'none' (default: the run's --vae)")
+    """Flags of ``eval/sample.py``."""
+    p = argparse.ArgumentParser(prog="sample.py",
+                                description="Sample an ADM-format npz from an SDTPipeline (run with accelerate launch).")
+    p.add_argument("--pipeline", required=True,
+                   help="an SDTPipeline folder (save_pretrained, the trainer's <output-dir>/pipeline, or sdt-export "
+                        "of a checkpoint)")
     p.add_argument("--num-samples", type=int, default=50_000)
     p.add_argument("--per-device-batch", type=int, default=32)
     p.add_argument("--guidance-scale", type=float, default=1.5)
     p.add_argument("--steps", type=int, default=250)
-    p.add_argument("--scheduler", choices=SCHEDULER_NAMES, default="ddpm",
-                   help="ddpm = the pipeline's DDPM with learned-range variance (DiT's sampler)")
+    p.add_argument("--scheduler", choices=SCHEDULER_NAMES, default=None,
+                   help="switch the pipeline's scheduler (ddpm: DDPM keeping the pipeline's variance type, ddim, "
+                        "dpm: DPM-Solver++); default: the scheduler saved with the pipeline (the trainer exports "
+                        "DiT's DDPM sampler)")
     p.add_argument("--labels", choices=("random", "balanced"), default="random")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", required=True, help="PATH.npz; shards go to PATH.npz.shards/")
@@ -275,6 +338,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> Path | None:
-    """Entry point of ``eval/sample.py``."""
-    return run(build_parser().parse_args(argv))
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``eval/sample.py``; returns the exit code (0 ok, 2 bad flags or input)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    settings = SamplingSettings(**vars(args))
+    try:
+        settings.check()
+    except SettingError as e:
+        parser.error(f"--{e.field.replace('_', '-')} {e.problem}")
+    try:
+        run(settings)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0

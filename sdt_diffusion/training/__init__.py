@@ -1,15 +1,36 @@
-"""Training library behind ``training/train.py`` and ``training/extract_latents.py`` (DiT's recipe for SDT-P).
+"""Training library behind ``training/train.py``, ``training/extract_latents.py`` and ``training/export_pipeline.py``
+(DiT's recipe for SDT-P).
 
-Modules (imported on demand, so ``import sdt_diffusion`` stays light):
+Modules (imported on demand, so ``import sdt_diffusion`` stays light), in the order a run uses them:
 
-* ``config``: flags, YAML configs (``parse_args``), static validation (``ConfigError``);
+* ``config``: flags, YAML configs (``parse_args``), static validation (``ConfigError``) and the explicit
+  ``TrainSettings`` the steps below take;
 * ``data``: ADM centre crop, image folders / saved datasets, the latent cache, the seeded ``EpochSampler``;
+* ``plan``: the batch split, the data and its shapes, the model config and the resume point, checked
+  before any compute (``plan_run``);
 * ``diffusion``: the noise schedule and the hybrid loss (``normal_kl``, ``discretized_gaussian_log_likelihood``,
   ``vlb_terms``, ``training_losses``);
 * ``ema``: DiT's constant-decay EMA;
-* ``checkpointing``: atomic ``checkpoint-<step>`` folders, ``--resume`` resolution, pruning;
-* ``export``: the EMA ``SDTPipeline`` export and labelled sample grids;
+* ``step``: one optimizer step (``train_step``, ``NonFiniteLossError``);
+* ``heldout``: the held-out loss on a fixed set; ``tracking``: ``metrics.jsonl``, trackers;
+  ``signals``: SIGTERM/SIGINT as a stop request;
+* ``checkpointing``: atomic ``checkpoint-<step>`` folders, ``--resume`` resolution, pruning, the EMA files;
+* ``export``: the EMA ``SDTPipeline`` export (from a live run or a checkpoint: ``sdt-export``) and sample grids;
 * ``trainer``: ``train(args)`` and ``main(argv)``; ``extract``: ``extract_latents(args)`` and ``main(argv)``.
 """
 
-__all__ = ["checkpointing", "config", "data", "diffusion", "ema", "export", "extract", "trainer"]
+__all__ = [
+    "checkpointing",
+    "config",
+    "data",
+    "diffusion",
+    "ema",
+    "export",
+    "extract",
+    "heldout",
+    "plan",
+    "signals",
+    "step",
+    "tracking",
+    "trainer",
+]

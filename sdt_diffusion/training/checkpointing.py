@@ -6,6 +6,11 @@ main process writes ``training_state.json`` (the completeness marker) and rename
 ``checkpoint-<step>``.  A crash mid-save leaves only a ``.tmp`` folder, which is never resumed from and is
 cleaned up by the next save of that step.  Only folders named exactly ``checkpoint-<int>`` that contain
 ``training_state.json`` count as checkpoints.
+
+The EMA is accelerate's first registered object (``custom_checkpoint_0.pkl``, read back here with
+``weights_only=True``) or, under FSDP, one ``ema_shard_rank<r>.safetensors`` per process.  This module is
+the only place that knows these file names: everything else (the trainer's resume, the checkpoint export)
+goes through :func:`read_ema_shadow`, :func:`save_ema_shard` and :func:`load_ema_shard`.
 """
 
 from __future__ import annotations
@@ -17,21 +22,29 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors.torch import load_file, save_file
+
 from ..utils.files import replace_dir
 from .config import ConfigError
+from .ema import EMA
 
 __all__ = [
     "STATE_FILE",
     "checkpoint_step",
     "latest_checkpoint",
     "list_checkpoints",
+    "load_ema_shard",
     "prune_checkpoints",
+    "read_ema_shadow",
     "read_training_state",
     "resolve_resume",
     "save_checkpoint",
+    "save_ema_shard",
 ]
 
 STATE_FILE = "training_state.json"
+EMA_FILE = "custom_checkpoint_0.pkl"  # accelerate's name for the first object registered for checkpointing
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -99,6 +112,43 @@ def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
     read_training_state(path)
     return path
 
+
+def _ema_shard_file(folder: Path, rank: int) -> Path:
+    return folder / f"ema_shard_rank{rank:05d}.safetensors"
+
+
+def save_ema_shard(ema: EMA, folder: str | Path, rank: int) -> None:
+    """FSDP: write this process's shard of the EMA into ``folder`` (every process calls it)."""
+    save_file({str(i): s.contiguous().cpu() for i, s in enumerate(ema.shadow)}, str(_ema_shard_file(Path(folder), rank)))
+
+
+def load_ema_shard(ema: EMA, checkpoint: str | Path, rank: int, num_updates: int) -> None:
+    """FSDP: restore this process's shard of the EMA from ``checkpoint``."""
+    shard = load_file(str(_ema_shard_file(Path(checkpoint), rank)))
+    ema.load_state_dict({"decay": ema.decay, "num_updates": num_updates,
+                         "shadow": [shard[str(i)] for i in range(len(ema.shadow))]})
+
+
+def read_ema_shadow(checkpoint: str | Path) -> list[torch.Tensor]:
+    """The EMA weights of a (non-FSDP) checkpoint, in the model's ``parameters()`` order, on the CPU.
+
+    Read with ``torch.load(weights_only=True)``: tensors and plain containers only, no arbitrary unpickling.
+
+    Raises:
+        FileNotFoundError: no EMA file (an FSDP checkpoint keeps the EMA sharded per process).
+        ValueError: the file does not hold an EMA state.
+    """
+    path = Path(checkpoint) / EMA_FILE
+    if not path.is_file():
+        sharded = any(Path(checkpoint).glob("ema_shard_rank*.safetensors"))
+        why = ("an FSDP checkpoint keeps the EMA in per-process shards; use the pipeline the run exported "
+               "(at the end and every --export-every steps)") if sharded else "incomplete or foreign checkpoint"
+        raise FileNotFoundError(f"{checkpoint} has no EMA state ({EMA_FILE}): {why}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    shadow = state.get("shadow") if isinstance(state, dict) else None
+    if not isinstance(shadow, list) or not all(isinstance(t, torch.Tensor) for t in shadow):
+        raise ValueError(f"{path} does not hold an EMA state (a dict with a list of tensors under 'shadow')")
+    return shadow
 
 
 def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, state: dict[str, Any],

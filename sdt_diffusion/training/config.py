@@ -4,6 +4,10 @@ A YAML config (``--config``) supplies defaults: its keys are the flags' destinat
 ``max-steps``), unknown keys are rejected, and flags given on the command line override it.  Everything
 that can be checked without data, models or devices is checked by :func:`validate_args`; the trainer
 checks the rest (batch divisibility, shapes against the data) before any compute starts.
+
+:func:`settings_from_args` turns the parsed flags into :class:`TrainSettings`, the explicit values the
+training steps take (one small frozen dataclass per concern), so nothing below the command line reads the
+``argparse`` namespace.
 """
 
 from __future__ import annotations
@@ -13,12 +17,31 @@ import inspect
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-__all__ = ["ConfigError", "build_parser", "load_yaml_config", "parse_args", "validate_args", "parse_model_kwargs"]
+from ..models import PRESETS, SDTTransformer2DModel
+
+__all__ = [
+    "ConfigError",
+    "DataSpec",
+    "HeldOutSpec",
+    "Intervals",
+    "ModelSpec",
+    "OptimSpec",
+    "RuntimeSpec",
+    "SampleSpec",
+    "TrainSettings",
+    "build_parser",
+    "load_yaml_config",
+    "parse_args",
+    "parse_model_kwargs",
+    "settings_from_args",
+    "validate_args",
+]
 
 REPORT_TO = ("tensorboard", "wandb", "all", "none")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -193,9 +216,6 @@ def validate_args(args: argparse.Namespace) -> None:
     Raises:
         ConfigError: with a message naming the flags at fault.
     """
-    from ..models import PRESETS
-    from ..models.transformer_sdt import SDTTransformer2DModel
-
     if not args.output_dir:
         raise ConfigError("--output-dir is required")
     sources = {"--data-dir": args.data_dir, "--dataset": args.dataset, "--latents-dir": args.latents_dir}
@@ -244,3 +264,136 @@ def validate_args(args: argparse.Namespace) -> None:
             raise ConfigError(f"--sample-classes must be comma-separated ints, got {args.sample_classes!r}") from None
     if args.resume not in (None, "latest", "auto") and not Path(args.resume).is_dir():
         raise ConfigError(f"--resume {args.resume}: not a checkpoint directory (or pass 'latest' / 'auto')")
+
+
+# ------------------------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class DataSpec:
+    """Where the training data comes from (exactly one of the three sources) and how it is read."""
+
+    data_dir: str | None = None
+    dataset: str | None = None
+    dataset_split: str = "train"
+    image_column: str = "image"
+    label_column: str = "label"
+    latents_dir: str | None = None
+    resolution: int | None = None  # None: 256, or the latent cache's
+    vae: str | None = None  # None: the default VAE (or the cache's); "none": pixel space
+    vae_subfolder: str | None = None
+    random_flip: bool = True
+    num_workers: int = 4
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A preset plus overrides of its ``SDTTransformer2DModel`` config."""
+
+    preset: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    decay_mode: str | None = None
+    alpha: float | None = None
+    attention_backend: str | None = None
+
+
+@dataclass(frozen=True)
+class OptimSpec:
+    """AdamW and the EMA."""
+
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    ema_decay: float = 0.9999
+    max_grad_norm: float | None = None
+
+
+@dataclass(frozen=True)
+class Intervals:
+    """How long the run is and how often each periodic task runs (0 = off where allowed)."""
+
+    max_steps: int
+    log_every: int = 10
+    checkpoint_every: int = 10_000
+    keep_checkpoints: int = 3
+    export_every: int = 0
+    eval_every: int = 1000
+    sample_every: int = 0
+
+
+@dataclass(frozen=True)
+class HeldOutSpec:
+    """The held-out image folder for ``eval_loss`` (``None``: no held-out evaluation)."""
+
+    data_dir: str | None = None
+    max_samples: int = 512
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """The EMA sample grids."""
+
+    steps: int = 50
+    guidance_scale: float = 4.0
+    classes: tuple[int, ...] | None = None  # None: default_sample_classes(num_classes)
+
+
+@dataclass(frozen=True)
+class RuntimeSpec:
+    """Devices, precision and trackers."""
+
+    cpu: bool = False
+    mixed_precision: str | None = None
+    compile: bool = False
+    allow_tf32: bool = False
+    gradient_checkpointing: bool = False
+    report_to: str = "tensorboard"
+    tracker_project: str = "sdt-diffusion"
+    progress_bar: bool = True
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything a training run is configured by, as explicit values."""
+
+    output_dir: Path
+    data: DataSpec
+    model: ModelSpec
+    intervals: Intervals
+    seed: int = 0
+    global_batch_size: int = 256
+    per_device_batch: int | None = None
+    resume: str | None = None  # None, "latest", "auto" or a checkpoint path
+    optim: OptimSpec = field(default_factory=OptimSpec)
+    held_out: HeldOutSpec = field(default_factory=HeldOutSpec)
+    samples: SampleSpec = field(default_factory=SampleSpec)
+    runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
+    flags: dict[str, Any] = field(default_factory=dict)  # as given; recorded in train_config.yaml and trackers
+
+
+def settings_from_args(args: argparse.Namespace) -> TrainSettings:
+    """Validate the parsed flags (:func:`validate_args`) and turn them into :class:`TrainSettings`.
+
+    Raises:
+        ConfigError: a bad flag or flag combination.
+    """
+    validate_args(args)
+    classes = tuple(int(c) for c in str(args.sample_classes).split(",")) if args.sample_classes else None
+    return TrainSettings(
+        output_dir=Path(args.output_dir),
+        data=DataSpec(args.data_dir, args.dataset, args.dataset_split, args.image_column, args.label_column,
+                      args.latents_dir, args.resolution, args.vae, args.vae_subfolder, args.random_flip,
+                      args.num_workers),
+        model=ModelSpec(args.model, parse_model_kwargs(args.model_kwargs), args.decay_mode, args.alpha,
+                        args.attention_backend),
+        intervals=Intervals(args.max_steps, args.log_every, args.checkpoint_every, args.keep_checkpoints,
+                            args.export_every, args.eval_every, args.sample_every),
+        seed=args.seed,
+        global_batch_size=args.global_batch_size,
+        per_device_batch=args.per_device_batch,
+        resume=args.resume,
+        optim=OptimSpec(args.learning_rate, args.weight_decay, args.ema_decay, args.max_grad_norm),
+        held_out=HeldOutSpec(args.eval_data_dir, args.eval_max_samples),
+        samples=SampleSpec(args.sample_steps, args.sample_guidance_scale, classes),
+        runtime=RuntimeSpec(bool(args.cpu), args.mixed_precision, bool(args.compile), bool(args.allow_tf32),
+                            bool(args.gradient_checkpointing), args.report_to, args.tracker_project,
+                            bool(args.progress_bar)),
+        flags=dict(vars(args)),
+    )

@@ -1,21 +1,44 @@
-"""EMA weights out of a training run: the exported ``SDTPipeline`` folder and labelled sample grids."""
+"""EMA weights out of a training run: the exported ``SDTPipeline`` folder and labelled sample grids.
+
+Two ways to a pipeline, both through :func:`export_pipeline`: the trainer exports the live EMA at the end
+of a run (and every ``--export-every`` steps), and :func:`export_checkpoint` (the ``sdt-export`` command,
+``training/export_pipeline.py``) turns any complete ``checkpoint-<step>`` folder into one.  Evaluation
+reads only such pipeline folders; the checkpoint's layout stays the trainer's business.
+"""
 
 from __future__ import annotations
 
+import argparse
 import shutil
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import AutoencoderKL
 from PIL import Image
 
 from ..models import SDTTransformer2DModel
+from ..pipelines import SDTPipeline
 from ..schedulers import default_scheduler
 from ..utils.files import replace_dir
+from ..utils.images import make_labelled_grid
+from ..utils.labels import short_name
+from .checkpointing import read_ema_shadow, read_training_state
 from .ema import EMA
 
-__all__ = ["default_sample_classes", "ema_transformer", "export_pipeline", "sample_grid"]
+__all__ = [
+    "build_export_parser",
+    "checkpoint_vae",
+    "default_sample_classes",
+    "ema_transformer",
+    "export_checkpoint",
+    "export_pipeline",
+    "load_vae",
+    "main",
+    "sample_grid",
+]
 
 # DiT's sample.py classes (ImageNet ids), used for 1000-class models.
 IMAGENET_SAMPLE_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)
@@ -56,12 +79,19 @@ def export_pipeline(
     id2label: dict[int, str] | None,
     target: str | Path,
 ) -> Path:
-    """Save ``SDTPipeline(transformer, vae, DDPM learned-range scheduler, id2label)`` atomically to ``target``.
+    """Save ``SDTPipeline(transformer, vae, DiT's DDPM scheduler, id2label)`` atomically to ``target``.
 
-    The folder is written as ``<target>.tmp`` and renamed, so a crash never leaves a half-written pipeline.
+    The scheduler is :func:`~sdt_diffusion.schedulers.default_scheduler` for the model's ``learn_sigma``
+    (learned-range variance, or fixed-large without a learned variance).  The folder is written as
+    ``<target>.tmp`` and renamed, so a crash never leaves a half-written pipeline.
+
+    Raises:
+        ValueError: the pipeline would not produce images (latents without a VAE to decode them).
     """
-    from ..pipelines import SDTPipeline
-
+    channels = transformer.config.in_channels
+    if vae is None and channels != 3:
+        raise ValueError(f"the transformer denoises {channels}-channel latents: exporting it without a VAE "
+                         f"would give {channels}-channel 'images'; pass the VAE it was trained with")
     target = Path(target)
     tmp = target.with_name(target.name + ".tmp")
     if tmp.exists():
@@ -84,10 +114,6 @@ def sample_grid(
     seed: int = 0,
 ) -> Image.Image:
     """A labelled grid of EMA samples, one per class in ``class_ids``, from a fixed CPU generator."""
-    from ..pipelines import SDTPipeline
-    from ..utils.images import make_labelled_grid
-    from ..utils.labels import short_name
-
     scheduler = default_scheduler(learn_sigma=bool(transformer.config.learn_sigma))
     pipe = SDTPipeline(transformer=transformer, vae=vae, scheduler=scheduler, id2label=id2label)
     pipe.to(device)
@@ -102,3 +128,103 @@ def sample_grid(
     names = [short_name(id2label[c]) if id2label and c in id2label else f"class {c}" for c in class_ids]
     ncols = min(len(images), 8)
     return make_labelled_grid(images, names, ncols)
+
+
+# ------------------------------------------------------------------------------------ checkpoint export
+def load_vae(name: str | None, subfolder: str | None = None) -> AutoencoderKL | None:
+    """The frozen ``AutoencoderKL`` ``name`` (local folder or hub id) in eval mode, or ``None`` for pixel space."""
+    if name is None:
+        return None
+    return AutoencoderKL.from_pretrained(name, subfolder=subfolder).requires_grad_(False).eval()
+
+
+def checkpoint_vae(state: dict[str, Any], vae: str | None = None,
+                   vae_subfolder: str | None = None) -> tuple[str | None, str | None]:
+    """``(name, subfolder)`` of the VAE for a checkpoint's pipeline; ``name`` is ``None`` in pixel space.
+
+    ``vae`` overrides the run's (``"none"``: pixel space).  Otherwise the VAE the trainer recorded in
+    ``training_state.json`` is used.
+
+    Raises:
+        ValueError: a checkpoint from before the trainer recorded its resolved VAE, without ``vae`` given.
+    """
+    if vae is not None:
+        return (None, None) if vae.lower() == "none" else (vae, vae_subfolder)
+    if "vae_subfolder" in state:  # written by this trainer: the resolved VAE (None in pixel space)
+        return state.get("vae"), state["vae_subfolder"]
+    recorded = state.get("vae")  # older checkpoints recorded the raw --vae flag, None for "the default"
+    if recorded is None:
+        raise ValueError("this checkpoint does not record which VAE the run used (it was written before the "
+                         "trainer recorded it); pass the VAE explicitly (a folder or hub id, or 'none')")
+    return (None, None) if recorded.lower() == "none" else (recorded, None)
+
+
+def export_checkpoint(checkpoint: str | Path, output: str | Path, vae: str | None = None,
+                      vae_subfolder: str | None = None) -> Path:
+    """Export the EMA weights of a training checkpoint (``<run>/checkpoint-<step>``) as an ``SDTPipeline``.
+
+    Args:
+        checkpoint: a complete checkpoint folder.
+        output: the pipeline folder to write (replaced atomically if it already holds a pipeline).
+        vae: override of the run's VAE, see :func:`checkpoint_vae`.
+        vae_subfolder: subfolder of ``vae``.
+
+    Returns:
+        The pipeline folder.
+
+    Raises:
+        ConfigError: ``checkpoint`` is not a complete checkpoint.
+        FileNotFoundError: the checkpoint holds no EMA (FSDP keeps it in per-process shards).
+        ValueError: ``output`` is a folder that is not a pipeline, the EMA does not fit the model config, or
+            the VAE is unknown or does not fit the model.
+    """
+    output = Path(output)
+    if output.exists() and not (output / "model_index.json").is_file() and any(output.iterdir()):
+        raise ValueError(f"{output} exists and is not a pipeline folder; choose a new or empty folder")
+    state = read_training_state(checkpoint)
+    shadow = read_ema_shadow(checkpoint)
+    with torch.random.fork_rng(devices=[]):  # the constructor's initialisation must not move the caller's RNG
+        transformer = SDTTransformer2DModel.from_config(state["model_config"])
+    params = list(transformer.parameters())
+    if len(shadow) != len(params):
+        raise ValueError(f"{checkpoint}: the EMA holds {len(shadow)} tensors, the model config has {len(params)}")
+    with torch.no_grad():
+        for p, s in zip(params, shadow):
+            if p.shape != s.shape:
+                raise ValueError(f"{checkpoint}: EMA tensor of shape {tuple(s.shape)} for a parameter of "
+                                 f"{tuple(p.shape)}")
+            p.copy_(s)
+    name, subfolder = checkpoint_vae(state, vae, vae_subfolder)
+    autoencoder = load_vae(name, subfolder)
+    id2label = {int(k): v for k, v in state["id2label"].items()} if state.get("id2label") else None
+    return export_pipeline(transformer.eval(), autoencoder, id2label, output)
+
+
+def build_export_parser() -> argparse.ArgumentParser:
+    """Flags of ``sdt-export`` / ``training/export_pipeline.py``."""
+    p = argparse.ArgumentParser(
+        description="Export the EMA weights of a training checkpoint as an SDTPipeline folder (the input of "
+                    "eval/sample.py and SDTPipeline.from_pretrained).")
+    p.add_argument("checkpoint", help="a checkpoint folder, <output-dir>/checkpoint-<step>")
+    p.add_argument("--output", required=True, help="the pipeline folder to write")
+    p.add_argument("--vae", default=None,
+                   help="AutoencoderKL folder or hub id, or 'none' for pixel space (default: the VAE the run used)")
+    p.add_argument("--vae-subfolder", default=None, help="subfolder of --vae")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit code (0 ok, 2 bad input)."""
+    parser = build_export_parser()
+    args = parser.parse_args(argv)
+    try:
+        path = export_checkpoint(args.checkpoint, args.output, args.vae, args.vae_subfolder)
+    except (ValueError, OSError) as e:  # ConfigError is a ValueError; FileNotFoundError an OSError
+        print(f"{parser.prog}: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    print(f"exported {args.checkpoint} to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -24,16 +24,21 @@ import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from ..models.vae import vae_downsampling_factor, vae_scaling_factor
 from ..utils.files import atomic_write_text
 from ..utils.runtime import cpu_multiprocess, enable_tf32
 from .config import ConfigError, HelpFormatter
 from .data import CACHE_FORMAT, CACHE_VERSION, ImageClassDataset, class_names_to_id2label, load_image_source
+from .export import load_vae
+from .plan import DEFAULT_VAE, vae_config, vae_reference
 
 __all__ = ["build_extract_parser", "extract_latents", "main"]
 
@@ -49,7 +54,7 @@ def build_extract_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset-split", type=str, default="train")
     p.add_argument("--image-column", type=str, default="image")
     p.add_argument("--label-column", type=str, default="label")
-    p.add_argument("--vae", type=str, default="stabilityai/sd-vae-ft-ema", help="AutoencoderKL folder or hub id")
+    p.add_argument("--vae", type=str, default=DEFAULT_VAE, help="AutoencoderKL folder or hub id")
     p.add_argument("--vae-subfolder", type=str, default=None)
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--output-dir", type=str, required=True, help="the cache folder (train.py --latents-dir)")
@@ -70,12 +75,8 @@ def _collate(items: list[dict]) -> dict[str, torch.Tensor]:
     }
 
 
-def extract_latents(args: argparse.Namespace) -> Path:
-    """Write the latent cache described in the module docstring; returns the cache folder."""
-    from accelerate import Accelerator
-    from diffusers import AutoencoderKL
-    from tqdm.auto import tqdm
-
+def _check_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Check the flags before any compute; returns the VAE's config."""
     if bool(args.data_dir) == bool(args.dataset):
         raise ConfigError("pass exactly one of --data-dir, --dataset")
     for flag, value in (("--data-dir", args.data_dir), ("--dataset", args.dataset)):
@@ -86,22 +87,75 @@ def extract_latents(args: argparse.Namespace) -> Path:
     out = Path(args.output_dir)
     if (out / "metadata.json").exists() and not args.overwrite:
         raise ConfigError(f"--output-dir {out} already holds a latent cache; pass --overwrite to replace it")
-    try:
-        vae_cfg = dict(AutoencoderKL.load_config(args.vae, subfolder=args.vae_subfolder))
-    except Exception as e:  # noqa: BLE001
-        raise ConfigError(f"--vae {args.vae}: cannot load an AutoencoderKL config: {e}") from None
+    vae_cfg = vae_config(args.vae, args.vae_subfolder)
     factor = vae_downsampling_factor(vae_cfg)
     if args.resolution % factor:
         raise ConfigError(f"--resolution {args.resolution} is not divisible by the VAE's downsampling factor {factor}")
+    return vae_cfg
 
+
+def _encode_shard(vae: Any, dataset: ImageClassDataset, rows: range, shard: Path, latent_shape: tuple[int, int, int],
+                  dtype: np.dtype, batch_size: int, num_workers: int, show_progress: bool) -> None:
+    """Encode dataset ``rows`` (both flips) into ``shard``: ``mean.npy``, ``std.npy``, ``labels.npy``,
+    ``indices.npy`` and, last, ``done.json``."""
+    device = vae.device
+    shard.mkdir(parents=True, exist_ok=True)
+    shape = (len(rows), 2, *latent_shape)
+    means = np.lib.format.open_memmap(shard / "mean.npy", mode="w+", dtype=dtype, shape=shape)
+    stds = np.lib.format.open_memmap(shard / "std.npy", mode="w+", dtype=dtype, shape=shape)
+    labels = np.zeros(len(rows), dtype=np.int64)
+    indices = np.zeros(len(rows), dtype=np.int64)
+    loader = DataLoader(torch.utils.data.Subset(dataset, rows), batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=_collate, pin_memory=device.type == "cuda")
+    row = 0
+    bar = tqdm(total=len(rows), disable=not show_progress, desc="encoding (rank 0)")
+    with torch.no_grad():
+        for batch in loader:
+            pixels = batch["pixel_values"].to(device, non_blocking=True)
+            b = pixels.shape[0]
+            dist = vae.encode(torch.cat([pixels, pixels.flip(-1)])).latent_dist
+            means[row:row + b] = torch.stack([dist.mean[:b], dist.mean[b:]], dim=1).float().cpu().numpy().astype(dtype)
+            stds[row:row + b] = torch.stack([dist.std[:b], dist.std[b:]], dim=1).float().cpu().numpy().astype(dtype)
+            labels[row:row + b] = batch["labels"].numpy()
+            indices[row:row + b] = batch["index"].numpy()
+            row += b
+            bar.update(b)
+    bar.close()
+    if row != len(rows):
+        raise RuntimeError(f"{shard.name}: encoded {row} images, expected {len(rows)}")
+    means.flush()
+    stds.flush()
+    del means, stds
+    np.save(shard / "labels.npy", labels)
+    np.save(shard / "indices.npy", indices)
+    (shard / "done.json").write_text(json.dumps({"start": rows.start, "end": rows.stop}))
+
+
+def _finished_shards(out: Path, world: int, num_images: int) -> list[str]:
+    """The shard folders of a ``world``-process extraction, checked to be finished and to cover every image."""
+    shards = sorted(p.name for p in out.glob(f"shard-*-of-{world:05d}"))
+    covered = 0
+    for name in shards:
+        done = out / name / "done.json"
+        if not done.is_file():
+            raise RuntimeError(f"shard {name} did not finish")
+        info = json.loads(done.read_text())
+        covered += info["end"] - info["start"]
+    if len(shards) != world or covered != num_images:
+        raise RuntimeError(f"{len(shards)} shards cover {covered} of {num_images} images; expected {world} shards")
+    return shards
+
+
+def extract_latents(args: argparse.Namespace) -> Path:
+    """Write the latent cache described in the module docstring; returns the cache folder."""
+    vae_cfg = _check_args(args)
+    out = Path(args.output_dir)
     accelerator = Accelerator(cpu=bool(args.cpu) or cpu_multiprocess())
     rank, world = accelerator.process_index, accelerator.num_processes
     with accelerator.local_main_process_first():
         source = load_image_source(args.data_dir, args.dataset, args.dataset_split, args.image_column, args.label_column)
     dataset = ImageClassDataset(source, args.resolution)
     n = len(dataset)
-    start, end = n * rank // world, n * (rank + 1) // world
-
     if accelerator.is_main_process:
         if args.overwrite and out.exists():
             (out / "metadata.json").unlink(missing_ok=True)
@@ -112,56 +166,15 @@ def extract_latents(args: argparse.Namespace) -> Path:
 
     if args.allow_tf32:
         enable_tf32()
-    device = accelerator.device
-    vae = AutoencoderKL.from_pretrained(args.vae, subfolder=args.vae_subfolder).eval().requires_grad_(False).to(device)
-    channels, size = int(vae_cfg["latent_channels"]), args.resolution // factor
-    dtype = np.dtype(args.dtype)
-    shard = out / f"shard-{rank:05d}-of-{world:05d}"
-    shard.mkdir(parents=True, exist_ok=True)
-    shape = (end - start, 2, channels, size, size)
-    means = np.lib.format.open_memmap(shard / "mean.npy", mode="w+", dtype=dtype, shape=shape)
-    stds = np.lib.format.open_memmap(shard / "std.npy", mode="w+", dtype=dtype, shape=shape)
-    labels = np.zeros(end - start, dtype=np.int64)
-    indices = np.zeros(end - start, dtype=np.int64)
-    loader = DataLoader(torch.utils.data.Subset(dataset, range(start, end)), batch_size=args.batch_size,
-                        num_workers=args.num_workers, collate_fn=_collate, pin_memory=device.type == "cuda")
-    row = 0
-    bar = tqdm(total=end - start, disable=not accelerator.is_main_process, desc=f"encoding (rank 0 of {world})")
-    with torch.no_grad():
-        for batch in loader:
-            pixels = batch["pixel_values"].to(device, non_blocking=True)
-            b = pixels.shape[0]
-            dist = vae.encode(torch.cat([pixels, pixels.flip(-1)])).latent_dist
-            mean = torch.stack([dist.mean[:b], dist.mean[b:]], dim=1)
-            std = torch.stack([dist.std[:b], dist.std[b:]], dim=1)
-            means[row:row + b] = mean.float().cpu().numpy().astype(dtype)
-            stds[row:row + b] = std.float().cpu().numpy().astype(dtype)
-            labels[row:row + b] = batch["labels"].numpy()
-            indices[row:row + b] = batch["index"].numpy()
-            row += b
-            bar.update(b)
-    bar.close()
-    if row != end - start:
-        raise RuntimeError(f"rank {rank} encoded {row} images, expected {end - start}")
-    means.flush()
-    stds.flush()
-    del means, stds
-    np.save(shard / "labels.npy", labels)
-    np.save(shard / "indices.npy", indices)
-    (shard / "done.json").write_text(json.dumps({"rank": rank, "start": start, "end": end}))
+    vae = load_vae(args.vae, args.vae_subfolder).to(accelerator.device)
+    size = args.resolution // vae_downsampling_factor(vae_cfg)
+    latent_shape = (int(vae_cfg["latent_channels"]), size, size)
+    _encode_shard(vae, dataset, range(n * rank // world, n * (rank + 1) // world),
+                  out / f"shard-{rank:05d}-of-{world:05d}", latent_shape, np.dtype(args.dtype), args.batch_size,
+                  args.num_workers, accelerator.is_main_process)
     accelerator.wait_for_everyone()
 
     if accelerator.is_main_process:
-        shards = sorted(p.name for p in out.glob(f"shard-*-of-{world:05d}"))
-        covered = 0
-        for name in shards:
-            done = out / name / "done.json"
-            if not done.is_file():
-                raise RuntimeError(f"shard {name} did not finish")
-            info = json.loads(done.read_text())
-            covered += info["end"] - info["start"]
-        if len(shards) != world or covered != n:
-            raise RuntimeError(f"{len(shards)} shards cover {covered} of {n} images; expected {world} shards")
         id2label = class_names_to_id2label(source.class_names, source.num_classes)
         meta = {
             "format": CACHE_FORMAT,
@@ -169,11 +182,11 @@ def extract_latents(args: argparse.Namespace) -> Path:
             "stores": "posterior mean and std of both flips (index 0: as is, 1: horizontally flipped)",
             "num_samples": n,
             "num_shards": world,
-            "shards": shards,
-            "latent_shape": [channels, size, size],
+            "shards": _finished_shards(out, world, n),
+            "latent_shape": list(latent_shape),
             "dtype": args.dtype,
             "scaling_factor": vae_scaling_factor(vae_cfg),
-            "vae": str(Path(args.vae).resolve()) if Path(args.vae).is_dir() else args.vae,
+            "vae": vae_reference(args.vae),
             "vae_subfolder": args.vae_subfolder,
             "resolution": args.resolution,
             "num_classes": source.num_classes,

@@ -1,35 +1,31 @@
 """The training loop behind ``accelerate launch training/train.py`` (DiT's recipe for SDT-P).
 
-Entry points: :func:`main` (command line) and :func:`train` (an ``argparse.Namespace`` from
-:func:`~sdt_diffusion.training.config.parse_args`; returns a :class:`TrainResult`).
+Entry points: :func:`main` (command line) and :func:`train` (parsed flags or :class:`~.config.TrainSettings`;
+returns a :class:`TrainResult`).
 
-Order of work: every flag, path, batch split and shape is checked first (``ConfigError`` before any
-compute); then the VAE, the model, the optimizer and the EMA are built, the run resumes if asked, and the
-loop runs.  Per optimizer step: ``accum`` micro-batches (DDP gradient sync only on the last), one all-reduce
-of ``[loss, mse, vb, stop]``, a finiteness check (a non-finite loss raises :class:`NonFiniteLossError`
-before the weights change and no checkpoint is written), the AdamW step, the EMA update, then logging,
-checkpoints, held-out loss, sample grids and exports at their intervals.
+The run, step by step (each a function of explicit values):
+
+1. plan (:func:`~.plan.plan_run`): every flag, path, batch split, shape and the resume point is checked
+   first (``ConfigError`` before any compute);
+2. build (:func:`build_core`): the VAE, the model, AdamW and the EMA; the held-out set; then
+   :func:`restore` resumes from a checkpoint if asked;
+3. the step (:func:`~.step.train_step`): micro-batches, one all-reduce, a finiteness check
+   (:class:`~.step.NonFiniteLossError` before the weights change; no checkpoint is written), AdamW, EMA;
+4. after each step (:func:`after_step`): logging (:mod:`.tracking`), checkpoints, held-out evaluation
+   (:mod:`.heldout`), sample grids and exports at their intervals; :func:`finish` runs the end of the run.
 
 Exact resumption: the data stream is a pure function of ``(seed, epoch)`` (see ``data.py``) and skips the
 consumed batches; accelerate restores every process's RNG states; the EMA is a registered checkpoint
 object; exports, samples and evaluations never touch the global RNG.  SIGTERM/SIGINT finish the current
 step, save a checkpoint and return (exit code 0); a second SIGINT aborts.
-
-Debug hook: the environment variable ``SDT_DEBUG_INJECT_NAN_AT_STEP=<k>`` turns the loss of step ``k``
-(1-based) into NaN, to exercise the non-finite-loss path.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
+import functools
 import logging
-import math
-import os
-import signal
 import sys
-import threading
 import time
 import warnings
 from collections.abc import Sequence
@@ -37,51 +33,39 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
-from ..models import PRESETS, SDTTransformer2DModel, count_parameters
-from ..models.vae import posterior_sample, vae_downsampling_factor, vae_scaling_factor
+from ..models import SDTTransformer2DModel, count_parameters
 from ..schedulers import default_scheduler
 from ..utils.runtime import cpu_multiprocess, enable_tf32
-from ..utils.seeding import index_generator
 from .checkpointing import (
-    list_checkpoints,
+    latest_checkpoint,
+    load_ema_shard,
     prune_checkpoints,
-    read_training_state,
-    resolve_resume,
     save_checkpoint,
+    save_ema_shard,
 )
-from .config import ConfigError, parse_args, parse_model_kwargs, validate_args
-from .data import (
-    EpochSampler,
-    ImageClassDataset,
-    LatentCacheDataset,
-    class_names_to_id2label,
-    iterate_batches,
-    load_image_source,
-)
-from .diffusion import DiffusionSchedule, training_losses
+from .config import ConfigError, RuntimeSpec, TrainSettings, parse_args, settings_from_args
+from .data import iterate_batches
+from .diffusion import DiffusionSchedule
 from .ema import EMA
-from .export import default_sample_classes, ema_transformer, export_pipeline, sample_grid
+from .export import ema_transformer, export_pipeline, load_vae, sample_grid
+from .heldout import HeldOutSet, evaluate_held_out
+from .plan import RunPlan, plan_run
+from .signals import StopSignal
+from .step import LossHook, NonFiniteLossError, StepStats, TrainingCore, train_step
+from .tracking import METRICS_FILE, LossWindow, MetricsWriter, log_images, log_with, tracker_config
 
-__all__ = ["NonFiniteLossError", "TrainResult", "main", "plan_batches", "resolve_model_config", "train"]
-
-NAN_HOOK_ENV = "SDT_DEBUG_INJECT_NAN_AT_STEP"
-DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
-DEFAULT_RESOLUTION = 256
-METRICS_FILE = "metrics.jsonl"
+__all__ = ["NonFiniteLossError", "Run", "TrainResult", "build_core", "main", "make_accelerator", "restore", "train"]
 
 logger = logging.getLogger("sdt_diffusion.training")
 # DDP notices that the depthwise LPE kernels' gradients (C, 1, k, k) carry a different (equivalent) stride for the
 # size-1 dimension than its bucket views; harmless, and otherwise printed by every process.
 warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN/inf; the run stopped without writing a checkpoint."""
 
 
 @dataclass
@@ -95,303 +79,18 @@ class TrainResult:
     stopped_by_signal: bool
 
 
-# ------------------------------------------------------------------------------------------ planning
-def plan_batches(global_batch: int, per_device: int | None, num_processes: int) -> tuple[int, int]:
-    """``(per_device_batch, grad_accum)`` with ``per_device · processes · accum = global_batch``.
-
-    Raises:
-        ConfigError: the global batch does not split evenly.
-    """
-    if per_device is None:
-        if global_batch % num_processes:
-            raise ConfigError(
-                f"--global-batch-size {global_batch} is not divisible by the {num_processes} processes; "
-                f"choose a multiple of {num_processes} (or set --per-device-batch)"
-            )
-        return global_batch // num_processes, 1
-    if global_batch % (per_device * num_processes):
-        raise ConfigError(
-            f"--global-batch-size {global_batch} is not divisible by --per-device-batch {per_device} x "
-            f"{num_processes} processes = {per_device * num_processes}"
-        )
-    return per_device, global_batch // (per_device * num_processes)
-
-
-def resolve_model_config(args: argparse.Namespace, in_channels: int, sample_size: int, num_classes: int) -> dict:
-    """Preset + overrides, with ``in_channels``/``sample_size``/``num_embeds_ada_norm`` taken from the data.
-
-    Raises:
-        ConfigError: an override contradicts the data or another flag.
-    """
-    overrides = parse_model_kwargs(args.model_kwargs)
-    for flag, key in (("--decay-mode", "decay_mode"), ("--alpha", "alpha"), ("--attention-backend", "attention_backend")):
-        value = getattr(args, key)
-        if value is None:
-            continue
-        if key in overrides and overrides[key] != value:
-            raise ConfigError(f"{flag} {value!r} contradicts --model-kwargs {key}={overrides[key]!r}")
-        overrides[key] = value
-    derived = {"in_channels": in_channels, "sample_size": sample_size, "num_embeds_ada_norm": num_classes}
-    for key, value in derived.items():
-        if key not in overrides:
-            continue
-        given = overrides[key]
-        if key == "num_embeds_ada_norm":
-            if given < value:
-                raise ConfigError(f"--model-kwargs num_embeds_ada_norm={given} but the data has {value} classes")
-        elif given != value:
-            source = {"in_channels": "the VAE's latent channels (3 in pixel space)",
-                      "sample_size": "--resolution / the VAE's downsampling factor"}[key]
-            raise ConfigError(f"--model-kwargs {key}={given} contradicts the data: {source} gives {value}")
-    return {**PRESETS[args.model], **derived, **overrides}
-
-
-@dataclass
-class DataPlan:
-    """Where the training inputs come from and what shape they have."""
-
-    kind: str  # "images" or "latents"
-    dataset: Any
-    labels: np.ndarray
-    num_classes: int
-    id2label: dict[int, str] | None
-    class_names: list[str] | None
-    resolution: int
-    vae_name: str | None
-    vae_subfolder: str | None
-    latent_channels: int
-    latent_size: int
-    scaling_factor: float
-    vae_factor: int
-
-
-def _vae_config(name: str, subfolder: str | None) -> dict:
-    from diffusers import AutoencoderKL
-
-    try:
-        return dict(AutoencoderKL.load_config(name, subfolder=subfolder))
-    except Exception as e:  # noqa: BLE001
-        where = f"{name}" + (f" (subfolder {subfolder})" if subfolder else "")
-        raise ConfigError(f"--vae {where}: cannot load an AutoencoderKL config: {e}") from None
-
-
-def plan_data(args: argparse.Namespace, accelerator: Any) -> DataPlan:
-    """Open the training data (image folder, saved dataset or latent cache) and check shapes against flags."""
-    vae_arg = None if args.vae is None else (None if str(args.vae).lower() == "none" else args.vae)
-    if args.latents_dir:
-        dataset = LatentCacheDataset(args.latents_dir)
-        meta = dataset.meta
-        if args.resolution is not None and args.resolution != meta["resolution"]:
-            raise ConfigError(f"--resolution {args.resolution} but the latent cache was made at {meta['resolution']}")
-        if args.vae is not None and vae_arg is None:
-            raise ConfigError("--latents-dir with --vae none: a latent-space model needs its VAE for export and samples")
-        vae_name = vae_arg or meta["vae"]
-        subfolder = args.vae_subfolder if vae_arg else meta.get("vae_subfolder")
-        cfg = _vae_config(vae_name, subfolder)
-        scaling = vae_scaling_factor(cfg)
-        if not math.isclose(scaling, float(meta["scaling_factor"]), rel_tol=1e-6):
-            raise ConfigError(f"--vae {vae_name} has scaling_factor {scaling}, the cache was made with {meta['scaling_factor']}")
-        channels, size, width = meta["latent_shape"]
-        if size != width:
-            raise ConfigError(f"latent cache holds non-square latents {meta['latent_shape']}")
-        if cfg.get("latent_channels") != channels:
-            raise ConfigError(f"--vae {vae_name} has {cfg.get('latent_channels')} latent channels, the cache {channels}")
-        names = meta.get("class_names")
-        id2label = {int(k): v for k, v in meta["id2label"].items()} if meta.get("id2label") else None
-        return DataPlan("latents", dataset, dataset.labels, int(meta["num_classes"]), id2label, names,
-                        int(meta["resolution"]), vae_name, subfolder, int(channels), int(size), scaling, vae_downsampling_factor(cfg))
-
-    resolution = args.resolution or DEFAULT_RESOLUTION
-    vae_name = vae_arg if args.vae is not None else DEFAULT_VAE
-    if vae_name is None:
-        channels, factor, scaling = 3, 1, 1.0
-    else:
-        cfg = _vae_config(vae_name, args.vae_subfolder)
-        channels, factor, scaling = int(cfg["latent_channels"]), vae_downsampling_factor(cfg), vae_scaling_factor(cfg)
-    if resolution % factor:
-        raise ConfigError(f"--resolution {resolution} is not divisible by the VAE's downsampling factor {factor}")
-    with accelerator.local_main_process_first():  # one datasets cache build per node
-        source = load_image_source(args.data_dir, args.dataset, args.dataset_split, args.image_column, args.label_column)
-    dataset = ImageClassDataset(source, resolution)
-    id2label = class_names_to_id2label(source.class_names, source.num_classes)
-    return DataPlan("images", dataset, source.labels, source.num_classes, id2label, source.class_names, resolution,
-                    vae_name, args.vae_subfolder if vae_name else None, channels, resolution // factor, scaling, factor)
-
-
-# ----------------------------------------------------------------------------------------- helpers
-def encode_batch(batch: dict[str, torch.Tensor], vae: Any | None, scaling_factor: float, device: torch.device,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """Training inputs ``x_0`` of a batch: a posterior sample ``(μ + σ ε)·s`` of the latents (cache or VAE
-    on the fly, the same draw from the same RNG) or the pixels themselves without a VAE."""
-    if "latent_mean" in batch:
-        mean = batch["latent_mean"].to(device, non_blocking=True)
-        std = batch["latent_std"].to(device, non_blocking=True)
-        eps = torch.randn(mean.shape, generator=generator, device=generator.device if generator else device)
-        return posterior_sample(mean, std, eps.to(device), scaling_factor)
-    pixels = batch["pixel_values"].to(device, non_blocking=True)
-    if vae is None:
-        return pixels
-    with torch.no_grad():
-        return vae.encode(pixels).latent_dist.sample(generator=generator) * scaling_factor
-
-
-class _StopSignal:
-    """Turns SIGTERM/SIGINT into a flag checked at the end of each step (a second SIGINT aborts)."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopSignal:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-        print(f"[train] received {signal.Signals(signum).name}: finishing this step, saving a checkpoint, exiting",
-              file=sys.stderr, flush=True)
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, prev in self._previous.items():
-            signal.signal(sig, prev)
-
-
-class HeldOutSet:
-    """A fixed held-out set for ``eval_loss``: fixed images (no flip), VAE draws, timesteps and noise.
-
-    The ``n`` evaluated images are evenly spaced through ``--eval-data-dir``; the timesteps, the noise and the
-    VAE posterior draws come from a generator seeded by ``--seed``, per image, so the value does not depend
-    on the number of processes.  Each process evaluates every ``num_processes``-th image, padded to equal
-    counts (padding has weight 0), and the sums are all-reduced.
-    """
-
-    def __init__(self, args: argparse.Namespace, plan: DataPlan, vae: Any | None, accelerator: Any,
-                 batch_size: int, num_timesteps: int) -> None:
-        with accelerator.local_main_process_first():
-            source = load_image_source(data_dir=args.eval_data_dir)
-        label_map = None
-        if plan.class_names is not None and source.class_names is not None:
-            unknown = sorted(set(source.class_names) - set(plan.class_names))
-            if unknown:
-                raise ConfigError(f"--eval-data-dir classes {unknown} are not among the training classes")
-            label_map = np.array([plan.class_names.index(n) for n in source.class_names], dtype=np.int64)
-        elif source.num_classes > plan.num_classes:
-            raise ConfigError(f"--eval-data-dir has {source.num_classes} classes, the training data {plan.num_classes}")
-        dataset = ImageClassDataset(source, plan.resolution, label_map)
-        n = min(len(dataset), args.eval_max_samples)
-        chosen = np.unique(np.linspace(0, len(dataset) - 1, n).round().astype(np.int64))
-        world, rank = accelerator.num_processes, accelerator.process_index
-        per_rank = math.ceil(len(chosen) / world)
-        positions = [p if p < len(chosen) else -1 for p in range(rank, per_rank * world, world)]
-        self.device = accelerator.device
-        self.batch_size = batch_size
-        self.size = len(chosen)
-        x0, labels, t, noise, weight = [], [], [], [], []
-        shape = (plan.latent_channels, plan.latent_size, plan.latent_size)
-        for p in positions:
-            real = p >= 0
-            p = p if real else 0
-            g = index_generator(args.seed, int(chosen[p]))
-            item = dataset[int(chosen[p])]
-            pixels = item["pixel_values"][None].to(self.device)
-            if vae is None:
-                latent = pixels[0]
-            else:
-                with torch.no_grad():
-                    dist = vae.encode(pixels).latent_dist
-                vae_eps = torch.randn(shape, generator=g).to(self.device)
-                latent = posterior_sample(dist.mean[0], dist.std[0], vae_eps, plan.scaling_factor)
-            x0.append(latent.float())
-            labels.append(item["labels"])
-            t.append(int(torch.randint(0, num_timesteps, (1,), generator=g)))
-            noise.append(torch.randn(shape, generator=g))
-            weight.append(1.0 if real else 0.0)
-        self.x0 = torch.stack(x0)
-        self.labels = torch.tensor(labels, device=self.device)
-        self.t = torch.tensor(t, device=self.device)
-        self.noise = torch.stack(noise).to(self.device)
-        self.weight = torch.tensor(weight, device=self.device)
-
-    @torch.no_grad()
-    def evaluate(self, model: torch.nn.Module, schedule: DiffusionSchedule, learn_sigma: bool,
-                 accelerator: Any) -> dict[str, float]:
-        """Mean ``loss``/``mse``/``vb`` over the held-out set (all processes must call it)."""
-        was_training = model.training
-        model.eval()
-        sums = torch.zeros(4, device=self.device, dtype=torch.float64)
-        for i in range(0, len(self.x0), self.batch_size):
-            sl = slice(i, i + self.batch_size)
-            x0, t, noise, w = self.x0[sl], self.t[sl], self.noise[sl], self.weight[sl]
-            x_t = schedule.q_sample(x0, t, noise)
-            out = model(x_t, t, self.labels[sl]).sample
-            terms = training_losses(out, x0, x_t, t, noise, schedule, learn_sigma)
-            sums += torch.stack([(terms[k] * w).sum().double() for k in ("loss", "mse", "vb")] + [w.sum().double()])
-        model.train(was_training)
-        sums = accelerator.reduce(sums, "sum")
-        count = float(sums[3])
-        return {k: float(sums[i]) / count for i, k in enumerate(("loss", "mse", "vb"))}
-
-
-class MetricsWriter:
-    """``metrics.jsonl`` on the main process; on (re)start keeps only lines up to the starting step."""
-
-    def __init__(self, path: Path, start_step: int, enabled: bool) -> None:
-        self.path = path
-        self.enabled = enabled
-        if not enabled:
-            return
-        kept = []
-        if path.exists():
-            for line in path.read_text().splitlines():
-                try:
-                    if json.loads(line).get("step", 0) <= start_step:
-                        kept.append(line)
-                except json.JSONDecodeError:
-                    continue
-        path.write_text("".join(k + "\n" for k in kept))
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-
-def _tracker_config(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
-
-
-def _log_with(report_to: str) -> list[str] | None:
-    if report_to == "none":
-        return None
-    names = ["tensorboard", "wandb"] if report_to == "all" else [report_to]
-    if "wandb" in names:
-        try:
-            import wandb  # noqa: F401
-        except ImportError:
-            raise ConfigError("--report-to wandb needs the wandb package (pip install wandb)") from None
-    return names
-
-
-def make_accelerator(args: argparse.Namespace) -> Any:
+# ------------------------------------------------------------------------------------------------ build
+def make_accelerator(runtime: RuntimeSpec, output_dir: Path) -> Accelerator:
     """The ``Accelerator``: CPU multi-process (gloo) when several processes run without CUDA."""
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
-
-    cpu = bool(args.cpu) or cpu_multiprocess()
-    out = Path(args.output_dir)
     kwargs: dict[str, Any] = {}
-    if args.mixed_precision is not None:
-        kwargs["mixed_precision"] = args.mixed_precision
-    if args.compile:
+    if runtime.mixed_precision is not None:
+        kwargs["mixed_precision"] = runtime.mixed_precision
+    if runtime.compile:
         kwargs["dynamo_backend"] = "inductor"
     return Accelerator(
-        cpu=cpu,
-        log_with=_log_with(args.report_to),
-        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+        cpu=runtime.cpu or cpu_multiprocess(),
+        log_with=log_with(runtime.report_to),
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
         **kwargs,
     )
 
@@ -400,289 +99,278 @@ def _is_fsdp(accelerator: Any) -> bool:
     return str(accelerator.distributed_type).endswith("FSDP")
 
 
-def _log_images(accelerator: Any, grid: Any, step: int) -> None:
-    for tracker in accelerator.trackers:
-        try:
-            if tracker.name == "tensorboard":
-                tracker.log_images({"samples": np.asarray(grid)[None]}, step=step, dataformats="NHWC")
-            elif tracker.name == "wandb":
-                tracker.log_images({"samples": [grid]}, step=step)
-        except Exception as e:  # noqa: BLE001 - a tracker hiccup must not kill training
-            logger.warning("could not log the sample grid to %s: %s", tracker.name, e)
-
-
-# ------------------------------------------------------------------------------------------- train
-def train(args: argparse.Namespace) -> TrainResult:
-    """Run (or resume) training as configured by ``args`` (see :func:`~.config.build_parser`)."""
-    from accelerate.utils import set_seed
-
-    validate_args(args)
-    out = Path(args.output_dir)
-    resume_from = resolve_resume(args.resume, out)
-    nan_step = int(os.environ[NAN_HOOK_ENV]) if os.environ.get(NAN_HOOK_ENV) else None
-
-    accelerator = make_accelerator(args)
-    is_main = accelerator.is_main_process
-    device = accelerator.device
-    world = accelerator.num_processes
-    per_device, accum = plan_batches(args.global_batch_size, args.per_device_batch, world)
-    plan = plan_data(args, accelerator)
-
-    model_config = resolve_model_config(args, plan.latent_channels, plan.latent_size, plan.num_classes)
-    patch = model_config["patch_size"]
-    if plan.latent_size % patch:
-        raise ConfigError(
-            f"--resolution {plan.resolution} is not divisible by the VAE factor {plan.vae_factor} x patch size "
-            f"{patch} = {plan.vae_factor * patch}"
-        )
-    sampler = EpochSampler(len(plan.labels), world, accelerator.process_index, args.seed,
-                           shuffle=True, random_flip=args.random_flip)
-    if len(sampler) < per_device:
-        raise ConfigError(
-            f"each of the {world} processes gets {len(sampler)} samples per epoch, fewer than one batch of "
-            f"{per_device}; lower --global-batch-size / --per-device-batch"
-        )
-    sample_classes = ([int(c) for c in str(args.sample_classes).split(",")] if args.sample_classes
-                      else default_sample_classes(plan.num_classes))
-    bad = [c for c in sample_classes if not 0 <= c < model_config["num_embeds_ada_norm"]]
-    if bad:
-        raise ConfigError(f"--sample-classes {bad} outside [0, {model_config['num_embeds_ada_norm']})")
-    start_state: dict[str, Any] = read_training_state(resume_from) if resume_from else {}
-    saved_config = dict(start_state.get("model_config") or {})
-    if saved_config:
-        changed = {k: (saved_config.get(k), model_config.get(k)) for k in set(saved_config) | set(model_config)
-                   if k != "attention_backend" and saved_config.get(k) != model_config.get(k)}
-        if changed:
-            raise ConfigError(f"--resume {resume_from}: the model config differs from the checkpoint's "
-                              f"(field: (checkpoint, now)) {changed}")
-    if start_state and start_state["step"] >= args.max_steps and args.resume == "auto":
-        if is_main:
-            logger.info("%s is already at step %d >= --max-steps %d: nothing to do", resume_from,
-                        start_state["step"], args.max_steps)
-        pipeline = out / "pipeline"
-        return TrainResult(int(start_state["step"]), out, resume_from, pipeline if pipeline.is_dir() else None, False)
-    if start_state and start_state["step"] >= args.max_steps:
-        raise ConfigError(f"--resume {resume_from} is at step {start_state['step']} >= --max-steps {args.max_steps}")
-
-    # ---- build (same seed on every process: identical initial weights everywhere)
-    set_seed(args.seed)
-    if args.allow_tf32:
+def build_core(settings: TrainSettings, plan: RunPlan, accelerator: Accelerator) -> TrainingCore:
+    """The VAE, the model, AdamW and the EMA, seeded alike on every process (identical initial weights)."""
+    set_seed(settings.seed)
+    if settings.runtime.allow_tf32:
         enable_tf32()
-    vae = None
-    if plan.vae_name is not None:
-        from diffusers import AutoencoderKL
-
-        vae = AutoencoderKL.from_pretrained(plan.vae_name, subfolder=plan.vae_subfolder)
-        vae.requires_grad_(False)
-        vae.eval().to(device)
+    vae = load_vae(plan.data.vae_name, plan.data.vae_subfolder)
+    if vae is not None:
+        vae.to(accelerator.device)
     try:
-        model = SDTTransformer2DModel(**model_config)
+        model = SDTTransformer2DModel(**plan.model_config)
     except ValueError as e:
         raise ConfigError(f"bad model configuration: {e}") from None
+    if accelerator.is_main_process:
+        logger.info("model %s: %.2fM parameters, config %s", settings.model.preset,
+                    count_parameters(model, trainable_only=False) / 1e6, plan.model_config)
     learn_sigma = bool(model.config.learn_sigma)
-    n_params = count_parameters(model, trainable_only=False)
-    if args.gradient_checkpointing:
+    if settings.runtime.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    optim = settings.optim
+    optimizer = torch.optim.AdamW(model.parameters(), lr=optim.learning_rate, weight_decay=optim.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
-    ema = EMA(model.parameters(), decay=args.ema_decay)
+    ema = EMA(model.parameters(), decay=optim.ema_decay)
     fsdp = _is_fsdp(accelerator)
     if not fsdp:
         accelerator.register_for_checkpointing(ema)
     schedule = DiffusionSchedule.from_scheduler(default_scheduler(learn_sigma))
-    held_out = None
-    if args.eval_data_dir:
-        with torch.random.fork_rng(devices=[]):
-            held_out = HeldOutSet(args, plan, vae, accelerator, per_device, schedule.num_timesteps)
+    return TrainingCore(accelerator, model, optimizer, ema, vae, schedule, learn_sigma, plan.data.scaling_factor,
+                        plan.accum, optim.max_grad_norm, fsdp)
 
-    def save_ema_shard(tmp: Path) -> None:  # FSDP: every rank owns a shard of the EMA
-        from safetensors.torch import save_file
 
-        save_file({str(i): s.contiguous().cpu() for i, s in enumerate(ema.shadow)},
-                  str(tmp / f"ema_shard_rank{accelerator.process_index:05d}.safetensors"))
+def restore(core: TrainingCore, plan: RunPlan, seed: int) -> int:
+    """Resume from ``plan.resume_from`` (weights, AdamW, EMA, every process's RNG) or seed a fresh run;
+    returns the steps already done."""
+    if plan.resume_from is None:
+        set_seed(seed, device_specific=True)  # per-process noise, timesteps and label dropout
+        return 0
+    core.accelerator.load_state(str(plan.resume_from))
+    if core.fsdp:
+        load_ema_shard(core.ema, plan.resume_from, core.accelerator.process_index, plan.start_step)
+    state = plan.start_state
+    layout = (state.get("num_processes"), state.get("per_device_batch"), state.get("grad_accum"))
+    if layout != (plan.world, plan.per_device, plan.accum):
+        logger.warning("resuming with %s processes x %s per device x %s accumulation (checkpoint: %s x %s x %s); "
+                       "training continues but the data order and RNG streams differ from an uninterrupted run",
+                       plan.world, plan.per_device, plan.accum, *layout)
+    return plan.start_step
 
-    # ---- resume
-    step = 0
-    if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        if fsdp:
-            from safetensors.torch import load_file
 
-            shard = load_file(str(resume_from / f"ema_shard_rank{accelerator.process_index:05d}.safetensors"))
-            ema.load_state_dict({"decay": args.ema_decay, "num_updates": start_state["step"],
-                                 "shadow": [shard[str(i)] for i in range(len(ema.shadow))]})
-        step = int(start_state["step"])
-        layout = (start_state.get("num_processes"), start_state.get("per_device_batch"), start_state.get("grad_accum"))
-        if layout != (world, per_device, accum):
-            logger.warning("resuming with %s processes x %s per device x %s accumulation (checkpoint: %s x %s x %s); "
-                           "training continues but the data order and RNG streams differ from an uninterrupted run",
-                           world, per_device, accum, *layout)
-    else:
-        set_seed(args.seed, device_specific=True)  # per-process noise, timesteps and label dropout
+def write_run_files(settings: TrainSettings, plan: RunPlan) -> None:
+    """The output folder, ``samples/`` and ``train_config.yaml`` (main process)."""
+    out = settings.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "samples").mkdir(exist_ok=True)
+    config = {**settings.flags, "resolved_model_config": plan.model_config, "per_device_batch_resolved": plan.per_device,
+              "grad_accum": plan.accum, "num_processes": plan.world}
+    (out / "train_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
-    # ---- bookkeeping
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "samples").mkdir(exist_ok=True)
-        (out / "train_config.yaml").write_text(yaml.safe_dump(
-            {**{k: v for k, v in vars(args).items()}, "resolved_model_config": model_config,
-             "per_device_batch_resolved": per_device, "grad_accum": accum, "num_processes": world}, sort_keys=False))
-    metrics = MetricsWriter(out / METRICS_FILE, step, is_main)
-    accelerator.init_trackers(args.tracker_project, config=_tracker_config(args))
-    if is_main:
-        logger.info("model %s: %.2fM parameters, config %s", args.model, n_params / 1e6, model_config)
-        logger.info("data: %s, %d samples, %d classes, inputs %dx%dx%d; %d processes x %d per device x %d "
-                    "accumulation = global batch %d", plan.kind, len(plan.labels), plan.num_classes,
-                    plan.latent_channels, plan.latent_size, plan.latent_size, world, per_device, accum,
-                    args.global_batch_size)
-        if resume_from is not None:
-            logger.info("resumed from %s at step %d", resume_from, step)
 
-    batches = iterate_batches(
-        plan.dataset, sampler, per_device, start_batch=step * accum, num_workers=args.num_workers,
-        pin_memory=device.type == "cuda", skip_first_batches=accelerator.skip_first_batches,
-    )
-    last_checkpoint = list_checkpoints(out)[-1][1] if list_checkpoints(out) else None
-    last_saved = step if resume_from is not None else -1
+@dataclass
+class Run:
+    """A built run: its settings and plan, the training objects, and what it has written so far."""
+
+    settings: TrainSettings
+    plan: RunPlan
+    core: TrainingCore
+    held_out: HeldOutSet | None
+    metrics: MetricsWriter
+    last_checkpoint: Path | None
+    last_saved: int  # step of the newest checkpoint written or resumed from (-1: none this run)
+    epoch: int
+    started: float
     pipeline_dir: Path | None = None
-    stopped = False
-    window = {"loss": 0.0, "mse": 0.0, "vb": 0.0, "grad_norm": 0.0, "n": 0, "time": 0.0}
-    epoch = step * accum // max(1, len(sampler) // per_device)
-    run_start = time.time()
 
-    bar = tqdm(total=args.max_steps, initial=step, disable=not (is_main and args.progress_bar),
+    @property
+    def accelerator(self) -> Accelerator:
+        return self.core.accelerator
+
+    @property
+    def is_main(self) -> bool:
+        return self.core.accelerator.is_main_process
+
+    @property
+    def out(self) -> Path:
+        return self.settings.output_dir
+
+
+def start_run(settings: TrainSettings, plan: RunPlan, core: TrainingCore, held_out: HeldOutSet | None,
+              step: int) -> Run:
+    """Files, metrics, trackers and the start-up log of a built (and possibly resumed) run."""
+    accelerator = core.accelerator
+    if accelerator.is_main_process:
+        write_run_files(settings, plan)
+    metrics = MetricsWriter(settings.output_dir / METRICS_FILE, step, accelerator.is_main_process)
+    accelerator.init_trackers(settings.runtime.tracker_project, config=tracker_config(settings.flags))
+    if accelerator.is_main_process:
+        d = plan.data
+        logger.info("data: %s, %d samples, %d classes, inputs %dx%dx%d; %d processes x %d per device x %d "
+                    "accumulation = global batch %d", d.kind, len(d.labels), d.num_classes, d.latent_channels,
+                    d.latent_size, d.latent_size, plan.world, plan.per_device, plan.accum,
+                    settings.global_batch_size)
+        if plan.resume_from is not None:
+            logger.info("resumed from %s at step %d", plan.resume_from, step)
+    epoch = step * plan.accum // max(1, len(plan.sampler) // plan.per_device)
+    return Run(settings, plan, core, held_out, metrics, latest_checkpoint(settings.output_dir),
+               step if plan.resume_from is not None else -1, epoch, time.time())
+
+
+# ------------------------------------------------------------------------------- checkpoint and export
+def training_state(run: Run, step: int) -> dict[str, Any]:
+    """``training_state.json`` of a checkpoint: the batch layout, the data position, the model and the
+    resolved VAE (name and subfolder; ``None`` in pixel space), so an export needs nothing else."""
+    s, p = run.settings, run.plan
+    return {"global_batch_size": s.global_batch_size, "per_device_batch": p.per_device, "grad_accum": p.accum,
+            "num_processes": p.world, "seed": s.seed, "epoch": run.epoch, "num_samples": len(p.data.labels),
+            "consumed_samples": step * s.global_batch_size, "model": s.model.preset, "model_config": p.model_config,
+            "id2label": p.data.id2label, "vae": p.data.vae_name, "vae_subfolder": p.data.vae_subfolder}
+
+
+def save_run_checkpoint(run: Run, step: int) -> Path:
+    """Save ``checkpoint-<step>`` (all processes) and prune old ones; under FSDP each rank adds its EMA shard."""
+    core = run.core
+    extra = functools.partial(save_ema_shard, core.ema, rank=core.accelerator.process_index) if core.fsdp else None
+    path = save_checkpoint(core.accelerator, run.out, step, training_state(run, step), extra_saver=extra)
+    if run.is_main:
+        prune_checkpoints(run.out, run.settings.intervals.keep_checkpoints)
+        logger.info("saved %s", path)
+    run.last_checkpoint, run.last_saved = path, step
+    return path
+
+
+def export_and_sample(run: Run, step: int, export: bool, samples: bool) -> None:
+    """A labelled grid of EMA samples and/or the EMA pipeline export (all processes gather the EMA)."""
+    core, spec = run.core, run.settings.samples
+    with core.device_rng():
+        transformer = ema_transformer(core.accelerator, core.model, core.ema)
+        if run.is_main and samples:
+            grid = sample_grid(transformer, core.vae, run.plan.data.id2label, run.plan.sample_classes, core.device,
+                               spec.steps, spec.guidance_scale, run.settings.seed)
+            grid.save(run.out / "samples" / f"step-{step:07d}.png")
+            log_images(core.accelerator, grid, step)
+        if run.is_main and export:
+            run.pipeline_dir = export_pipeline(transformer, core.vae, run.plan.data.id2label, run.out / "pipeline")
+            logger.info("exported the EMA pipeline to %s", run.pipeline_dir)
+    core.accelerator.wait_for_everyone()
+
+
+def evaluate(run: Run, step: int) -> None:
+    """Held-out losses of the online and the EMA weights, written to ``metrics.jsonl`` and the trackers."""
+    online, averaged = evaluate_held_out(run.held_out, run.core)
+    record = {"step": step, "eval_loss": online["loss"], "eval_mse": online["mse"], "eval_vb": online["vb"],
+              "eval_loss_ema": averaged["loss"]}
+    run.metrics.write(record)
+    run.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
+    if run.is_main:
+        logger.info("step %d: held-out loss %.5f (EMA %.5f) on %d images", step, online["loss"], averaged["loss"],
+                    run.held_out.size)
+
+
+# ------------------------------------------------------------------------------------------------ loop
+def after_step(run: Run, step: int, stats: StepStats, window: LossWindow, bar: Any) -> None:
+    """Logging, checkpoint, held-out evaluation, samples and export due after optimizer step ``step``."""
+    every = run.settings.intervals
+    run.epoch = stats.epoch
+    window.add(stats)
+    if step % every.log_every == 0 or step == every.max_steps:
+        lr = run.core.optimizer.param_groups[0]["lr"]
+        record = window.record(step, run.epoch, lr, run.settings.global_batch_size, time.time() - run.started)
+        run.metrics.write(record)
+        run.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.1f}")
+    if step % every.checkpoint_every == 0 or stats.stop_requested:
+        save_run_checkpoint(run, step)
+    if stats.stop_requested:
+        return  # the run ends here; the rest waits for the resumed run
+    if run.held_out is not None and step % every.eval_every == 0:
+        evaluate(run, step)
+    export = bool(every.export_every) and step % every.export_every == 0 and step < every.max_steps
+    samples = bool(every.sample_every) and step % every.sample_every == 0 and step < every.max_steps
+    if export or samples:
+        export_and_sample(run, step, export, samples)
+
+
+def run_loop(run: Run, step: int, loss_hook: LossHook | None = None) -> tuple[int, bool]:
+    """Train from ``step`` to ``max_steps`` or until a stop signal; returns ``(step, stopped_by_signal)``.
+
+    Raises:
+        NonFiniteLossError: with the last good checkpoint named.
+    """
+    plan, every = run.plan, run.settings.intervals
+    batches = iterate_batches(
+        plan.data.dataset, plan.sampler, plan.per_device, start_batch=step * plan.accum,
+        num_workers=run.settings.data.num_workers, pin_memory=run.core.device.type == "cuda",
+        skip_first_batches=run.accelerator.skip_first_batches,
+    )
+    window = LossWindow()
+    bar = tqdm(total=every.max_steps, initial=step, disable=not (run.is_main and run.settings.runtime.progress_bar),
                desc="train", dynamic_ncols=True)
-
-    def checkpoint(at: int) -> Path:
-        state = {"global_batch_size": args.global_batch_size, "per_device_batch": per_device, "grad_accum": accum,
-                 "num_processes": world, "seed": args.seed, "epoch": epoch, "num_samples": len(plan.labels),
-                 "consumed_samples": at * args.global_batch_size, "model": args.model, "model_config": model_config,
-                 "id2label": plan.id2label, "vae": args.vae}
-        path = save_checkpoint(accelerator, out, at, state, extra_saver=save_ema_shard if fsdp else None)
-        if is_main:
-            prune_checkpoints(out, args.keep_checkpoints)
-            logger.info("saved %s", path)
-        return path
-
-    def export_and_sample(at: int, export: bool, samples: bool) -> None:
-        nonlocal pipeline_dir
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            transformer = ema_transformer(accelerator, model, ema)
-            if is_main and samples:
-                grid = sample_grid(transformer, vae, plan.id2label, sample_classes, device,
-                                   args.sample_steps, args.sample_guidance_scale, args.seed)
-                path = out / "samples" / f"step-{at:07d}.png"
-                grid.save(path)
-                _log_images(accelerator, grid, at)
-            if is_main and export:
-                pipeline_dir = export_pipeline(transformer, vae, plan.id2label, out / "pipeline")
-                logger.info("exported the EMA pipeline to %s", pipeline_dir)
-        accelerator.wait_for_everyone()
-
-    def evaluate(at: int) -> None:
-        eval_model = model if fsdp else accelerator.unwrap_model(model)
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            online = held_out.evaluate(eval_model, schedule, learn_sigma, accelerator)
-            with ema.swapped_into(model.parameters()):
-                averaged = held_out.evaluate(eval_model, schedule, learn_sigma, accelerator)
-        record = {"step": at, "eval_loss": online["loss"], "eval_mse": online["mse"], "eval_vb": online["vb"],
-                  "eval_loss_ema": averaged["loss"]}
-        metrics.write(record)
-        accelerator.log({k: v for k, v in record.items() if k != "step"}, step=at)
-        if is_main:
-            logger.info("step %d: held-out loss %.5f (EMA %.5f) on %d images", at, online["loss"], averaged["loss"],
-                        held_out.size)
-
     try:
-        if held_out is not None and step == 0:
-            evaluate(0)  # the starting point of the held-out curve
-        with _StopSignal() as stop_signal:
-            while step < args.max_steps:
-                t0 = time.perf_counter()
-                model.train()
-                sums = torch.zeros(3, device=device)
-                for micro in range(accum):
-                    epoch, batch = next(batches)
-                    x0 = encode_batch(batch, vae, plan.scaling_factor, device)
-                    labels = batch["labels"].to(device, non_blocking=True)
-                    t = torch.randint(0, schedule.num_timesteps, (x0.shape[0],), device=device)
-                    noise = torch.randn_like(x0)
-                    x_t = schedule.q_sample(x0, t, noise)
-                    sync = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(model)
-                    with sync:
-                        out_sample = model(x_t, t, labels).sample
-                        terms = training_losses(out_sample, x0, x_t, t, noise, schedule, learn_sigma)
-                        loss = terms["loss"].mean()
-                        if nan_step is not None and step + 1 == nan_step:
-                            loss = loss * float("nan")
-                        accelerator.backward(loss / accum)
-                    sums += torch.stack([loss.detach(), terms["mse"].detach().mean(), terms["vb"].detach().mean()])
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
-                if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
-                    grad_norm = grad_norm.full_tensor()
-                grad_norm = torch.as_tensor(grad_norm, device=device, dtype=torch.float32).reshape(())
-                stats = torch.cat([sums / accum, grad_norm[None], torch.tensor([float(stop_signal.signum is not None)],
-                                                                               device=device)])
-                stats = accelerator.reduce(stats, "sum")
-                loss_v, mse_v, vb_v, gn_v = (stats[:4] / world).tolist()
-                stop_requested = float(stats[4]) > 0
-                if not math.isfinite(loss_v):
-                    optimizer.zero_grad(set_to_none=True)
-                    where = f"; last good checkpoint: {last_checkpoint}" if last_checkpoint else "; no checkpoint yet"
-                    raise NonFiniteLossError(
-                        f"non-finite training loss {loss_v} at step {step + 1} (mse {mse_v}, vb {vb_v}); stopped "
-                        f"without saving{where}. Try a lower --learning-rate, --max-grad-norm or --mixed-precision no."
-                    )
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                ema.update(model.parameters())
+        if run.held_out is not None and step == 0:
+            evaluate(run, 0)  # the starting point of the held-out curve
+        with StopSignal() as stop:
+            while step < every.max_steps:
+                try:
+                    stats = train_step(run.core, batches, step, stop.requested, loss_hook)
+                except NonFiniteLossError as e:
+                    e.last_checkpoint = run.last_checkpoint
+                    raise
                 step += 1
                 bar.update(1)
-
-                window["time"] += time.perf_counter() - t0
-                window["n"] += 1
-                for k, v in (("loss", loss_v), ("mse", mse_v), ("vb", vb_v), ("grad_norm", gn_v)):
-                    window[k] += v
-                if step % args.log_every == 0 or step == args.max_steps:
-                    n = window["n"]
-                    record = {"step": step, "epoch": epoch, "loss": window["loss"] / n, "mse": window["mse"] / n,
-                              "vb": window["vb"] / n, "grad_norm": window["grad_norm"] / n,
-                              "lr": optimizer.param_groups[0]["lr"],
-                              "images_per_s": args.global_batch_size * n / max(window["time"], 1e-9),
-                              "time": time.time() - run_start}
-                    metrics.write(record)
-                    accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.1f}")
-                    window = {"loss": 0.0, "mse": 0.0, "vb": 0.0, "grad_norm": 0.0, "n": 0, "time": 0.0}
-
-                if step % args.checkpoint_every == 0 or stop_requested:
-                    last_checkpoint = checkpoint(step)
-                    last_saved = step
-                if stop_requested:
-                    stopped = True
-                    if is_main:
+                after_step(run, step, stats, window, bar)
+                if stats.stop_requested:
+                    if run.is_main:
                         logger.info("stopped by signal at step %d; resume with --resume latest", step)
-                    break
-                if held_out is not None and step % args.eval_every == 0:
-                    evaluate(step)
-                do_export = bool(args.export_every) and step % args.export_every == 0 and step < args.max_steps
-                do_samples = bool(args.sample_every) and step % args.sample_every == 0 and step < args.max_steps
-                if do_export or do_samples:
-                    export_and_sample(step, do_export, do_samples)
-
-            if not stopped:
-                if held_out is not None and step % args.eval_every:
-                    evaluate(step)
-                if last_saved != step:
-                    last_checkpoint = checkpoint(step)
-                export_and_sample(step, True, bool(args.sample_every))
+                    return step, True
     finally:
         bar.close()
+    return step, False
+
+
+def finish(run: Run, step: int) -> None:
+    """The end of a completed run: the last held-out loss, checkpoint and sample grid, and the export."""
+    every = run.settings.intervals
+    if run.held_out is not None and step % every.eval_every:
+        evaluate(run, step)
+    if run.last_saved != step:
+        save_run_checkpoint(run, step)
+    export_and_sample(run, step, True, bool(every.sample_every))
+
+
+# ----------------------------------------------------------------------------------------------- train
+def train(args: argparse.Namespace | TrainSettings, *, loss_hook: LossHook | None = None) -> TrainResult:
+    """Run (or resume) training.
+
+    Args:
+        args: flags from :func:`~.config.parse_args` or :class:`~.config.TrainSettings`.
+        loss_hook: optional ``hook(step, loss) -> loss`` applied to every micro-batch loss (see
+            :data:`~.step.LossHook`).
+
+    Raises:
+        ConfigError: a bad flag or a flag that contradicts the data or the checkpoint (before any compute).
+        NonFiniteLossError: the loss became NaN/inf (nothing is saved after the last good checkpoint).
+    """
+    settings = args if isinstance(args, TrainSettings) else settings_from_args(args)
+    accelerator = make_accelerator(settings.runtime, settings.output_dir)
+    plan = plan_run(settings, accelerator)
+    if plan.resume_from is not None and plan.start_step >= settings.intervals.max_steps:  # --resume auto only
+        if accelerator.is_main_process:
+            logger.info("%s is already at step %d >= --max-steps %d: nothing to do", plan.resume_from,
+                        plan.start_step, settings.intervals.max_steps)
+        pipeline = settings.output_dir / "pipeline"
+        return TrainResult(plan.start_step, settings.output_dir, plan.resume_from,
+                           pipeline if pipeline.is_dir() else None, False)
+
+    core = build_core(settings, plan, accelerator)
+    held_out = None
+    if settings.held_out.data_dir:
+        with torch.random.fork_rng(devices=[]):
+            held_out = HeldOutSet(settings.held_out.data_dir, settings.held_out.max_samples, settings.seed,
+                                  plan.data, core.vae, accelerator, plan.per_device, core.schedule.num_timesteps)
+    step = restore(core, plan, settings.seed)
+    run = start_run(settings, plan, core, held_out, step)
+    try:
+        step, stopped = run_loop(run, step, loss_hook)
+        if not stopped:
+            finish(run, step)
+    finally:
         accelerator.end_training()
-    if is_main:
+    if run.is_main:
         logger.info("done at step %d", step)
-    return TrainResult(step, out, last_checkpoint, pipeline_dir if is_main else out / "pipeline", stopped)
+    pipeline_dir = run.pipeline_dir if run.is_main else settings.output_dir / "pipeline"
+    return TrainResult(step, settings.output_dir, run.last_checkpoint, pipeline_dir, stopped)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -692,13 +380,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     for noisy in ("accelerate", "diffusers", "datasets", "torch"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        args = parse_args(argv)
-        train(args)
+        train(parse_args(argv))
     except ConfigError as e:
         print(f"train.py: error: {e}", file=sys.stderr, flush=True)
         return 2
     except NonFiniteLossError as e:
-        print(f"train.py: error: {e}", file=sys.stderr, flush=True)
+        print(f"train.py: error: {e}. Try a lower --learning-rate, --max-grad-norm or --mixed-precision no.",
+              file=sys.stderr, flush=True)
         return 1
     return 0
 

@@ -1,0 +1,109 @@
+"""Logging of a run: ``metrics.jsonl``, the averaged loss window, trackers (tensorboard / wandb) and sample grids."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..utils.optional import import_optional
+from .config import ConfigError
+from .step import StepStats
+
+__all__ = ["METRICS_FILE", "LossWindow", "MetricsWriter", "log_images", "log_with", "tracker_config"]
+
+METRICS_FILE = "metrics.jsonl"
+
+logger = logging.getLogger("sdt_diffusion.training")
+
+
+class MetricsWriter:
+    """``metrics.jsonl`` on the main process; on (re)start keeps only lines up to the starting step."""
+
+    def __init__(self, path: Path, start_step: int, enabled: bool) -> None:
+        self.path = path
+        self.enabled = enabled
+        if not enabled:
+            return
+        kept = []
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= start_step:
+                        kept.append(line)
+                except json.JSONDecodeError:
+                    continue
+        path.write_text("".join(k + "\n" for k in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+@dataclass
+class LossWindow:
+    """Sums of the steps since the last training line of ``metrics.jsonl``."""
+
+    loss: float = 0.0
+    mse: float = 0.0
+    vb: float = 0.0
+    grad_norm: float = 0.0
+    steps: int = 0
+    seconds: float = 0.0
+
+    def add(self, stats: StepStats) -> None:
+        self.loss += stats.loss
+        self.mse += stats.mse
+        self.vb += stats.vb
+        self.grad_norm += stats.grad_norm
+        self.steps += 1
+        self.seconds += stats.seconds
+
+    def record(self, step: int, epoch: int, lr: float, global_batch: int, elapsed: float) -> dict[str, Any]:
+        """The training line (means over the window) and a reset window."""
+        n = max(self.steps, 1)
+        line = {"step": step, "epoch": epoch, "loss": self.loss / n, "mse": self.mse / n, "vb": self.vb / n,
+                "grad_norm": self.grad_norm / n, "lr": lr,
+                "images_per_s": global_batch * self.steps / max(self.seconds, 1e-9), "time": elapsed}
+        for f in fields(self):
+            setattr(self, f.name, f.default)
+        return line
+
+
+def tracker_config(flags: dict[str, Any]) -> dict[str, Any]:
+    """The flags as tracker hyper-parameters (scalars kept, anything else as text)."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flags.items()}
+
+
+def log_with(report_to: str) -> list[str] | None:
+    """accelerate's ``log_with`` for ``report_to`` (``tensorboard``, ``wandb``, ``all`` or ``none``).
+
+    Raises:
+        ConfigError: a tracker asked for whose package (an extra of sdt-diffusion) is not installed.
+    """
+    if report_to == "none":
+        return None
+    names = ["tensorboard", "wandb"] if report_to == "all" else [report_to]
+    for name in names:  # optional dependencies: checked for only when asked for
+        try:
+            import_optional(name, name)
+        except ImportError as e:
+            raise ConfigError(f"--report-to {report_to}: {e}") from None
+    return names
+
+
+def log_images(accelerator: Any, grid: Any, step: int) -> None:
+    """Send a sample grid (PIL image) to every tracker that takes images; a tracker error is only logged."""
+    for tracker in accelerator.trackers:
+        try:
+            if tracker.name == "tensorboard":
+                tracker.log_images({"samples": np.asarray(grid)[None]}, step=step, dataformats="NHWC")
+            elif tracker.name == "wandb":
+                tracker.log_images({"samples": [grid]}, step=step)
+        except Exception as e:  # noqa: BLE001 - a tracker hiccup must not kill training
+            logger.warning("could not log the sample grid to %s: %s", tracker.name, e)
