@@ -20,14 +20,16 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch_fidelity
 
 from ..utils.files import atomic_write_text
+from ..utils.optional import import_optional
 from ..utils.runtime import default_device
 from .formulas import feature_statistics, frechet_distance, inception_score, precision_recall
 from .images import EvaluationInputError, ImageSource, open_images
 from .inception import FEATURE_EXTRACTOR_NAME, InceptionFeatures, extract_features, load_inception
 from .reference import Reference, default_cache_dir, open_reference, reference_features
+
+torch_fidelity = import_optional("torch_fidelity", "eval")  # the evaluation extra; the error names it
 
 logger = logging.getLogger(__name__)
 

@@ -14,8 +14,12 @@ import warnings
 
 import numpy as np
 import torch
-from scipy import linalg
-from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, isc_features_to_metric
+
+from ..utils.optional import import_optional
+
+# The evaluation extra (scipy, torch-fidelity): an ImportError naming the extra when it is missing.
+linalg = import_optional("scipy.linalg", "eval")
+metric_isc = import_optional("torch_fidelity.metric_isc", "eval")
 
 __all__ = ["feature_statistics", "frechet_distance", "inception_score", "precision_recall"]
 
@@ -75,8 +79,8 @@ def inception_score(logits: np.ndarray | torch.Tensor, splits: int = 10) -> floa
         raise ValueError(f"logits must be N×C, got shape {tuple(logits_t.shape)}")
     if splits < 1 or logits_t.shape[0] < splits:
         raise ValueError(f"Inception Score needs at least {splits} samples for {splits} splits, got {logits_t.shape[0]}")
-    out = isc_features_to_metric(logits_t.detach().cpu(), splits=splits, shuffle=False)
-    return float(out[KEY_METRIC_ISC_MEAN])
+    out = metric_isc.isc_features_to_metric(logits_t.detach().cpu(), splits=splits, shuffle=False)
+    return float(out[metric_isc.KEY_METRIC_ISC_MEAN])
 
 
 def _as_tensor(x: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -22,11 +22,14 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 from tqdm.auto import tqdm
 
+from ..utils.optional import import_optional
 from ..utils.runtime import ieee_fp32
 from .images import EvaluationInputError, MissingInputError, check_image_array_shape
+
+# torch-fidelity comes with the evaluation extra; the ImportError names the extra when it is missing.
+fidelity_inception = import_optional("torch_fidelity.feature_extractor_inceptionv3", "eval")
 
 __all__ = [
     "FEATURE_EXTRACTOR_NAME",
@@ -57,7 +60,7 @@ def _state_dict_digest(state_dict: dict[str, torch.Tensor]) -> str:
 def _load_state_dict(weights_path: str | Path | None) -> tuple[dict[str, torch.Tensor], str]:
     """Load Inception weights safely (``weights_only=True``); returns (state_dict, description)."""
     if weights_path is None:
-        url = URL_INCEPTION_V3
+        url = fidelity_inception.URL_INCEPTION_V3
         try:
             # Same URL and torch-hub cache file that torch-fidelity uses; hash-checked, loaded without pickle code.
             sd = torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=True, check_hash=True,
@@ -131,7 +134,7 @@ def load_inception(weights_path: str | Path | None = None, device: str | torch.d
     torch.save(state_dict, buffer)
     buffer.seek(0)
     try:
-        net = FeatureExtractorInceptionV3(FEATURE_EXTRACTOR_NAME, ["2048", "logits_unbiased"],
+        net = fidelity_inception.FeatureExtractorInceptionV3(FEATURE_EXTRACTOR_NAME, ["2048", "logits_unbiased"],
                                           feature_extractor_weights_path=buffer)
     except RuntimeError as e:
         raise EvaluationInputError(f"{source}: not weights for torch-fidelity's {FEATURE_EXTRACTOR_NAME} ({e})") from e
