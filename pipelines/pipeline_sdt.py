@@ -29,6 +29,7 @@ from sdt_diffusion.models.registry import MODEL_CLASSES, learns_sigma, num_class
 from sdt_diffusion.models.vae import decode_latents
 from sdt_diffusion.schedulers import LEARNED_VARIANCE, SCHEDULER_NAMES, default_scheduler, make_scheduler
 from sdt_diffusion.utils.labels import LabelIndex, default_id2label, normalize_id2label
+from sdt_diffusion.utils.validation import check_finite
 
 __all__ = ["SDTPipeline", "default_scheduler", "make_scheduler", "SCHEDULER_NAMES"]
 
@@ -254,8 +255,7 @@ class SDTPipeline(DiffusionPipeline):
         # ---- validate
         ids = self.resolve_class_labels(class_labels)
         batch = len(ids)
-        if guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0 (<= 1 disables guidance), got {guidance_scale}")
+        guidance_scale = check_finite("guidance_scale", guidance_scale, minimum=0.0)  # NaN/inf: a ValueError
         if int(num_inference_steps) != num_inference_steps or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps}")
         if output_type not in OUTPUT_TYPES:

@@ -307,3 +307,37 @@ def test_tiny_model_overfits_a_handful_of_latents():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] / 20, (losses[0], losses[-1])
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("num_layers", 1e9, "num_layers must be an integer"),
+        ("num_layers", 10**9, "parameters"),
+        ("num_layers", 0, "num_layers must be >= 1"),
+        ("patch_size", 0, "patch_size must be >= 1"),
+        ("alpha", -0.1, "alpha must be >= 0"),
+        ("alpha", float("nan"), "alpha must be finite"),
+        ("alpha", float("inf"), "alpha must be finite"),
+        ("rope_base", -1.0, "rope_base must be > 1"),
+        ("fixed_decay_init", 0.0, "fixed_decay_init must be > 0"),
+        ("fixed_decay_range", -4.0, "fixed_decay_range must be > 0"),
+        ("learn_sigma", "no", "learn_sigma must be true or false"),
+        ("class_dropout_prob", 1.5, "class_dropout_prob must be <= 1"),
+        ("lpe_kernel_size", 4, "lpe_kernel_size must be odd"),
+        ("num_attention_heads", True, "num_attention_heads must be an integer"),
+    ],
+)
+def test_bad_config_values_are_refused_before_building(field, value, message):
+    config = {"num_attention_heads": 2, "attention_head_dim": 8, "num_layers": 1, "in_channels": 3,
+              "sample_size": 8, "num_embeds_ada_norm": 4, field: value}
+    with pytest.raises(ValueError, match=message):
+        SDTTransformer2DModel(**config)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_timesteps_are_refused(tiny_transformer, bad):
+    model = tiny_transformer
+    x = torch.randn(2, model.config.in_channels, model.config.sample_size, model.config.sample_size)
+    with pytest.raises(ValueError, match="timestep must be finite"):
+        model(x, torch.tensor([1.0, bad]), torch.tensor([0, 1]))

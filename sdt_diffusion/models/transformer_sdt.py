@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from ..attention import spatial_decay as eq
 from ..attention.backends import available_backends, resolve_backend
 from ..attention.modes import decay_mode as get_decay_mode
+from ..utils.validation import check_bool, check_finite, check_int
 from .spatial_decay_attention import SpatialDecayAttention
 
 # name -> (num_layers, hidden width, heads); DiT's sizes (DiT paper, Table 1).
@@ -96,6 +97,44 @@ class SDTFinalLayer(nn.Module):
         return self.linear(_modulate(self.norm_final(x), shift, scale))
 
 
+# Models beyond this many parameters are refused before any memory is allocated (a typo such as
+# ``num_layers: 1000000`` must not try to build itself); the largest preset, SDT-P-XL/2, has 0.68B.
+MAX_PARAMETERS = 20_000_000_000
+
+
+def approximate_parameters(num_layers: int, dim: int, mlp_ratio: float, patch_dim: int) -> int:
+    """A close upper estimate of the parameter count: per block, qkv + output projection + adaLN (10 D^2)
+    and the MLP (2 ratio D^2), plus the patch embedding and the final layer."""
+    return int(num_layers * (10 + 2 * mlp_ratio) * dim * dim + 4 * patch_dim * dim + 2 * dim * dim)
+
+
+def _validate_config(**cfg) -> None:
+    """Refuse config values that are of the wrong type, out of range, or absurdly large (named in the error)."""
+    for name in ("num_attention_heads", "attention_head_dim", "in_channels", "num_layers", "sample_size",
+                 "patch_size", "num_embeds_ada_norm", "gate_rank", "lpe_kernel_size"):
+        check_int(name, cfg[name], minimum=1)
+    if cfg["lpe_kernel_size"] % 2 == 0:
+        raise ValueError(f"lpe_kernel_size must be odd (a centred depthwise kernel), got {cfg['lpe_kernel_size']}")
+    for name in ("learn_sigma", "use_rope", "use_abs_pos_embed"):
+        check_bool(name, cfg[name])
+    check_finite("class_dropout_prob", cfg["class_dropout_prob"], minimum=0.0, maximum=1.0)
+    check_finite("mlp_ratio", cfg["mlp_ratio"], minimum=0.0, strict_minimum=True)
+    # the decay must stay a decay: the fused backends assume alpha >= 0 (eq. 8-9 hold for any alpha, but a
+    # negative one turns the decay into a growth with distance)
+    check_finite("alpha", cfg["alpha"], minimum=0.0)
+    check_finite("rope_base", cfg["rope_base"], minimum=1.0, strict_minimum=True)
+    check_finite("fixed_decay_init", cfg["fixed_decay_init"], minimum=0.0, strict_minimum=True)
+    check_finite("fixed_decay_range", cfg["fixed_decay_range"], minimum=0.0, strict_minimum=True)
+    dim = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    size = approximate_parameters(cfg["num_layers"], dim, cfg["mlp_ratio"],
+                                  cfg["patch_size"] ** 2 * cfg["in_channels"])
+    if size > MAX_PARAMETERS:
+        raise ValueError(
+            f"this config would build about {size / 1e9:.0f}B parameters (num_layers={cfg['num_layers']}, width "
+            f"{dim}), more than the {MAX_PARAMETERS / 1e9:.0f}B this library builds; check the sizes"
+        )
+
+
 class SDTTransformer2DModel(ModelMixin, ConfigMixin):
     """Spatial Decay Transformer, plain variant (SDT-P), as a class-conditional diffusion backbone.
 
@@ -175,6 +214,14 @@ class SDTTransformer2DModel(ModelMixin, ConfigMixin):
         fixed_decay_range: float = 4.0,
     ) -> None:
         super().__init__()
+        _validate_config(
+            num_attention_heads=num_attention_heads, attention_head_dim=attention_head_dim, in_channels=in_channels,
+            num_layers=num_layers, sample_size=sample_size, patch_size=patch_size,
+            num_embeds_ada_norm=num_embeds_ada_norm, class_dropout_prob=class_dropout_prob, learn_sigma=learn_sigma,
+            mlp_ratio=mlp_ratio, alpha=alpha, gate_rank=gate_rank, lpe_kernel_size=lpe_kernel_size,
+            use_rope=use_rope, rope_base=rope_base, use_abs_pos_embed=use_abs_pos_embed,
+            fixed_decay_init=fixed_decay_init, fixed_decay_range=fixed_decay_range,
+        )
         get_decay_mode(decay_mode)  # a ValueError naming the choices for an unknown mode
         if attention_backend not in available_backends():
             raise ValueError(f"attention_backend must be one of {available_backends()}, got {attention_backend!r}")
@@ -279,6 +326,8 @@ class SDTTransformer2DModel(ModelMixin, ConfigMixin):
             timestep = timestep.expand(b)
         if timestep.shape != (b,):
             raise ValueError(f"timestep must be a scalar or have shape ({b},), got {tuple(timestep.shape)}")
+        if not torch.compiler.is_compiling() and timestep.is_floating_point() and not torch.isfinite(timestep).all():
+            raise ValueError(f"timestep must be finite, got {timestep.tolist()}")
         if class_labels is None:
             raise ValueError("class_labels are required (use the null label num_classes for unconditional)")
         class_labels = torch.as_tensor(class_labels, device=hidden_states.device)
