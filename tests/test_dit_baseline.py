@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 import torch
 
@@ -29,11 +32,11 @@ def test_presets_follow_dits_sizes():
     with pytest.raises(ValueError, match="DiT-XS/2"):
         preset_config("DiT-XS/2")
     with pytest.raises(ValueError, match="unknown model class"):
-        build_transformer("UNet2DModel", {})
+        build_transformer({"_class_name": "UNet2DModel"})
 
 
 def test_dit_initialisation_is_dits():
-    model = build_transformer("DiTTransformer2DModel", TINY)
+    model = build_transformer({"_class_name": "DiTTransformer2DModel", **TINY})
     for block in model.transformer_blocks:
         assert block.norm1.linear.weight.abs().max() == 0  # adaLN-Zero
         assert abs(block.norm1.emb.class_embedder.embedding_table.weight.std().item() - 0.02) < 0.01
@@ -43,12 +46,12 @@ def test_dit_initialisation_is_dits():
     out = model(x, torch.tensor([3, 7]), torch.tensor([1, 10])).sample  # 10 = the null label
     assert out.shape == (2, 6, 8, 8) and out.abs().max() == 0  # zero final layer: a zero prediction at init
     assert num_classes_of(model) == 10 and learns_sigma(model)
-    assert not learns_sigma(build_transformer("DiTTransformer2DModel", {**TINY, "out_channels": 3}))
+    assert not learns_sigma(build_transformer({"_class_name": "DiTTransformer2DModel", **TINY, "out_channels": 3}))
 
 
 def test_pipeline_samples_and_round_trips_dit(tmp_path):
     torch.manual_seed(0)
-    model = build_transformer("DiTTransformer2DModel", TINY)
+    model = build_transformer({"_class_name": "DiTTransformer2DModel", **TINY})
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)  # away from the zero init, so outputs depend on the label
@@ -63,3 +66,68 @@ def test_pipeline_samples_and_round_trips_dit(tmp_path):
     images2 = again(class_labels=[1, 2], num_inference_steps=3, generator=torch.Generator().manual_seed(0),
                     output_type="np").images
     torch.testing.assert_close(torch.from_numpy(images2), torch.from_numpy(images))
+
+
+def test_the_trainer_trains_resumes_exports_and_samples_dit(tmp_path):
+    """DiT through the same trainer: same data, loss, EMA, checkpoints, export; the export samples like SDT-P's."""
+    from accelerate.state import AcceleratorState, GradientState
+    from PIL import Image
+
+    from sdt_diffusion.training.config import parse_args
+    from sdt_diffusion.training.trainer import train
+
+    data = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        (data / f"class{c}").mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(data / f"class{c}" / f"{i}.png")
+    kwargs = '{"num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 8, "patch_size": 2}'
+
+    def flags(out, steps):
+        return ["--model", "DiT-S/2", "--model-kwargs", kwargs, "--data-dir", str(data), "--vae", "none",
+                "--resolution", "8", "--global-batch-size", "4", "--max-steps", str(steps), "--checkpoint-every",
+                "2", "--num-workers", "0", "--report-to", "none", "--log-every", "1", "--cpu",
+                "--no-progress-bar", "--output-dir", str(out)]
+
+    def run(argv):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        return train(parse_args(argv))
+
+    full = run(flags(tmp_path / "full", 4))
+    part = run(flags(tmp_path / "part", 2))
+    resumed = run([*flags(tmp_path / "part", 4), "--resume", "latest"])
+    assert full.step == resumed.step == 4 and part.step == 2
+    pipe_full = SDTPipeline.from_pretrained(full.pipeline_dir)
+    pipe_resumed = SDTPipeline.from_pretrained(resumed.pipeline_dir)
+    assert isinstance(pipe_full.transformer, DiTTransformer2DModel)
+    for a, b in zip(pipe_full.transformer.parameters(), pipe_resumed.transformer.parameters()):
+        torch.testing.assert_close(a, b)  # the continuation is exact
+    state = json.loads((tmp_path / "full" / "checkpoint-4" / "training_state.json").read_text())
+    assert state["model_config"]["_class_name"] == "DiTTransformer2DModel"
+    assert state["model_config"]["out_channels"] == 6  # DiT learns its variance
+    images = pipe_full(class_labels=[0, 2], num_inference_steps=2, output_type="np",
+                       generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (2, 8, 8, 3) and np.isfinite(images).all()
+
+
+def test_dit_refuses_sdt_only_flags(tmp_path):
+    from accelerate.state import AcceleratorState, GradientState
+    from PIL import Image
+
+    from sdt_diffusion.training.config import ConfigError, parse_args
+    from sdt_diffusion.training.trainer import train
+
+    (tmp_path / "d" / "a").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "d" / "a" / "0.png")
+    common = ["--data-dir", str(tmp_path / "d"), "--vae", "none", "--resolution", "8", "--cpu", "--report-to", "none"]
+    with pytest.raises(ConfigError, match="--decay-mode is an SDT-P setting"):
+        train(parse_args(["--model", "DiT-S/2", "--decay-mode", "fixed", *common, "--output-dir", str(tmp_path / "o")]))
+    with pytest.raises(ConfigError, match="unknown DiTTransformer2DModel fields \\['gate_rank'\\]"):
+        train(parse_args(["--model", "DiT-S/2", "--model-kwargs", '{"gate_rank": 4}', *common,
+                          "--output-dir", str(tmp_path / "o2")]))
+    with pytest.raises(ConfigError, match="not a preset"):
+        train(parse_args(["--model", "DiT-XS/2", *common, "--output-dir", str(tmp_path / "o3")]))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

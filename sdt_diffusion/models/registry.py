@@ -51,13 +51,16 @@ def all_presets() -> list[str]:
     return sorted(PRESETS) + sorted(DIT_PRESETS)
 
 
-def build_transformer(model_class: str, config: dict[str, Any]) -> nn.Module:
-    """A freshly initialised model of ``model_class`` (a key of :data:`MODEL_CLASSES`) from ``config``."""
+def build_transformer(config: dict[str, Any]) -> nn.Module:
+    """A freshly initialised model from ``config``; its ``_class_name`` (a key of :data:`MODEL_CLASSES`, as in
+    diffusers' saved configs) picks the class, ``SDTTransformer2DModel`` when absent."""
+    config = dict(config)
+    model_class = config.pop("_class_name", "SDTTransformer2DModel")
     try:
         cls = MODEL_CLASSES[model_class]
     except KeyError:
         raise ValueError(f"unknown model class {model_class!r}; choose one of {sorted(MODEL_CLASSES)}") from None
-    model = cls(**config)
+    model = cls(**{k: v for k, v in config.items() if not k.startswith("_")})
     return dit_initialize(model) if cls is DiTTransformer2DModel else model
 
 

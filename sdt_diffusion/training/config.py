@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from ..models import PRESETS, SDTTransformer2DModel
+from ..models.registry import all_presets, model_class_of
 
 __all__ = [
     "ConfigError",
@@ -72,12 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="YAML file of defaults (keys = flag names); command-line flags override it")
 
     g = p.add_argument_group("model")
-    g.add_argument("--model", type=str, default="SDT-P-XL/2", help="preset, e.g. SDT-P-S/2 ... SDT-P-XL/8")
+    g.add_argument("--model", type=str, default="SDT-P-XL/2", help="preset: SDT-P-{S,B,L,XL}/{2,4,8}, or the DiT baseline DiT-{S,B,L,XL}/{2,4,8}")
     g.add_argument("--decay-mode", type=str, default=None, help="override the decay variant (cdsf, none, fixed, ...)")
     g.add_argument("--alpha", type=float, default=None, help="override the CDSF scale alpha")
     g.add_argument("--attention-backend", type=str, default=None, help="override the attention backend")
     g.add_argument("--model-kwargs", type=str, default=None,
-                   help='JSON object of any SDTTransformer2DModel config field, e.g. \'{"num_layers": 2}\'')
+                   help='JSON object of any config field of the preset\'s model (SDTTransformer2DModel, or '
+                        'DiTTransformer2DModel for DiT), e.g. \'{"num_layers": 2}\'')
 
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", type=str, default=None, help="image folder, one subfolder per class")
@@ -234,13 +235,15 @@ def validate_args(args: argparse.Namespace) -> None:
         )
     if args.eval_data_dir and not Path(args.eval_data_dir).is_dir():
         raise ConfigError(f"--eval-data-dir {args.eval_data_dir}: not a directory")
-    if args.model not in PRESETS:
-        raise ConfigError(f"--model {args.model!r} is not a preset; choose one of {sorted(PRESETS)}")
+    try:
+        model_class = model_class_of(args.model)
+    except ValueError:
+        raise ConfigError(f"--model {args.model!r} is not a preset; choose one of {all_presets()}") from None
     kwargs = parse_model_kwargs(args.model_kwargs)
-    fields = set(inspect.signature(SDTTransformer2DModel.__init__).parameters) - {"self"}
+    fields = set(inspect.signature(model_class.__init__).parameters) - {"self"}
     bad = sorted(k for k in kwargs if k not in fields)
     if bad:
-        raise ConfigError(f"--model-kwargs: unknown SDTTransformer2DModel fields {bad}")
+        raise ConfigError(f"--model-kwargs: unknown {model_class.__name__} fields {bad}")
     for name in ("max_steps", "global_batch_size", "per_device_batch", "checkpoint_every", "log_every",
                  "sample_steps", "eval_every", "eval_max_samples"):
         _positive(args, name)
@@ -287,7 +290,7 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A preset plus overrides of its ``SDTTransformer2DModel`` config."""
+    """A preset plus overrides of its model's config (``SDTTransformer2DModel``, or DiT's for ``DiT-*``)."""
 
     preset: str
     kwargs: dict[str, Any] = field(default_factory=dict)

@@ -19,7 +19,7 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 
-from ..models import SDTTransformer2DModel
+from ..models.registry import build_transformer, learns_sigma
 from ..pipelines import SDTPipeline
 from ..schedulers import default_scheduler
 from ..utils.files import replace_dir
@@ -53,8 +53,8 @@ def default_sample_classes(num_classes: int) -> list[int]:
     return [round(i * (num_classes - 1) / 7) for i in range(8)]
 
 
-def ema_transformer(accelerator: Any, model: torch.nn.Module, ema: EMA) -> SDTTransformer2DModel | None:
-    """A fresh CPU ``SDTTransformer2DModel`` holding the EMA weights, on the main process (``None`` elsewhere).
+def ema_transformer(accelerator: Any, model: torch.nn.Module, ema: EMA) -> torch.nn.Module | None:
+    """A fresh CPU copy of the model (SDT-P or DiT) holding the EMA weights, on the main process (``None`` elsewhere).
 
     All processes must call it: the weights are gathered with ``accelerator.get_state_dict`` while the EMA
     is swapped into the (possibly sharded) training model.  The global RNG is left untouched.
@@ -66,15 +66,16 @@ def ema_transformer(accelerator: Any, model: torch.nn.Module, ema: EMA) -> SDTTr
                      else v.detach().to("cpu", copy=True) for k, v in state.items()}
     if not accelerator.is_main_process:
         return None
-    config = dict(accelerator.unwrap_model(model).config)
+    unwrapped = accelerator.unwrap_model(model)
+    config = dict(unwrapped.config)
     with torch.random.fork_rng(devices=[]):  # the constructor's initialisation must not move the training RNG
-        fresh = SDTTransformer2DModel.from_config(config)
+        fresh = type(unwrapped).from_config(config)
     fresh.load_state_dict(state)
     return fresh.eval()
 
 
 def export_pipeline(
-    transformer: SDTTransformer2DModel,
+    transformer: torch.nn.Module,
     vae: Any | None,
     id2label: dict[int, str] | None,
     target: str | Path,
@@ -96,7 +97,7 @@ def export_pipeline(
     tmp = target.with_name(target.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    scheduler = default_scheduler(learn_sigma=bool(transformer.config.learn_sigma))
+    scheduler = default_scheduler(learn_sigma=learns_sigma(transformer))
     pipe = SDTPipeline(transformer=transformer, vae=vae, scheduler=scheduler, id2label=id2label)
     pipe.save_pretrained(str(tmp))
     return replace_dir(tmp, target)
@@ -104,7 +105,7 @@ def export_pipeline(
 
 @torch.no_grad()
 def sample_grid(
-    transformer: SDTTransformer2DModel,
+    transformer: torch.nn.Module,
     vae: Any | None,
     id2label: dict[int, str] | None,
     class_ids: Sequence[int],
@@ -114,7 +115,7 @@ def sample_grid(
     seed: int = 0,
 ) -> Image.Image:
     """A labelled grid of EMA samples, one per class in ``class_ids``, from a fixed CPU generator."""
-    scheduler = default_scheduler(learn_sigma=bool(transformer.config.learn_sigma))
+    scheduler = default_scheduler(learn_sigma=learns_sigma(transformer))
     pipe = SDTPipeline(transformer=transformer, vae=vae, scheduler=scheduler, id2label=id2label)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
@@ -184,7 +185,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, vae: str | Non
     state = read_training_state(checkpoint)
     shadow = read_ema_shadow(checkpoint)
     with torch.random.fork_rng(devices=[]):  # the constructor's initialisation must not move the caller's RNG
-        transformer = SDTTransformer2DModel.from_config(state["model_config"])
+        transformer = build_transformer(state["model_config"])
     params = list(transformer.parameters())
     if len(shadow) != len(params):
         raise ValueError(f"{checkpoint}: the EMA holds {len(shadow)} tensors, the model config has {len(params)}")

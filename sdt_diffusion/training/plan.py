@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 from diffusers import AutoencoderKL
 
-from ..models import PRESETS
+from ..models.dit import DiTTransformer2DModel
+from ..models.registry import model_class_of, preset_config
 from ..models.vae import vae_downsampling_factor, vae_scaling_factor
 from .checkpointing import read_training_state, resolve_resume
 from .config import ConfigError, DataSpec, ModelSpec, TrainSettings
@@ -72,14 +73,20 @@ def resolve_model_config(spec: ModelSpec, in_channels: int, sample_size: int, nu
         ConfigError: an override contradicts the data or another flag.
     """
     overrides = dict(spec.kwargs)
+    model_class = model_class_of(spec.preset)
+    is_dit = model_class is DiTTransformer2DModel
     for flag, key in (("--decay-mode", "decay_mode"), ("--alpha", "alpha"), ("--attention-backend", "attention_backend")):
         value = getattr(spec, key)
         if value is None:
             continue
+        if is_dit:
+            raise ConfigError(f"{flag} is an SDT-P setting; --model {spec.preset} (DiT) has no spatial decay")
         if key in overrides and overrides[key] != value:
             raise ConfigError(f"{flag} {value!r} contradicts --model-kwargs {key}={overrides[key]!r}")
         overrides[key] = value
     derived = {"in_channels": in_channels, "sample_size": sample_size, "num_embeds_ada_norm": num_classes}
+    if is_dit and "out_channels" not in overrides:
+        derived["out_channels"] = 2 * in_channels  # DiT learns its variance (DiT's learn_sigma=True)
     for key, value in derived.items():
         if key not in overrides:
             continue
@@ -91,7 +98,7 @@ def resolve_model_config(spec: ModelSpec, in_channels: int, sample_size: int, nu
             source = {"in_channels": "the VAE's latent channels (3 in pixel space)",
                       "sample_size": "--resolution / the VAE's downsampling factor"}[key]
             raise ConfigError(f"--model-kwargs {key}={given} contradicts the data: {source} gives {value}")
-    return {**PRESETS[spec.preset], **derived, **overrides}
+    return {"_class_name": model_class.__name__, **preset_config(spec.preset), **derived, **overrides}
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -207,6 +214,7 @@ class RunPlan:
 def _check_resume_state(resume_from: Path, start_state: dict[str, Any], model_config: dict[str, Any]) -> None:
     """The checkpoint must hold the model the flags describe (the attention backend may change)."""
     saved = dict(start_state.get("model_config") or {})
+    saved.setdefault("_class_name", "SDTTransformer2DModel")  # checkpoints from before DiT could be trained
     if not saved:
         return
     changed = {k: (saved.get(k), model_config.get(k)) for k in set(saved) | set(model_config)

@@ -39,7 +39,8 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
-from ..models import SDTTransformer2DModel, count_parameters
+from ..models import count_parameters
+from ..models.registry import build_transformer, learns_sigma
 from ..schedulers import default_scheduler
 from ..utils.runtime import cpu_multiprocess, enable_tf32
 from .checkpointing import (
@@ -108,13 +109,13 @@ def build_core(settings: TrainSettings, plan: RunPlan, accelerator: Accelerator)
     if vae is not None:
         vae.to(accelerator.device)
     try:
-        model = SDTTransformer2DModel(**plan.model_config)
+        model = build_transformer(plan.model_config)
     except ValueError as e:
         raise ConfigError(f"bad model configuration: {e}") from None
     if accelerator.is_main_process:
         logger.info("model %s: %.2fM parameters, config %s", settings.model.preset,
                     count_parameters(model, trainable_only=False) / 1e6, plan.model_config)
-    learn_sigma = bool(model.config.learn_sigma)
+    learn_sigma = learns_sigma(model)
     if settings.runtime.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     model.train()
