@@ -111,6 +111,11 @@ class DigitJudge:
                                                   random_state=seed)
         self.num_pixels: int | None = None
 
+    @property
+    def num_features(self) -> int:
+        """Width of the feature space (the hidden layer)."""
+        return int(self.model.hidden_layer_sizes[0])
+
     def fit(self, images: np.ndarray, labels: np.ndarray) -> DigitJudge:
         x = grey_pixels(images)
         self.num_pixels = x.shape[1]

@@ -1,0 +1,264 @@
+"""Matched-budget ablation of SDT-P's decay variants against DiT, over several seeds.
+
+Every variant is trained by the same trainer (``training/train.py``: same data, loss, optimiser, EMA,
+checkpoints, export) for the same number of steps, then scored; the table reports mean ± std over seeds.
+
+On the CPU (default): scikit-learn's digits at their native 8x8 in 1x1 patches (the demo's data, model
+shape and recipe).  Per run: the final held-out denoising loss of the EMA weights, the class consistency of
+guided samples, and a Fréchet distance between guided samples and the held-out digits in the feature space
+of the demo's judge network (a small-scale proxy, NOT ImageNet FID).
+
+    python benchmarks/ablation.py --variants dit none fixed cdsf --seeds 0 1 2 --steps 600 \\
+        --output-dir outputs/ablation
+    python benchmarks/ablation.py --variants cdsf --alphas 0.05 0.1 0.2 --seeds 0 1 2 --output-dir outputs/alpha
+
+On ImageNet (GPUs; the paper's Table 3-4 ablation with real FID through ``eval/``): point it at a latent
+cache and a model size, give the launcher, the reference batch and the number of samples:
+
+    python benchmarks/ablation.py --latents-dir data/imagenet256-latents --model-size B --patch-size 2 \\
+        --variants dit none fixed cdsf --seeds 0 --steps 400000 --batch-size 256 --learning-rate 1e-4 \\
+        --ema-decay 0.9999 --launcher "accelerate launch --multi_gpu --num_processes 8" \\
+        --fid-reference data/ref/VIRTUAL_imagenet256_labeled.npz --fid-samples 50000 --output-dir runs/ablation
+
+A finished run (its ``result.json``) is never trained again: rerun the same command after an interruption
+(an interrupted training resumes from its last checkpoint).  Results: ``<output-dir>/ablation.md`` and
+``<output-dir>/ablation.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sdt_diffusion import SDTPipeline
+from sdt_diffusion.attention import DECAY_MODES
+from sdt_diffusion.evaluation import compute_metrics
+from sdt_diffusion.tools.demo import DEMO_MODEL_KWARGS, train_command
+from sdt_diffusion.tools.digits import DigitData, prepare_digits, train_judge
+from sdt_diffusion.utils.seeding import index_generator
+
+VARIANTS = ("dit", *DECAY_MODES)
+# SDT-only config fields of the demo's model, dropped for DiT (which has no gates, LPE or output gate).
+SDT_ONLY_FIELDS = ("gate_rank", "lpe_kernel_size", "decay_mode", "alpha")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the table: a model family, its decay mode and alpha."""
+
+    name: str  # "dit" or a decay mode
+    alpha: float | None = None
+
+    @property
+    def label(self) -> str:
+        return self.name if self.alpha is None else f"{self.name} (alpha={self.alpha:g})"
+
+    @property
+    def folder(self) -> str:
+        return self.name if self.alpha is None else f"{self.name}-alpha{self.alpha:g}"
+
+    def model(self, size: str, patch: int) -> tuple[str, dict]:
+        """The ``--model`` preset and ``--model-kwargs`` overrides for the digits model shape."""
+        if self.name == "dit":
+            return f"DiT-{size}/{patch}", {}
+        kwargs = {"decay_mode": self.name}
+        if self.alpha is not None:
+            kwargs["alpha"] = self.alpha
+        return f"SDT-P-{size}/{patch}", kwargs
+
+
+def variants_from(names: list[str], alphas: list[float] | None) -> list[Variant]:
+    bad = [n for n in names if n not in VARIANTS]
+    if bad:
+        raise SystemExit(f"ablation.py: error: unknown --variants {bad}; choose from {list(VARIANTS)}")
+    out = []
+    for name in names:
+        if alphas and name == "cdsf":
+            out += [Variant(name, a) for a in alphas]
+        else:
+            out.append(Variant(name))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ digits
+def digits_model_kwargs(variant: Variant) -> tuple[str, dict]:
+    """The demo's model shape (4 layers, 4 heads x 32, 1x1 patches on 8x8 digits) for ``variant``."""
+    preset, extra = variant.model("S", 2)
+    base = dict(DEMO_MODEL_KWARGS)
+    if variant.name == "dit":
+        base = {k: v for k, v in base.items() if k not in SDT_ONLY_FIELDS}
+    return preset, {**base, **extra}
+
+
+def score_digits(pipeline_dir: Path, data: DigitData, judge, per_class: int, steps: int, guidance: float,
+                 seed: int) -> dict:
+    """Class consistency and judge-feature Fréchet distance of guided samples of a trained digits pipeline."""
+    pipe = SDTPipeline.from_pretrained(pipeline_dir)
+    labels = [k for k in range(10) for _ in range(per_class)]
+    generators = [index_generator(seed, i) for i in range(len(labels))]
+    images = pipe(class_labels=labels, guidance_scale=guidance, num_inference_steps=steps, generator=generators,
+                  output_type="np").images
+    # The Fréchet distance needs full-rank covariances: more samples than judge features.
+    enough = len(images) > judge.num_features and len(data.heldout_images) > judge.num_features
+    return {
+        "class_consistency": judge.class_consistency(images, np.array(labels)),
+        "frechet_distance_judge": judge.frechet_distance(images, data.heldout_images) if enough else None,
+    }
+
+
+def final_heldout_loss(metrics_path: Path) -> float | None:
+    """The last held-out loss of the EMA weights in a run's ``metrics.jsonl``."""
+    value = None
+    for line in metrics_path.read_text().splitlines():
+        row = json.loads(line) if line.strip() else {}
+        if row.get("eval_loss_ema") is not None:
+            value = float(row["eval_loss_ema"])
+    return value
+
+
+# ------------------------------------------------------------------------------------------ runs
+def run_training(cmd: list[str], log: Path) -> float:
+    """Run one training command, its output into ``log``; return the wall time."""
+    start = time.time()
+    with open(log, "a") as f:
+        subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT,
+                       env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    return time.time() - start
+
+
+def digits_run(variant: Variant, seed: int, args: argparse.Namespace, data: DigitData, judge) -> dict:
+    run_dir = Path(args.output_dir) / variant.folder / f"seed-{seed}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    preset, kwargs = digits_model_kwargs(variant)
+    recipe = argparse.Namespace(steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
+                                ema_decay=args.ema_decay, seed=seed)
+    cmd = train_command(data, run_dir, recipe, model=preset, model_kwargs=kwargs, run_dir=run_dir / "train")
+    seconds = run_training(cmd, run_dir / "train.log")
+    scores = score_digits(run_dir / "train" / "pipeline", data, judge, args.samples_per_class, args.sample_steps,
+                          args.guidance_scale, seed)
+    return {"heldout_loss_ema": final_heldout_loss(run_dir / "train" / "metrics.jsonl"), **scores,
+            "train_seconds": seconds}
+
+
+def imagenet_run(variant: Variant, seed: int, args: argparse.Namespace) -> dict:
+    run_dir = Path(args.output_dir) / variant.folder / f"seed-{seed}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    preset, kwargs = variant.model(args.model_size, args.patch_size)
+    launcher = shlex.split(args.launcher) if args.launcher else [sys.executable, "-m", "accelerate.commands.launch"]
+    cmd = [*launcher, "-m", "sdt_diffusion.training.trainer", "--model", preset, "--model-kwargs", json.dumps(kwargs),
+           "--latents-dir", args.latents_dir, "--global-batch-size", str(args.batch_size),
+           "--learning-rate", str(args.learning_rate), "--ema-decay", str(args.ema_decay),
+           "--max-steps", str(args.steps), "--seed", str(seed), "--resume", "auto",
+           "--output-dir", str(run_dir / "train")]
+    if args.eval_data_dir:
+        cmd += ["--eval-data-dir", args.eval_data_dir]
+    seconds = run_training(cmd, run_dir / "train.log")
+    result: dict = {"train_seconds": seconds, "heldout_loss_ema": final_heldout_loss(run_dir / "train" / "metrics.jsonl")}
+    if args.fid_reference:
+        samples = run_dir / "samples.npz"
+        sample_cmd = [*launcher, "-m", "sdt_diffusion.evaluation.sampling", "--pipeline", str(run_dir / "train" / "pipeline"),
+                      "--num-samples", str(args.fid_samples), "--guidance-scale", str(args.guidance_scale),
+                      "--seed", str(seed), "--output", str(samples)]
+        run_training(sample_cmd, run_dir / "sample.log")
+        metrics = compute_metrics(str(samples), args.fid_reference)
+        result.update({k: metrics.get(k) for k in ("fid", "sfid", "inception_score", "precision", "recall")})
+    return result
+
+
+# ------------------------------------------------------------------------------------------ table
+def summarise(rows: list[dict], keys: list[str]) -> dict[str, dict[str, dict[str, float]]]:
+    """Mean, std (sample, n-1) and n of every metric per variant label."""
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    for label in dict.fromkeys(r["variant"] for r in rows):
+        mine = [r for r in rows if r["variant"] == label]
+        table[label] = {}
+        for key in keys:
+            values = [r[key] for r in mine if r.get(key) is not None]
+            if values:
+                table[label][key] = {"mean": statistics.fmean(values),
+                                     "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+    return table
+
+
+def markdown(table: dict, keys: list[str], names: dict[str, str]) -> str:
+    lines = ["| variant | " + " | ".join(names[k] for k in keys) + " | seeds |",
+             "|---|" + "---|" * len(keys) + "---|"]
+    for label, stats in table.items():
+        cells = [f"{stats[k]['mean']:.4f} ± {stats[k]['std']:.4f}" if k in stats else "–" for k in keys]
+        n = max((s["n"] for s in stats.values()), default=0)
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {n} |")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), help=f"any of {list(VARIANTS)}")
+    p.add_argument("--alphas", nargs="+", type=float, help="CDSF alpha values (rows 'cdsf (alpha=...)')")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--learning-rate", type=float, default=2e-3)
+    p.add_argument("--ema-decay", type=float, default=0.99)
+    p.add_argument("--samples-per-class", type=int, default=50)
+    p.add_argument("--sample-steps", type=int, default=100)
+    p.add_argument("--guidance-scale", type=float, default=5.0)
+    p.add_argument("--output-dir", default="outputs/ablation")
+    g = p.add_argument_group("ImageNet (GPUs)")
+    g.add_argument("--latents-dir", help="train on this latent cache (training/extract_latents.py) instead of digits")
+    g.add_argument("--eval-data-dir", help="held-out image folder for the held-out loss")
+    g.add_argument("--model-size", default="B", choices=("S", "B", "L", "XL"))
+    g.add_argument("--patch-size", type=int, default=2, choices=(2, 4, 8))
+    g.add_argument("--launcher", help='e.g. "accelerate launch --multi_gpu --num_processes 8"')
+    g.add_argument("--fid-reference", help="ADM reference batch npz: sample and score FID-N per run")
+    g.add_argument("--fid-samples", type=int, default=50000)
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    variants = variants_from(args.variants, args.alphas)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    digits = not args.latents_dir
+    data = judge = None
+    if digits:
+        data = prepare_digits(out / "data")
+        judge = train_judge(data.train_images, data.train_labels, seed=0)
+    rows = []
+    for variant in variants:
+        for seed in args.seeds:
+            result_file = out / variant.folder / f"seed-{seed}" / "result.json"
+            if result_file.exists():
+                row = json.loads(result_file.read_text())
+                print(f"[ablation] {variant.label} seed {seed}: done earlier")
+            else:
+                print(f"[ablation] {variant.label} seed {seed}: training {args.steps} steps", flush=True)
+                scores = digits_run(variant, seed, args, data, judge) if digits else imagenet_run(variant, seed, args)
+                row = {"variant": variant.label, **asdict(variant), "seed": seed, "steps": args.steps, **scores}
+                result_file.write_text(json.dumps(row, indent=2))
+            print(f"           {json.dumps({k: v for k, v in row.items() if isinstance(v, float)})}", flush=True)
+            rows.append(row)
+    names = {"heldout_loss_ema": "held-out loss (EMA)", "class_consistency": "class consistency (guided)",
+             "frechet_distance_judge": "Fréchet distance, judge features (proxy)", "fid": "FID", "sfid": "sFID",
+             "inception_score": "IS", "precision": "precision", "recall": "recall", "train_seconds": "train s"}
+    keys = [k for k in names if any(r.get(k) is not None for r in rows)]
+    table = summarise(rows, keys)
+    text = markdown(table, keys, names)
+    (out / "ablation.md").write_text(text + "\n")
+    (out / "ablation.json").write_text(json.dumps({"settings": vars(args), "runs": rows, "summary": table}, indent=2))
+    print(text)
+    return table
+
+
+if __name__ == "__main__":
+    main()
