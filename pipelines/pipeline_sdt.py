@@ -252,10 +252,31 @@ class SDTPipeline(DiffusionPipeline):
         Returns:
             ``ImagePipelineOutput(images=...)`` or ``(images,)``.
         """
-        # ---- validate
         ids = self.resolve_class_labels(class_labels)
-        batch = len(ids)
         guidance_scale = check_finite("guidance_scale", guidance_scale, minimum=0.0)  # NaN/inf: a ValueError
+        generator = self._check_call(len(ids), num_inference_steps, generator, latents, output_type)
+        device = self._execution_device
+        do_cfg = guidance_scale > 1.0
+        labels = torch.tensor(ids, device=device, dtype=torch.long)
+        if do_cfg:
+            labels = torch.cat([labels, torch.full_like(labels, self.num_classes)])
+        latents = self._initial_latents(len(ids), num_inference_steps, generator, latents, device)
+        latents = self._denoise(latents, labels, guidance_scale if do_cfg else None, guide_first_3_channels,
+                                generator, device)
+        images = self._decode(latents, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
+
+    # ------------------------------------------------------------------ the steps of __call__
+    def _latent_shape(self, batch: int) -> tuple[int, int, int, int]:
+        cfg = self.transformer.config
+        return (batch, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+
+    def _check_call(self, batch: int, num_inference_steps: int, generator: Any, latents: torch.Tensor | None,
+                    output_type: str) -> Any:
+        """Refuse bad call arguments before any compute; return ``generator`` (a list if one per image)."""
         if int(num_inference_steps) != num_inference_steps or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps}")
         if output_type not in OUTPUT_TYPES:
@@ -265,48 +286,46 @@ class SDTPipeline(DiffusionPipeline):
                 raise ValueError(f"got {len(generator)} generators for a batch of {batch} class labels")
             generator = list(generator)
         self._check_components()
-        cfg = self.transformer.config
-        channels, size = cfg.in_channels, cfg.sample_size
+        channels = self.transformer.config.in_channels
         if output_type != "latent" and self.vae is None and channels not in IMAGE_CHANNELS:
             raise ValueError(
                 f"output_type={output_type!r} needs images, but the transformer makes {channels}-channel latents "
                 f"and the pipeline has no VAE to decode them; set pipe.vae to an AutoencoderKL with "
                 f"latent_channels={channels}, or use output_type='latent'"
             )
-        use_variance = self._uses_variance()
-        shape = (batch, channels, size, size)
+        shape = self._latent_shape(batch)
         if latents is not None and tuple(latents.shape) != shape:
             raise ValueError(
                 f"latents must have shape {shape} (batch, in_channels, sample_size, sample_size), "
                 f"got {tuple(latents.shape)}"
             )
+        return generator
 
-        device = self._execution_device
-        model_dtype = self.transformer.dtype
-        do_cfg = guidance_scale > 1.0
-
-        # ---- noise (the sampling state is kept in float32 whatever the model dtype)
+    def _initial_latents(self, batch: int, num_inference_steps: int, generator: Any, latents: torch.Tensor | None,
+                         device: torch.device) -> torch.Tensor:
+        """The starting noise in float32 (the sampling state keeps float32 whatever the model dtype)."""
         if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+            latents = randn_tensor(self._latent_shape(batch), generator=generator, device=device, dtype=torch.float32)
         else:
             latents = latents.to(device=device, dtype=torch.float32)
         self.scheduler.set_timesteps(int(num_inference_steps), device=device)
-        latents = latents * self.scheduler.init_noise_sigma
+        return latents * self.scheduler.init_noise_sigma
 
-        labels = torch.tensor(ids, device=device, dtype=torch.long)
-        if do_cfg:
-            labels = torch.cat([labels, torch.full_like(labels, self.num_classes)])
+    def _denoise(self, latents: torch.Tensor, labels: torch.Tensor, guidance_scale: float | None,
+                 guide_first_3_channels: bool, generator: Any, device: torch.device) -> torch.Tensor:
+        """The scheduler's loop; with ``guidance_scale``, ``labels`` holds the conditional then the null labels."""
+        channels = latents.shape[1]
         n_guided = min(3, channels) if guide_first_3_channels else channels
+        use_variance = self._uses_variance()
         step_kwargs = self._step_kwargs(generator)
-
-        # ---- denoise
+        model_dtype = self.transformer.dtype
         for t in self.progress_bar(self.scheduler.timesteps):
             model_in = self.scheduler.scale_model_input(latents, t)
-            if do_cfg:
+            if guidance_scale is not None:
                 model_in = torch.cat([model_in, model_in])
             timestep = torch.as_tensor(t, device=device).reshape(()).expand(model_in.shape[0])
             out = self.transformer(model_in.to(model_dtype), timestep, labels).sample.float()
-            if do_cfg:
+            if guidance_scale is not None:
                 cond, uncond = out.chunk(2)
                 eps = cond[:, :channels].clone()
                 g = slice(0, n_guided)
@@ -314,26 +333,18 @@ class SDTPipeline(DiffusionPipeline):
                 out = torch.cat([eps, cond[:, channels:]], dim=1)
             model_output = out if use_variance else out[:, :channels]
             latents = self.scheduler.step(model_output, t, latents, **step_kwargs).prev_sample
+        return latents
 
-        # ---- decode
+    def _decode(self, latents: torch.Tensor, output_type: str) -> Any:
+        """Latents to the requested output: latents, tensors, arrays or PIL images in [0, 1]."""
         if output_type == "latent":
-            images = latents
-        else:
-            if self.vae is not None:
-                samples = decode_latents(self.vae, latents).float()
-            else:
-                samples = latents
-            images = (samples / 2 + 0.5).clamp(0, 1)
-            if output_type != "pt":
-                images = images.cpu().permute(0, 2, 3, 1).numpy()
-                if output_type == "pil":
-                    images = self.numpy_to_pil(images)
-
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (images,)
-        return ImagePipelineOutput(images=images)
-
+            return latents
+        samples = decode_latents(self.vae, latents).float() if self.vae is not None else latents
+        images = (samples / 2 + 0.5).clamp(0, 1)
+        if output_type == "pt":
+            return images
+        images = images.cpu().permute(0, 2, 3, 1).numpy()
+        return self.numpy_to_pil(images) if output_type == "pil" else images
 
 def _flatten_labels(labels: Any) -> list[Any]:
     """The labels of any nesting of lists, tuples, tensors and arrays, in order; a string is one label."""
