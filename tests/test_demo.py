@@ -50,8 +50,9 @@ def test_judge_known_answers():
 
 @pytest.mark.slow
 def test_demo_end_to_end_tiny_budget(tmp_path):
-    report = demo.run(demo.build_parser().parse_args(["--output-dir", str(tmp_path), "--steps", "4", "--batch-size", "8",
-                        "--samples-per-class", "1", "--sample-steps", "2"]))
+    report = demo.run(demo.build_parser().parse_args([
+        "--output-dir", str(tmp_path), "--steps", "4", "--batch-size", "8", "--samples-per-class", "1",
+        "--eval-samples-per-class", "1", "--sample-steps", "2"]))
     for name in ("samples.png", "loss.png", "decay_maps.png", "report.json"):
         assert (tmp_path / name).stat().st_size > 0, name
     grid = Image.open(tmp_path / "samples.png")
@@ -67,6 +68,6 @@ def test_demo_end_to_end_tiny_budget(tmp_path):
     assert report["outputs"]["samples"].endswith("samples.png")
     # a second run reuses the trained pipeline
     assert demo.main(["--output-dir", str(tmp_path), "--steps", "4", "--samples-per-class", "1",
-                      "--sample-steps", "2"]) == 0
+                      "--eval-samples-per-class", "1", "--sample-steps", "2"]) == 0
     again = json.loads((tmp_path / "report.json").read_text())
     assert again["train_seconds"] is None

@@ -123,6 +123,49 @@ def train_command(data: DigitData, out: Path, args: argparse.Namespace, model: s
     ]
 
 
+def train_stage(args: argparse.Namespace, data: DigitData, out: Path) -> float | None:
+    """Train and export the demo's model unless a pipeline is there already; the training time (None if reused)."""
+    pipeline_dir, run_dir = out / "pipeline", out / "run"
+    if not args.fresh and (pipeline_dir / "model_index.json").exists():
+        print(f"[demo] 2/5 reusing the trained pipeline in {pipeline_dir} (pass --fresh to train again)")
+        return None
+    cmd = train_command(data, out, args)
+    print("[demo] 2/5 training through training/train.py:\n       " + " ".join(
+        f"'{c}'" if " " in c or "{" in c else c for c in cmd))
+    if args.fresh and run_dir.exists():
+        shutil.rmtree(run_dir)
+    t0 = time.time()
+    subprocess.run(cmd, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    seconds = time.time() - t0
+    last = latest_checkpoint(run_dir)
+    reached = read_training_state(last)["step"] if last is not None else 0
+    if reached < args.steps:  # stopped by a signal: keep the checkpoint, don't export a half-trained model
+        raise TrainingInterrupted(f"training stopped at step {reached} of {args.steps}; run the same command "
+                                  "again to resume from the last checkpoint")
+    if pipeline_dir.exists():
+        shutil.rmtree(pipeline_dir)
+    shutil.copytree(run_dir / "pipeline", pipeline_dir)
+    return seconds
+
+
+def sample_stage(pipe: SDTPipeline, args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``--eval-samples-per-class`` digits of every class, with and without guidance, from the same noise."""
+    labels = np.array([k for k in range(10) for _ in range(args.eval_samples_per_class)])
+    images = []
+    for scale in (args.guidance_scale, 1.0):
+        generators = [index_generator(args.seed, i) for i in range(len(labels))]
+        images.append(pipe(class_labels=labels.tolist(), guidance_scale=scale, num_inference_steps=args.sample_steps,
+                           generator=generators, output_type="np").images)
+    return labels, images[0], images[1]
+
+
+def save_sample_grid(pipe: SDTPipeline, images: np.ndarray, labels: np.ndarray, per_class: int, path: Path) -> None:
+    """The first ``per_class`` samples of every class as a labelled grid, one row per class."""
+    keep = np.concatenate([np.flatnonzero(labels == k)[:per_class] for k in range(10)])
+    tiles = [Image.fromarray((images[i] * 255).round().astype(np.uint8)) for i in keep]
+    make_labelled_grid(tiles, [pipe.id2label[int(labels[i])] for i in keep], ncols=per_class).save(path)
+
+
 def run(args: argparse.Namespace) -> dict:
     """Run every stage of the demo and return the report."""
     start = time.time()
@@ -134,71 +177,35 @@ def run(args: argparse.Namespace) -> dict:
     data = prepare_digits(out / "data", DEMO_RESOLUTION, args.seed)
     print(f"       {len(data.train_labels)} training and {len(data.heldout_labels)} held-out digits at "
           f"{DEMO_RESOLUTION}x{DEMO_RESOLUTION}")
-
-    pipeline_dir = out / "pipeline"
-    run_dir = out / "run"
-    train_seconds = None
-    if args.fresh or not (pipeline_dir / "model_index.json").exists():
-        cmd = train_command(data, out, args)
-        print("[demo] 2/5 training through training/train.py:\n       " + " ".join(
-            f"'{c}'" if " " in c or "{" in c else c for c in cmd))
-        if args.fresh and run_dir.exists():
-            shutil.rmtree(run_dir)
-        t0 = time.time()
-        subprocess.run(cmd, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-        train_seconds = time.time() - t0
-        last = latest_checkpoint(run_dir)
-        reached = read_training_state(last)["step"] if last is not None else 0
-        if reached < args.steps:  # stopped by a signal: keep the checkpoint, don't export a half-trained model
-            raise TrainingInterrupted(f"training stopped at step {reached} of {args.steps}; run the same command "
-                                      "again to resume from the last checkpoint")
-        if pipeline_dir.exists():
-            shutil.rmtree(pipeline_dir)
-        shutil.copytree(run_dir / "pipeline", pipeline_dir)
-    else:
-        print(f"[demo] 2/5 reusing the trained pipeline in {pipeline_dir} (pass --fresh to train again)")
+    train_seconds = train_stage(args, data, out)
 
     print("[demo] 3/5 sampling with and without classifier-free guidance")
-    pipe = SDTPipeline.from_pretrained(pipeline_dir)
-    n = args.samples_per_class
-    labels = [k for k in range(10) for _ in range(n)]
-    generators = [index_generator(args.seed, i) for i in range(len(labels))]
-    guided = pipe(class_labels=labels, guidance_scale=args.guidance_scale, num_inference_steps=args.sample_steps,
-                  generator=generators, output_type="np").images
-    generators = [index_generator(args.seed, i) for i in range(len(labels))]
-    unguided = pipe(class_labels=labels, guidance_scale=1.0, num_inference_steps=args.sample_steps,
-                    generator=generators, output_type="np").images
-    to_pil = [Image.fromarray((im * 255).round().astype(np.uint8)) for im in guided]
-    grid = make_labelled_grid(to_pil, [pipe.id2label[k] for k in labels], ncols=n)
-    grid.save(out / "samples.png")
+    pipe = SDTPipeline.from_pretrained(out / "pipeline")
+    labels, guided, unguided = sample_stage(pipe, args)
+    save_sample_grid(pipe, guided, labels, args.samples_per_class, out / "samples.png")
 
     print("[demo] 4/5 class consistency, judged by a network trained on the real training digits only")
     judge = train_judge(data.train_images, data.train_labels, args.seed)
-    heldout_acc = judge.class_consistency(data.heldout_images, data.heldout_labels)
-    consistency_guided = judge.class_consistency(guided, np.array(labels))
-    consistency_unguided = judge.class_consistency(unguided, np.array(labels))
-    frechet_guided = judge.frechet_distance(guided, data.heldout_images)
+    enough = len(guided) > judge.num_features  # the Frechet distance needs full-rank covariances
+    scores = {
+        "classifier_heldout_accuracy": judge.class_consistency(data.heldout_images, data.heldout_labels),
+        "class_consistency_guided": judge.class_consistency(guided, labels),
+        "class_consistency_unguided": judge.class_consistency(unguided, labels),
+        "judge_frechet_distance_guided": judge.frechet_distance(guided, data.heldout_images) if enough else None,
+    }
 
     print("[demo] 5/5 pictures: loss curve and learned decay maps")
-    losses = plot_losses(run_dir / "metrics.jsonl", out / "loss.png") if (run_dir / "metrics.jsonl").exists() else {}
+    metrics = out / "run" / "metrics.jsonl"
+    losses = plot_losses(metrics, out / "loss.png") if metrics.exists() else {}
     maps, shown = pipeline_decay_maps(pipe, 3, timestep=args.decay_timestep, num_inference_steps=args.sample_steps,
                                       seed=args.seed)
     plot_decay_maps(maps, out / "decay_maps.png", image=shown)
 
     report = {
-        "train_seconds": train_seconds,
-        "train_steps": args.steps,
-        "batch_size": args.batch_size,
-        "model_kwargs": DEMO_MODEL_KWARGS,
-        **losses,
-        "classifier_heldout_accuracy": heldout_acc,
-        "class_consistency_guided": consistency_guided,
-        "class_consistency_unguided": consistency_unguided,
-        "judge_frechet_distance_guided": frechet_guided,
-        "guidance_scale": args.guidance_scale,
-        "sample_steps": args.sample_steps,
-        "samples_per_class": n,
-        "total_seconds": time.time() - start,
+        "train_seconds": train_seconds, "train_steps": args.steps, "batch_size": args.batch_size,
+        "model_kwargs": DEMO_MODEL_KWARGS, **losses, **scores,
+        "guidance_scale": args.guidance_scale, "sample_steps": args.sample_steps,
+        "samples_per_class": args.eval_samples_per_class, "total_seconds": time.time() - start,
         "outputs": {k: str(out / f) for k, f in [("samples", "samples.png"), ("loss", "loss.png"),
                                                   ("decay_maps", "decay_maps.png"), ("pipeline", "pipeline"),
                                                   ("report", "report.json")]},
@@ -223,7 +230,7 @@ def print_summary(report: dict) -> None:
     print(f"class consistency, guided (scale {report['guidance_scale']})   {report['class_consistency_guided']:.3f}")
     print(f"class consistency, unguided               {report['class_consistency_unguided']:.3f}   (chance 0.100)")
     print(f"Frechet distance to held-out digits (judge features, guided)  "
-          f"{report['judge_frechet_distance_guided']:.3f}")
+          f"{fmt(report['judge_frechet_distance_guided'], '.3f')}")
     print(f"total wall time          {report['total_seconds']:.1f} s")
     for name, path in report["outputs"].items():
         print(f"  {name:<11} {path}")
@@ -237,7 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--learning-rate", type=float, default=2e-3)
     p.add_argument("--ema-decay", type=float, default=0.99,
                    help="EMA decay; 0.99 averages the last ~100 steps (DiT's 0.9999 needs a far longer run)")
-    p.add_argument("--samples-per-class", type=int, default=10)
+    p.add_argument("--samples-per-class", type=int, default=10, help="columns of samples.png")
+    p.add_argument("--eval-samples-per-class", type=int, default=30,
+                   help="samples per class that the judge scores (with and without guidance)")
     p.add_argument("--sample-steps", type=int, default=100, help="DDPM steps for sampling")
     p.add_argument("--guidance-scale", type=float, default=5.0)
     p.add_argument("--decay-timestep", type=int, default=300)
