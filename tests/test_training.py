@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,6 +31,7 @@ from sdt_diffusion.training.data import (
     iterate_batches,
     load_image_source,
 )
+from sdt_diffusion.training.state_files import load_ema_file
 from sdt_diffusion.training.step import NonFiniteLossError, encode_batch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -275,6 +277,21 @@ def test_yaml_config_defaults_cli_overrides_and_unknown_keys(tmp_path):
     with pytest.raises(ConfigError, match="learnig_rate"):
         parse_args(["--config", str(cfg)])
 
+    # every value goes through its flag's type: no silent rounding, no string read as true
+    for text, message in (("max_steps: 2.7\n", "max_steps must be an integer, got 2.7"),
+                          ("max_steps: 2.0\n", "max_steps must be an integer"),
+                          ("random_flip: 'no'\n", "random_flip must be true or false, got 'no'"),
+                          ("seed: true\n", "seed must be an integer, got True"),
+                          ("mixed_precision: fp8\n", "mixed_precision must be one of"),
+                          ("max_steps: null\n", "max_steps cannot be null"),
+                          ("output_dir: 7\n", "output_dir must be a string")):
+        cfg.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            parse_args(["--config", str(cfg)])
+    cfg.write_text("random_flip: false\nlearning_rate: 3e-4\nmax_steps: '12'\nsample_classes: [1, 2]\n")
+    args = parse_args(["--config", str(cfg)])
+    assert (args.random_flip, args.learning_rate, args.max_steps, args.sample_classes) == (False, 3e-4, 12, "1,2")
+
     shipped = sorted((REPO / "training" / "configs").glob("sdt-p-*.yaml"))
     assert {p.name for p in shipped} >= {"sdt-p-s2.yaml", "sdt-p-b2.yaml", "sdt-p-l2.yaml", "sdt-p-xl2.yaml"}
     for path in shipped:
@@ -308,7 +325,8 @@ def fake_cache(data) -> Path:
 
 @pytest.mark.parametrize("case", ["both_sources", "no_source", "batch_split", "resume_latest_empty",
                                   "resolution_vs_vae", "resolution_vs_patch", "cache_vs_model", "unknown_field",
-                                  "existing_run"])
+                                  "existing_run", "seed_range", "nan_lr", "eval_dir_empty_class", "eval_dir_bad_image",
+                                  "truncated_cache"])
 def test_bad_flags_fail_before_any_compute(case, data, fake_cache, tmp_path, capsys):
     out = tmp_path / "run"
     argv = _argv(data, out)
@@ -322,7 +340,27 @@ def test_bad_flags_fail_before_any_compute(case, data, fake_cache, tmp_path, cap
         "unknown_field": ["--model-kwargs", '{"num_layerz": 2}'],
         "cache_vs_model": [],
         "existing_run": [],
+        "seed_range": ["--seed", str(2**32)],
+        "nan_lr": ["--learning-rate", "nan"],
+        "eval_dir_empty_class": ["--eval-data-dir", str(tmp_path / "held")],
+        "eval_dir_bad_image": ["--eval-data-dir", str(tmp_path / "held")],
+        "truncated_cache": [],
     }[case]
+    if case.startswith("eval_dir"):
+        shutil.copytree(data["heldout"], tmp_path / "held")
+        if case == "eval_dir_empty_class":
+            (tmp_path / "held" / "a thing").mkdir()
+        else:
+            (tmp_path / "held" / "red thing" / "000.png").write_bytes(b"not an image")
+    if case == "truncated_cache":
+        cache = tmp_path / "cache"
+        shutil.copytree(fake_cache, cache)
+        mean = cache / "shard-00000-of-00001" / "mean.npy"
+        mean.write_bytes(mean.read_bytes()[:1000])
+        i = argv.index("--data-dir")
+        argv[i:i + 2] = ["--latents-dir", str(cache)]
+        i = argv.index("--resolution")
+        del argv[i:i + 2]
     if case == "no_source":
         i = argv.index("--data-dir")
         del argv[i:i + 2]
@@ -339,11 +377,18 @@ def test_bad_flags_fail_before_any_compute(case, data, fake_cache, tmp_path, cap
         "both_sources": "exactly one of", "no_source": "exactly one of", "batch_split": "not divisible",
         "resume_latest_empty": "no complete checkpoint", "resolution_vs_vae": "downsampling factor",
         "resolution_vs_patch": "patch size", "cache_vs_model": "in_channels=3", "unknown_field": "num_layerz",
-        "existing_run": "already holds checkpoints",
+        "existing_run": "already holds checkpoints", "seed_range": "--seed must lie in [0, 2147483647]",
+        "nan_lr": "--learning-rate must be finite", "eval_dir_empty_class": "--eval-data-dir",
+        "eval_dir_bad_image": "--eval-data-dir", "truncated_cache": "mean.npy: unreadable latent cache array",
     }[case]
     assert _main(argv + extra) == 2
     err = capsys.readouterr().err
     assert expected in err, err
+    assert len(err.strip().splitlines()) == 1, err  # one line, no traceback
+    if case == "eval_dir_empty_class":
+        assert "'a thing' holds no images" in err
+    if case == "eval_dir_bad_image":
+        assert "000.png" in err
     assert not (out / "metrics.jsonl").exists() and not list(out.glob("checkpoint-*.tmp"))
 
 
@@ -376,10 +421,10 @@ def test_accelerate_launch_one_process_trains_logs_and_exports(data, tmp_path):
                   output_type="np").images
     assert images.shape == (2, 16, 16, 3) and np.isfinite(images).all()
     # the exported weights are the EMA of the last checkpoint
-    ema = torch.load(out / "checkpoint-4" / "custom_checkpoint_0.pkl", weights_only=True)
+    shadow, _, num_updates = load_ema_file(out / "checkpoint-4" / "ema.safetensors")
     exported = [p.detach() for p in pipe.transformer.parameters()]
-    assert ema["num_updates"] == 4
-    assert all(torch.equal(a, b) for a, b in zip(exported, ema["shadow"]))
+    assert num_updates == 4
+    assert all(torch.equal(a, b) for a, b in zip(exported, shadow))
     # the checkpoint export (sdt-export) builds the same pipeline from the checkpoint and the run's VAE
     assert export.main([str(out / "checkpoint-4"), "--output", str(tmp_path / "from_ckpt")]) == 0
     from_ckpt = SDTPipeline.from_pretrained(str(tmp_path / "from_ckpt"))
@@ -428,8 +473,9 @@ def test_extract_latents_on_two_processes_then_train_from_the_cache_on_two_proce
                     "--global-batch-size", "4", "--max-steps", "3", "--checkpoint-every", "2", "--num-workers", "0",
                     "--log-every", "1", "--report-to", "none", "--no-progress-bar", "--output-dir", str(out)], 2)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert {p.name for p in (out / "checkpoint-3").iterdir()} >= {"random_states_0.pkl", "random_states_1.pkl",
-                                                                   "model.safetensors", "training_state.json"}
+    assert {p.name for p in (out / "checkpoint-3").iterdir()} == {
+        "rng_state_rank00000.safetensors", "rng_state_rank00001.safetensors", "model.safetensors",
+        "optimizer.safetensors", "ema.safetensors", "training_state.json"}  # nothing pickled
     state = json.loads((out / "checkpoint-3" / "training_state.json").read_text())
     assert (state["num_processes"], state["per_device_batch"], state["grad_accum"]) == (2, 2, 1)
     from sdt_diffusion.pipelines import SDTPipeline
@@ -482,28 +528,9 @@ def test_resume_after_sigterm_matches_an_uninterrupted_run(data, tmp_path):
         return [(r["step"], r.get("loss"), r.get("eval_loss")) for r in _metrics(out)]
 
     assert curve(part) == curve(straight)  # identical losses and held-out losses, step by step
-    for name in ("model.safetensors", "custom_checkpoint_0.pkl", "optimizer.bin"):  # weights, EMA, AdamW
-        a = (straight / "checkpoint-6" / name).read_bytes()
-        b = (part / "checkpoint-6" / name).read_bytes()
-        if name == "model.safetensors":
-            assert a == b
-        else:
-            sa = torch.load(straight / "checkpoint-6" / name, weights_only=False)
-            sb = torch.load(part / "checkpoint-6" / name, weights_only=False)
-            flat_a, flat_b = _flatten(sa), _flatten(sb)
-            assert flat_a.keys() == flat_b.keys()
-            for k in flat_a:
-                va, vb = flat_a[k], flat_b[k]
-                assert torch.equal(va, vb) if isinstance(va, torch.Tensor) else va == vb, k
+    for name in ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "rng_state_rank00000.safetensors"):
+        assert (straight / "checkpoint-6" / name).read_bytes() == (part / "checkpoint-6" / name).read_bytes(), name
     assert _hashes(straight / "pipeline") == _hashes(part / "pipeline")
-
-
-def _flatten(obj, prefix: str = "") -> dict:
-    if isinstance(obj, dict):
-        return {k2: v2 for k, v in obj.items() for k2, v2 in _flatten(v, f"{prefix}{k}.").items()}
-    if isinstance(obj, (list, tuple)):
-        return {k2: v2 for i, v in enumerate(obj) for k2, v2 in _flatten(v, f"{prefix}{i}.").items()}
-    return {prefix: obj}
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(data, tmp_path, monkeypatch, capsys):

@@ -1,10 +1,10 @@
 """Train SDT-P with DiT's recipe: ``accelerate launch training/train.py --model SDT-P-XL/2 --data-dir ... --output-dir ...``.
 
-A thin wrapper around :func:`sdt_diffusion.training.trainer.main`; see ``docs/training.md`` and
+A thin wrapper around :func:`sdt_diffusion.training.trainer.cli`; see ``docs/training.md`` and
 ``python training/train.py --help``.
 """
 
-from sdt_diffusion.training.trainer import main
+from sdt_diffusion.training.trainer import cli
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    cli()

@@ -14,7 +14,9 @@ Modules (imported on demand, so ``import sdt_diffusion`` stays light), in the or
 * ``step``: one optimizer step (``train_step``, ``NonFiniteLossError``);
 * ``heldout``: the held-out loss on a fixed set; ``tracking``: ``metrics.jsonl``, trackers;
   ``signals``: SIGTERM/SIGINT as a stop request;
-* ``checkpointing``: atomic ``checkpoint-<step>`` folders, ``--resume`` resolution, pruning, the EMA files;
+* ``state_files``: the training state in formats that cannot carry code (safetensors, JSON);
+* ``checkpointing``: atomic, verified ``checkpoint-<step>`` folders, ``--resume`` resolution, pruning,
+  ``training_done.json``;
 * ``export``: the EMA ``SDTPipeline`` export (from a live run or a checkpoint: ``sdt-export``) and sample grids;
 * ``trainer``: ``train(args)`` and ``main(argv)``; ``extract``: ``extract_latents(args)`` and ``main(argv)``.
 """
@@ -30,6 +32,7 @@ __all__ = [
     "heldout",
     "plan",
     "signals",
+    "state_files",
     "step",
     "tracking",
     "trainer",

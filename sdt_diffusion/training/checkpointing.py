@@ -1,16 +1,25 @@
-"""Atomic, resumable checkpoints: ``<output-dir>/checkpoint-<step>`` written through ``checkpoint-<step>.tmp``.
+"""Atomic, verifiable, code-free checkpoints: ``<output-dir>/checkpoint-<step>`` written through ``checkpoint-<step>.tmp``.
 
-Saving: every process calls ``accelerator.save_state`` into ``checkpoint-<step>.tmp`` (model weights,
-optimizer, grad scaler, every process's RNG states, registered objects such as the EMA); after a barrier the
-main process writes ``training_state.json`` (the completeness marker) and renames the folder to
-``checkpoint-<step>``.  A crash mid-save leaves only a ``.tmp`` folder, which is never resumed from and is
-cleaned up by the next save of that step.  Only folders named exactly ``checkpoint-<int>`` that contain
-``training_state.json`` count as checkpoints.
+Layout of a checkpoint (every file in a format that cannot carry code, see :mod:`.state_files`):
 
-The EMA is accelerate's first registered object (``custom_checkpoint_0.pkl``, read back here with
-``weights_only=True``) or, under FSDP, one ``ema_shard_rank<r>.safetensors`` per process.  This module is
-the only place that knows these file names: everything else (the trainer's resume, the checkpoint export)
-goes through :func:`read_ema_shadow`, :func:`save_ema_shard` and :func:`load_ema_shard`.
+* ``model.safetensors``, ``optimizer.safetensors`` (AdamW tensors + JSON hyper-parameters), ``ema.safetensors``
+  (written by the main process; under DDP every process holds the same values);
+* ``rng_state_rank<r>.safetensors``: each process's torch CPU/CUDA, numpy and Python generator states;
+* ``grad_scaler.json`` with fp16 mixed precision;
+* under FSDP instead of the first three: accelerate's sharded model and optimizer folders
+  (``torch.distributed.checkpoint``) and one ``ema_shard_rank<r>.safetensors`` per process;
+* ``training_state.json``, written last: the step, the batch layout, the data position, the model config, the
+  resolved VAE, and a manifest (size and sha256) of every other file.  It is the completeness marker: after a
+  barrier the main process writes it and renames the folder to ``checkpoint-<step>``.  A crash mid-save
+  leaves only a ``.tmp`` folder, which is never resumed from and is cleaned up by a later save.
+
+On resume every file is checked against the manifest before it is read, so a truncated, bit-flipped or swapped
+file stops the run with the file named and the previous checkpoint suggested.  Nothing is unpickled, except
+that under FSDP ``torch.distributed.checkpoint`` reads its own ``.metadata`` files with ``pickle`` (checked
+against the manifest first; see ``docs/training.md``).
+
+The run's end is recorded separately: ``<output-dir>/training_done.json`` is written after the final export,
+and only it (not the step count) says that a run is finished.
 """
 
 from __future__ import annotations
@@ -19,33 +28,96 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
-from safetensors.torch import load_file, save_file
+from accelerate.utils import load_fsdp_model, load_fsdp_optimizer, save_fsdp_model, save_fsdp_optimizer
 
-from ..utils.files import replace_dir
+from ..utils.files import atomic_write_text, replace_dir, sha256_file
 from .config import ConfigError
 from .ema import EMA
+from .state_files import (
+    RngState,
+    StateFileError,
+    capture_rng,
+    load_ema_file,
+    load_model_file,
+    load_optimizer_file,
+    load_scaler_file,
+    read_rng_file,
+    save_ema_file,
+    save_model_file,
+    save_optimizer_file,
+    save_rng_file,
+    save_scaler_file,
+)
 
 __all__ = [
+    "CHECKPOINT_FORMAT",
+    "DONE_FILE",
     "STATE_FILE",
+    "CheckpointError",
+    "TrainingObjects",
+    "check_checkpoint",
     "checkpoint_step",
+    "clear_done",
+    "damaged",
     "latest_checkpoint",
     "list_checkpoints",
-    "load_ema_shard",
+    "load_state",
     "prune_checkpoints",
+    "read_done",
     "read_ema_shadow",
+    "read_rng_states",
     "read_training_state",
     "resolve_resume",
+    "rng_file",
     "save_checkpoint",
-    "save_ema_shard",
+    "verify_file",
+    "write_done",
+    "write_state",
 ]
 
 STATE_FILE = "training_state.json"
-EMA_FILE = "custom_checkpoint_0.pkl"  # accelerate's name for the first object registered for checkpointing
+DONE_FILE = "training_done.json"
+CHECKPOINT_FORMAT = "sdt-diffusion-checkpoint"
+CHECKPOINT_VERSION = 2
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+EMA_FILE = "ema.safetensors"
+SCALER_FILE = "grad_scaler.json"
+# accelerate's pickled state files, written by earlier versions of this trainer: never read for a resume
+LEGACY_PICKLES = ("custom_checkpoint_0.pkl", "optimizer.bin", "random_states_0.pkl")
+LEGACY_EMA_FILE = "custom_checkpoint_0.pkl"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+_RNG_NAME = re.compile(r"^rng_state_rank\d+\.safetensors$")
+
+
+class TrainingObjects(Protocol):
+    """What a checkpoint saves and restores: the prepared model and optimizer, the EMA, and whether FSDP shards
+    them (e.g. :class:`~.step.TrainingCore`)."""
+
+    accelerator: Any
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    ema: EMA
+    fsdp: bool
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint file is missing, truncated, altered or unreadable; the message names it and the checkpoint to
+    fall back to."""
+
+
+def rng_file(rank: int) -> str:
+    """The name of process ``rank``'s RNG state file."""
+    return f"rng_state_rank{rank:05d}.safetensors"
+
+
+def _ema_shard_file(rank: int) -> str:
+    return f"ema_shard_rank{rank:05d}.safetensors"
 
 
 def checkpoint_step(path: str | Path) -> int | None:
@@ -73,16 +145,104 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def _fallback_advice(checkpoint: Path) -> str:
+    """What to do about a damaged checkpoint: the previous complete one, if there is any."""
+    step = checkpoint_step(checkpoint)
+    older = [p for s, p in list_checkpoints(checkpoint.parent) if step is not None and s < step]
+    if older:
+        return (f"the checkpoint {checkpoint} is damaged: resume from the previous one with --resume {older[-1]} "
+                f"(or delete {checkpoint.name} and pass --resume latest)")
+    return f"the checkpoint {checkpoint} is damaged and there is no earlier checkpoint in {checkpoint.parent}"
+
+
+def damaged(checkpoint: str | Path, file: str | Path, problem: str) -> CheckpointError:
+    """A :class:`CheckpointError` naming ``file`` of ``checkpoint`` and the checkpoint to fall back to."""
+    checkpoint = Path(checkpoint)
+    return CheckpointError(f"{Path(file)}: {problem}; {_fallback_advice(checkpoint)}")
+
+
 def read_training_state(path: str | Path) -> dict[str, Any]:
-    """``training_state.json`` of a checkpoint.
+    """``training_state.json`` of a checkpoint (plain JSON).
 
     Raises:
         ConfigError: the folder is not a complete checkpoint.
+        CheckpointError: the file is not a JSON object.
     """
     f = Path(path) / STATE_FILE
     if not f.is_file():
         raise ConfigError(f"{path} is not a complete checkpoint (no {STATE_FILE})")
-    return json.loads(f.read_text())
+    try:
+        state = json.loads(f.read_bytes())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise damaged(path, f, f"not a JSON file ({e})") from None
+    if not isinstance(state, dict):
+        raise damaged(path, f, f"expected a JSON object, got {type(state).__name__}")
+    return state
+
+
+def check_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """Check that ``path`` is a checkpoint of this format whose files are all present with their recorded sizes
+    (cheap: no file is read).  The RNG state files are left to :func:`read_rng_states`: a missing one makes the
+    resume inexact rather than impossible.
+
+    Raises:
+        ConfigError: a checkpoint of an earlier version (accelerate's pickled state), or no manifest.
+        CheckpointError: a missing or truncated file.
+    """
+    path = Path(path)
+    if state.get("format") != CHECKPOINT_FORMAT:
+        pickles = [n for n in LEGACY_PICKLES if (path / n).exists()]
+        if pickles:
+            raise ConfigError(
+                f"{path} was written by an earlier version of the trainer, which stored state in accelerate's "
+                f"pickle files ({', '.join(pickles)}); they are not loaded, because unpickling a file can run "
+                f"code. Export its EMA weights with `sdt-export {path} --output DIR` (read without unpickling "
+                f"code) or start a new run"
+            )
+        raise damaged(path, path / STATE_FILE, f"not an {CHECKPOINT_FORMAT} state (no 'format' field)")
+    if state.get("format_version") != CHECKPOINT_VERSION:
+        raise ConfigError(f"{path}: checkpoint format version {state.get('format_version')}, this code reads "
+                          f"{CHECKPOINT_VERSION}")
+    files = state.get("files")
+    if not isinstance(files, dict) or not files:
+        raise damaged(path, path / STATE_FILE, "no file manifest")
+    for name, entry in sorted(files.items()):
+        f = path / name
+        if _RNG_NAME.match(name):
+            continue
+        if not f.is_file():
+            raise damaged(path, f, "missing")
+        size = f.stat().st_size
+        if size != entry.get("bytes"):
+            raise damaged(path, f, f"{size} bytes, the checkpoint wrote {entry.get('bytes')} (truncated or replaced)")
+
+
+def _file_problem(checkpoint: Path, state: dict[str, Any], name: str) -> str | None:
+    """Why ``name`` of ``checkpoint`` does not match the manifest (``None`` when it does)."""
+    f = checkpoint / name
+    entry = (state.get("files") or {}).get(name)
+    if entry is None:
+        return f"not listed in {STATE_FILE}"
+    if not f.is_file():
+        return "missing"
+    if f.stat().st_size != entry.get("bytes"):
+        return f"{f.stat().st_size} bytes, the checkpoint wrote {entry.get('bytes')} (truncated or replaced)"
+    if sha256_file(f) != entry.get("sha256"):
+        return "its content differs from what the checkpoint wrote (sha256 mismatch)"
+    return None
+
+
+def verify_file(checkpoint: str | Path, state: dict[str, Any], name: str) -> Path:
+    """The path of ``name`` in ``checkpoint`` after checking its size and sha256 against the manifest.
+
+    Raises:
+        CheckpointError: not in the manifest, missing, or different from what was written.
+    """
+    checkpoint = Path(checkpoint)
+    problem = _file_problem(checkpoint, state, name)
+    if problem is not None:
+        raise damaged(checkpoint, checkpoint / name, problem)
+    return checkpoint / name
 
 
 def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
@@ -113,54 +273,52 @@ def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
     return path
 
 
-def _ema_shard_file(folder: Path, rank: int) -> Path:
-    return folder / f"ema_shard_rank{rank:05d}.safetensors"
+# --------------------------------------------------------------------------------------------- writing
+def _manifest(folder: Path) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every file below ``folder`` (flushed to disk first), by relative path."""
+    files = {}
+    for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != STATE_FILE):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        files[f.relative_to(folder).as_posix()] = {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+    return files
 
 
-def save_ema_shard(ema: EMA, folder: str | Path, rank: int) -> None:
-    """FSDP: write this process's shard of the EMA into ``folder`` (every process calls it)."""
-    save_file({str(i): s.contiguous().cpu() for i, s in enumerate(ema.shadow)}, str(_ema_shard_file(Path(folder), rank)))
+def write_state(core: TrainingObjects, folder: Path) -> None:
+    """Write this process's part of the training state into ``folder`` (every process calls it).
 
-
-def load_ema_shard(ema: EMA, checkpoint: str | Path, rank: int, num_updates: int) -> None:
-    """FSDP: restore this process's shard of the EMA from ``checkpoint``."""
-    shard = load_file(str(_ema_shard_file(Path(checkpoint), rank)))
-    ema.load_state_dict({"decay": ema.decay, "num_updates": num_updates,
-                         "shadow": [shard[str(i)] for i in range(len(ema.shadow))]})
-
-
-def read_ema_shadow(checkpoint: str | Path) -> list[torch.Tensor]:
-    """The EMA weights of a (non-FSDP) checkpoint, in the model's ``parameters()`` order, on the CPU.
-
-    Read with ``torch.load(weights_only=True)``: tensors and plain containers only, no arbitrary unpickling.
-
-    Raises:
-        FileNotFoundError: no EMA file (an FSDP checkpoint keeps the EMA sharded per process).
-        ValueError: the file does not hold an EMA state.
+    Every process writes its RNG states; the main process the model, AdamW and the EMA (identical on every
+    process under DDP); under FSDP every process its shards of them through accelerate.
     """
-    path = Path(checkpoint) / EMA_FILE
-    if not path.is_file():
-        sharded = any(Path(checkpoint).glob("ema_shard_rank*.safetensors"))
-        why = ("an FSDP checkpoint keeps the EMA in per-process shards; use the pipeline the run exported "
-               "(at the end and every --export-every steps)") if sharded else "incomplete or foreign checkpoint"
-        raise FileNotFoundError(f"{checkpoint} has no EMA state ({EMA_FILE}): {why}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    shadow = state.get("shadow") if isinstance(state, dict) else None
-    if not isinstance(shadow, list) or not all(isinstance(t, torch.Tensor) for t in shadow):
-        raise ValueError(f"{path} does not hold an EMA state (a dict with a list of tensors under 'shadow')")
-    return shadow
+    accelerator = core.accelerator
+    rank = accelerator.process_index
+    save_rng_file(capture_rng(), folder / rng_file(rank))
+    if core.fsdp:
+        plugin = accelerator.state.fsdp_plugin
+        save_fsdp_model(plugin, accelerator, core.model, str(folder))
+        save_fsdp_optimizer(plugin, accelerator, core.optimizer, core.model, str(folder))
+        save_ema_file(core.ema, folder / _ema_shard_file(rank))
+    elif accelerator.is_main_process:
+        save_model_file(accelerator.unwrap_model(core.model, keep_torch_compile=False), folder / MODEL_FILE)
+        save_optimizer_file(core.optimizer, folder / OPTIMIZER_FILE)
+        save_ema_file(core.ema, folder / EMA_FILE)
+    if accelerator.scaler is not None and accelerator.is_main_process:
+        save_scaler_file(accelerator.scaler, folder / SCALER_FILE)
 
 
 def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, state: dict[str, Any],
-                    extra_saver: Any | None = None) -> Path:
-    """Save the full training state atomically as ``output_dir/checkpoint-<step>``; all processes must call it.
+                    write_files: Callable[[Path], None]) -> Path:
+    """Save ``output_dir/checkpoint-<step>`` atomically; all processes must call it.
 
     Args:
-        accelerator: the ``Accelerator`` whose prepared objects and registered objects are saved.
+        accelerator: the run's ``Accelerator`` (barriers, main process).
         output_dir: run folder.
         step: optimizer steps done.
-        state: JSON-serialisable training state (written last, as the completeness marker).
-        extra_saver: optional ``callable(tmp_dir)`` run by every process after ``save_state`` (per-rank files).
+        state: JSON-serialisable training state; written last with the manifest, as the completeness marker.
+        write_files: ``write_files(tmp_dir)``, run by every process (e.g. :func:`write_state`).
 
     Returns:
         The checkpoint folder.
@@ -173,16 +331,12 @@ def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, state: 
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    if extra_saver is not None:
-        extra_saver(tmp)
+    write_files(tmp)
     accelerator.wait_for_everyone()  # every rank has written its files
     if accelerator.is_main_process:
-        marker = tmp / STATE_FILE
-        with open(marker, "w") as f:
-            json.dump({**state, "step": step}, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
+        record = {**state, "step": step, "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
+                  "files": _manifest(tmp)}
+        atomic_write_text(tmp / STATE_FILE, json.dumps(record, indent=2))
         replace_dir(tmp, final)  # re-saving a step (e.g. after a resume) swaps, then drops the old copy
     accelerator.wait_for_everyone()
     return final
@@ -201,3 +355,132 @@ def prune_checkpoints(output_dir: str | Path, keep: int) -> list[Path]:
     for p in doomed:
         shutil.rmtree(p, ignore_errors=True)
     return doomed
+
+
+# --------------------------------------------------------------------------------------------- reading
+def read_rng_states(checkpoint: str | Path, state: dict[str, Any], rank: int) -> tuple[RngState | None, str | None]:
+    """Process ``rank``'s RNG states, or ``(None, why not)`` when the file is missing, altered, unreadable or
+    holds another number of CUDA generators than this process sees."""
+    checkpoint = Path(checkpoint)
+    name = rng_file(rank)
+    f = checkpoint / name
+    if not f.is_file():
+        return None, f"{f} is missing (the checkpoint holds the RNG states of {state.get('num_processes')} processes)"
+    problem = _file_problem(checkpoint, state, name)
+    if problem is not None:
+        return None, f"{f} is unusable: {problem}"
+    try:
+        rng = read_rng_file(f)
+    except StateFileError as e:
+        return None, f"{f} is unusable: {e.problem}"
+    devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if len(rng.torch_cuda) != devices:
+        return None, (f"{f} holds {len(rng.torch_cuda)} CUDA generator states, this process sees {devices} CUDA "
+                      f"devices")
+    return rng, None
+
+
+def _fsdp_files(state: dict[str, Any]) -> list[str]:
+    """The sharded model/optimizer files of an FSDP checkpoint (every file outside the known top-level names)."""
+    return [n for n in state.get("files", {}) if "/" in n]
+
+
+def load_state(core: TrainingObjects, checkpoint: str | Path, state: dict[str, Any]) -> float:
+    """Restore the weights, AdamW, the EMA and the grad scaler of ``checkpoint`` (every process calls it), each
+    file checked against the manifest first; returns the EMA decay the checkpoint was written with (the run keeps
+    its own).  The RNG states are restored by the caller.
+
+    Raises:
+        CheckpointError: a file is missing, altered, unreadable or does not fit the model.
+    """
+    checkpoint = Path(checkpoint)
+    accelerator = core.accelerator
+    try:
+        if core.fsdp:
+            for name in _fsdp_files(state):
+                verify_file(checkpoint, state, name)
+            plugin = accelerator.state.fsdp_plugin
+            try:
+                load_fsdp_model(plugin, accelerator, core.model, str(checkpoint))
+                load_fsdp_optimizer(plugin, accelerator, core.optimizer, core.model, str(checkpoint))
+            except Exception as e:  # noqa: BLE001 - torch.distributed.checkpoint errors, with the folder named
+                raise StateFileError(checkpoint, f"cannot load the sharded model/optimizer ({type(e).__name__}: "
+                                                 f"{e})") from None
+            ema_name = _ema_shard_file(accelerator.process_index)
+        else:
+            model = accelerator.unwrap_model(core.model, keep_torch_compile=False)
+            load_model_file(model, verify_file(checkpoint, state, MODEL_FILE))
+            load_optimizer_file(core.optimizer, verify_file(checkpoint, state, OPTIMIZER_FILE))
+            ema_name = EMA_FILE
+        shadow, decay, num_updates = load_ema_file(verify_file(checkpoint, state, ema_name))
+        try:
+            core.ema.load_state_dict({"decay": core.ema.decay, "num_updates": num_updates, "shadow": shadow})
+        except ValueError as e:
+            raise StateFileError(checkpoint / ema_name, str(e)) from None
+        if accelerator.scaler is not None:
+            load_scaler_file(accelerator.scaler, verify_file(checkpoint, state, SCALER_FILE))
+    except StateFileError as e:
+        raise damaged(checkpoint, e.path, e.problem) from None
+    return decay
+
+
+def read_ema_shadow(checkpoint: str | Path) -> list[torch.Tensor]:
+    """The EMA weights of a (non-FSDP) checkpoint, in the model's ``parameters()`` order, on the CPU.
+
+    ``ema.safetensors`` is checked against the manifest.  A checkpoint of an earlier version keeps the EMA in
+    accelerate's ``custom_checkpoint_0.pkl``, read with ``torch.load(weights_only=True)`` (tensors and plain
+    containers only, no code).
+
+    Raises:
+        FileNotFoundError: no EMA file (an FSDP checkpoint keeps the EMA sharded per process).
+        CheckpointError: the EMA file is damaged.
+        ValueError: the file does not hold an EMA state.
+    """
+    checkpoint = Path(checkpoint)
+    state = read_training_state(checkpoint)
+    if state.get("format") == CHECKPOINT_FORMAT:
+        if _fsdp_files(state):
+            raise FileNotFoundError(f"{checkpoint} has no {EMA_FILE}: an FSDP checkpoint keeps the EMA in "
+                                    f"per-process shards; use the pipeline the run exported (at the end and every "
+                                    f"--export-every steps)")
+        try:
+            return load_ema_file(verify_file(checkpoint, state, EMA_FILE))[0]
+        except StateFileError as e:
+            raise damaged(checkpoint, e.path, e.problem) from None
+    legacy = checkpoint / LEGACY_EMA_FILE
+    if not legacy.is_file():
+        sharded = any(checkpoint.glob("ema_shard_rank*.safetensors"))
+        why = ("an FSDP checkpoint keeps the EMA in per-process shards; use the pipeline the run exported "
+               "(at the end and every --export-every steps)") if sharded else "incomplete or foreign checkpoint"
+        raise FileNotFoundError(f"{checkpoint} has no EMA state ({EMA_FILE} or {LEGACY_EMA_FILE}): {why}")
+    try:
+        legacy_state = torch.load(legacy, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - UnpicklingError (refused globals) and truncation, with the file named
+        raise ValueError(f"{legacy}: not an EMA state readable without running code ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    shadow = legacy_state.get("shadow") if isinstance(legacy_state, dict) else None
+    if not isinstance(shadow, list) or not all(isinstance(t, torch.Tensor) for t in shadow):
+        raise ValueError(f"{legacy} does not hold an EMA state (a dict with a list of tensors under 'shadow')")
+    return shadow
+
+
+# ------------------------------------------------------------------------------------------ end of run
+def read_done(output_dir: str | Path) -> dict[str, Any] | None:
+    """The ``training_done.json`` of a finished run (``None`` if there is none or it is unreadable)."""
+    f = Path(output_dir) / DONE_FILE
+    try:
+        done = json.loads(f.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return done if isinstance(done, dict) and isinstance(done.get("step"), int) else None
+
+
+def write_done(output_dir: str | Path, step: int, pipeline: Path | None) -> None:
+    """Record that the run finished at ``step``: final held-out loss, checkpoint and export all written."""
+    atomic_write_text(Path(output_dir) / DONE_FILE,
+                      json.dumps({"step": step, "pipeline": str(pipeline) if pipeline else None}, indent=2))
+
+
+def clear_done(output_dir: str | Path) -> None:
+    """Remove the end-of-run record (the run continues past it)."""
+    (Path(output_dir) / DONE_FILE).unlink(missing_ok=True)

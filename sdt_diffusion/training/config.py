@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ __all__ = [
 
 REPORT_TO = ("tensorboard", "wandb", "all", "none")
 MIXED_PRECISION = ("no", "fp16", "bf16")
+MAX_SEED = 2**31 - 1  # numpy's global seed must stay below 2**32 after accelerate adds the process index
 
 
 class ConfigError(ValueError):
@@ -107,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--global-batch-size", type=int, default=256)
     g.add_argument("--per-device-batch", type=int, default=None,
                    help="micro-batch per process; default global/processes (gradient accumulation fills the rest)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help=f"in [0, {MAX_SEED}]")
     g.add_argument("--cpu", action="store_true", help="train on CPU even if a GPU is present")
 
     g = p.add_argument_group("optimisation")
@@ -127,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", type=str, default=None,
                    help="'latest' (newest checkpoint in --output-dir, error if none), 'auto' (latest if any) or a path")
     g.add_argument("--export-every", type=int, default=0, help="steps between pipeline exports (0: only at the end)")
+    g.add_argument("--allow-inexact-resume", action="store_true",
+                   help="resume even where the continuation cannot equal an uninterrupted run (a missing or "
+                        "unusable RNG state file, another --seed or batch layout); the log and metrics.jsonl say so")
 
     g = p.add_argument_group("logging and samples")
     g.add_argument("--report-to", type=str, default="tensorboard", choices=REPORT_TO)
@@ -144,11 +149,46 @@ def _option_dests(parser: argparse.ArgumentParser) -> set[str]:
     return {a.dest for a in parser._actions if a.dest not in ("help", "config")}
 
 
+def _config_value(action: argparse.Action, key: str, value: Any) -> Any:
+    """A YAML value for ``action`` converted the way the flag converts its text, or a ``ValueError`` saying why not.
+
+    Counts must be integers (``2.7`` or ``2.0`` are refused, not rounded), switches must be ``true``/``false``
+    (a quoted ``"no"`` is a string, not false), numbers may be written as YAML numbers or as text.
+    """
+    if value is None:
+        if action.default is not None:
+            raise ValueError(f"{key} cannot be null (default {action.default!r})")
+        return None
+    if action.nargs == 0:  # an on/off switch: the key is its destination, the value its state
+        if not isinstance(value, bool):
+            raise ValueError(f"{key} must be true or false, got {value!r} ({type(value).__name__})")
+        return value
+    if action.dest == "model_kwargs" and isinstance(value, dict):
+        return json.dumps(value)
+    if action.dest == "sample_classes" and isinstance(value, list | int) and not isinstance(value, bool):
+        value = ",".join(str(v) for v in value) if isinstance(value, list) else str(value)
+    if action.type is int:
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise ValueError(f"{key} must be an integer, got {value!r} ({type(value).__name__})")
+        value = int(value)
+    elif action.type is float:
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise ValueError(f"{key} must be a number, got {value!r} ({type(value).__name__})")
+        value = float(value)
+    elif not isinstance(value, str):
+        raise ValueError(f"{key} must be a string, got {value!r} ({type(value).__name__})")
+    if action.choices is not None and value not in action.choices:
+        raise ValueError(f"{key} must be one of {list(action.choices)}, got {value!r}")
+    return value
+
+
 def load_yaml_config(path: str | os.PathLike, parser: argparse.ArgumentParser | None = None) -> dict[str, Any]:
-    """Read a YAML config as ``{dest: value}``; keys may use dashes or underscores.
+    """Read a YAML config as ``{dest: value}``; keys may use dashes or underscores; each value goes through its
+    flag's type (and choices).
 
     Raises:
-        ConfigError: the file is missing, is not a mapping, or has keys that are not flags.
+        ConfigError: the file is missing, is not a mapping, has keys that are not flags, or values of the wrong
+            type.
     """
     parser = parser or build_parser()
     path = Path(path)
@@ -156,25 +196,24 @@ def load_yaml_config(path: str | os.PathLike, parser: argparse.ArgumentParser | 
         raise ConfigError(f"--config {path}: no such file")
     try:
         data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"--config {path}: invalid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a mapping of flag names to values, got {type(data).__name__}")
-    valid = _option_dests(parser)
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
     out: dict[str, Any] = {}
     unknown = []
     for key, value in data.items():
         dest = str(key).replace("-", "_")
-        if dest not in valid:
+        if dest not in actions:
             unknown.append(str(key))
             continue
-        if dest == "model_kwargs" and isinstance(value, dict):
-            value = json.dumps(value)
-        if dest == "sample_classes" and isinstance(value, list):
-            value = ",".join(str(v) for v in value)
-        out[dest] = value
+        try:
+            out[dest] = _config_value(actions[dest], str(key), value)
+        except ValueError as e:
+            raise ConfigError(f"--config {path}: {e}") from None
     if unknown:
-        raise ConfigError(f"--config {path}: unknown keys {sorted(unknown)}; valid keys: {sorted(valid)}")
+        raise ConfigError(f"--config {path}: unknown keys {sorted(unknown)}; valid keys: {sorted(actions)}")
     return out
 
 
@@ -251,12 +290,20 @@ def validate_args(args: argparse.Namespace) -> None:
         _positive(args, name, allow_zero=True)
     if args.resolution is not None and args.resolution <= 0:
         raise ConfigError(f"--resolution must be > 0, got {args.resolution}")
+    for name in ("learning_rate", "weight_decay", "ema_decay", "max_grad_norm", "sample_guidance_scale", "alpha"):
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            raise ConfigError(f"--{name.replace('_', '-')} must be finite, got {value}")
     if args.learning_rate <= 0:
         raise ConfigError(f"--learning-rate must be > 0, got {args.learning_rate}")
+    if args.weight_decay < 0:
+        raise ConfigError(f"--weight-decay must be >= 0, got {args.weight_decay}")
     if not 0.0 <= args.ema_decay < 1.0:
         raise ConfigError(f"--ema-decay must lie in [0, 1), got {args.ema_decay}")
     if args.max_grad_norm is not None and args.max_grad_norm <= 0:
         raise ConfigError(f"--max-grad-norm must be > 0, got {args.max_grad_norm}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise ConfigError(f"--seed must lie in [0, {MAX_SEED}], got {args.seed}")
     if args.per_device_batch is not None and args.per_device_batch > args.global_batch_size:
         raise ConfigError(
             f"--per-device-batch {args.per_device_batch} exceeds --global-batch-size {args.global_batch_size}"
@@ -365,6 +412,7 @@ class TrainSettings:
     global_batch_size: int = 256
     per_device_batch: int | None = None
     resume: str | None = None  # None, "latest", "auto" or a checkpoint path
+    allow_inexact_resume: bool = False  # resume although the continuation cannot equal an uninterrupted run
     optim: OptimSpec = field(default_factory=OptimSpec)
     held_out: HeldOutSpec = field(default_factory=HeldOutSpec)
     samples: SampleSpec = field(default_factory=SampleSpec)
@@ -393,6 +441,7 @@ def settings_from_args(args: argparse.Namespace) -> TrainSettings:
         global_batch_size=args.global_batch_size,
         per_device_batch=args.per_device_batch,
         resume=args.resume,
+        allow_inexact_resume=bool(args.allow_inexact_resume),
         optim=OptimSpec(args.learning_rate, args.weight_decay, args.ema_decay, args.max_grad_norm),
         held_out=HeldOutSpec(args.eval_data_dir, args.eval_max_samples),
         samples=SampleSpec(args.sample_steps, args.sample_guidance_scale, classes),

@@ -146,25 +146,27 @@ def _list_images(folder: Path, root: Path) -> list[bytes]:
     return found
 
 
-def load_image_folder(data_dir: str | Path) -> ImageSource:
+def load_image_folder(data_dir: str | Path, flag: str = "--data-dir") -> ImageSource:
     """An image folder with one subfolder per class, read from the file system (no ``datasets`` cache).
 
     Class ids follow the sorted subfolder names; every image below a class folder (at any depth) belongs to
     that class; images are ordered by their path (the order of datasets' ``imagefolder`` builder).
 
     Raises:
-        ConfigError: no class subfolders, or a class subfolder without images (its id would shift the rest).
+        ConfigError: no class subfolders, or a class subfolder without images (its id would shift the rest);
+            the message starts with ``flag`` (the flag that named the folder) and the folder.
     """
     root = Path(data_dir)
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and _visible(p.name))
     if not classes:
-        raise ConfigError(f"image folder {data_dir}: expected one subfolder per class, found no subfolders")
+        raise ConfigError(f"{flag} {data_dir}: expected an image folder with one subfolder per class, found no "
+                          f"subfolders")
     files: list[tuple[bytes, int]] = []
     for label, name in enumerate(classes):
         images = _list_images(root / name, root)
         if not images:
             raise ConfigError(
-                f"image folder {data_dir}: class folder {name!r} holds no images; class ids follow the folder "
+                f"{flag} {data_dir}: class folder {name!r} holds no images; class ids follow the folder "
                 f"listing, so remove the folder or add its images"
             )
         files.extend((path, label) for path in images)
@@ -213,13 +215,15 @@ def load_image_source(
     split: str = "train",
     image_column: str = "image",
     label_column: str = "label",
+    folder_flag: str = "--data-dir",
 ) -> ImageSource:
-    """An image folder (:func:`load_image_folder`) or a ``save_to_disk`` dataset (:func:`load_saved_dataset`).
+    """An image folder (:func:`load_image_folder`, errors naming ``folder_flag``) or a ``save_to_disk`` dataset
+    (:func:`load_saved_dataset`).
 
     Images stay undecoded (decoded per sample in :class:`ImageClassDataset`, so a bad file is named).
     """
     if data_dir is not None:
-        return load_image_folder(data_dir)
+        return load_image_folder(data_dir, folder_flag)
     return load_saved_dataset(dataset, split, image_column, label_column)
 
 
@@ -263,9 +267,13 @@ def read_cache_metadata(cache_dir: str | Path) -> dict[str, Any]:
     path = cache_dir / "metadata.json"
     if not path.is_file():
         raise ConfigError(f"latent cache {cache_dir}: no metadata.json (extraction incomplete?)")
-    meta = json.loads(path.read_text())
-    if meta.get("format") != CACHE_FORMAT:
-        raise ConfigError(f"latent cache {cache_dir}: not an sdt-diffusion latent cache (format {meta.get('format')!r})")
+    try:
+        meta = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not a JSON file ({e}); the cache is damaged: re-run the extraction") from None
+    found = meta.get("format") if isinstance(meta, dict) else None
+    if found != CACHE_FORMAT:
+        raise ConfigError(f"latent cache {cache_dir}: not an sdt-diffusion latent cache (format {found!r})")
     if meta.get("version") != CACHE_VERSION:
         raise ConfigError(f"latent cache {cache_dir}: version {meta.get('version')}, this code reads {CACHE_VERSION}")
     for shard in meta["shards"]:
@@ -287,11 +295,16 @@ class LatentCacheDataset(Dataset):
         self.cache_dir = Path(cache_dir)
         self.meta = read_cache_metadata(self.cache_dir)
         self.shards: list[str] = list(self.meta["shards"])
+        channels, height, width = (int(v) for v in self.meta["latent_shape"])
         labels, shard_of, row_of, indices = [], [], [], []
         for s, shard in enumerate(self.shards):
-            idx = np.load(self.cache_dir / shard / "indices.npy", allow_pickle=False)
+            idx = self._read(shard, "indices.npy", None)
+            if idx.ndim != 1:
+                raise ConfigError(f"{self.cache_dir / shard / 'indices.npy'}: expected a 1-d array, got shape {idx.shape}")
             indices.append(idx)
-            labels.append(np.load(self.cache_dir / shard / "labels.npy", allow_pickle=False))
+            labels.append(self._read(shard, "labels.npy", (len(idx),)))
+            for name in ("mean.npy", "std.npy"):  # opened once here, so a truncated file is named before training
+                self._read(shard, name, (len(idx), 2, channels, height, width), mmap=True)
             shard_of.append(np.full(len(idx), s, dtype=np.int64))
             row_of.append(np.arange(len(idx), dtype=np.int64))
         all_idx = np.concatenate(indices) if indices else np.zeros(0, dtype=np.int64)
@@ -307,6 +320,22 @@ class LatentCacheDataset(Dataset):
         self._row = np.concatenate(row_of)[order]
         self.latent_shape = tuple(self.meta["latent_shape"])
         self._arrays: list[tuple[np.ndarray, np.ndarray]] | None = None
+
+    def _read(self, shard: str, name: str, shape: tuple[int, ...] | None, mmap: bool = False) -> np.ndarray:
+        """One array of the cache (a memory map when ``mmap``), checked for its shape.
+
+        Raises:
+            ConfigError: the file is truncated, not an ``.npy`` array, or of the wrong shape (the file is named).
+        """
+        path = self.cache_dir / shard / name
+        try:
+            arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as e:
+            raise ConfigError(f"{path}: unreadable latent cache array ({type(e).__name__}: {e}); the file is truncated "
+                              f"or damaged: re-run training/extract_latents.py") from None
+        if shape is not None and arr.shape != shape:
+            raise ConfigError(f"{path}: shape {arr.shape}, the cache's metadata.json says {shape}; re-run the extraction")
+        return arr
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)

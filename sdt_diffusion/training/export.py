@@ -25,7 +25,7 @@ from ..schedulers import default_scheduler
 from ..utils.files import replace_dir
 from ..utils.images import make_labelled_grid
 from ..utils.labels import short_name
-from .checkpointing import read_ema_shadow, read_training_state
+from .checkpointing import STATE_FILE, read_ema_shadow, read_training_state
 from .ema import EMA
 
 __all__ = [
@@ -180,6 +180,9 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, vae: str | Non
             the VAE is unknown or does not fit the model.
     """
     output = Path(output)
+    blocking = next((p for p in (output, *output.parents) if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise ValueError(f"cannot write the pipeline folder {output}: {blocking} is a file")
     if output.exists() and not (output / "model_index.json").is_file() and any(output.iterdir()):
         raise ValueError(f"{output} exists and is not a pipeline folder; choose a new or empty folder")
     state = read_training_state(checkpoint)
@@ -196,7 +199,13 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, vae: str | Non
                                  f"{tuple(p.shape)}")
             p.copy_(s)
     name, subfolder = checkpoint_vae(state, vae, vae_subfolder)
-    autoencoder = load_vae(name, subfolder)
+    try:
+        autoencoder = load_vae(name, subfolder)
+    except Exception as e:  # noqa: BLE001 - hub/file errors of diffusers, re-raised with the VAE and its origin named
+        origin = "--vae" if vae is not None else f"the VAE the run used ({STATE_FILE})"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{origin} {name}" + (f" (subfolder {subfolder})" if subfolder else "")
+                         + f": cannot load an AutoencoderKL ({first})") from None
     id2label = {int(k): v for k, v in state["id2label"].items()} if state.get("id2label") else None
     return export_pipeline(transformer.eval(), autoencoder, id2label, output)
 

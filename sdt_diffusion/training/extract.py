@@ -84,6 +84,8 @@ def _check_args(args: argparse.Namespace) -> dict[str, Any]:
             raise ConfigError(f"{flag} {value}: not a directory")
     if args.batch_size <= 0 or args.resolution <= 0:
         raise ConfigError("--batch-size and --resolution must be > 0")
+    if args.num_workers < 0:
+        raise ConfigError(f"--num-workers must be >= 0, got {args.num_workers}")
     out = Path(args.output_dir)
     if (out / "metadata.json").exists() and not args.overwrite:
         raise ConfigError(f"--output-dir {out} already holds a latent cache; pass --overwrite to replace it")

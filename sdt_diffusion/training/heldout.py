@@ -43,8 +43,20 @@ class HeldOutSet:
 
     def __init__(self, data_dir: str, max_samples: int, seed: int, plan: DataPlan, vae: Any | None,
                  accelerator: Any, batch_size: int, num_timesteps: int) -> None:
+        """Raises :class:`~.config.ConfigError` naming ``--eval-data-dir`` (and the file) for any unusable input."""
+        try:
+            self._build(data_dir, max_samples, seed, plan, vae, accelerator, batch_size, num_timesteps)
+        except ConfigError as e:
+            if str(e).startswith("--eval-data-dir"):
+                raise
+            raise ConfigError(f"--eval-data-dir {data_dir}: {e}") from None
+        except OSError as e:  # an unreadable image (named by the data reader)
+            raise ConfigError(f"--eval-data-dir {data_dir}: {e}") from None
+
+    def _build(self, data_dir: str, max_samples: int, seed: int, plan: DataPlan, vae: Any | None,
+               accelerator: Any, batch_size: int, num_timesteps: int) -> None:
         with accelerator.local_main_process_first():
-            source = load_image_source(data_dir=data_dir)
+            source = load_image_source(data_dir=data_dir, folder_flag="--eval-data-dir")
         dataset = ImageClassDataset(source, plan.resolution, _label_map(source, plan, data_dir))
         n = min(len(dataset), max_samples)
         chosen = np.unique(np.linspace(0, len(dataset) - 1, n).round().astype(np.int64))

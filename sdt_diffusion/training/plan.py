@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from accelerate.utils import gather_object
 from diffusers import AutoencoderKL
 
 from ..models.dit import DiTTransformer2DModel
 from ..models.registry import model_class_of, preset_config
 from ..models.vae import vae_downsampling_factor, vae_scaling_factor
-from .checkpointing import read_training_state, resolve_resume
+from .checkpointing import check_checkpoint, read_done, read_rng_states, read_training_state, resolve_resume
 from .config import ConfigError, DataSpec, ModelSpec, TrainSettings
 from .data import (
     EpochSampler,
@@ -27,6 +28,7 @@ from .data import (
     load_image_source,
 )
 from .export import default_sample_classes
+from .state_files import RngState
 
 __all__ = [
     "DEFAULT_RESOLUTION",
@@ -205,6 +207,9 @@ class RunPlan:
     sample_classes: list[int]
     resume_from: Path | None
     start_state: dict[str, Any] = field(default_factory=dict)
+    rng_state: RngState | None = None  # this process's RNG states from the checkpoint (None: fresh or inexact)
+    inexact: list[str] = field(default_factory=list)  # why the resume is not exact (with --allow-inexact-resume)
+    finished: bool = False  # the checkpoint is the end of a finished run (training_done.json): nothing to do
 
     @property
     def start_step(self) -> int:
@@ -253,11 +258,39 @@ def plan_run(settings: TrainSettings, accelerator: Any) -> RunPlan:
     if bad:
         raise ConfigError(f"--sample-classes {bad} outside [0, {model_config['num_embeds_ada_norm']})")
     start_state = read_training_state(resume_from) if resume_from else {}
-    if resume_from is not None:
-        _check_resume_state(resume_from, start_state, model_config)
     plan = RunPlan(world, rank, per_device, accum, data, model_config, sampler, sample_classes, resume_from,
                    start_state)
-    if resume_from is not None and plan.start_step >= settings.intervals.max_steps and settings.resume != "auto":
-        raise ConfigError(f"--resume {resume_from} is at step {plan.start_step} >= --max-steps "
-                          f"{settings.intervals.max_steps}")
+    if resume_from is not None:
+        check_checkpoint(resume_from, start_state)
+        _check_resume_state(resume_from, start_state, model_config)
+        done = read_done(settings.output_dir)
+        plan.finished = (done is not None and done["step"] == plan.start_step
+                         and plan.start_step >= settings.intervals.max_steps)
+        if not plan.finished:
+            plan.rng_state, plan.inexact = _exactness(settings, plan)
     return plan
+
+
+def _exactness(settings: TrainSettings, plan: RunPlan) -> tuple[RngState | None, list[str]]:
+    """This process's RNG states and every reason (of any process) why the resume would not continue the run
+    exactly: a missing or unusable RNG state file, another ``--seed``, another batch layout.
+
+    Raises:
+        ConfigError: there is a reason and ``--allow-inexact-resume`` was not given (on every process alike).
+    """
+    assert plan.resume_from is not None
+    state, reasons = plan.start_state, []
+    if state.get("seed") != settings.seed:
+        reasons.append(f"--seed {settings.seed} differs from the checkpoint's seed {state.get('seed')} (it sets the "
+                       f"data order and the noise)")
+    layout = (state.get("num_processes"), state.get("per_device_batch"), state.get("grad_accum"))
+    if layout != (plan.world, plan.per_device, plan.accum):
+        reasons.append(f"{plan.world} processes x {plan.per_device} per device x {plan.accum} accumulation differ "
+                       f"from the checkpoint's {layout[0]} x {layout[1]} x {layout[2]} (the data order and the RNG "
+                       f"streams change)")
+    rng_state, why = read_rng_states(plan.resume_from, state, plan.rank)
+    reasons += [w for w in gather_object([why]) if w]  # every process learns every process's reason
+    if reasons and not settings.allow_inexact_resume:
+        raise ConfigError(f"--resume {plan.resume_from} would not continue the run exactly: {'; '.join(reasons)}. "
+                          f"Pass --allow-inexact-resume to continue anyway (the log and metrics.jsonl then say so)")
+    return rng_state, reasons

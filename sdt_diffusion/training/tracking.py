@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from ..utils.files import atomic_write_text
 from ..utils.optional import import_optional
 from .config import ConfigError
 from .step import StepStats
@@ -22,7 +23,13 @@ logger = logging.getLogger("sdt_diffusion.training")
 
 
 class MetricsWriter:
-    """``metrics.jsonl`` on the main process; on (re)start keeps only lines up to the starting step."""
+    """``metrics.jsonl`` on the main process.
+
+    On a (re)start at step ``s`` it keeps the lines of steps before ``s`` and the training line of ``s`` (written
+    before that step's checkpoint); the held-out line of ``s`` is dropped because the resumed run evaluates the
+    step again (it may be missing when a run stopped between the checkpoint and the evaluation), and so is an
+    ``inexact_resume`` line of ``s``, which the resumed run writes anew if it still applies.
+    """
 
     def __init__(self, path: Path, start_step: int, enabled: bool) -> None:
         self.path = path
@@ -33,11 +40,16 @@ class MetricsWriter:
         if path.exists():
             for line in path.read_text().splitlines():
                 try:
-                    if json.loads(line).get("step", 0) <= start_step:
-                        kept.append(line)
+                    record = json.loads(line)
                 except json.JSONDecodeError:
+                    continue  # a line cut short by a crash
+                step = record.get("step", 0) if isinstance(record, dict) else None
+                if not isinstance(step, int) or step > start_step:
                     continue
-        path.write_text("".join(k + "\n" for k in kept))
+                if step == start_step and ("eval_loss" in record or "inexact_resume" in record):
+                    continue
+                kept.append(line)
+        atomic_write_text(path, "".join(k + "\n" for k in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-__all__ = ["atomic_write", "atomic_write_text", "fsync_dir", "replace_dir", "sha256_file"]
+__all__ = ["atomic_write", "atomic_write_text", "check_writable", "fsync_dir", "replace_dir", "sha256_file"]
 
 
 def fsync_dir(path: str | Path) -> None:
@@ -69,6 +69,33 @@ def replace_dir(tmp: str | Path, target: str | Path) -> Path:
     if old.exists():
         shutil.rmtree(old)
     return target
+
+
+def check_writable(path: str | Path) -> Path:
+    """Check, before any expensive work, that a file can be written at ``path``: its folder is created if
+    missing and a probe file is created in it and removed; returns ``path``.
+
+    Raises:
+        OSError: naming ``path`` (a folder there, a file in the way of its folder, no permission, read-only or
+            full file system).
+    """
+    path = Path(path)
+    try:
+        if path.is_dir():
+            raise IsADirectoryError(f"{path} is a folder")
+        blocking = next((p for p in path.parents if p.exists()), None)
+        if blocking is not None and not blocking.is_dir():
+            raise NotADirectoryError(f"{blocking} is a file, not a folder")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists() and not os.access(path, os.W_OK):
+            raise PermissionError(f"{path} is not writable")
+        probe = path.with_name(f".{path.name}.{os.getpid()}.probe")
+        with open(probe, "xb") as f:
+            f.write(b"\0")
+        probe.unlink()
+    except OSError as e:
+        raise OSError(f"cannot write {path}: {e.strerror or e}") from None
+    return path
 
 
 def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
