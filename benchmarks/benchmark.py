@@ -5,8 +5,10 @@ device, date, torch version and git commit.  Definitions: ``sdt_diffusion/benchm
 
     # GPU (bf16 autocast): S/2 .. XL/2 at batch 32, sampling batch 64 x 250 steps
     python benchmarks/benchmark.py --output benchmarks/results_h100.json
-    # CPU (float32): S/2 at batch 8
-    python benchmarks/benchmark.py --device cpu --sizes S --batch 8 --sample-batch 4 --output cpu.json
+    # CPU (float32): S/2 at batch 8, with the model as it was before the fast path in the same loop
+    python benchmarks/benchmark.py --device cpu --sizes S --batch 8 --sample-batch 4 --before --output cpu.json
+    # both models under torch.compile (inductor)
+    python benchmarks/benchmark.py --device cpu --sizes S --batch 8 --compile --skip-memory --attn-tokens
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import sys
 import harness as bm
 import torch
 
-from sdt_diffusion.attention.backends import auto_backend_name
+from sdt_diffusion.attention.backends import resolve_backend_name
 from sdt_diffusion.utils.runtime import default_device
 
 
@@ -39,9 +41,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--attn-size", default=None, choices=list(bm.MODEL_SIZES),
                    help="heads and head width of the attention benchmark (default: the largest of --sizes)")
     p.add_argument("--attn-backends", nargs="+", default=None,
-                   help="backends to time against SDPA without bias (default: sdpa augmented flex math)")
+                   help="backends to time against SDPA without bias (default: sdpa augmented dense flex math)")
     p.add_argument("--backend", default="auto", help="SDT's attention_backend for the model benchmarks")
     p.add_argument("--decay-mode", default="cdsf")
+    p.add_argument("--before", action="store_true",
+                   help="also time SDT on its reference path (the code before the fast path) in the same loop")
+    p.add_argument("--before-backend", default="augmented",
+                   help="attention backend of the --before model ('augmented': what 'auto' chose before)")
+    p.add_argument("--compile", action="store_true", help="torch.compile (inductor) every model")
     p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 3 CUDA, 1 CPU)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs, median reported (default 10 CUDA, 5 CPU)")
     p.add_argument("--peak-tflops", type=float, default=bm.H100_BF16_DENSE_TFLOPS,
@@ -69,15 +76,15 @@ def main(argv: list[str] | None = None) -> dict:
     warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
     repeats = args.repeats or (10 if cuda else 5)
     attn_size = args.attn_size or max(sizes, key=lambda s: bm.MODEL_SIZES[s][1])
-    attn_backends = args.attn_backends or ["sdpa", "augmented", "flex", "math"]
+    attn_backends = args.attn_backends or ["sdpa", "augmented", "dense", "flex", "math"]
 
     results: dict = {
         "env": bm.environment(device),
         "command": "python " + " ".join(sys.argv),
         "settings": {**vars(args), "sizes": sizes, "batch": batch, "sample_batch": sample_batch, "warmup": warmup,
                      "repeats": repeats, "attn_size": attn_size,
-                     "sdt_backend_resolved": args.backend if args.backend != "auto"
-                     else auto_backend_name(device, args.decay_mode)},
+                     "sdt_backend_resolved": resolve_backend_name(args.backend, device, args.decay_mode,
+                                                                  (32 // args.patch_size) ** 2)},
         "train": [], "sample": [], "attention": [],
     }
     results["errors"] = []
@@ -87,7 +94,8 @@ def main(argv: list[str] | None = None) -> dict:
             try:
                 results["train"].append(bm.benchmark_training(
                     size, batch, device, warmup, repeats, args.backend, args.decay_mode, args.patch_size,
-                    measure_memory=not args.skip_memory, peak_tflops=args.peak_tflops if cuda else None))
+                    measure_memory=not args.skip_memory, peak_tflops=args.peak_tflops if cuda else None,
+                    before=args.before, before_backend=args.before_backend, compile_model=args.compile))
             except Exception as err:  # e.g. out of memory: keep the other sizes
                 results["errors"].append(f"train {size}: {type(err).__name__}: {err}")
         if not args.skip_sample:
@@ -95,7 +103,8 @@ def main(argv: list[str] | None = None) -> dict:
             try:
                 results["sample"].append(bm.benchmark_sampling(
                     size, sample_batch, args.sample_steps, device, warmup, repeats, args.backend, args.decay_mode,
-                    args.patch_size))
+                    args.patch_size, before=args.before, before_backend=args.before_backend,
+                    compile_model=args.compile))
             except Exception as err:
                 results["errors"].append(f"sample {size}: {type(err).__name__}: {err}")
         if cuda:

@@ -48,6 +48,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from sdt_diffusion.attention import spatial_decay as eq
 from sdt_diffusion.attention.backends import ATTENTION_BACKENDS, DecayInputs
+from sdt_diffusion.models.spatial_decay_attention import use_reference_path
 from sdt_diffusion.models.transformer_sdt import MODEL_SIZES, SDTTransformer2DModel, count_parameters
 
 H100_BF16_DENSE_TFLOPS = 989.0  # H100 SXM dense bf16 peak (H200: the same compute)
@@ -60,12 +61,19 @@ def model_shape(size: str) -> dict[str, int]:
     return {"num_layers": depth, "num_attention_heads": heads, "attention_head_dim": width // heads}
 
 
-def build_sdt(size: str, patch_size: int = 2, attention_backend: str = "auto", decay_mode: str = "cdsf") -> nn.Module:
-    """SDT-P of DiT size ``size`` for 32x32x4 latents and 1000 classes."""
-    return SDTTransformer2DModel(
+def build_sdt(size: str, patch_size: int = 2, attention_backend: str = "auto", decay_mode: str = "cdsf",
+              reference_path: bool = False) -> nn.Module:
+    """SDT-P of DiT size ``size`` for 32x32x4 latents and 1000 classes.
+
+    ``reference_path``: every attention layer on its plain layer-by-layer forward (the code before the
+    fast path; ``spatial_decay_attention.use_reference_path``), for before/after comparisons in one run.
+    """
+    model = SDTTransformer2DModel(
         **model_shape(size), patch_size=patch_size, in_channels=4, sample_size=32, num_embeds_ada_norm=1000,
         attention_backend=attention_backend, decay_mode=decay_mode,
     )
+    use_reference_path(model, reference_path)
+    return model
 
 
 def build_dit(size: str, patch_size: int = 2) -> nn.Module:
@@ -77,10 +85,13 @@ def build_dit(size: str, patch_size: int = 2) -> nn.Module:
 
 
 def build_model(kind: str, size: str, patch_size: int = 2, attention_backend: str = "auto",
-                decay_mode: str = "cdsf") -> nn.Module:
-    """``kind`` is ``"sdt"`` or ``"dit"``."""
+                decay_mode: str = "cdsf", reference_backend: str = "augmented") -> nn.Module:
+    """``kind`` is ``"sdt"``, ``"dit"`` or ``"sdt_before"`` (SDT on its reference path with ``reference_backend``:
+    the model as it ran before the fast path)."""
     if kind == "sdt":
         return build_sdt(size, patch_size, attention_backend, decay_mode)
+    if kind == "sdt_before":
+        return build_sdt(size, patch_size, reference_backend, decay_mode, reference_path=True)
     if kind == "dit":
         return build_dit(size, patch_size)
     raise ValueError(f"unknown model kind {kind!r}")
@@ -93,6 +104,11 @@ def make_batch(batch: int, device: torch.device, seed: int = 0) -> tuple[Tensor,
     t = torch.randint(0, 1000, (batch,), generator=g)
     y = torch.randint(0, 1000, (batch,), generator=g)
     return x.to(device), t.to(device), y.to(device)
+
+
+def maybe_compile(model: nn.Module, compile_model: bool) -> nn.Module:
+    """``torch.compile(model)`` (inductor, default options) when ``compile_model``; the optimizer stays eager."""
+    return torch.compile(model) if compile_model else model
 
 
 def run_model(model: nn.Module, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
@@ -200,12 +216,12 @@ def _reset_peak_rss() -> None:
 
 
 def _cpu_memory_child(kind: str, size: str, batch: int, steps: int, backend: str, decay_mode: str,
-                      threads: int, queue) -> None:
+                      before_backend: str, threads: int, queue) -> None:
     # VmHWM rather than ru_maxrss: a spawned child's ru_maxrss starts at its parent's RSS at fork time.
     torch.set_num_threads(threads)
     device = torch.device("cpu")
-    step = make_train_step(build_model(kind, size, attention_backend=backend, decay_mode=decay_mode), device, batch,
-                           amp=False)
+    model = build_model(kind, size, attention_backend=backend, decay_mode=decay_mode, reference_backend=before_backend)
+    step = make_train_step(model, device, batch, amp=False)
     gc.collect()
     base = _status_bytes("VmRSS")
     _reset_peak_rss()
@@ -215,12 +231,13 @@ def _cpu_memory_child(kind: str, size: str, batch: int, steps: int, backend: str
 
 
 def cpu_training_memory(kind: str, size: str, batch: int, backend: str = "auto", decay_mode: str = "cdsf",
-                        steps: int = 2) -> int:
+                        steps: int = 2, before_backend: str = "augmented") -> int:
     """Peak RSS growth (bytes, ``VmHWM`` - ``VmRSS`` before) of a fresh process over ``steps`` CPU training steps."""
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_cpu_memory_child,
-                       args=(kind, size, batch, steps, backend, decay_mode, torch.get_num_threads(), queue))
+                       args=(kind, size, batch, steps, backend, decay_mode, before_backend, torch.get_num_threads(),
+                             queue))
     proc.start()
     result = queue.get()
     proc.join()
@@ -344,29 +361,40 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def format_tables(results: dict[str, Any]) -> str:
-    """Markdown tables: training, sampling and attention, with SDT/DiT ratios."""
-    lines = ["| size | batch | train step SDT (s) | DiT (s) | SDT/DiT | peak mem SDT (MiB) | DiT (MiB) | SDT/DiT "
-             "| MFU SDT | MFU DiT |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for row in results.get("train", []):
+    """Markdown tables: training, sampling and attention, with SDT/DiT ratios (and SDT-before/DiT when measured)."""
+    train, sample = results.get("train", []), results.get("sample", [])
+    before = any("sdt_before" in row for row in train + sample)
+    b_head = " SDT before (s) | before/DiT |" if before else ""
+    lines = ["| size | batch | compiled | train step SDT (s) | DiT (s) | SDT/DiT |" + b_head + " peak mem SDT (MiB) "
+             "| DiT (MiB) | SDT/DiT |" + (" before/DiT mem |" if before else "") + " MFU SDT | MFU DiT |",
+             "|---" * (11 + (3 if before else 0)) + "|"]
+    for row in train:
         s, d = row["sdt"], row["dit"]
-        lines.append(
-            f"| {row['size']}/{row['patch_size']} | {row['batch']} | {s['time']['median_s']:.3f} | "
-            f"{d['time']['median_s']:.3f} | {_fmt(_ratio(s['time']['median_s'], d['time']['median_s']), '.2f')} | "
-            f"{_fmt(s.get('peak_mem_mib'), '.0f')} | {_fmt(d.get('peak_mem_mib'), '.0f')} | "
-            f"{_fmt(_ratio(s.get('peak_mem_mib'), d.get('peak_mem_mib')), '.2f')} | "
-            f"{_fmt(s.get('mfu'), '.1%')} | {_fmt(d.get('mfu'), '.1%')} |"
-        )
-    if results.get("sample"):
-        lines += ["", "| size | batch (x2 guided) | steps | model step SDT (s) | DiT (s) | img/s SDT | img/s DiT "
-                  "| SDT/DiT throughput |", "|---|---|---|---|---|---|---|---|"]
-        for row in results["sample"]:
+        line = (f"| {row['size']}/{row['patch_size']} | {row['batch']} | {'yes' if row.get('compiled') else 'no'} | "
+                f"{s['time']['median_s']:.3f} | {d['time']['median_s']:.3f} | "
+                f"{_fmt(_ratio(s['time']['median_s'], d['time']['median_s']), '.3f')} |")
+        if before:
+            o = row.get("sdt_before", {})
+            t = o.get("time", {}).get("median_s")
+            line += f" {_fmt(t, '.3f')} | {_fmt(_ratio(t, d['time']['median_s']), '.3f')} |"
+        line += (f" {_fmt(s.get('peak_mem_mib'), '.0f')} | {_fmt(d.get('peak_mem_mib'), '.0f')} | "
+                 f"{_fmt(_ratio(s.get('peak_mem_mib'), d.get('peak_mem_mib')), '.3f')} |")
+        if before:
+            line += f" {_fmt(_ratio(row.get('sdt_before', {}).get('peak_mem_mib'), d.get('peak_mem_mib')), '.3f')} |"
+        lines.append(line + f" {_fmt(s.get('mfu'), '.1%')} | {_fmt(d.get('mfu'), '.1%')} |")
+    if sample:
+        lines += ["", "| size | batch (x2 guided) | compiled | steps | model step SDT (s) | DiT (s) | img/s SDT "
+                  "| img/s DiT | SDT/DiT throughput |" + (" before/DiT throughput |" if before else ""),
+                  "|---" * (9 + (1 if before else 0)) + "|"]
+        for row in sample:
             s, d = row["sdt"], row["dit"]
-            lines.append(
-                f"| {row['size']}/{row['patch_size']} | {row['batch']} | {row['steps']} | "
-                f"{s['time']['median_s']:.3f} | {d['time']['median_s']:.3f} | {s['images_per_s']:.4g} | "
-                f"{d['images_per_s']:.4g} | {_fmt(_ratio(s['images_per_s'], d['images_per_s']), '.2f')} |"
-            )
+            line = (f"| {row['size']}/{row['patch_size']} | {row['batch']} | {'yes' if row.get('compiled') else 'no'} "
+                    f"| {row['steps']} | {s['time']['median_s']:.3f} | {d['time']['median_s']:.3f} | "
+                    f"{s['images_per_s']:.4g} | {d['images_per_s']:.4g} | "
+                    f"{_fmt(_ratio(s['images_per_s'], d['images_per_s']), '.3f')} |")
+            if before:
+                line += f" {_fmt(_ratio(row.get('sdt_before', {}).get('images_per_s'), d['images_per_s']), '.3f')} |"
+            lines.append(line)
     if results.get("attention"):
         lines += ["", "| tokens | backend | fwd+bwd (ms) | / SDPA without bias |", "|---|---|---|---|"]
         for row in results["attention"]:
@@ -418,43 +446,58 @@ def compare_models(build: Callable[[str], nn.Module], make_step: Callable[[nn.Mo
     return out
 
 
+def model_kinds(before: bool) -> tuple[str, ...]:
+    """The models of one comparison: SDT, DiT and, with ``before``, SDT on its reference path."""
+    return ("sdt", "dit", "sdt_before") if before else ("sdt", "dit")
+
+
 def benchmark_training(size: str, batch: int, device: torch.device, warmup: int, repeats: int, backend: str,
                        decay_mode: str, patch_size: int, measure_memory: bool,
-                       peak_tflops: float | None) -> dict[str, Any]:
-    """Training-step time, peak memory and (CUDA) MFU of SDT-P and DiT of one size."""
+                       peak_tflops: float | None, before: bool = False, before_backend: str = "augmented",
+                       compile_model: bool = False) -> dict[str, Any]:
+    """Training-step time, peak memory and (CUDA) MFU of SDT-P and DiT of one size.
+
+    ``before``: SDT on its reference path with ``before_backend`` runs in the same interleaved loop (the
+    model as it was before the fast path).  ``compile_model``: every model under ``torch.compile``; CPU
+    peak memory is then not measured (it would compile again in the fresh process).
+    """
     amp = device.type == "cuda"
+    kinds = model_kinds(before)
 
     def build(kind: str) -> nn.Module:
-        return build_model(kind, size, patch_size, backend, decay_mode)
+        return build_model(kind, size, patch_size, backend, decay_mode, before_backend)
 
-    res = compare_models(build, lambda m: make_train_step(m, device, batch, amp), device, warmup, repeats,
-                         cuda_memory=measure_memory and device.type == "cuda")
-    if measure_memory and device.type != "cuda":
-        for kind in res:
-            res[kind]["peak_mem_mib"] = cpu_training_memory(kind, size, batch, backend, decay_mode) / 2**20
+    res = compare_models(build, lambda m: make_train_step(maybe_compile(m, compile_model), device, batch, amp),
+                         device, warmup, repeats, cuda_memory=measure_memory and device.type == "cuda", kinds=kinds)
+    if measure_memory and device.type != "cuda" and not compile_model:
+        for kind in kinds:
+            res[kind]["peak_mem_mib"] = cpu_training_memory(kind, size, batch, backend, decay_mode,
+                                                            before_backend=before_backend) / 2**20
     for kind, entry in res.items():
-        flops = forward_flops_per_image(kind, size, patch_size, decay_mode)
+        flops = forward_flops_per_image("sdt" if kind == "sdt_before" else kind, size, patch_size, decay_mode)
         images_per_s = batch / entry["time"].median_s
         entry["forward_gflops_per_image"] = flops / 1e9
         entry["train_images_per_s"] = images_per_s
         entry["achieved_tflops"] = 3 * flops * images_per_s / 1e12  # training ~ 3 x forward FLOPs (backward ~ 2 x forward)
         entry["mfu"] = entry["achieved_tflops"] / peak_tflops if peak_tflops else None
     return {"size": size, "patch_size": patch_size, "batch": batch, "precision": "bf16 autocast" if amp else "fp32",
-            **res}
+            "compiled": compile_model, **res}
 
 
 def benchmark_sampling(size: str, batch: int, steps: int, device: torch.device, warmup: int, repeats: int,
-                       backend: str, decay_mode: str, patch_size: int) -> dict[str, Any]:
+                       backend: str, decay_mode: str, patch_size: int, before: bool = False,
+                       before_backend: str = "augmented", compile_model: bool = False) -> dict[str, Any]:
     """Per-step time of guided sampling (model forward on 2 x batch) and the implied images/s for ``steps`` steps."""
     amp = device.type == "cuda"
 
     def build(kind: str) -> nn.Module:
-        return build_model(kind, size, patch_size, backend, decay_mode)
+        return build_model(kind, size, patch_size, backend, decay_mode, before_backend)
 
-    res = compare_models(build, lambda m: make_sample_step(m, device, batch, amp), device, warmup, repeats)
+    res = compare_models(build, lambda m: make_sample_step(maybe_compile(m, compile_model), device, batch, amp),
+                         device, warmup, repeats, kinds=model_kinds(before))
     for entry in res.values():
         entry["images_per_s"] = batch / (steps * entry["time"].median_s)
-    return {"size": size, "patch_size": patch_size, "batch": batch, "steps": steps, **res}
+    return {"size": size, "patch_size": patch_size, "batch": batch, "steps": steps, "compiled": compile_model, **res}
 
 
 def benchmark_attention(tokens: int, batch: int, heads: int, head_dim: int, device: torch.device,

@@ -1,4 +1,4 @@
-"""Fused spatial-decay attention ("augmented", "flex") against the dense "math" reference.
+"""Fused spatial-decay attention ("augmented", "dense", "flex") against the dense "math" reference.
 
 float64 on CPU: outputs and every gradient (q, k, v, W_g through the gates) at the functional level and
 through whole tiny models; bf16 forward within a documented tolerance; "auto" resolution per device.
@@ -17,16 +17,19 @@ from sdt_diffusion import SDTTransformer2DModel
 from sdt_diffusion.attention import spatial_decay as eq
 from sdt_diffusion.attention.backends import (
     ATTENTION_BACKENDS,
+    DENSE_MAX_TOKENS_CPU,
     DecayInputs,
     augment_qk,
     augmented_attention,
     auto_backend_name,
     available_backends,
+    dense_attention,
     flex_decay_attention,
     flex_score_mod,
     math_attention,
     resolve_backend,
 )
+from sdt_diffusion.models.spatial_decay_attention import use_reference_path
 
 GRIDS = [(4, 4), (3, 5), (1, 6), (5, 2)]
 ALL_MODES = ("none", "fixed", "1d", "bidirectional", "decomposed", "cdsf")
@@ -113,12 +116,13 @@ def test_rope_tables_equal_apply_rope_bitwise():
 
 
 # ---------------------------------------------------------------------------------------------- functional, float64
+@pytest.mark.parametrize("backend", [augmented_attention, dense_attention], ids=["augmented", "dense"])
 @pytest.mark.parametrize("mode", ALL_MODES)
 @pytest.mark.parametrize("height, width, head_dim", [(4, 4, 8), (3, 5, 72), (1, 6, 8), (5, 2, 16)])
-def test_augmented_equals_math_outputs_and_all_gradients(mode, height, width, head_dim):
+def test_fused_equals_math_outputs_and_all_gradients(backend, mode, height, width, head_dim):
     leaves, decay = problem(height, width, mode, head_dim)
     ref_out, ref_grads = outputs_and_grads(math_attention, leaves, decay)
-    out, grads = outputs_and_grads(augmented_attention, leaves, decay)
+    out, grads = outputs_and_grads(backend, leaves, decay)
     torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-12)
     for name, g, ref in zip(("q", "k", "v", "W_g"), grads, ref_grads):
         if ref is None:
@@ -129,29 +133,36 @@ def test_augmented_equals_math_outputs_and_all_gradients(mode, height, width, he
         assert ref_grads[3].abs().sum() > 0  # the gradient reaches W_g
 
 
-def test_augmented_with_large_gates_float64():
+@pytest.mark.parametrize("backend", [augmented_attention, dense_attention], ids=["augmented", "dense"])
+def test_fused_with_large_gates_float64(backend):
     """Strongly negative gates (G down to about -10): still exact in float64."""
     leaves, decay = problem(6, 7, "cdsf", head_dim=16, gate_scale=4.0)
     ref_out, ref_grads = outputs_and_grads(math_attention, leaves, decay)
-    out, grads = outputs_and_grads(augmented_attention, leaves, decay)
+    out, grads = outputs_and_grads(backend, leaves, decay)
     torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-12)
     for g, ref in zip(grads, ref_grads):
         torch.testing.assert_close(g, ref, rtol=1e-9, atol=1e-11)
 
 
-def test_augmented_saves_no_l_by_l_tensor_for_backward():
-    """The fused path keeps nothing of size L x L for the backward pass (float32: SDPA's flash kernel on CPU)."""
+@pytest.mark.parametrize("backend", [augmented_attention, dense_attention], ids=["augmented", "dense"])
+def test_fused_saves_no_l_by_l_tensor_for_backward(backend):
+    """The fused paths keep nothing of size L x L per sample or head for the backward pass (float32: SDPA's
+    flash kernel on CPU); ``dense`` keeps the grid's one distance matrix, which all layers share."""
     height, width = 8, 8
     leaves, decay = problem(height, width, "cdsf", head_dim=16, dtype=torch.float32)
     seq = height * width
+    distance = eq.manhattan_distance(height, width)
     shapes: list[tuple[int, ...]] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        shapes.append(tuple(t.shape))
+        if t is not distance:
+            shapes.append(tuple(t.shape))
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        augmented_attention(*leaves[:3], decay())
+        inputs = decay()
+        inputs.distance = distance
+        backend(*leaves[:3], inputs)
     assert shapes, "nothing saved: the check would be vacuous"
     assert not [s for s in shapes if len(s) >= 2 and s[-2:] == (seq, seq)], shapes
     shapes.clear()
@@ -215,10 +226,12 @@ TINY = dict(num_attention_heads=2, attention_head_dim=8, num_layers=2, sample_si
 
 
 def randomised_pair(backend: str, **overrides):
-    """A float64 model with the "math" backend and a copy with ``backend``; adaLN-Zero and W_g randomised."""
+    """A float64 model with the "math" backend on the plain reference path and a copy with ``backend`` on the
+    default (fast) path; adaLN-Zero and W_g randomised."""
     config = {**TINY, **overrides}
     torch.manual_seed(0)
     ref = SDTTransformer2DModel(**config, attention_backend="math").double()
+    use_reference_path(ref)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in ref.named_parameters():
@@ -235,14 +248,15 @@ def model_inputs(batch: int, height: int, width: int, seed: int = 0):
     return x, torch.randint(0, 1000, (batch,), generator=g), torch.randint(0, 10, (batch,), generator=g)
 
 
+@pytest.mark.parametrize("backend", ["augmented", "dense"])
 @pytest.mark.parametrize("mode", ["cdsf", "fixed"])
 @pytest.mark.parametrize("latent_hw, overrides", [
     ((8, 8), {}),  # 4 x 4 tokens, 2 layers, head width 8
     ((6, 10), {}),  # 3 x 5 tokens
     ((6, 10), {"num_layers": 1, "attention_head_dim": 72}),  # head width 72 (XL's), non-square grid
 ])
-def test_model_augmented_equals_math_every_parameter_gradient(mode, latent_hw, overrides):
-    ref, fast = randomised_pair("augmented", decay_mode=mode, **overrides)
+def test_model_fused_equals_math_every_parameter_gradient(backend, mode, latent_hw, overrides):
+    ref, fast = randomised_pair(backend, decay_mode=mode, **overrides)
     x, t, y = model_inputs(2, *latent_hw)
     outs, grads = zip(*(forward_backward(model, x, t, y) for model in (ref, fast)))
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-10, atol=1e-12)
@@ -284,9 +298,10 @@ def bf16_errors(backend: str, gate_scale: float = 1.0) -> tuple[float, float]:
     return err.mean().item(), err.max().item()
 
 
+@pytest.mark.parametrize("backend", ["augmented", "dense"])
 @pytest.mark.parametrize("gate_scale", [0.0, 1.0])
-def test_bf16_augmented_within_tolerance_and_no_worse_than_dense(gate_scale):
-    aug_mean, aug_max = bf16_errors("augmented", gate_scale)
+def test_bf16_fused_within_tolerance_and_no_worse_than_dense_bias(backend, gate_scale):
+    aug_mean, aug_max = bf16_errors(backend, gate_scale)
     dense_mean, _ = bf16_errors("sdpa", gate_scale)
     assert aug_mean < BF16_MEAN_ATOL and aug_max < BF16_MAX_ATOL, (aug_mean, aug_max)
     assert aug_mean < 1.2 * dense_mean, (aug_mean, dense_mean)
@@ -308,8 +323,8 @@ def test_bf16_model_forward_close_to_float32():
 
 # ---------------------------------------------------------------------------------------------- auto and names
 def test_new_backends_are_accepted_by_the_model():
-    assert {"augmented", "flex", "auto", "math", "sdpa"} <= set(available_backends())
-    for name in ("augmented", "flex"):
+    assert {"augmented", "dense", "flex", "auto", "math", "sdpa"} <= set(available_backends())
+    for name in ("augmented", "dense", "flex"):
         SDTTransformer2DModel(**TINY, attention_backend=name)
 
 
@@ -321,6 +336,17 @@ def test_new_backends_are_accepted_by_the_model():
 def test_auto_resolution_per_device(device, mode, expected):
     assert auto_backend_name(torch.device(device), mode) == expected
     assert resolve_backend("auto", torch.device(device), mode) is ATTENTION_BACKENDS[expected]
+
+
+@pytest.mark.parametrize("device, mode, tokens, expected", [
+    ("cpu", "cdsf", 256, "dense"), ("cpu", "fixed", DENSE_MAX_TOKENS_CPU, "dense"),
+    ("cpu", "cdsf", DENSE_MAX_TOKENS_CPU + 1, "augmented"), ("cpu", "cdsf", 1024, "augmented"),
+    ("cuda", "cdsf", 256, "augmented"), ("cpu", "none", 256, "sdpa"), ("cpu", "1d", 256, "sdpa"),
+])
+def test_auto_resolution_by_token_count(device, mode, tokens, expected):
+    """On CPU the dense path (width d, recomputing backward) up to DENSE_MAX_TOKENS_CPU tokens."""
+    assert auto_backend_name(torch.device(device), mode, tokens) == expected
+    assert resolve_backend("auto", torch.device(device), mode, tokens) is ATTENTION_BACKENDS[expected]
 
 
 def test_auto_model_is_exact():
@@ -359,7 +385,7 @@ def cuda_problem(mode: str, head_dim: int, dtype: torch.dtype, height: int = 16,
 
 
 @cuda_only
-@pytest.mark.parametrize("backend", ["augmented", "flex"])
+@pytest.mark.parametrize("backend", ["augmented", "dense", "flex"])
 @pytest.mark.parametrize("mode", ["cdsf", "fixed"])
 @pytest.mark.parametrize("head_dim", [64, 72])
 def test_cuda_fused_backends_match_math_float32(backend, mode, head_dim):
@@ -373,7 +399,7 @@ def test_cuda_fused_backends_match_math_float32(backend, mode, head_dim):
 
 
 @cuda_only
-@pytest.mark.parametrize("backend", ["augmented", "flex", "sdpa"])
+@pytest.mark.parametrize("backend", ["augmented", "dense", "flex", "sdpa"])
 @pytest.mark.parametrize("head_dim", [64, 72])
 def test_cuda_bf16_forward_within_tolerance(backend, head_dim):
     leaves, decay = cuda_problem("cdsf", head_dim, torch.bfloat16)

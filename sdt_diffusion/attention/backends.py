@@ -12,7 +12,9 @@ backend         how M is applied                                                
 ``sdpa``        dense M as ``attn_mask`` of ``scaled_dot_product_attention``                stored
 ``augmented``   ``cdsf``/``fixed``: M written as a dot product of extra Q and K dims, SDPA  none
                 with no mask (flash / cuDNN / memory-efficient kernels); others: ``sdpa``
-``flex``        FlexAttention ``score_mod`` (compiled); ``decomposed``: ``sdpa``.  CPU:      none
+``dense``       ``cdsf``: dense M as SDPA's mask at width d, backward recomputes the        none kept
+                probabilities per sample; other modes: ``sdpa``                             for backward
+``flex``        FlexAttention ``score_mod`` (compiled); ``decomposed``: ``sdpa``.  CPU:     none
                 inference only (PyTorch has no FlexAttention backward on CPU)
 ``auto``        :func:`auto_backend_name`                                                   --
 ==============  ==========================================================================  ==========
@@ -26,6 +28,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from . import spatial_decay as eq
 from .modes import DecayInputs, decay_mode
@@ -114,6 +117,91 @@ def augmented_attention(q: Tensor, k: Tensor, v: Tensor, decay: DecayInputs) -> 
     return F.scaled_dot_product_attention(q_aug, k_aug, v, scale=1.0 / math.sqrt(d))
 
 
+# ------------------------------------------------------------------------------------- dense
+def rates_bias(rates: Tensor, distance: Tensor) -> Tensor:
+    """``M[..., i, j] = (a_i + a_j) d(i, j)`` from rates a (..., L) and the distance matrix d (L, L), one pass.
+
+    Equal to CDSF's ``-|1/2 (G_i + G_j) d(i, j) alpha|`` for ``a = alpha/2 G`` (G <= 0, alpha >= 0; eq. 8-9).
+    """
+    rates = rates.contiguous()
+    return torch.add(rates[..., :, None], rates[..., None, :]).mul_(distance)
+
+
+def _dense_rates_forward(q: Tensor, k: Tensor, v: Tensor, rates: Tensor, distance: Tensor) -> Tensor:
+    """SDPA with the mask ``(a_i + a_j) d(i, j)``, one sample at a time: each (N, L, L) mask is built while
+    it is in cache (a whole-batch mask is a fresh B*N*L*L allocation per layer, slow to build on CPU)."""
+    b, n, seq, d = q.shape
+    out = q.new_empty((b, seq, n, d)).transpose(1, 2)  # token-major, as SDPA lays out its own output
+    for i in range(b):
+        out[i] = F.scaled_dot_product_attention(q[i], k[i], v[i], attn_mask=rates_bias(rates[i], distance).to(q.dtype))
+    return out
+
+
+class _DenseRatesAttention(torch.autograd.Function):
+    """``softmax(Q K^T / sqrt(d) + M) V`` with ``M = (a_i + a_j) d(i, j)``, keeping no L x L tensor for backward.
+
+    Forward: M is built and passed to SDPA as its mask (a mask without gradient, which SDPA's fused CPU
+    kernel accepts), so attention runs at head width d; one sample at a time (:func:`_dense_rates_forward`).  Backward: the probabilities are recomputed one
+    sample at a time (an (N, L, L) working set that stays in cache) and
+    ``dS = P * (dP - rowsum(dO * O))`` gives dq, dk, dv and the rates' gradient
+    ``da_i = sum_j dS[i, j] d(i, j) + sum_j dS[j, i] d(j, i)``.  Saved: q, k, v, the rates and the output.
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, rates: Tensor, distance: Tensor) -> Tensor:
+        out = _dense_rates_forward(q, k, v, rates, distance)
+        ctx.save_for_backward(q, k, v, rates, distance, out)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, None]:
+        q, k, v, rates, distance, out = ctx.saved_tensors
+        b, n, seq, d = q.shape
+        dtype = torch.promote_types(q.dtype, torch.float32)
+        scale = 1.0 / math.sqrt(d)
+        with torch.autocast(q.device.type, enabled=False):
+            delta = (grad_out.to(dtype) * out.to(dtype)).sum(-1, keepdim=True)  # rowsum(dO * O), (B, N, L, 1)
+            # token-major gradient buffers, the layout of the projection that produced q, k and v
+            grads = q.new_empty((b, seq, 3, n, d), dtype=dtype)
+            dq, dk, dv = (t.transpose(1, 2) for t in grads.unbind(2))
+            grad_rates = rates.new_empty((b, n, seq))
+            for i in range(b):
+                qs, ks = q[i].to(dtype) * scale, k[i].to(dtype) * scale
+                vi, gi = v[i].to(dtype), grad_out[i].to(dtype)
+                p = torch.baddbmm(rates_bias(rates[i], distance), qs, k[i].to(dtype).transpose(-1, -2)).softmax(-1)
+                dv[i] = torch.bmm(p.transpose(-1, -2), gi)
+                ds = torch.bmm(gi, vi.transpose(-1, -2)).sub_(delta[i]).mul_(p)  # dS = P * (dP - delta)
+                dq[i] = torch.bmm(ds, ks)
+                dk[i] = torch.bmm(ds.transpose(-1, -2), qs)
+                ds.mul_(distance)
+                grad_rates[i] = ds.sum(-1) + ds.sum(-2)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), grad_rates, None
+
+
+def dense_attention(q: Tensor, k: Tensor, v: Tensor, decay: DecayInputs) -> Tensor:
+    """Dense bias at head width d with a recomputing backward (``cdsf``); SDPA with the bias otherwise.
+
+    For CDSF the bias ``(a_i + a_j) d(i, j)`` goes to SDPA's fused kernel as a mask and the backward is
+    :class:`_DenseRatesAttention`'s (no L x L tensor kept between forward and backward; the L x L work is
+    done in the backward, one sample at a time).  ``fixed`` and ``none`` have a bias without gradient,
+    which SDPA's fused kernels take forward and backward; the other modes run :func:`sdpa_attention`.
+    Cheaper than ``augmented`` (width d instead of d + 1 + 2T) while the (N, L, L) working set is small
+    (:func:`auto_backend_name`).
+    """
+    spec = decay_mode(decay.mode)
+    if spec.rates is None:
+        return sdpa_attention(q, k, v, decay)
+    rates = spec.rates(decay)
+    distance = decay.distance
+    if distance is None:
+        distance = eq.manhattan_distance(decay.height, decay.width, q.device)
+    distance = distance.to(rates.dtype)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, rates)):
+        return _DenseRatesAttention.apply(q, k, v, rates, distance)
+    return _dense_rates_forward(q, k, v, rates, distance)
+
+
 # ------------------------------------------------------------------------------------- flex
 _COMPILED_FLEX: Callable[..., Tensor] | None = None
 
@@ -173,6 +261,7 @@ ATTENTION_BACKENDS: dict[str, AttentionBackend] = {
     "math": math_attention,
     "sdpa": sdpa_attention,
     "augmented": augmented_attention,
+    "dense": dense_attention,
     "flex": flex_attention_backend,
 }
 
@@ -187,10 +276,14 @@ def available_backends() -> tuple[str, ...]:
     return (*ATTENTION_BACKENDS, "auto")
 
 
-def resolve_backend(name: str, device: torch.device, mode: str) -> AttentionBackend:
-    """The backend function for ``name``; ``"auto"`` picks the fastest exact one for the device."""
-    if name == "auto":
-        name = auto_backend_name(device, mode)
+# The ``dense`` backend's backward holds an (N, L, L) working set per sample: on CPU it beats ``augmented``
+# up to about this many tokens (S/2 heads, benchmarks/RESULTS.md).
+DENSE_MAX_TOKENS_CPU = 576
+
+
+def resolve_backend(name: str, device: torch.device, mode: str, tokens: int | None = None) -> AttentionBackend:
+    """The backend function for ``name``; ``"auto"`` picks the fastest exact one for the device (and ``tokens``)."""
+    name = resolve_backend_name(name, device, mode, tokens)
     try:
         return ATTENTION_BACKENDS[name]
     except KeyError:
@@ -199,13 +292,23 @@ def resolve_backend(name: str, device: torch.device, mode: str) -> AttentionBack
         ) from None
 
 
-def auto_backend_name(device: torch.device | str, mode: str) -> str:
-    """The backend ``"auto"`` resolves to on ``device`` for ``decay_mode``.
+def resolve_backend_name(name: str, device: torch.device | str, mode: str, tokens: int | None = None) -> str:
+    """``name`` itself, or for ``"auto"`` the backend :func:`auto_backend_name` picks."""
+    return auto_backend_name(device, mode, tokens) if name == "auto" else name
 
-    ``cdsf`` and ``fixed`` have an exact low-rank form: ``"augmented"`` (plain SDPA, no L x L bias) on
-    every device.  CUDA: it runs on the flash / cuDNN kernels.  CPU (measured, benchmarks/RESULTS.md):
-    the training step ties the dense ``"sdpa"`` path at 256 tokens with 12% less memory, and the
-    attention is 1.4-1.8x faster at 1024 tokens.  ``none`` is plain SDPA; the variants without a fused
+
+def auto_backend_name(device: torch.device | str, mode: str, tokens: int | None = None) -> str:
+    """The backend ``"auto"`` resolves to on ``device`` for ``decay_mode`` with ``tokens`` tokens per image.
+
+    ``cdsf`` and ``fixed`` have an exact low-rank form: ``"augmented"`` (plain SDPA at width d + 1 + 2T, no
+    L x L bias) on CUDA, where it runs on the flash / cuDNN kernels, and on CPU above
+    :data:`DENSE_MAX_TOKENS_CPU` tokens or when ``tokens`` is not given.  On CPU with at most that many
+    tokens, ``"dense"``: attention at width d with the bias as SDPA's mask and a recomputing backward,
+    measured faster there (benchmarks/RESULTS.md).  ``none`` is plain SDPA; the variants without a fused
     form (``1d``, ``bidirectional``, ``decomposed``) use the dense ``"sdpa"`` path.
     """
-    return "augmented" if decay_mode(mode).low_rank else "sdpa"
+    if not decay_mode(mode).low_rank:
+        return "sdpa"
+    if torch.device(device).type == "cpu" and tokens is not None and tokens <= DENSE_MAX_TOKENS_CPU:
+        return "dense"
+    return "augmented"

@@ -30,6 +30,8 @@ class DecayInputs:
         log_gamma: (N,) RMT decay for ``fixed``.
         codes: optional ``threshold_codes(height, width)`` (L, H + W - 2), computed once per forward by
             the model so that the ``augmented`` backend does not rebuild them in every layer.
+        distance: optional ``manhattan_distance(height, width)`` (L, L), likewise shared by the layers of one
+            forward (the ``dense`` backend's bias is the rates times this matrix).
     """
 
     mode: str
@@ -41,6 +43,7 @@ class DecayInputs:
     gate_logits_w: Tensor | None = None
     log_gamma: Tensor | None = None
     codes: Tensor | None = None
+    distance: Tensor | None = None
 
 
 # ------------------------------------------------------------------------------ per-mode builders

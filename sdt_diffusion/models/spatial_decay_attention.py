@@ -3,13 +3,25 @@
 SDT-P (``SDTTransformer2DModel``) runs it on a fixed token grid per forward; the module itself builds
 nothing that depends on the grid size except from the ``height``/``width`` it is given, so it runs on any
 grid, square or not.
+
+Two forward paths compute the same function (tests compare them in float64, outputs and gradients):
+
+* the default one makes few passes over memory: one GEMM for Q, K, V, the gate logits (W_g) and the output
+  gate's down projection (W_u1) (their weights concatenated per call; the parameters and state-dict keys are
+  those of the separate layers), RoPE as one in-place pass (``kernels.rope_qk``), V made contiguous once and
+  shared by the attention and LPE, LPE through ``kernels.depthwise_conv_tokens``, and the attention output
+  read in the (B, L, N, d) layout SDPA writes;
+* ``reference_path = True`` (:func:`use_reference_path`) runs the layers one by one with the plain
+  equations of ``attention.spatial_decay``: the readable form, kept to measure the fast one against.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..attention import kernels
 from ..attention import spatial_decay as eq
 from ..attention.backends import AttentionBackend
 from ..attention.modes import DecayInputs
@@ -51,6 +63,7 @@ class SpatialDecayAttention(nn.Module):
         self.gate_down = nn.Linear(dim, gate_rank, bias=False)  # W_u1
         self.gate_up = nn.Linear(gate_rank, dim, bias=False)  # W_u2
         self.proj = nn.Linear(dim, dim)
+        self.reference_path = False  # True: the plain layer-by-layer forward (see the module docstring)
 
     def fixed_log_gamma(self) -> torch.Tensor:
         """RMT's per-head ``log gamma_h`` for ``decay_mode="fixed"`` (the non-persistent ``log_gamma`` buffer's value)."""
@@ -61,18 +74,53 @@ class SpatialDecayAttention(nn.Module):
 
         ``codes``: the grid's ``threshold_codes`` when already computed (the fused backend needs them).
         """
-        decay = DecayInputs(self.decay_mode, height, width, self.alpha, log_gamma=self.log_gamma, codes=codes)
-        if self.gate is None:
+        return self._decay_from_logits(None if self.gate is None else self.gate(x), height, width, codes, None)
+
+    def _input_projections(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+        """``(X W_qk, X W_v, X W_g, X W_u1)`` (B, L, .) views; one GEMM when the weights allow it.
+
+        The weights are concatenated per call (state-dict keys unchanged); when they differ in dtype or device
+        (e.g. ``enable_layerwise_casting`` stores some in another dtype and casts them in hooks around each
+        layer), the layers are called one by one so that their hooks run.
+        """
+        dim = self.qkv.out_features // 3
+        layers = [self.qkv] + ([self.gate] if self.gate is not None else []) + [self.gate_down]
+        weights = [layer.weight for layer in layers]
+        dtype = weights[0].dtype
+        same = all(w.dtype == dtype and w.device == x.device for w in weights)
+        if same and dtype.is_floating_point and dtype.itemsize >= 2 and (
+            dtype == x.dtype or torch.is_autocast_enabled(x.device.type)
+        ):
+            biases = [self.qkv.bias] + ([self.gate.bias] if self.gate is not None else [])
+            bias = torch.cat([*biases, biases[0].new_zeros(self.gate_down.out_features)])
+            sizes = [2 * dim, dim] + [w.shape[0] for w in weights[1:]]
+            parts = F.linear(x, torch.cat(weights), bias).split(sizes, dim=-1)
+        else:
+            parts = (*self.qkv(x).split([2 * dim, dim], dim=-1), *(layer(x) for layer in layers[1:]))
+        qk, v, *gate_logits, u = parts
+        return qk, v, (gate_logits[0] if gate_logits else None), u
+
+    def _decay_from_logits(self, gate_logits: Tensor | None, height: int, width: int, codes: Tensor | None,
+                           distance: Tensor | None) -> DecayInputs:
+        decay = DecayInputs(self.decay_mode, height, width, self.alpha, log_gamma=self.log_gamma, codes=codes,
+                            distance=distance)
+        if gate_logits is None:
             return decay
         if decay_mode_spec(self.decay_mode).gate_outputs == 2:
-            decay.gate_logits_h, decay.gate_logits_w = self.gate(x).float().chunk(2, dim=-1)
+            decay.gate_logits_h, decay.gate_logits_w = gate_logits.float().chunk(2, dim=-1)
         else:
-            decay.gates = eq.context_aware_gates(self.gate(x))  # eq. 4-5
+            decay.gates = eq.context_aware_gates(gate_logits)  # eq. 4-5
         return decay
+
+    def _lpe(self, v: Tensor, height: int, width: int) -> Tensor:
+        """LPE(V) of contiguous token-major V (B, L, C) (eq. 13)."""
+        if self.lpe.weight.dtype == v.dtype and self.lpe.padding_mode == "zeros":
+            return kernels.depthwise_conv_tokens(v, self.lpe.weight, self.lpe.bias, height, width)
+        return eq.local_position_encoding_tokens(v, self.lpe, height, width)  # e.g. layerwise casting hooks
 
     def forward(
         self, x: Tensor, height: int, width: int, rope: tuple[Tensor, Tensor] | None, backend: AttentionBackend,
-        codes: Tensor | None = None,
+        codes: Tensor | None = None, distance: Tensor | None = None,
     ) -> Tensor:
         """Spatial Decay Attention of tokens ``x`` (B, L, D) on an ``height`` x ``width`` grid (eq. 4-13).
 
@@ -80,7 +128,31 @@ class SpatialDecayAttention(nn.Module):
             rope: ``spatial_decay.rope_tables`` (cos, sin), each (L, d), or None for no RoPE.
             backend: an attention backend ``(q, k, v, decay) -> out``.
             codes: optional ``spatial_decay.threshold_codes`` of the grid, shared by all layers.
+            distance: optional ``spatial_decay.manhattan_distance`` of the grid, shared by all layers.
         """
+        if self.reference_path:
+            return self._forward_reference(x, height, width, rope, backend, codes)
+        b, seq, dim = x.shape
+        n, d = self.num_heads, self.head_dim
+        qk, v, gate_logits, u = self._input_projections(x)
+        qk = qk.unflatten(-1, (2, n, d))  # token-major (B, L, 2, N, d)
+        if self.use_rope and rope is not None:  # R(Q), R(K) together (eq. 13)
+            cos, sin = rope
+            qk = kernels.rope_qk(qk, cos[:, None, None], sin[:, None, None])
+        q, k = qk.permute(2, 0, 3, 1, 4).unbind(0)  # (B, N, L, d) views
+        v = v.contiguous()  # (B, L, D): LPE's channels-last grid and, as a (B, N, L, d) view, the attention's V
+        decay = self._decay_from_logits(gate_logits, height, width, codes, distance)
+        attn = backend(q, k, v.view(b, seq, n, d).transpose(1, 2), decay)
+        gate_u = self.gate_up(torch.sigmoid(u))  # U = sigma(X W_u1) W_u2
+        # SDPA writes its output token-major, so this reshape is a view
+        out = eq.spatial_decay_output(attn.transpose(1, 2).reshape(b, seq, dim), self._lpe(v, height, width), gate_u)
+        return self.proj(out)
+
+    def _forward_reference(
+        self, x: Tensor, height: int, width: int, rope: tuple[Tensor, Tensor] | None, backend: AttentionBackend,
+        codes: Tensor | None = None,
+    ) -> Tensor:
+        """The same function layer by layer with the plain equations (``reference_path = True``)."""
         b, seq, dim = x.shape
         qkv = self.qkv(x).reshape(b, seq, 3, self.num_heads, self.head_dim)  # token-major (B, L, 3, N, d)
         qk = qkv[:, :, :2]
@@ -94,3 +166,10 @@ class SpatialDecayAttention(nn.Module):
         gate_u = self.gate_up(torch.sigmoid(self.gate_down(x)))  # U = sigma(X W_u1) W_u2
         out = eq.spatial_decay_output(attn.transpose(1, 2).reshape(b, seq, dim), lpe, gate_u)  # (B, L, D)
         return self.proj(out)
+
+
+def use_reference_path(model: nn.Module, enabled: bool = True) -> None:
+    """Run every :class:`SpatialDecayAttention` in ``model`` on its plain layer-by-layer path (or back)."""
+    for module in model.modules():
+        if isinstance(module, SpatialDecayAttention):
+            module.reference_path = enabled

@@ -12,7 +12,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
 
 from ..attention import spatial_decay as eq
-from ..attention.backends import available_backends, resolve_backend
+from ..attention.backends import available_backends, resolve_backend, resolve_backend_name
 from ..attention.modes import decay_mode as get_decay_mode
 from ..utils.validation import check_bool, check_finite, check_int
 from .spatial_decay_attention import SpatialDecayAttention
@@ -75,10 +75,11 @@ class SDTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(
-        self, x: Tensor, c: Tensor, height: int, width: int, rope, backend, codes: Tensor | None = None
+        self, x: Tensor, c: Tensor, height: int, width: int, rope, backend, codes: Tensor | None = None,
+        distance: Tensor | None = None,
     ) -> Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
-        attn = self.attn(_modulate(self.norm1(x), shift_msa, scale_msa), height, width, rope, backend, codes)
+        attn = self.attn(_modulate(self.norm1(x), shift_msa, scale_msa), height, width, rope, backend, codes, distance)
         x = x + gate_msa[:, None] * attn
         return x + gate_mlp[:, None] * self.mlp(_modulate(self.norm2(x), shift_mlp, scale_mlp))
 
@@ -376,19 +377,25 @@ class SDTTransformer2DModel(ModelMixin, ConfigMixin):
                 )
             x = x + self.pos_embed.to(x.dtype)
         c = self.emb(timestep, class_labels, x.dtype, force_drop_ids)
-        # Computed once here rather than in every layer: RoPE tables and the grid's threshold codes.
+        # Computed once here rather than in every layer: RoPE tables, the backend and what it reads of the grid
+        # (threshold codes for `augmented`, the distance matrix for `dense`).
         rope = None
         if self.config.use_rope:
             angles = eq.rope_2d_angles(gh, gw, self.config.attention_head_dim, self.config.rope_base, x.device)
+            angles = angles.to(torch.promote_types(x.dtype, torch.float32))  # float64 tables in a float64 model
             rope = eq.rope_tables(angles)
-        codes = eq.threshold_codes(gh, gw, x.device) if get_decay_mode(self.config.decay_mode).low_rank else None
-        backend = resolve_backend(self.config.attention_backend, x.device, self.config.decay_mode)
+        mode = self.config.decay_mode
+        backend_name = resolve_backend_name(self.config.attention_backend, x.device, mode, gh * gw)
+        backend = resolve_backend(backend_name, x.device, mode)
+        low_rank = get_decay_mode(mode).low_rank
+        codes = eq.threshold_codes(gh, gw, x.device) if low_rank and backend_name != "dense" else None
+        distance = eq.manhattan_distance(gh, gw, x.device) if low_rank and backend_name == "dense" else None
 
         for block in self.blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:
-                x = self._gradient_checkpointing_func(block, x, c, gh, gw, rope, backend, codes)
+                x = self._gradient_checkpointing_func(block, x, c, gh, gw, rope, backend, codes, distance)
             else:
-                x = block(x, c, gh, gw, rope, backend, codes)
+                x = block(x, c, gh, gw, rope, backend, codes, distance)
 
         x = self.final_layer(x, c)  # (B, L, p*p*C_out)
         x = x.reshape(b, gh, gw, p, p, self.out_channels)

@@ -1,0 +1,110 @@
+"""Per-op profile of one SDT-P training (or guided sampling) step against diffusers' DiT of the same size.
+
+``torch.profiler`` self CPU time per op and step for each model, and the difference SDT - DiT, sorted by
+the difference: where SDT's extra time goes.  CPU, float32 (the GPU profile needs CUDA events and is
+not covered here).
+
+    python benchmarks/profile_sdt.py --sizes S --batch 8 --threads 1 --steps 2
+    python benchmarks/profile_sdt.py --backends auto augmented --before   # SDT paths side by side, and the old one
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+
+import harness as bm
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+
+def op_self_times(step) -> dict[str, float]:
+    """Self CPU milliseconds per op name of one call of ``step``."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    return {event.key: event.self_cpu_time_total / 1e3 for event in prof.key_averages()}
+
+
+def profile_models(size: str, batch: int, backends: list[str], steps: int, warmup: int,
+                   mode: str, before: bool = False) -> dict[str, dict]:
+    """Profile DiT and SDT with each of ``backends`` (training or sampling step), ms per step.
+
+    ``before``: also SDT on its reference path with the ``augmented`` backend (the code before the fast path).
+
+    The models take turns step by step (one profiler session per step), so that load from other processes
+    on a shared machine hits them alike.
+    """
+    device = torch.device("cpu")
+    runs = {"DiT": ("dit", "auto"), **{f"SDT[{b}]": ("sdt", b) for b in backends}}
+    if before:
+        runs["SDT before[augmented]"] = ("sdt_before", "augmented")
+    step_fns = {}
+    for label, (kind, backend) in runs.items():
+        model = bm.build_model(kind, size, attention_backend=backend)
+        make = bm.make_train_step if mode == "train" else bm.make_sample_step
+        step_fns[label] = make(model, device, batch, amp=False)
+        for _ in range(warmup):
+            step_fns[label]()
+    totals: dict[str, dict[str, float]] = {label: defaultdict(float) for label in runs}
+    for _ in range(steps):
+        for label, step in step_fns.items():
+            for name, ms in op_self_times(step).items():
+                totals[label][name] += ms / steps
+    return {label: {"ops_ms": dict(ops), "total_ms": sum(ops.values())} for label, ops in totals.items()}
+
+
+def format_profile(results: dict[str, dict], top: int) -> str:
+    """One markdown table: the ``top`` ops by |SDT - DiT| of the first SDT column, ms per step."""
+    labels = list(results)
+    base, first = labels[0], labels[1]
+    names = set().union(*(r["ops_ms"] for r in results.values()))
+
+    def get(label: str, name: str) -> float:
+        return results[label]["ops_ms"].get(name, 0.0)
+
+    order = sorted(names, key=lambda n: -abs(get(first, n) - get(base, n)))[:top]
+    head = "| op | " + " | ".join(labels) + f" | {first} - {base} |"
+    lines = [head, "|" + "---|" * (len(labels) + 2)]
+    for name in order:
+        cells = " | ".join(f"{get(label, name):.1f}" for label in labels)
+        lines.append(f"| `{name}` | {cells} | {get(first, name) - get(base, name):+.1f} |")
+    totals = " | ".join(f"**{results[label]['total_ms']:.0f}**" for label in labels)
+    lines.append(f"| all ops (self time) | {totals} | "
+                 f"{results[first]['total_ms'] - results[base]['total_ms']:+.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="S", choices=list(bm.MODEL_SIZES))
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--mode", default="train", choices=["train", "sample"],
+                   help="training step, or one guided sampling step (model sees 2 x batch)")
+    p.add_argument("--backends", nargs="+", default=["auto"], help="SDT attention backends to profile")
+    p.add_argument("--before", action="store_true",
+                   help="also profile SDT on its reference path with 'augmented' (the code before the fast path)")
+    p.add_argument("--steps", type=int, default=2, help="profiled steps per model")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--output", default=None, help="JSON with every op's time")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = profile_models(args.size, args.batch, args.backends, args.steps, args.warmup, args.mode, args.before)
+    table = format_profile(results, args.top)
+    env = bm.environment(torch.device("cpu"))
+    print(f"{env['device']} | {env['date_utc']} | torch {env['torch']} | commit {env['git_commit']} | "
+          f"{args.mode} step, {args.size}/2, batch {args.batch}, ms per step (self CPU time)")
+    print(table)
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump({"env": env, "command": "python " + " ".join(sys.argv), "settings": vars(args),
+                       "results": results, "table": table}, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()
