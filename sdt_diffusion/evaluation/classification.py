@@ -1,0 +1,553 @@
+"""Image-classification evaluation: top-1 / top-5 of a saved classifier with the standard evaluation transform.
+
+The transform is the one SDT-H's paper inherits from RMT (and DeiT, Swin): resize the short side to
+``resolution / 0.875`` (256 for 224) with bicubic interpolation, centre-crop ``resolution``, normalise with
+ImageNet's mean and std.  Data: an image folder with one sub-folder per class (ImageNet's ``train`` / ``val``
+layout) or a ``datasets`` folder written by ``save_to_disk`` with an image and a label column.  Models: a
+transformers folder (``save_pretrained``; SDT-H's or any ``AutoModelForImageClassification``), a timm folder
+(``timm.models.save_for_hf``: ``config.json`` with ``architecture``) or a timm weight file with its
+architecture named.
+
+The training loop (``sdt_diffusion.training.classifier_trainer``) evaluates with the same transform, reader and
+top-k counts, so a number it logs and a number ``eval/classify.py`` prints mean the same thing.  This module never
+imports training code.
+
+    python eval/classify.py runs/sdt-h-t/model /data/imagenet/val --output top1.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+from tqdm.auto import tqdm
+from transformers import AutoModelForImageClassification
+
+from ..models.sdt_h import IMAGENET_MEAN, IMAGENET_STD, SDT_H_PRESETS
+from ..utils.files import atomic_write_text
+from ..utils.optional import import_optional
+from ..utils.runtime import default_device
+
+__all__ = [
+    "DEFAULT_CROP_PCT",
+    "PAPER_TABLE1",
+    "ClassificationInputError",
+    "LabelledImages",
+    "LoadedClassifier",
+    "TransformedImages",
+    "check_classes",
+    "check_labels",
+    "classify",
+    "classify_main",
+    "count_topk",
+    "eval_transform",
+    "evaluate_classifier",
+    "find_unreadable_images",
+    "load_classifier",
+    "markdown_rows",
+    "open_labelled_images",
+    "preset_of",
+    "summarise",
+]
+
+DEFAULT_CROP_PCT = 0.875  # 224 / 256
+# Paper, Table 1 (ImageNet-1K, 224x224): parameters (M), GFLOPs, top-1 (%).
+PAPER_TABLE1: dict[str, dict[str, float]] = {
+    "SDT-H-T": {"params_m": 14, "gflops": 2.7, "top1": 82.7},
+    "SDT-H-S": {"params_m": 27, "gflops": 4.8, "top1": 84.2},
+    "SDT-H-B": {"params_m": 54, "gflops": 10.8, "top1": 85.1},
+}
+
+
+class ClassificationInputError(ValueError):
+    """Unusable evaluation input (data folder, dataset, labels, image, model folder); the message names it."""
+
+
+# ------------------------------------------------------------------------------------------- transform
+def eval_transform(resolution: int = 224, crop_pct: float = DEFAULT_CROP_PCT,
+                   mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                   interpolation: str = "bicubic") -> transforms.Compose:
+    """Resize the short side to ``floor(resolution / crop_pct)`` (256 for 224), centre-crop ``resolution``,
+    to a float tensor, normalise (RMT's and timm's evaluation transform)."""
+    if resolution <= 0 or not 0 < crop_pct <= 1:
+        raise ValueError(f"resolution must be > 0 and crop_pct in (0, 1], got {resolution} and {crop_pct}")
+    mode = transforms.InterpolationMode(interpolation)
+    return transforms.Compose([
+        transforms.Resize(math.floor(resolution / crop_pct), interpolation=mode),
+        transforms.CenterCrop(resolution),
+        transforms.ToTensor(),
+        transforms.Normalize(list(mean), list(std)),
+    ])
+
+
+# ------------------------------------------------------------------------------------------------ data
+def _visible(name: str) -> bool:
+    return not name.startswith((".", "__"))
+
+
+@dataclass
+class LabelledImages:
+    """Images and integer labels from an image folder or a saved dataset; images are decoded on access."""
+
+    description: str
+    labels: np.ndarray
+    class_names: list[str] | None
+    num_classes: int
+    root: bytes | None = None  # image folder: file-system root, and paths relative to it (compact, any bytes)
+    paths: np.ndarray | None = None
+    dataset: Any = None  # saved dataset: its image column, undecoded
+    image_column: str = "image"
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def where(self, index: int) -> str:
+        """The file (or dataset row) of item ``index``, for messages."""
+        if self.paths is not None:
+            return os.fsdecode(os.path.join(self.root, bytes(self.paths[index])))
+        return f"row {index} of {self.description}"
+
+    def image(self, index: int) -> Image.Image:
+        """Item ``index`` as an RGB PIL image.
+
+        Raises:
+            ClassificationInputError: the image cannot be decoded (the file or row named).
+        """
+        try:
+            if self.paths is not None:
+                image = Image.open(self.where(index))
+            else:
+                cell = self.dataset[int(index)][self.image_column]
+                if isinstance(cell, Image.Image):
+                    image = cell
+                elif isinstance(cell, dict) and cell.get("bytes") is not None:
+                    image = Image.open(io.BytesIO(cell["bytes"]))
+                elif isinstance(cell, dict) and cell.get("path"):
+                    image = Image.open(cell["path"])
+                else:
+                    image = Image.fromarray(np.asarray(cell))
+            image.load()
+            return image.convert("RGB")
+        except Exception as e:  # noqa: BLE001 - any decoder error, re-raised with the image named
+            raise ClassificationInputError(f"cannot read image {self.where(index)}: {type(e).__name__}: {e}") from e
+
+
+def _open_folder(root: Path) -> LabelledImages:
+    """One sub-folder per class (sorted names are the class ids), images at any depth below it."""
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and _visible(p.name))
+    if not classes:
+        raise ClassificationInputError(f"image folder {root}: expected one sub-folder per class, found none")
+    class_to_idx = {name: i for i, name in enumerate(classes)}
+    try:
+        items = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+    except OSError as e:
+        raise ClassificationInputError(f"image folder {root}: {e}") from None
+    items = [(p, c) for p, c in items if all(_visible(part) for part in Path(p).relative_to(root).parts)]
+    counts = np.bincount([c for _, c in items], minlength=len(classes))
+    empty = [classes[i] for i in np.flatnonzero(counts == 0)]
+    if empty:
+        shown = ", ".join(repr(n) for n in empty[:5]) + (" ..." if len(empty) > 5 else "")
+        raise ClassificationInputError(
+            f"image folder {root}: class folder(s) {shown} hold no images ({len(empty)} of {len(classes)}); class "
+            f"ids follow the folder listing, so remove the folder or add its images (extensions: "
+            f"{', '.join(IMG_EXTENSIONS)})")
+    rootb = os.fsencode(root)
+    paths = np.array([os.path.relpath(os.fsencode(p), rootb) for p, _ in items], dtype=np.bytes_)
+    labels = np.array([c for _, c in items], dtype=np.int64)
+    return LabelledImages(f"image folder {root}", labels, classes, len(classes), root=rootb, paths=paths)
+
+
+def _open_saved(path: Path, split: str | None, image_column: str, label_column: str) -> LabelledImages:
+    """A ``save_to_disk`` dataset (or one split of a ``DatasetDict``)."""
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:  # noqa: BLE001 - re-raised with the folder named
+        raise ClassificationInputError(f"{path}: neither an image folder with class sub-folders nor a dataset "
+                                       f"saved with save_to_disk ({type(e).__name__}: {e})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split is None:
+            raise ClassificationInputError(f"{path} holds the splits {list(ds)}; name one (--split)")
+        if split not in ds:
+            raise ClassificationInputError(f"{path}: no split {split!r} (splits: {list(ds)})")
+        ds = ds[split]
+    for col in (image_column, label_column):
+        if col not in ds.column_names:
+            raise ClassificationInputError(f"dataset {path}: no column {col!r}; columns: {ds.column_names}")
+    description = f"dataset {path}" + (f" split {split!r}" if split else "")
+    if len(ds) == 0:
+        raise ClassificationInputError(f"{description}: no rows")
+    feature = ds.features[label_column]
+    names = [str(n) for n in feature.names] if isinstance(feature, datasets.ClassLabel) else None
+    try:
+        labels = np.asarray(ds[label_column], dtype=np.int64)
+    except (TypeError, ValueError) as e:
+        raise ClassificationInputError(f"{description}: column {label_column!r} does not hold integer labels "
+                                       f"({e})") from None
+    num_classes = len(names) if names is not None else int(labels.max()) + 1
+    if isinstance(ds.features[image_column], datasets.Image):
+        ds = ds.cast_column(image_column, datasets.Image(decode=False))
+    images = LabelledImages(description, labels, names, num_classes, dataset=ds.select_columns([image_column]),
+                            image_column=image_column)
+    check_labels(images, num_classes, f"column {label_column!r}")
+    return images
+
+
+def open_labelled_images(path: str | os.PathLike, split: str | None = None, image_column: str = "image",
+                         label_column: str = "label") -> LabelledImages:
+    """An image folder (one sub-folder per class) or a ``save_to_disk`` dataset.
+
+    Raises:
+        ClassificationInputError: a missing folder, no class folders, an empty class, a missing split or column,
+            no rows, labels that are not integers in ``[0, classes)``.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise ClassificationInputError(f"{path}: not a directory (an image folder or a saved dataset)")
+    if (path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file():
+        return _open_saved(path, split, image_column, label_column)
+    return _open_folder(path)
+
+
+def check_labels(images: LabelledImages, num_classes: int, what: str = "labels") -> None:
+    """Every label must lie in ``[0, num_classes)``.
+
+    Raises:
+        ClassificationInputError: naming the first offending label and where it is.
+    """
+    bad = np.flatnonzero((images.labels < 0) | (images.labels >= num_classes))
+    if len(bad):
+        i = int(bad[0])
+        raise ClassificationInputError(
+            f"{images.description}: {what} {int(images.labels[i])} at {images.where(i)} is out of range for "
+            f"{num_classes} classes ({len(bad)} label(s) outside [0, {num_classes}))")
+
+
+def find_unreadable_images(images: LabelledImages, indices: Sequence[int] | None = None,
+                           progress: bool = False) -> list[str]:
+    """Decode every image of ``indices`` (default all); returns one message per image that fails, naming it."""
+    indices = range(len(images)) if indices is None else indices
+    problems = []
+    for i in tqdm(indices, desc="checking images", disable=not progress, dynamic_ncols=True):
+        try:
+            images.image(int(i))
+        except ClassificationInputError as e:
+            problems.append(str(e))
+    return problems
+
+
+class TransformedImages(Dataset):
+    """``(pixel_values, label)`` items of a :class:`LabelledImages` through ``transform``."""
+
+    def __init__(self, images: LabelledImages, transform: Callable[[Image.Image], torch.Tensor]) -> None:
+        self.images = images
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(self.images.image(index)), int(self.images.labels[index])
+
+
+# ------------------------------------------------------------------------------------------- counting
+def count_topk(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> list[int]:
+    """How many rows have their label among the ``k`` highest logits, for each ``k`` (capped at the classes)."""
+    k_max = min(max(ks), logits.shape[-1])
+    top = logits.topk(k_max, dim=-1).indices
+    hits = top.eq(labels[:, None])
+    return [int(hits[:, : min(k, k_max)].any(dim=-1).sum()) for k in ks]
+
+
+def evaluate_classifier(logits_fn: Callable[[torch.Tensor], torch.Tensor], dataset: Dataset, device: torch.device,
+                        batch_size: int = 256, num_workers: int = 4, indices: Sequence[int] | None = None,
+                        progress: bool = False, desc: str = "eval") -> torch.Tensor:
+    """Sums over ``dataset`` (or its ``indices``): a float64 tensor ``[images, top-1 hits, top-5 hits, summed
+    cross-entropy]`` on ``device``, ready for an all-reduce across processes."""
+    subset = dataset if indices is None else torch.utils.data.Subset(dataset, list(indices))
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    if len(subset) == 0:
+        return sums
+    loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        pin_memory=device.type == "cuda")
+    with torch.no_grad():
+        for pixels, labels in tqdm(loader, desc=desc, disable=not progress, dynamic_ncols=True):
+            pixels, labels = pixels.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            logits = logits_fn(pixels).float()
+            if logits.shape[-1] <= int(labels.max()):
+                raise ClassificationInputError(f"label {int(labels.max())} is out of range for a model with "
+                                               f"{logits.shape[-1]} classes")
+            top1, top5 = count_topk(logits, labels)
+            loss = torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
+            sums += torch.tensor([len(labels), top1, top5, loss.item()], dtype=torch.float64, device=device)
+    return sums
+
+
+def summarise(sums: torch.Tensor) -> dict[str, float]:
+    """``{"top1", "top5" (percent), "loss" (mean cross-entropy), "images"}`` from :func:`evaluate_classifier` sums."""
+    n, top1, top5, loss = (float(v) for v in sums.tolist())
+    n = max(n, 1.0)
+    return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "loss": loss / n, "images": int(sums[0].item())}
+
+
+# ------------------------------------------------------------------------------------------------ models
+def preset_of(sdt_h_kwargs: dict[str, Any]) -> str | None:
+    """The SDT-H preset whose architecture (widths, depths, heads, MLP ratios) the kwargs have, else ``None``."""
+    keys = ("embed_dims", "depths", "num_heads", "mlp_ratios")
+    for name, preset in SDT_H_PRESETS.items():
+        if all(k in sdt_h_kwargs and [float(v) for v in sdt_h_kwargs[k]] == [float(v) for v in preset[k]]
+               for k in keys):
+            return name
+    return None
+
+
+@dataclass
+class LoadedClassifier:
+    """A classifier ready to call on normalised pixels, with what its folder says about its inputs and classes."""
+
+    model: torch.nn.Module
+    kind: str  # "transformers" or "timm"
+    num_labels: int
+    id2label: dict[int, str] | None
+    resolution: int | None  # the input side its folder records (None: unknown)
+    crop_pct: float = DEFAULT_CROP_PCT
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    interpolation: str = "bicubic"
+    preset: str | None = None  # SDT-H-T / S / B when the architecture is a preset's
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def logits(self, pixels: torch.Tensor) -> torch.Tensor:
+        out = self.model(pixel_values=pixels) if self.kind == "transformers" else self.model(pixels)
+        return out.logits if hasattr(out, "logits") else out
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ClassificationInputError(f"{path}: not a readable JSON file ({e})") from None
+    if not isinstance(value, dict):
+        raise ClassificationInputError(f"{path}: expected a JSON object")
+    return value
+
+
+def _load_transformers(folder: Path, config: dict[str, Any]) -> LoadedClassifier:
+    model = AutoModelForImageClassification.from_pretrained(str(folder))
+    processor = folder / "preprocessor_config.json"
+    info: dict[str, Any] = {}
+    if processor.is_file():
+        p = _read_json(processor)
+        size = p.get("size") or {}
+        info["resolution"] = (size.get("shortest_edge") or size.get("height")) if isinstance(size, dict) else size
+        info["crop_pct"] = float(p.get("crop_pct") or DEFAULT_CROP_PCT)
+        if p.get("image_mean") and p.get("image_std"):
+            info["mean"], info["std"] = tuple(p["image_mean"]), tuple(p["image_std"])
+    id2label = {int(k): str(v) for k, v in (model.config.id2label or {}).items()}
+    preset = preset_of(config) if config.get("model_type") == "sdt_h" else None
+    return LoadedClassifier(model, "transformers", int(model.config.num_labels), id2label or None,
+                            info.pop("resolution", None), preset=preset, config=config, **info)
+
+
+def _timm_info(model: torch.nn.Module, kind_config: dict[str, Any]) -> dict[str, Any]:
+    data = import_optional("timm.data", "timm").resolve_data_config({}, model=model)
+    names = getattr(model, "pretrained_cfg", {}).get("label_names")
+    id2label = ({i: str(n) for i, n in enumerate(names)} if isinstance(names, (list, tuple))
+                else {int(k): str(v) for k, v in names.items()} if isinstance(names, dict) else None)
+    args = kind_config.get("model_args") or {}
+    return dict(id2label=id2label, resolution=int(data["input_size"][-1]), crop_pct=float(data["crop_pct"]),
+                mean=tuple(data["mean"]), std=tuple(data["std"]), interpolation=str(data["interpolation"]),
+                preset=preset_of({**_preset_defaults(kind_config.get("architecture")), **args}))
+
+
+def _preset_defaults(architecture: str | None) -> dict[str, Any]:
+    """The preset arguments behind a timm SDT-H name (``sdt_h_tiny`` ...), else nothing."""
+    names = {"sdt_h_tiny": "SDT-H-T", "sdt_h_small": "SDT-H-S", "sdt_h_base": "SDT-H-B"}
+    return dict(SDT_H_PRESETS[names[architecture]]) if architecture in names else {}
+
+
+def _load_timm_folder(folder: Path, config: dict[str, Any]) -> LoadedClassifier:
+    timm = import_optional("timm", "timm")
+    model = timm.create_model(f"local-dir:{folder}", pretrained=True)
+    return LoadedClassifier(model, "timm", int(model.num_classes), config=config, **_timm_info(model, config))
+
+
+def _load_timm_file(path: Path, arch: str, model_kwargs: dict[str, Any]) -> LoadedClassifier:
+    timm = import_optional("timm", "timm")
+    state = timm.models.load_state_dict(str(path), weights_only=True)  # never unpickles code
+    model = timm.create_model(arch, pretrained=False, num_classes=0, **model_kwargs)
+    classifier = model.pretrained_cfg.get("classifier")
+    weight = state.get(f"{classifier}.weight") if classifier else None
+    if weight is None:
+        raise ClassificationInputError(f"{path}: no {classifier}.weight (the classifier of timm's {arch})")
+    model.reset_classifier(int(weight.shape[0]))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        given = f"--model-kwargs {json.dumps(model_kwargs)}" if model_kwargs else "its default arguments"
+        raise ClassificationInputError(f"{path}: the weights do not fit timm's {arch} with {given}: "
+                                       f"{str(e).splitlines()[0]}") from None
+    config = {"architecture": arch, "model_args": model_kwargs}
+    return LoadedClassifier(model, "timm", int(model.num_classes), config=config, **_timm_info(model, config))
+
+
+def load_classifier(path: str | os.PathLike, arch: str | None = None,
+                    model_kwargs: dict[str, Any] | None = None) -> LoadedClassifier:
+    """A saved classifier in eval mode on the CPU.
+
+    ``path`` is a transformers folder (``config.json`` with ``model_type``), a timm folder (``config.json`` with
+    ``architecture``, as ``timm.models.save_for_hf`` writes), a folder holding a ``timm/`` sub-folder and nothing
+    else usable (then that), or a timm weight file (``.safetensors``, ``.pth``; ``arch`` names its timm model and
+    ``model_kwargs`` its arguments).  ``import sdt_diffusion`` registers SDT-H with both libraries.
+
+    Raises:
+        ClassificationInputError: nothing loadable at ``path``.
+    """
+    path = Path(path)
+    if path.is_file():
+        if not arch:
+            raise ClassificationInputError(f"{path} is a weight file: name its timm architecture (--arch, e.g. "
+                                           f"sdt_h_tiny) and any --model-kwargs")
+        loaded = _load_timm_file(path, arch, dict(model_kwargs or {}))
+    elif (path / "config.json").is_file():
+        config = _read_json(path / "config.json")
+        if "model_type" in config:
+            loaded = _load_transformers(path, config)
+        elif "architecture" in config:
+            loaded = _load_timm_folder(path, config)
+        else:
+            raise ClassificationInputError(f"{path / 'config.json'}: neither a transformers config (model_type) nor "
+                                           f"a timm config (architecture)")
+    elif (path / "timm" / "config.json").is_file():
+        return load_classifier(path / "timm")
+    else:
+        raise ClassificationInputError(f"{path}: no model here (expected a transformers or timm folder with "
+                                       f"config.json, or a weight file)")
+    loaded.model.eval()
+    return loaded
+
+
+def check_classes(model: LoadedClassifier, images: LabelledImages) -> None:
+    """The data's classes must fit the model's: labels below its class count and, where both name their classes
+    with the same names, in the same order.
+
+    Raises:
+        ClassificationInputError: more data classes than model classes, or the same names in another order.
+    """
+    check_labels(images, model.num_labels, "label")
+    names = images.class_names
+    model_names = [model.id2label[i] for i in range(model.num_labels)] if model.id2label else None
+    if names and model_names and len(names) == len(model_names) and set(names) == set(model_names) \
+            and names != model_names:
+        moved = next(i for i, (a, b) in enumerate(zip(names, model_names)) if a != b)
+        raise ClassificationInputError(
+            f"{images.description} orders its classes differently from the model: class {moved} is "
+            f"{names[moved]!r} in the data and {model_names[moved]!r} in the model")
+
+
+# ------------------------------------------------------------------------------------------------ report
+def markdown_rows(result: dict[str, Any]) -> str:
+    """A Markdown table: this evaluation's row, then the paper's Table 1 row for the same SDT-H size (if any)."""
+    head = "| model | resolution | images | top-1 (%) | top-5 (%) | params (M) | source |\n|---|---|---|---|---|---|---|\n"
+    name = result.get("preset") or "custom"
+    params = f"{result['params'] / 1e6:.2f}" if result.get("params") else "–"
+    row = (f"| {name} ({result['model']}) | {result['resolution']} | {result['images']} | {result['top1']:.2f} | "
+           f"{result['top5']:.2f} | {params} | this evaluation |\n")
+    paper = PAPER_TABLE1.get(result.get("preset") or "")
+    if paper:
+        row += (f"| {result['preset']} | 224 | 50000 (ImageNet-1K val) | {paper['top1']:.1f} | – | "
+                f"{paper['params_m']:g} | paper, Table 1 |\n")
+    return head + row
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="classify.py",
+        description="Top-1 / top-5 of a saved classifier (transformers or timm) on an image folder or a saved "
+                    "dataset, with the standard evaluation transform (resize 256 bicubic -> centre crop 224, "
+                    "ImageNet mean/std; sizes scale with --resolution).",
+    )
+    p.add_argument("model", help="transformers folder, timm folder, or timm weight file (with --arch)")
+    p.add_argument("data", help="image folder (one sub-folder per class) or a save_to_disk dataset")
+    p.add_argument("--split", default=None, help="split of a saved DatasetDict (e.g. validation)")
+    p.add_argument("--image-column", default="image")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="centre-crop side (default: the model folder's, else 224); the resize is resolution/0.875")
+    p.add_argument("--crop-pct", type=float, default=None, help="crop fraction (default: the model's, else 0.875)")
+    p.add_argument("--arch", default=None, help="timm architecture of a weight file (e.g. sdt_h_tiny)")
+    p.add_argument("--model-kwargs", default=None, help="JSON arguments of --arch (e.g. '{\"decay_modes\": ...}')")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--device", default=None, help="default: CUDA if available, else CPU")
+    p.add_argument("--check-images", action="store_true", help="decode every image before evaluating")
+    p.add_argument("--output", default=None, help="write the result as JSON here")
+    p.add_argument("--no-progress-bar", dest="progress_bar", action="store_false", default=True)
+    return p
+
+
+def classify(args: argparse.Namespace) -> dict[str, Any]:
+    """Evaluate ``args.model`` on ``args.data``; returns the JSON result (see :func:`classify_main`).
+
+    Raises:
+        ClassificationInputError: bad data, model or flags (before any image is classified).
+    """
+    if args.batch_size <= 0 or args.num_workers < 0:
+        raise ClassificationInputError(f"--batch-size must be > 0 and --num-workers >= 0, got {args.batch_size} "
+                                       f"and {args.num_workers}")
+    try:
+        kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    except json.JSONDecodeError as e:
+        raise ClassificationInputError(f"--model-kwargs is not JSON: {e}") from None
+    images = open_labelled_images(args.data, args.split, args.image_column, args.label_column)
+    loaded = load_classifier(args.model, args.arch, kwargs)
+    check_classes(loaded, images)
+    if args.check_images:
+        problems = find_unreadable_images(images, progress=args.progress_bar)
+        if problems:
+            raise ClassificationInputError(f"{len(problems)} unreadable image(s): " + "; ".join(problems[:5]))
+    resolution = args.resolution or loaded.resolution or 224
+    crop_pct = args.crop_pct or loaded.crop_pct
+    transform = eval_transform(resolution, crop_pct, loaded.mean, loaded.std, loaded.interpolation)
+    device = default_device(args.device)
+    model = loaded.model.to(device)
+    sums = evaluate_classifier(loaded.logits, TransformedImages(images, transform), device, args.batch_size,
+                               args.num_workers, progress=args.progress_bar, desc="classify")
+    result = {"model": str(args.model), "data": str(args.data), "kind": loaded.kind, "preset": loaded.preset,
+              "params": sum(p.numel() for p in model.parameters()), "resolution": resolution,
+              "resize": math.floor(resolution / crop_pct), "crop_pct": crop_pct, "num_classes": loaded.num_labels,
+              **summarise(sums)}
+    if loaded.preset in PAPER_TABLE1:
+        result["paper_table1"] = PAPER_TABLE1[loaded.preset]
+    result["markdown"] = markdown_rows(result)
+    return result
+
+
+def classify_main(argv: Sequence[str] | None = None) -> int:
+    """``eval/classify.py``: prints ``top-1`` / ``top-5`` and a Markdown row; exit 2 on bad input."""
+    args = build_parser().parse_args(argv)
+    try:
+        result = classify(args)
+    except ClassificationInputError as e:
+        print(f"classify.py: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    print(f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  ({result['images']} images, "
+          f"{result['resolution']}px, {result['kind']} model)")
+    print(result["markdown"], end="")
+    if args.output:
+        atomic_write_text(args.output, json.dumps(result, indent=2) + "\n")
+    return 0
