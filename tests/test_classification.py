@@ -1,0 +1,390 @@
+"""SDT-H classification training and evaluation: recipe, seeded augmentation, exact resume, 2 CPU processes, export
+(transformers, pipeline, timm), eval/classify.py, bad input, the ablation script (tiny models, a handful of steps)."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import timm
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from PIL import Image
+from transformers import pipeline
+
+from sdt_diffusion import SDTHForImageClassification
+from sdt_diffusion.evaluation.classification import (
+    classify_main,
+    count_topk,
+    eval_transform,
+    open_labelled_images,
+)
+from sdt_diffusion.training import classifier_trainer as T
+from sdt_diffusion.training.checkpointing import list_checkpoints
+from sdt_diffusion.training.classifier_config import (
+    AugmentSpec,
+    parse_args,
+    scaled_learning_rate,
+    settings_from_args,
+)
+from sdt_diffusion.training.classifier_data import (
+    AugmentedImages,
+    RepeatedAugmentSampler,
+    posterize_any_bits,
+    train_transform,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+CLASSES = ("apple", "banana", "cherry")
+TINY = json.dumps({"embed_dims": [16, 32, 32, 32], "depths": [1, 1, 1, 1], "num_heads": [1, 2, 2, 2],
+                   "mlp_ratios": [2, 2, 2, 2], "head_hidden_size": 32, "gate_rank": 2})
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    for k, v in OFFLINE.items():
+        monkeypatch.setenv(k, v)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread; several OpenMP threads on a busy CI machine mostly wait."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _write_folder(root: Path, per_class: int, seed: int, classes=CLASSES) -> None:
+    """32x32 RGB images, one colour and stripe direction per class, with noise."""
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            img = np.zeros((32, 32, 3))
+            img[..., c % 3] = 180
+            img[:: 2 + c] += 60
+            img = np.clip(img + rng.normal(0, 30, img.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(root / name / f"{i:03d}.png")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("classification_data")
+    _write_folder(root / "train", 8, 0)
+    _write_folder(root / "val", 3, 1)
+    return {"train": root / "train", "val": root / "val", "root": root}
+
+
+def _argv(data: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return ["--model-kwargs", TINY, "--data-dir", str(data["train"]), "--eval-data-dir", str(data["val"]),
+            "--resolution", "32", "--global-batch-size", "4", "--lr-base-batch", "4", "--repeated-aug", "1",
+            "--ema-decay", "0.9", "--num-workers", "0", "--log-every", "1", "--report-to", "none",
+            "--no-progress-bar", "--output-dir", str(out), *extra]
+
+
+def _reset_accelerate() -> None:
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def _train(argv: list[str], **kwargs) -> T.ClassifierResult:
+    try:
+        return T.train_classifier(parse_args(argv), **kwargs)
+    finally:
+        _reset_accelerate()
+
+
+def _main(argv: list[str]) -> int:
+    try:
+        return T.main(argv)
+    finally:
+        _reset_accelerate()
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ------------------------------------------------------------------------------------------------ recipe
+def test_recipe_defaults_are_the_papers(data, tmp_path):
+    s = settings_from_args(parse_args(["--data-dir", str(data["train"]), "--output-dir", str(tmp_path)]))
+    r, a = s.recipe, s.augment
+    assert (s.preset, s.resolution, s.global_batch_size) == ("SDT-H-T", 224, 1024)
+    assert (r.learning_rate, r.lr_base_batch, r.weight_decay, r.epochs, r.warmup_epochs) == (1e-3, 1024, 0.05, 300, 5)
+    assert (r.min_lr, r.warmup_lr, r.adam_eps, r.max_grad_norm, r.ema_decay) == (1e-5, 1e-6, 1e-8, None, 0.99996)
+    assert (a.auto_augment, a.color_jitter, a.reprob, a.remode, a.mixup, a.cutmix) == (
+        "rand-m9-mstd0.5-inc1", 0.4, 0.25, "pixel", 0.8, 1.0)
+    assert (a.mixup_switch_prob, a.smoothing, a.repeated_aug, a.interpolation, a.hflip) == (0.5, 0.1, 3, "bicubic", 0.5)
+    assert a.scale == (0.08, 1.0) and a.ratio == pytest.approx((3 / 4, 4 / 3))
+    assert scaled_learning_rate(1e-3, 256, 1024) == pytest.approx(2.5e-4)  # the linear scaling rule
+    for preset, rate in (("SDT-H-T", 0.1), ("SDT-H-S", 0.15), ("SDT-H-B", 0.4)):  # stochastic depth per size
+        s = settings_from_args(parse_args(["--data-dir", str(data["train"]), "--output-dir", str(tmp_path),
+                                           "--model", preset]))
+        assert T.resolve_model_config(s, 1000)["drop_path_rate"] == rate
+    s = settings_from_args(parse_args(["--data-dir", str(data["train"]), "--output-dir", str(tmp_path),
+                                       "--decay-modes", "fixed", "--alpha", "0.05"]))
+    assert s.model_kwargs == {"decay_modes": ("fixed",) * 4, "alpha": 0.05}
+
+
+def test_built_run_uses_the_recipe(data, tmp_path):
+    """Weight decay groups, lr schedule, Mixup + soft-target loss and timm's transform, on a planned tiny run."""
+    settings = settings_from_args(parse_args(_argv(data, tmp_path / "run", "--epochs", "4", "--warmup-epochs", "1",
+                                                   "--learning-rate", "2e-3", "--lr-base-batch", "8")))
+    accelerator = Accelerator(cpu=True)
+    try:
+        plan = T.plan_classifier_run(settings, accelerator)
+        core = T.build_core(settings, plan, accelerator)
+    finally:
+        _reset_accelerate()
+    assert (plan.steps_per_epoch, plan.total_steps, plan.warmup_steps) == (6, 24, 6)
+    assert plan.learning_rate == pytest.approx(1e-3)  # 2e-3 x 4 / 8
+    names = {id(p): n for n, p in core.unwrapped.named_parameters()}
+    no_decay, decay = core.optimizer.param_groups
+    assert no_decay["weight_decay"] == 0 and decay["weight_decay"] == 0.05
+    assert all(p.ndim <= 1 or names[id(p)].endswith(".bias") for p in no_decay["params"])
+    assert all(p.ndim >= 2 for p in decay["params"]) and len(no_decay["params"]) + len(decay["params"]) == len(names)
+    lrs = []
+    for step in (0, 3, 6, 15, 23):
+        core.scheduler.step_update(step)
+        lrs.append(core.optimizer.param_groups[0]["lr"])
+    assert lrs[0] == pytest.approx(1e-6) and lrs[1] == pytest.approx((1e-6 + 1e-3) / 2, rel=1e-3)  # linear warm-up
+    assert lrs[2] == pytest.approx(1e-3) and lrs[2] > lrs[3] > lrs[4] > 1e-5  # cosine from the peak towards 1e-5
+    assert type(core.criterion).__name__ == "SoftTargetCrossEntropy" and core.mixup.mixup_alpha == 0.8
+    assert core.mixup.cutmix_alpha == 1.0 and core.mixup.label_smoothing == 0.1
+    text = repr(train_transform(32, settings.augment))
+    for part in ("RandomResizedCrop", "bicubic", "PosterizeIncreasing", "m=9, mstd=0.5", "RandomErasing(p=0.25, "
+                 "mode=pixel"):
+        assert part in text
+    assert len(core.ema.shadow) > len(names)  # parameters and BatchNorm statistics
+
+
+def test_augmentation_is_a_function_of_seed_epoch_and_image(data):
+    images = open_labelled_images(data["train"])
+    ds = AugmentedImages(images, train_transform(32, AugmentSpec()), seed=3)
+    before = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    a, b = ds[(5, 0, 0)], ds[(5, 0, 0)]
+    assert torch.equal(a["pixel_values"], b["pixel_values"]) and a["labels"] == b["labels"] == images.labels[5]
+    assert not torch.equal(a["pixel_values"], ds[(5, 1, 0)]["pixel_values"])  # another epoch, another draw
+    assert not torch.equal(a["pixel_values"], ds[(5, 0, 1)]["pixel_values"])  # a repeated copy, another draw
+    assert torch.equal(torch.get_rng_state(), before[0]) and np.array_equal(np.random.get_state()[1], before[1])
+    assert random.getstate() == before[2]  # the global generators are untouched
+    # repeated augmentation: as long as an epoch without it; the copies of an image go to different processes
+    keys = [RepeatedAugmentSampler(24, 3, rank, seed=0, repeats=3).epoch_keys(4) for rank in range(3)]
+    assert [len(k) for k in keys] == [8, 8, 8] and all(e == 4 for k in keys for _, e, _ in k)
+    for k in keys:
+        assert len({i for i, _, _ in k}) == 8  # no image twice on one process
+    assert RepeatedAugmentSampler(24, 1, 0, seed=0).epoch_keys(0) == [(i, 0, 0) for i in np.random.default_rng(
+        [0, 0]).permutation(24).tolist()]
+    grey = Image.new("RGB", (4, 4), (200, 100, 50))  # timm asks for 0 bits at magnitude 10: black, as old Pillow
+    assert np.asarray(posterize_any_bits(grey, 0)).max() == 0
+    assert np.asarray(posterize_any_bits(grey, 1)).tolist()[0][0] == [128, 0, 0]
+
+
+def test_topk_and_eval_transform():
+    logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.05], [0.2, 0.3, 0.5]])
+    assert count_topk(logits, torch.tensor([1, 1, 0]), (1, 2, 5)) == [1, 2, 3]
+    t = eval_transform(224)
+    assert t.transforms[0].size == 256 and t.transforms[1].size == (224, 224)  # resize 256 -> crop 224
+    assert eval_transform(32).transforms[0].size == 36 and str(t.transforms[0].interpolation.value) == "bicubic"
+
+
+# ------------------------------------------------------------------------------ run, resume, export, eval
+def test_resume_after_sigterm_matches_an_uninterrupted_run_and_the_export_loads(data, tmp_path):
+    common = ("--max-steps", "8", "--checkpoint-every", "4")  # 6 steps per epoch: evaluations at 6 and 8
+    straight = tmp_path / "straight"
+    result = _train(_argv(data, straight, *common))
+    assert result.step == 8 and (straight / "training_done.json").is_file()
+
+    part, sent = tmp_path / "part", []
+
+    def sigterm_in_step_3(step, loss):
+        if step == 3 and not sent:
+            sent.append(step)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss
+
+    result = _train(_argv(data, part, *common), loss_hook=sigterm_in_step_3)
+    assert result.stopped_by_signal and result.step == 3 and not (part / "model").exists()
+    assert [p.name for _, p in list_checkpoints(part)] == ["checkpoint-3"]
+    result = _train(_argv(data, part, *common, "--resume", "latest"))
+    assert result.step == 8 and not result.stopped_by_signal
+
+    def curve(out):
+        return [{k: v for k, v in r.items() if k not in ("time", "images_per_s")} for r in _metrics(out)]
+
+    assert curve(part) == curve(straight)  # the same losses, lr and evaluations, step by step
+    evals = [r for r in _metrics(straight) if "eval_top1" in r]
+    assert [r["step"] for r in evals] == [6, 8]
+    for name in ("model.safetensors", "ema.safetensors", "optimizer.safetensors"):
+        assert (part / "checkpoint-8" / name).read_bytes() == (straight / "checkpoint-8" / name).read_bytes(), name
+    assert _hashes(part / "model") == _hashes(straight / "model") and _hashes(part / "best") == _hashes(straight / "best")
+    assert _train(_argv(data, part, *common, "--resume", "latest")).step == 8  # finished: nothing to do
+
+    # the export: transformers folder with the class names, pipeline, timm format; all the same weights
+    model_dir = straight / "model"
+    hf = SDTHForImageClassification.from_pretrained(model_dir).eval()
+    assert hf.config.id2label == dict(enumerate(CLASSES))
+    tm = timm.create_model(f"local-dir:{model_dir / 'timm'}", pretrained=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(hf(pixel_values=x).logits, tm(x), atol=1e-5)
+    image = Image.open(next((data["val"] / "banana").iterdir()))
+    predictions = pipeline("image-classification", model=str(model_dir))(image)
+    assert {p["label"] for p in predictions} == set(CLASSES)
+    summary = json.loads((model_dir / "training_summary.json").read_text())
+    best = json.loads((straight / "best" / "best.json").read_text())
+    assert summary["weights"] == best["weights"] and best["top1"] == max(
+        max(r["eval_top1"], r["eval_top1_ema"]) for r in evals)
+
+    # eval/classify.py gives the trainer's number for the exported (best) weights, from both formats
+    for folder in (model_dir, model_dir / "timm"):
+        out_json = tmp_path / f"{folder.name}.json"
+        assert classify_main([str(folder), str(data["val"]), "--num-workers", "0", "--no-progress-bar",
+                              "--output", str(out_json)]) == 0
+        result = json.loads(out_json.read_text())
+        assert result["top1"] == pytest.approx(best["top1"]) and result["top5"] == pytest.approx(best["top5"])
+        assert result["resolution"] == 32 and result["images"] == 9 and "| custom" in result["markdown"]
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(data, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    _train(_argv(data, out, "--max-steps", "2", "--checkpoint-every", "2"))
+    before = _hashes(out / "checkpoint-2")
+
+    def nan_at_step_3(step, loss):
+        return loss * float("nan") if step == 3 else loss
+
+    argv = _argv(data, out, "--max-steps", "5", "--checkpoint-every", "1", "--resume", "latest")
+    monkeypatch.setattr(T, "train_classifier", functools.partial(T.train_classifier, loss_hook=nan_at_step_3))
+    assert _main(argv) == 1
+    err = capsys.readouterr().err
+    assert "non-finite training loss nan at step 3" in err and "checkpoint-2" in err, err
+    assert [p.name for _, p in list_checkpoints(out)] == ["checkpoint-2"] and _hashes(out / "checkpoint-2") == before
+
+
+# ------------------------------------------------------------------------------------------- bad input
+def _bad_case(case: str, data: dict[str, Path], tmp: Path) -> tuple[list[str], str]:
+    """Flags for a bad-input case and the text its error must contain."""
+    if case == "no classes":
+        (tmp / "flat").mkdir()
+        Image.new("RGB", (32, 32)).save(tmp / "flat" / "a.png")
+        return ["--data-dir", str(tmp / "flat")], "found none"
+    if case == "empty class":
+        _write_folder(tmp / "d", 2, 0)
+        (tmp / "d" / "durian").mkdir()
+        return ["--data-dir", str(tmp / "d")], "'durian' hold no images"
+    if case == "corrupt image":
+        _write_folder(tmp / "d", 2, 0)
+        (tmp / "d" / "apple" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+        return ["--data-dir", str(tmp / "d")], str(tmp / "d" / "apple" / "broken.png")
+    if case == "eval classes differ":
+        _write_folder(tmp / "v", 1, 0, classes=("apple", "banana", "kiwi"))
+        return ["--eval-data-dir", str(tmp / "v")], "classes in only one of them: ['cherry', 'kiwi']"
+    if case == "eval label out of range":
+        ds = datasets.Dataset.from_dict({"image": [Image.new("RGB", (32, 32))] * 2, "label": [0, 7]},
+                                        features=datasets.Features({"image": datasets.Image(),
+                                                                    "label": datasets.Value("int64")}))
+        ds.save_to_disk(str(tmp / "ds"))
+        return ["--eval-dataset", str(tmp / "ds")], "label 7 at row 1"
+    if case == "odd batch with mixup":
+        return ["--global-batch-size", "3"], "must be even"
+    if case == "resume without checkpoints":
+        return ["--resume", "latest"], "no complete checkpoint"
+    if case == "unknown decay mode":
+        return ["--decay-modes", "cdsf,cdfs,cdsf,cdsf"], "stage 2"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["no classes", "empty class", "corrupt image", "eval classes differ",
+                                  "eval label out of range", "odd batch with mixup", "resume without checkpoints",
+                                  "unknown decay mode"])
+def test_bad_input_fails_before_any_compute(case, data, tmp_path, capsys):
+    extra, message = _bad_case(case, data, tmp_path)
+    out = tmp_path / "out"
+    argv = _argv(data, out, "--max-steps", "1")
+    for flag in ("--data-dir", "--eval-data-dir"):  # a case's own data replaces the default
+        if flag in extra or (flag == "--eval-data-dir" and "--eval-dataset" in extra):
+            i = argv.index(flag)
+            del argv[i:i + 2]
+    assert _main(argv + extra) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert not list(out.glob("checkpoint-*"))
+
+
+def test_classify_script_errors(data, tmp_path, capsys):
+    _write_folder(tmp_path / "d", 1, 0)
+    (tmp_path / "d" / "empty").mkdir()
+    assert classify_main([str(tmp_path / "nothing"), str(data["val"])]) == 2
+    assert "no model here" in capsys.readouterr().err
+    assert classify_main([str(tmp_path), str(tmp_path / "d")]) == 2
+    assert "'empty' hold no images" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ processes, ablation
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--main_process_port", str(_free_port()),
+           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *args]
+    env = {**os.environ, **OFFLINE, "PYTHONPATH": str(REPO)}
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_two_cpu_processes_train_evaluate_and_export(data, tmp_path):
+    script = str(REPO / "training" / "train_classifier.py")
+    bad = _launch([script, *_argv(data, tmp_path / "bad", "--global-batch-size", "5", "--max-steps", "1")])
+    assert bad.returncode != 0 and "not divisible by the 2 processes" in bad.stderr, bad.stderr[-2000:]
+    out = tmp_path / "ddp"
+    proc = _launch([script, *_argv(data, out, "--max-steps", "3", "--checkpoint-every", "2")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = json.loads((out / "checkpoint-3" / "training_state.json").read_text())
+    assert (state["num_processes"], state["per_device_batch"], state["grad_accum"]) == (2, 2, 1)
+    assert sorted(p.name for p in (out / "checkpoint-3").glob("rng_state_rank*")) == [
+        "rng_state_rank00000.safetensors", "rng_state_rank00001.safetensors"]
+    final = [r for r in _metrics(out) if "eval_top1" in r][-1]
+    assert final["step"] == 3 and final["eval_images"] == 9  # every validation image once, split over 2 processes
+    assert (out / "model" / "model.safetensors").is_file() and (out / "model" / "timm" / "config.json").is_file()
+
+
+def test_ablation_script_at_a_tiny_budget(data, tmp_path):
+    out = tmp_path / "ablation"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "ablation_classification.py"), "--data-dir", str(data["train"]),
+           "--eval-data-dir", str(data["val"]), "--modes", "none", "cdsf", "--seeds", "0", "1",
+           "--output-dir", str(out), "--train-args",
+           f"--model-kwargs '{TINY}' --resolution 32 --global-batch-size 4 --max-steps 2 --num-workers 0 "
+           f"--repeated-aug 1 --report-to none --no-progress-bar"]
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **OFFLINE, "PYTHONPATH": str(REPO)}, capture_output=True,
+                          text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert sorted(results["modes"]) == ["cdsf", "none"]
+    for mode in ("none", "cdsf"):
+        runs = results["modes"][mode]["runs"]
+        assert [r["seed"] for r in runs] == [0, 1] and all(0 <= r["final_top1"] <= 100 for r in runs)
+    table = (out / "results.md").read_text()
+    assert "| none |" in table and "| cdsf |" in table and "±" in table
+    assert proc.stdout.count("| cdsf |") == 1
