@@ -378,3 +378,51 @@ def test_default_weights_come_from_torch_fidelity_url_without_unpickling(weights
     assert seen["weights_only"] is True and seen["check_hash"] is True
     assert model.weights_source == seen["url"]
     assert model.weights_id == inception.weights_id  # the cache key uses the weights' content, not their path
+
+
+def test_damaged_files_are_named_before_any_features(sets, tmp_path, monkeypatch):
+    # an image inside a folder whose header reads but whose data does not decode: named, with or without workers
+    folder = write_folder(sets.c, tmp_path / "folder")
+    bad = folder / "sub" / "004.png"
+    bad.write_bytes(bad.read_bytes()[:-60])
+    source = open_images(folder)  # the header is fine
+    for workers in (0, 2):
+        with pytest.raises(EvaluationInputError, match="004.png: cannot decode image"):
+            list(source.batches(2, num_workers=workers))
+    # one flipped bit inside an npz's images: the zip checksum fails when the file is opened
+    flipped = tmp_path / "flipped.npz"
+    blob = bytearray(sets.a_npz.read_bytes())
+    blob[len(blob) // 2] ^= 0x08
+    flipped.write_bytes(bytes(blob))
+    with pytest.raises(EvaluationInputError, match="flipped.npz: 'arr_0' is damaged"):
+        open_images(flipped)
+    # file names that are not UTF-8: read, hashed (the reference cache key) and printable
+    odd = tmp_path / os.fsdecode(b"odd\xff")
+    write_folder(sets.c, odd)
+    assert open_images(odd).content_hash() and open_images(odd).count == N_SMALL
+    assert "\\xff" in evaluate_module._printable(str(odd))
+
+
+def test_cli_checks_output_first_and_prints_the_table_before_writing(sets, tmp_path, monkeypatch, capsys):
+    (tmp_path / "file").write_text("x")
+
+    def never(*args, **kwargs):
+        raise AssertionError("features were computed before --output was checked")
+
+    with monkeypatch.context() as m:
+        m.setattr(evaluate_module, "compute_metrics", never)
+        with pytest.raises(SystemExit) as e:
+            evaluate_main([str(sets.c_npz), str(sets.d_npz), "--output", str(tmp_path / "file" / "r.json")])
+        assert e.value.code == 2 and "is a file, not a folder" in capsys.readouterr().err
+
+    def refuse(path, text):
+        raise OSError("disk full")
+
+    numbers = dict.fromkeys(("sfid", "precision", "recall"), None) | {"fid": 12.5, "inception_score": 3.25}
+    monkeypatch.setattr(evaluate_module, "compute_metrics", lambda *a, **k: dict(numbers))  # the numbers only
+    monkeypatch.setattr(evaluate_module, "atomic_write_text", refuse)
+    with pytest.raises(SystemExit) as e:
+        evaluate_main([str(sets.c_npz), str(sets.d_npz), "--output", str(tmp_path / "r.json"), "--quiet"])
+    captured = capsys.readouterr()
+    assert e.value.code == 1 and "disk full" in captured.err
+    assert "| c.npz | 12.50 | – | 3.25 | – | – |" in captured.out  # printed before the write failed

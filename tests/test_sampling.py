@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -164,3 +165,95 @@ def test_evaluation_never_imports_training():
                          env={**os.environ, "PYTHONPATH": str(REPO)})
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == "[]"
+
+
+# --------------------------------------------------------------------------------------- crash and resume
+def _settings(pipeline: Path, output: Path) -> SamplingSettings:
+    return SamplingSettings(pipeline=str(pipeline), output=str(output), num_samples=7, per_device_batch=2,
+                            guidance_scale=2.0, steps=2, seed=3)
+
+
+def test_killed_sampling_resumes_to_the_same_bytes_and_never_mixes_pipelines(pipeline_dir, tmp_path, capsys):
+    reference = _in_process(_settings(pipeline_dir, tmp_path / "ref.npz"))
+    # kill -9 right after the second chunk is on disk (in a child process, as a crash would)
+    out = tmp_path / "s.npz"
+    s = _settings(pipeline_dir, out)
+    code = (f"import os, signal, torch\ntorch.set_num_threads({torch.get_num_threads()})\n"
+            "from sdt_diffusion.evaluation import sampling\nreal = sampling._atomic_savez\ncalls = []\n"
+            "def save_then_die(path, **arrays):\n    real(path, **arrays)\n    calls.append(path)\n"
+            "    if len(calls) == 2:\n        os.kill(os.getpid(), signal.SIGKILL)\n"
+            "sampling._atomic_savez = save_then_die\n"
+            f"sampling.main(['--pipeline', {s.pipeline!r}, '--output', {s.output!r}, '--num-samples', '7', "
+            "'--per-device-batch', '2', '--guidance-scale', '2.0', '--steps', '2', '--seed', '3'])\n")
+    child = subprocess.run([sys.executable, "-c", code], env={**os.environ, "HF_HUB_OFFLINE": "1",
+                           "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
+    assert child.returncode == -9, child.stderr[-3000:]
+    assert len(list(sampling.shard_dir(out).glob("chunk-*.npz"))) == 2 and not out.exists()
+
+    # the pipeline re-exported (other weights) between the crash and the rerun: refused, not mixed
+    moved = tmp_path / "pipeline"
+    shutil.copytree(pipeline_dir, moved)
+    s_moved = _settings(moved, out)
+    weights = next((moved / "transformer").glob("*.safetensors"))
+    blob = bytearray(weights.read_bytes())
+    blob[-3] ^= 0x01
+    weights.write_bytes(bytes(blob))
+    with pytest.raises(sampling.SettingsMismatchError, match="another pipeline"):
+        _in_process(s_moved)
+
+    # the same command again: the npz is byte-identical to the uninterrupted run's (a moved but unchanged copy
+    # of the pipeline counts as the same pipeline)
+    shutil.rmtree(moved)
+    shutil.copytree(pipeline_dir, moved)
+    assert _in_process(s_moved) == out
+    assert out.read_bytes() == reference.read_bytes()
+
+    # a damaged chunk is named and deleted at assembly; the same command then redoes it
+    chunk = sampling.chunk_path(out, 1)
+    blob = bytearray(chunk.read_bytes())
+    blob[len(blob) // 3] ^= 0x40  # inside the images: the indices still read, the zip checksum does not
+    chunk.write_bytes(bytes(blob))
+    out.unlink()
+    with pytest.raises(sampling.DamagedChunkError, match=f"chunk 1 \\({chunk}\\) is damaged"):
+        _in_process(s)
+    assert not chunk.exists()
+    assert _in_process(s) == out and out.read_bytes() == reference.read_bytes()
+
+    # shards without their settings.json cannot be matched to anything: refused
+    (sampling.shard_dir(out) / "settings.json").unlink()
+    with pytest.raises(sampling.SettingsMismatchError, match="no settings.json"):
+        _in_process(s)
+
+
+def test_bad_sampling_flags_and_outputs_fail_before_sampling(pipeline_dir, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    base = ["--pipeline", str(pipeline_dir), "--num-samples", "2", "--steps", "1"]
+    for extra, message in ((["--seed", "-1", "--output", str(tmp_path / "a.npz")], "--seed must lie in"),
+                           (["--guidance-scale", "nan", "--output", str(tmp_path / "a.npz")], "--guidance-scale must"),
+                           (["--output", str(tmp_path / "file" / "a.npz")], "is a file, not a folder")):
+        with pytest.raises(SystemExit) as e:
+            _main([*base, *extra])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and "Traceback" not in err, err
+    assert not list(tmp_path.glob("*.shards"))
+    broken = tmp_path / "broken"
+    shutil.copytree(pipeline_dir, broken)
+    weights = next((broken / "transformer").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert _main([*base, "--pipeline", str(broken), "--output", str(tmp_path / "b.npz")]) == 2
+    assert f"cannot load the pipeline in {broken}" in capsys.readouterr().err
+
+
+def test_sdt_sample_checks_its_output_before_sampling(pipeline_dir, tmp_path, monkeypatch, capsys):
+    from sdt_diffusion.tools import cli
+
+    def never(*args, **kwargs):
+        raise AssertionError("the pipeline was loaded before --out was checked")
+
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setattr(cli.SDTPipeline, "from_pretrained", never)
+    for out, message in ((tmp_path / "file" / "grid.png", "is a file, not a folder"),
+                         (tmp_path / "grid.xyz", "not an image file name")):
+        with pytest.raises(SystemExit) as e:
+            cli.sample_main(["--pipeline", str(pipeline_dir), "--classes", "0", "--out", str(out)])
+        assert e.value.code == 2 and message in capsys.readouterr().err

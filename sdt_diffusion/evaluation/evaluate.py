@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..utils.files import atomic_write_text
+from ..utils.files import atomic_write_text, check_writable
 from ..utils.optional import import_optional
 from ..utils.runtime import default_device
 from .formulas import feature_statistics, frechet_distance, inception_score, precision_recall
@@ -291,6 +291,11 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     if not metrics or set(metrics) - set(ALL_METRICS):
         parser.error(f"--metrics must be a comma-separated subset of {','.join(ALL_METRICS)}")
+    if args.output is not None:
+        try:
+            check_writable(args.output)  # before hours of Inception features, not after
+        except OSError as e:
+            parser.error(f"--output {_printable(str(e))}")
     try:
         result = compute_metrics(
             args.samples, args.reference, inception_weights=args.inception_weights, device=args.device,
@@ -299,12 +304,20 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
             progress=not args.quiet,
         )
     except EvaluationInputError as e:
-        parser.exit(2, f"{parser.prog}: error: {e}\n")
-    name = args.name or Path(args.samples).name
+        parser.exit(2, f"{parser.prog}: error: {_printable(str(e))}\n")
+    name = _printable(args.name or Path(args.samples).name)
     result["name"] = name
+    print(format_markdown_table(result, name, args.compare), flush=True)  # first: the numbers are never lost
     if args.output is not None:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(args.output, json.dumps(result, indent=2) + "\n")
+        try:
+            atomic_write_text(args.output, json.dumps(result, indent=2) + "\n")
+        except OSError as e:
+            parser.exit(1, f"{parser.prog}: error: cannot write --output {args.output} ({e}); the table above "
+                           f"holds the numbers\n")
         logger.info("wrote %s", args.output)
-    print(format_markdown_table(result, name, args.compare))
     return 0
+
+
+def _printable(text: str) -> str:
+    """``text`` with undecodable file-name bytes shown as ``\\xNN`` (printing them would fail)."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import zipfile
+import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -115,8 +116,13 @@ class NpzImages(ImageSource):
                     )
                 with zf.open(member) as fp:
                     header = _read_npy_header(fp)
+        except EvaluationInputError:
+            raise
         except zipfile.BadZipFile as e:
             raise EvaluationInputError(f"{self.path}: not a valid .npz file ({e})") from e
+        except (OSError, ValueError, EOFError, zlib.error) as e:  # a truncated or damaged header
+            raise EvaluationInputError(f"{self.path}: cannot read '{key}' ({type(e).__name__}: {e})") from e
+        self._check_integrity(member)
         if header is None:  # unusual npy version: fall back to numpy's reader
             with np.load(self.path, allow_pickle=False) as npz:
                 arr = npz[key]
@@ -124,6 +130,16 @@ class NpzImages(ImageSource):
         shape, self._fortran, dtype = header
         check_image_array_shape(shape, dtype, f"{self.path} ['{key}']", peek=self._peek)
         self.count, self.height, self.width = int(shape[0]), int(shape[1]), int(shape[2])
+
+    def _check_integrity(self, member: str) -> None:
+        """Read ``member`` through once so the zip CRC is checked: a flipped bit is found before any compute."""
+        try:
+            with zipfile.ZipFile(self.path) as zf, zf.open(member) as fp:
+                while fp.read(1 << 24):
+                    pass
+        except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
+            raise EvaluationInputError(f"{self.path}: '{self.key}' is damaged ({type(e).__name__}: {e}); the file "
+                                       f"was altered or truncated after it was written") from e
 
     def _peek(self, n: int = 8) -> np.ndarray:
         """The first ``n`` entries of the array, whatever their dtype (for error messages)."""
@@ -143,20 +159,22 @@ class NpzImages(ImageSource):
                 yield arr[i : i + batch_size]
             return
         image_bytes = self.height * self.width * 3
-        with zipfile.ZipFile(self.path) as zf, zf.open(f"{self.key}.npy") as fp:
-            _read_npy_header(fp)
-            for i in range(0, self.count, batch_size):
-                n = min(batch_size, self.count - i)
-                batch = np.empty((n, self.height, self.width, 3), dtype=np.uint8)
-                view, filled = memoryview(batch).cast("B"), 0
-                while filled < n * image_bytes:
-                    got = fp.readinto(view[filled:])
-                    if not got:
-                        raise EvaluationInputError(
-                            f"{self.path}: '{self.key}' is truncated (ends inside image {i + filled // image_bytes})"
-                        )
-                    filled += got
-                yield batch
+        try:
+            with zipfile.ZipFile(self.path) as zf, zf.open(f"{self.key}.npy") as fp:
+                _read_npy_header(fp)
+                for i in range(0, self.count, batch_size):
+                    n = min(batch_size, self.count - i)
+                    batch = np.empty((n, self.height, self.width, 3), dtype=np.uint8)
+                    view, filled = memoryview(batch).cast("B"), 0
+                    while filled < n * image_bytes:
+                        got = fp.readinto(view[filled:])
+                        if not got:
+                            raise EvaluationInputError(f"{self.path}: '{self.key}' is truncated (ends inside image "
+                                                       f"{i + filled // image_bytes})")
+                        filled += got
+                    yield batch
+        except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:  # changed since it was opened
+            raise EvaluationInputError(f"{self.path}: '{self.key}' is damaged ({type(e).__name__}: {e})") from e
 
     def content_hash(self) -> str:
         return sha256_file(self.path)
@@ -187,18 +205,29 @@ _EIGHT_BIT_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "Y
 
 
 class _FolderDataset(torch.utils.data.Dataset):
+    """Decoded images of a folder; a file that cannot be decoded gives ``(None, message naming it)`` rather than an
+    exception, so the message survives data-loader worker processes intact."""
+
     def __init__(self, files: list[Path], size: tuple[int, int]) -> None:
         self.files, self.size = files, size
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int) -> np.ndarray:
+    def __getitem__(self, i: int) -> tuple[np.ndarray | None, str | None]:
         path = self.files[i]
-        with Image.open(path) as im:
-            if im.size != self.size:
-                raise EvaluationInputError(f"{path}: image size {im.size} differs from the folder's {self.size}")
-            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+        try:
+            with Image.open(path) as im:
+                if im.size != self.size:
+                    return None, f"{path}: image size {im.size} differs from the folder's {self.size}"
+                return np.asarray(im.convert("RGB"), dtype=np.uint8), None
+        except Exception as e:  # noqa: BLE001 - truncated or corrupt image data: reported with the file named
+            return None, f"{path}: cannot decode image ({type(e).__name__}: {e})"
+
+
+def _stack_or_error(items: list[tuple[np.ndarray | None, str | None]]) -> tuple[np.ndarray | None, str | None]:
+    errors = [e for _, e in items if e is not None]
+    return (None, errors[0]) if errors else (np.stack([a for a, _ in items]), None)
 
 
 class FolderImages(ImageSource):
@@ -236,18 +265,21 @@ class FolderImages(ImageSource):
     def batches(self, batch_size: int, num_workers: int = 0) -> Iterator[np.ndarray]:
         dataset = _FolderDataset(self.files, self.size)
         if num_workers <= 0:
-            for i in range(0, self.count, batch_size):
-                yield np.stack([dataset[j] for j in range(i, min(i + batch_size, self.count))])
-            return
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=np.stack
-        )
-        yield from loader
+            loaded: Iterator[tuple[np.ndarray | None, str | None]] = (
+                _stack_or_error([dataset[j] for j in range(i, min(i + batch_size, self.count))])
+                for i in range(0, self.count, batch_size))
+        else:
+            loaded = iter(torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                                      num_workers=num_workers, collate_fn=_stack_or_error))
+        for batch, error in loaded:
+            if error is not None:
+                raise EvaluationInputError(error)
+            yield batch
 
     def content_hash(self) -> str:
         h = hashlib.sha256()
         for f in self.files:
-            rel = f.relative_to(self.path).as_posix().encode()
+            rel = f.relative_to(self.path).as_posix().encode("utf-8", "surrogateescape")  # any file name
             h.update(len(rel).to_bytes(8, "little") + rel + f.stat().st_size.to_bytes(8, "little"))
             h.update(f.read_bytes())  # one image file at a time: small
         return h.hexdigest()

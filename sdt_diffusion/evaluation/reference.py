@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,8 +71,8 @@ def open_reference(source: str | Path | np.ndarray | ImageSource) -> Reference:
                 with np.load(path, allow_pickle=False) as npz:
                     names = set(npz.files)
                     stats = {k: np.asarray(npz[k]) for k in STAT_KEYS if k in names}
-            except (zipfile.BadZipFile, ValueError, OSError) as e:
-                raise EvaluationInputError(f"{path}: cannot read the reference npz ({e})") from e
+            except (zipfile.BadZipFile, ValueError, OSError, EOFError, zlib.error) as e:
+                raise EvaluationInputError(f"{path}: cannot read the reference npz ({type(e).__name__}: {e})") from e
             _check_stats(stats, str(path))
             images = NpzImages(path) if "arr_0" in names else None
             if images is None and not stats:
@@ -97,7 +98,7 @@ def _load_cached(path: Path, key: str, count: int) -> dict[str, np.ndarray] | No
         with np.load(path, allow_pickle=False) as npz:
             cached = {k: npz[k] for k in ("pool", *STAT_KEYS)}
             stored_key = str(npz["key"])
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         logger.warning("ignoring unreadable reference cache %s (%s)", path, e)
         return None
     if stored_key != key or cached["pool"].shape != (count, POOL_DIM):
@@ -107,10 +108,15 @@ def _load_cached(path: Path, key: str, count: int) -> dict[str, np.ndarray] | No
 
 
 def _save_cache(path: Path, key: str, features: dict[str, np.ndarray], source: str, weights: str) -> None:
-    """Write the features as a plain npz, atomically (a reader never sees a half-written cache)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda f: np.savez(f, key=np.array(key), source=np.array(source),
-                                          weights=np.array(weights), **features))
+    """Write the features as a plain npz, atomically (a reader never sees a half-written cache).  A cache that
+    cannot be written costs only a warning: the features just computed are still used."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda f: np.savez(f, key=np.array(key), source=np.array(source),
+                                              weights=np.array(weights), **features))
+    except OSError as e:
+        logger.warning("could not cache the reference features in %s (%s); continuing without the cache", path, e)
+        return
     logger.info("cached reference features in %s", path)
 
 

@@ -9,18 +9,28 @@ or kill loses at most the chunks in flight.  The main process finally assembles 
 
 Input is always a pipeline folder (``save_pretrained``, a training run's ``pipeline/``, or a checkpoint
 exported with ``sdt-export``), sampled with the scheduler saved in it unless another one is asked for.  The
-pipeline is checked to decode to RGB images before the first sample is drawn.
+pipeline is checked to decode to RGB images, and the output to be writable, before the first sample is drawn.
+
+The shards' ``settings.json`` identifies the pipeline by a sha256 of its files (weights, VAE, scheduler and
+configs), not by its path, so a pipeline re-exported between a crash and the rerun is refused instead of
+mixing two models in one npz; shards without a ``settings.json`` are refused too.  A chunk that turns out to
+be damaged when the npz is assembled is named and deleted, so running the same command again redoes it.
+Chunks and the npz are written with fixed zip timestamps: the same command gives the same bytes.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import math
 import sys
 import time
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import diffusers
 import numpy as np
@@ -30,11 +40,12 @@ from tqdm.auto import tqdm
 
 from ..pipelines import SDTPipeline
 from ..schedulers import SCHEDULER_NAMES, make_scheduler
-from ..utils.files import atomic_write
+from ..utils.files import atomic_write, atomic_write_text, check_writable, sha256_file
 from ..utils.runtime import cpu_multiprocess
 from ..utils.seeding import index_generator
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MAX_SEED = 2**63 - 1  # per-sample seeds are taken modulo 2**63 - 1 (utils.seeding)
 # The completeness marker of a training checkpoint folder (the trainer's file name; evaluation never reads the
 # checkpoint, it only recognises one to point at the export command).
 CHECKPOINT_MARKER = "training_state.json"
@@ -42,6 +53,11 @@ CHECKPOINT_MARKER = "training_state.json"
 
 class SettingsMismatchError(ValueError):
     """The shards of an interrupted run were made with other settings than this run's."""
+
+
+class DamagedChunkError(RuntimeError):
+    """A finished chunk of samples turned out unreadable or inconsistent; it has been deleted, so running the same
+    command again samples it anew."""
 
 
 class SettingError(ValueError):
@@ -81,7 +97,7 @@ def load_pipeline(folder: str | Path, dtype: torch.dtype = torch.float32) -> SDT
 
     Raises:
         FileNotFoundError: no such folder, or no ``model_index.json`` in it.
-        ValueError: ``folder`` is a training checkpoint (export it first).
+        ValueError: ``folder`` is a training checkpoint (export it first), or a file in it cannot be loaded.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -94,7 +110,21 @@ def load_pipeline(folder: str | Path, dtype: torch.dtype = torch.float32) -> SDT
         )
     if not (folder / "model_index.json").is_file():
         raise FileNotFoundError(f"{folder} is not an SDTPipeline folder (no model_index.json)")
-    return SDTPipeline.from_pretrained(str(folder), dtype=dtype)
+    try:
+        return SDTPipeline.from_pretrained(str(folder), dtype=dtype)
+    except Exception as e:  # noqa: BLE001 - truncated weights, bad configs: one message naming the folder
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"cannot load the pipeline in {folder} ({type(e).__name__}: {first})") from None
+
+
+def pipeline_sha256(folder: str | Path) -> str:
+    """sha256 over every file of a pipeline folder (relative path and content): its identity for a resume."""
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = f.relative_to(folder).as_posix().encode("utf-8", "surrogateescape")
+        digest.update(len(rel).to_bytes(8, "little") + rel + bytes.fromhex(sha256_file(f)))
+    return digest.hexdigest()
 
 
 def image_channels(pipe: SDTPipeline) -> int:
@@ -128,22 +158,31 @@ def chunk_path(output: Path, chunk: int) -> Path:
     return shard_dir(output) / f"chunk-{chunk:06d}.npz"
 
 
+def _write_npz(f: Any, arrays: dict[str, np.ndarray]) -> None:
+    """An uncompressed ``.npz`` (what ``np.savez`` writes) with fixed timestamps, so equal arrays give equal bytes."""
+    with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, arr in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with zf.open(info, "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asarray(arr), allow_pickle=False)
+
+
 def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
-    atomic_write(path, lambda f: np.savez(f, **arrays))
+    atomic_write(path, lambda f: _write_npz(f, arrays))
 
 
 def _chunk_done(path: Path, size: int) -> bool:
     """A chunk file counts when it opens and lists ``size`` indices.
 
     Chunks are written to a temporary name and renamed, so reading the small ``indices`` array is
-    enough; the images are not read here (at 50K samples that would be gigabytes per process).
+    enough here; the images are read (and checked) only when the npz is assembled.
     """
     if not path.exists():
         return False
     try:
-        with np.load(path) as z:
+        with np.load(path, allow_pickle=False) as z:
             return "images" in z.files and z["indices"].shape[0] == size
-    except Exception:
+    except Exception:  # noqa: BLE001 - any unreadable chunk is simply redone
         return False
 
 
@@ -170,16 +209,22 @@ class SamplingSettings:
         for name in ("num_samples", "per_device_batch", "steps"):
             if getattr(self, name) < 1:
                 raise SettingError(name, f"must be positive, got {getattr(self, name)}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise SettingError("seed", f"must lie in [0, {MAX_SEED}], got {self.seed}")
+        if not math.isfinite(self.guidance_scale):
+            raise SettingError("guidance_scale", f"must be finite, got {self.guidance_scale}")
         if self.dtype not in DTYPES:
             raise SettingError("dtype", f"must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         if self.scheduler is not None and self.scheduler not in SCHEDULER_NAMES:
             raise SettingError("scheduler", f"must be one of {SCHEDULER_NAMES} (or None), got {self.scheduler!r}")
 
 
-def settings_of(settings: SamplingSettings, num_classes: int) -> dict:
-    """What determines the samples: a rerun must match these to resume from the shards."""
+def settings_of(settings: SamplingSettings, num_classes: int, pipeline_hash: str) -> dict:
+    """What determines the samples: a rerun must match these to resume from the shards.  The pipeline is
+    identified by the sha256 of its files; its path is recorded for information only."""
     recorded = {k: v for k, v in asdict(settings).items() if k != "output"}
-    return {**recorded, "pipeline": str(Path(settings.pipeline).resolve()), "num_classes": num_classes}
+    return {**recorded, "pipeline": str(Path(settings.pipeline).resolve()), "pipeline_sha256": pipeline_hash,
+            "num_classes": num_classes}
 
 
 def prepare_pipeline(settings: SamplingSettings, device: torch.device | str) -> SDTPipeline:
@@ -199,20 +244,33 @@ def claim_shards(state: PartialState, output: Path, settings: dict) -> None:
     Every process checks before the main process writes, so a mismatch stops them all alike.
 
     Raises:
-        SettingsMismatchError: the shards were made with other settings.
+        SettingsMismatchError: the shards were made with other settings (another pipeline content included), or
+            there are shards but no ``settings.json`` to tell what made them.
     """
     shards = shard_dir(output)
     settings_file = shards / "settings.json"
     if settings_file.exists():
-        previous = json.loads(settings_file.read_text())
-        if previous != settings:
-            changed = sorted(k for k in settings if previous.get(k) != settings[k])
-            raise SettingsMismatchError(f"{shards} holds shards made with other settings ({', '.join(changed)}); "
+        try:
+            previous = json.loads(settings_file.read_bytes())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise SettingsMismatchError(f"{settings_file} is unreadable ({e}); the shards beside it cannot be "
+                                        f"matched to settings: delete {shards}") from None
+        if not isinstance(previous, dict):
+            previous = {}
+        same = {k: v for k, v in settings.items() if k != "pipeline"}
+        changed = sorted(k for k in same if previous.get(k) != same[k])
+        if changed:
+            what = ("another pipeline (its files differ from those the shards were made with)"
+                    if "pipeline_sha256" in changed else "other settings")
+            raise SettingsMismatchError(f"{shards} holds shards made with {what} ({', '.join(changed)}); "
                                         f"use another output or delete that folder")
+    elif any(shards.glob("chunk-*.npz")):
+        raise SettingsMismatchError(f"{shards} holds sample chunks but no settings.json, so what made them is "
+                                    f"unknown; delete that folder (or use another output)")
     state.wait_for_everyone()
     if state.is_main_process and not settings_file.exists():
         shards.mkdir(parents=True, exist_ok=True)
-        settings_file.write_text(json.dumps(settings, indent=2))
+        atomic_write_text(settings_file, json.dumps(settings, indent=2))
     state.wait_for_everyone()
 
 
@@ -244,16 +302,21 @@ def run(settings: SamplingSettings, on_chunk: Callable[[int], None] | None = Non
 
     Raises:
         FileNotFoundError, ValueError: a bad pipeline folder, a pipeline that does not produce images, bad
-            settings, or shards of an earlier run with other settings (:class:`SettingsMismatchError`).
+            settings, or shards of an earlier run with other settings or another pipeline content
+            (:class:`SettingsMismatchError`).
+        OSError: the output cannot be written (checked before sampling).
+        DamagedChunkError: a chunk was damaged (deleted; the same call redoes it).
     """
     settings.check()
+    output = Path(settings.output)
+    check_writable(output)  # before anything is sampled (raises OSError naming the file)
     # several processes without CUDA (``accelerate launch --multi_gpu`` on a CPU machine): gloo on the CPU
     state = PartialState(cpu=cpu_multiprocess())
-    output = Path(settings.output)
+    pipeline_hash = pipeline_sha256(settings.pipeline) if Path(settings.pipeline).is_dir() else ""
     pipe = prepare_pipeline(settings, state.device)
     num_classes = pipe.num_classes
     labels = sample_labels(settings.num_samples, num_classes, settings.labels, settings.seed)
-    recorded = settings_of(settings, num_classes)
+    recorded = settings_of(settings, num_classes, pipeline_hash)
     claim_shards(state, output, recorded)
 
     batch = settings.per_device_batch
@@ -280,21 +343,41 @@ def run(settings: SamplingSettings, on_chunk: Callable[[int], None] | None = Non
     return assemble(output, num_chunks, sizes, labels, {**recorded, **extra})
 
 
+def _read_chunk(path: Path, chunk: int, size: int, expected: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The images of a finished chunk, checked (readable, ``size`` uint8 RGB images of indices ``expected`` with
+    their labels); a damaged chunk is deleted and named, so rerunning the command redoes it.
+
+    Raises:
+        DamagedChunkError: the chunk is damaged (and has been deleted).
+    """
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            images, indices, chunk_labels = z["images"], z["indices"], z["labels"]
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] != size or images.shape[3] != 3:
+            raise ValueError(f"holds images of shape {images.shape} and dtype {images.dtype}, expected {size} "
+                             f"uint8 RGB images")
+        if not np.array_equal(indices, expected) or not np.array_equal(chunk_labels, labels[expected]):
+            raise ValueError("its sample indices or labels are not those of this chunk")
+    except Exception as e:  # noqa: BLE001 - zip CRC errors, truncation, wrong content: all mean "redo it"
+        path.unlink(missing_ok=True)
+        raise DamagedChunkError(f"chunk {chunk} ({path}) is damaged ({type(e).__name__}: {e}) and was deleted; run the "
+                           f"same command again to sample it anew") from None
+    return images
+
+
 def assemble(output: Path, num_chunks: int, sizes: list[int], labels: np.ndarray, settings: dict) -> Path:
     """Join the chunks into ADM's npz (``arr_0`` images, ``arr_1`` labels) plus a JSON sidecar."""
-    parts, seen = [], []
+    parts = []
+    start = 0
     for c in range(num_chunks):
         path = chunk_path(output, c)
         if not _chunk_done(path, sizes[c]):
-            raise RuntimeError(f"chunk {c} is missing or torn ({path}); run the same command again to finish it")
-        with np.load(path) as z:
-            if z["images"].shape[0] != sizes[c]:
-                raise RuntimeError(f"chunk {c} ({path}) holds {z['images'].shape[0]} images, expected {sizes[c]}")
-            parts.append(z["images"])
-            seen.append(z["indices"])
-    indices = np.concatenate(seen)
-    if not np.array_equal(indices, np.arange(len(labels))):
-        raise RuntimeError("sample indices are not exactly 0..N-1 once each; the shards are inconsistent")
+            path.unlink(missing_ok=True)
+            raise DamagedChunkError(f"chunk {c} is missing or torn ({path}); run the same command again to finish it")
+        parts.append(_read_chunk(path, c, sizes[c], np.arange(start, start + sizes[c]), labels))
+        start += sizes[c]
+    if start != len(labels) or len({p.shape[1:] for p in parts}) != 1:
+        raise RuntimeError("the chunks do not hold N equally sized images; the shards are inconsistent")
     images = np.concatenate(parts)
     output.parent.mkdir(parents=True, exist_ok=True)
     _atomic_savez(output, arr_0=images, arr_1=labels)
@@ -308,7 +391,7 @@ def assemble(output: Path, num_chunks: int, sizes: list[int], labels: np.ndarray
         "diffusers": diffusers.__version__,
         "command": " ".join(sys.argv),
     }
-    output.with_suffix(".json").write_text(json.dumps(sidecar, indent=2))
+    atomic_write_text(output.with_suffix(".json"), json.dumps(sidecar, indent=2))
     print(f"wrote {output} ({images.shape[0]} images {images.shape[1]}x{images.shape[2]}) and "
           f"{output.with_suffix('.json')}")
     return output
@@ -339,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``eval/sample.py``; returns the exit code (0 ok, 2 bad flags or input)."""
+    """Entry point of ``eval/sample.py``; returns the exit code (0 ok, 2 bad flags or input, 1 a damaged chunk)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     settings = SamplingSettings(**vars(args))
@@ -348,8 +431,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingError as e:
         parser.error(f"--{e.field.replace('_', '-')} {e.problem}")
     try:
+        check_writable(settings.output)
+    except OSError as e:
+        parser.error(f"--output {e}")
+    try:
         run(settings)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # FileNotFoundError is an OSError
         print(f"{parser.prog}: error: {e}", file=sys.stderr, flush=True)
         return 2
+    except DamagedChunkError as e:  # deleted: the same command redoes it
+        print(f"{parser.prog}: error: {e}", file=sys.stderr, flush=True)
+        return 1
     return 0

@@ -15,6 +15,7 @@ from PIL import Image
 
 from ..pipelines import SDTPipeline
 from ..schedulers import make_scheduler
+from ..utils.files import atomic_write, check_writable
 from ..utils.images import make_labelled_grid
 from ..utils.runtime import default_device
 from ..utils.seeding import index_generator
@@ -67,6 +68,14 @@ def sample_main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--pipeline {folder} is not a saved pipeline folder (no model_index.json)")
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
+    out = Path(args.out)
+    fmt = Image.registered_extensions().get(out.suffix.lower())
+    if fmt is None or fmt not in Image.SAVE:
+        parser.error(f"--out {out}: not an image file name PIL can write (use .png or .jpg)")
+    try:
+        check_writable(out)  # before the pipeline is loaded and sampled, not after
+    except OSError as err:
+        parser.error(f"--out {err}")
     device = default_device(args.device)
     dtype = getattr(torch, args.dtype)
 
@@ -89,9 +98,7 @@ def sample_main(argv: Sequence[str] | None = None) -> int:
     ).images
     names = pipe.get_label_names(ids, short=not args.full_names)
     grid = make_labelled_grid(images, [f"{i}: {n}" for i, n in zip(ids, names)], ncols=args.ncols)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(out)
+    atomic_write(out, lambda f: grid.save(f, format=fmt))
     print(f"wrote {out} ({len(ids)} images: {', '.join(names)})")
     return 0
 
