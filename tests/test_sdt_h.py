@@ -361,10 +361,15 @@ def test_save_pretrained_round_trips_exactly(tmp_path):
 
 def test_classification_loss_hidden_states_and_tuple_output():
     model = SDTHForImageClassification(tiny_config()).train()
+    # transformers 5 renamed gradient_checkpointing_enable (deprecated) to activation_checkpointing_enable
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    assert model.sdt_h.encoder.gradient_checkpointing
     x, labels = images(), torch.tensor([1, 4])
     out = model(x, labels=labels, output_hidden_states=True)
     expected = torch.nn.functional.cross_entropy(out.logits, labels)
     torch.testing.assert_close(out.loss, expected)
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
     assert [h.shape for h in out.hidden_states] == [(2, 16, 16, 16), (2, 16, 16, 16), (2, 32, 8, 8), (2, 32, 4, 4),
                                                     (2, 32, 2, 2)]
     model.eval()

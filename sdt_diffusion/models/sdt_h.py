@@ -40,6 +40,8 @@ from .spatial_decay_attention import SpatialDecayAttention
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+# The paper's text: decomposed decay (eq. 11-12) in stages 1-2, full CDSF (eq. 8-9) in stages 3-4.
+DEFAULT_DECAY_MODES: tuple[str, ...] = ("decomposed", "decomposed", "cdsf", "cdsf")
 # Presets.  Widths, depths, heads, MLP ratios, layer scale and the fixed-decay schedule are those of RMT's
 # released models (RMT_T3 / RMT_S / RMT_M2); drop path is the paper's stochastic depth (0.1 / 0.15 / 0.4).
 # gate_rank (the rank of U = sigma(X W_u1) W_u2, never given in the paper) is chosen per preset so that the
@@ -48,20 +50,19 @@ SDT_H_PRESETS: dict[str, dict[str, Any]] = {
     "SDT-H-T": dict(
         embed_dims=(64, 128, 256, 512), depths=(2, 2, 8, 2), num_heads=(4, 4, 8, 16), mlp_ratios=(3.0, 3.0, 3.0, 3.0),
         drop_path_rate=0.1, layer_scale_init_values=(None, None, None, None), fixed_decay_ranges=(4.0, 4.0, 6.0, 6.0),
-        gate_rank=8,
+        gate_rank=8, decay_modes=DEFAULT_DECAY_MODES,
     ),
     "SDT-H-S": dict(
         embed_dims=(64, 128, 256, 512), depths=(3, 4, 18, 4), num_heads=(4, 4, 8, 16), mlp_ratios=(4.0, 4.0, 3.0, 3.0),
         drop_path_rate=0.15, layer_scale_init_values=(None, None, None, None), fixed_decay_ranges=(4.0, 4.0, 6.0, 6.0),
-        gate_rank=16,
+        gate_rank=16, decay_modes=DEFAULT_DECAY_MODES,
     ),
     "SDT-H-B": dict(
         embed_dims=(80, 160, 320, 512), depths=(4, 8, 25, 8), num_heads=(5, 5, 10, 16), mlp_ratios=(4.0, 4.0, 3.0, 3.0),
         drop_path_rate=0.4, layer_scale_init_values=(None, None, 1e-6, 1e-6), fixed_decay_ranges=(5.0, 5.0, 6.0, 6.0),
-        gate_rank=4,
+        gate_rank=4, decay_modes=DEFAULT_DECAY_MODES,
     ),
 }
-DEFAULT_DECAY_MODES: tuple[str, ...] = ("decomposed", "decomposed", "cdsf", "cdsf")
 # Per-stage sequence fields: one entry per stage.
 STAGE_FIELDS = ("embed_dims", "depths", "num_heads", "mlp_ratios", "decay_modes", "layer_scale_init_values",
                 "fixed_decay_ranges")
