@@ -83,19 +83,28 @@ def augment_qk(q: Tensor, k: Tensor, decay: DecayInputs, multiple: int = 8) -> t
     """
     b, n, seq, d = q.shape
     codes = decay.codes if decay.codes is not None else eq.threshold_codes(decay.height, decay.width, q.device)
+    codes = codes.to(q.dtype)
+    t = codes.shape[-1]
     spec = decay_mode(decay.mode)
+
+    def columns(c: Tensor) -> Tensor:  # a (..., L, m) constant as a broadcast (B, N, L, m) view, not a copy
+        return c.expand(b, n, seq, c.shape[-1])
+
+    # One concatenation per side: the features of ``decay_query_features`` / ``decay_key_features`` (or the
+    # fixed decay's), their constant columns as broadcast views and the rate columns as one product each.
     if spec.rates is not None:
-        rates = (spec.rates(decay) * math.sqrt(d)).to(q.dtype)  # (B, N, L)
-        f_q, f_k = eq.decay_query_features(rates, codes), eq.decay_key_features(rates, codes)
+        a = (spec.rates(decay) * math.sqrt(d)).to(q.dtype)[..., None]  # (B, N, L, 1)
+        q_parts = [q, columns(q.new_full((1, 1), 0.5 * t)), columns(-0.5 * codes), -0.5 * a * codes]
+        k_parts = [k, a, a * codes, columns(codes)]
     elif spec.fixed_gamma:
-        rates = (eq.upcast(decay.log_gamma) * math.sqrt(d)).to(q.dtype)  # (N,)
-        f_q = eq.fixed_query_features(rates, codes).expand(b, n, seq, codes.shape[-1])
-        f_k = codes.to(q.dtype).expand(b, n, seq, codes.shape[-1])  # key side: the codes V_j
+        c = (eq.upcast(decay.log_gamma) * math.sqrt(d)).to(q.dtype)  # (N,)
+        q_parts = [q, eq.fixed_query_features(c, codes).expand(b, n, seq, t)]
+        k_parts = [k, columns(codes)]  # key side: the codes V_j
     else:
         raise ValueError(f"decay_mode {decay.mode!r} has no low-rank form")
-    extra = f_q.shape[-1]
-    zeros = q.new_zeros(b, n, seq, _round_up(d + extra, multiple) - d - extra)
-    return torch.cat([q, f_q.to(q.dtype), zeros], dim=-1), torch.cat([k, f_k.to(k.dtype), zeros.to(k.dtype)], dim=-1)
+    width = d + sum(part.shape[-1] for part in q_parts[1:])
+    zeros = columns(q.new_zeros(1, _round_up(width, multiple) - width))
+    return torch.cat([*q_parts, zeros], dim=-1), torch.cat([*k_parts, zeros.to(k.dtype)], dim=-1)
 
 
 def augmented_attention(q: Tensor, k: Tensor, v: Tensor, decay: DecayInputs) -> Tensor:

@@ -98,7 +98,9 @@ class SpatialDecayAttention(nn.Module):
         else:
             parts = (*self.qkv(x).split([2 * dim, dim], dim=-1), *(layer(x) for layer in layers[1:]))
         qk, v, *gate_logits, u = parts
-        return qk, v, (gate_logits[0] if gate_logits else None), u
+        # The gate logits are copied out of the projection's output: autograd keeps the input of log sigma for
+        # the backward pass, and a view would keep the whole (B, L, 3D + ...) output alive.
+        return qk, v, (gate_logits[0].contiguous() if gate_logits else None), u
 
     def _decay_from_logits(self, gate_logits: Tensor | None, height: int, width: int, codes: Tensor | None,
                            distance: Tensor | None) -> DecayInputs:
