@@ -101,7 +101,7 @@ def load_pipeline(folder: str | Path, dtype: torch.dtype = torch.float32) -> SDT
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"pipeline folder {folder} does not exist")
+        raise FileNotFoundError(f"pipeline folder {folder} " + ("is a file" if folder.exists() else "does not exist"))
     if (folder / CHECKPOINT_MARKER).is_file():
         raise ValueError(
             f"{folder} is a training checkpoint, not a pipeline folder; export its EMA weights first with "

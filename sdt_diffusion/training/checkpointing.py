@@ -93,6 +93,7 @@ LEGACY_PICKLES = ("custom_checkpoint_0.pkl", "optimizer.bin", "random_states_0.p
 LEGACY_EMA_FILE = "custom_checkpoint_0.pkl"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 _RNG_NAME = re.compile(r"^rng_state_rank\d+\.safetensors$")
+_EMA_SHARD_NAME = re.compile(r"^ema_shard_rank\d+\.safetensors$")
 
 
 class TrainingObjects(Protocol):
@@ -381,8 +382,10 @@ def read_rng_states(checkpoint: str | Path, state: dict[str, Any], rank: int) ->
 
 
 def _fsdp_files(state: dict[str, Any]) -> list[str]:
-    """The sharded model/optimizer files of an FSDP checkpoint (every file outside the known top-level names)."""
-    return [n for n in state.get("files", {}) if "/" in n]
+    """The model/optimizer files accelerate wrote for FSDP: every file of the manifest that is not one of ours."""
+    ours = {MODEL_FILE, OPTIMIZER_FILE, EMA_FILE, SCALER_FILE}
+    return [n for n in state.get("files", {}) if n not in ours and not _RNG_NAME.match(n)
+            and not _EMA_SHARD_NAME.match(n)]
 
 
 def load_state(core: TrainingObjects, checkpoint: str | Path, state: dict[str, Any]) -> float:

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..models.vae import vae_downsampling_factor, vae_scaling_factor
-from ..utils.files import atomic_write_text
+from ..utils.files import atomic_write_text, check_writable
 from ..utils.runtime import cpu_multiprocess, enable_tf32
 from .config import ConfigError, HelpFormatter
 from .data import CACHE_FORMAT, CACHE_VERSION, ImageClassDataset, class_names_to_id2label, load_image_source
@@ -87,6 +87,10 @@ def _check_args(args: argparse.Namespace) -> dict[str, Any]:
     if args.num_workers < 0:
         raise ConfigError(f"--num-workers must be >= 0, got {args.num_workers}")
     out = Path(args.output_dir)
+    try:
+        check_writable(out / "metadata.json")
+    except OSError as e:
+        raise ConfigError(f"--output-dir {out}: {e}") from None
     if (out / "metadata.json").exists() and not args.overwrite:
         raise ConfigError(f"--output-dir {out} already holds a latent cache; pass --overwrite to replace it")
     vae_cfg = vae_config(args.vae, args.vae_subfolder)

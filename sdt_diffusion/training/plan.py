@@ -18,6 +18,7 @@ from diffusers import AutoencoderKL
 from ..models.dit import DiTTransformer2DModel
 from ..models.registry import model_class_of, preset_config
 from ..models.vae import vae_downsampling_factor, vae_scaling_factor
+from ..utils.files import check_writable
 from .checkpointing import check_checkpoint, read_done, read_rng_states, read_training_state, resolve_resume
 from .config import ConfigError, DataSpec, ModelSpec, TrainSettings
 from .data import (
@@ -209,7 +210,7 @@ class RunPlan:
     start_state: dict[str, Any] = field(default_factory=dict)
     rng_state: RngState | None = None  # this process's RNG states from the checkpoint (None: fresh or inexact)
     inexact: list[str] = field(default_factory=list)  # why the resume is not exact (with --allow-inexact-resume)
-    finished: bool = False  # the checkpoint is the end of a finished run (training_done.json): nothing to do
+    finished: bool = False  # the checkpoint ends a finished run (training_done.json, pipeline/): nothing to do
 
     @property
     def start_step(self) -> int:
@@ -235,6 +236,10 @@ def plan_run(settings: TrainSettings, accelerator: Any) -> RunPlan:
     Raises:
         ConfigError: anything that would fail later (batch split, shapes, classes, resume point).
     """
+    try:  # every process, before any compute: a file in the way or a read-only folder fails here, not at step N
+        check_writable(settings.output_dir / "train_config.yaml")
+    except OSError as e:
+        raise ConfigError(f"--output-dir {settings.output_dir}: {e}") from None
     resume_from = resolve_resume(settings.resume, settings.output_dir)
     world, rank = accelerator.num_processes, accelerator.process_index
     per_device, accum = plan_batches(settings.global_batch_size, settings.per_device_batch, world)
@@ -265,7 +270,8 @@ def plan_run(settings: TrainSettings, accelerator: Any) -> RunPlan:
         _check_resume_state(resume_from, start_state, model_config)
         done = read_done(settings.output_dir)
         plan.finished = (done is not None and done["step"] == plan.start_step
-                         and plan.start_step >= settings.intervals.max_steps)
+                         and plan.start_step >= settings.intervals.max_steps
+                         and (settings.output_dir / "pipeline" / "model_index.json").is_file())
         if not plan.finished:
             plan.rng_state, plan.inexact = _exactness(settings, plan)
     return plan
