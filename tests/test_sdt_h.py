@@ -33,6 +33,7 @@ from sdt_diffusion.models.sdt_h_transformers import (
     SDTHModel,
     sdt_h_image_processor,
 )
+from sdt_diffusion.models.spatial_decay_attention import use_reference_path
 
 TINY = dict(embed_dims=(16, 32, 32, 32), depths=(1, 1, 1, 1), num_heads=(2, 4, 4, 4), mlp_ratios=(2.0, 2.0, 2.0, 2.0),
             gate_rank=4, head_hidden_size=24, drop_path_rate=0.0)
@@ -162,12 +163,14 @@ def test_every_decay_mode_in_every_stage():
 @pytest.mark.parametrize("modes", [DEFAULT_DECAY_MODES, ("none", "fixed", "1d", "bidirectional"),
                                    ("cdsf", "decomposed", "fixed", "none")])
 def test_backends_agree_with_math_on_outputs_and_gradients_float64(modes):
-    """Every backend (auto: the fused one where the decay allows) against the dense reference, float64."""
+    """Every backend (auto: the fused one where the decay allows) and the attention's reference path against the
+    dense reference, float64."""
     model = tiny(decay_modes=modes).double().train()  # train: BatchNorm uses batch statistics (deterministic)
     x = images(2, 64, 96, dtype=torch.float64)
     results = {}
-    for backend in ("math", "sdpa", "augmented", "auto"):
-        model.set_attention_backend(backend)
+    for backend in ("math", "sdpa", "augmented", "dense", "auto", "reference path"):
+        use_reference_path(model, backend == "reference path")  # the attention's plain layer-by-layer forward
+        model.set_attention_backend("math" if backend == "reference path" else backend)
         model.zero_grad(set_to_none=True)
         out = model(x)
         out.square().sum().backward()
@@ -183,21 +186,23 @@ def test_backends_agree_with_math_on_outputs_and_gradients_float64(modes):
 
 def test_auto_runs_the_fused_backend_where_the_decay_allows(monkeypatch):
     picked = {}
-    resolve = sdt_h_module.resolve_backend
+    resolve = sdt_h_module.resolve_backend_name
 
-    def spy(name, device, mode):
-        fn = resolve(name, device, mode)
-        picked[mode] = fn
-        return fn
+    def spy(name, device, mode, tokens):
+        picked[mode, tokens] = resolve(name, device, mode, tokens)
+        return picked[mode, tokens]
 
-    monkeypatch.setattr(sdt_h_module, "resolve_backend", spy)
+    monkeypatch.setattr(sdt_h_module, "resolve_backend_name", spy)
     model = tiny(decay_modes=("decomposed", "1d", "cdsf", "fixed")).eval()
     with torch.no_grad():
-        model(images())
-    assert picked["cdsf"] is attention_backends.augmented_attention  # exact, no L x L tensor
-    assert picked["fixed"] is attention_backends.augmented_attention
-    assert picked["decomposed"] is attention_backends.sdpa_attention  # H x H and W x W biases only
-    assert picked["1d"] is attention_backends.sdpa_attention  # no fused form on CPU
+        model(images(1, 64, 96))
+        # CDSF and the fixed decay: exact and fused, no L x L tensor kept (on CPU "dense" up to 576 tokens per
+        # image, "augmented" above); decomposed: H x H and W x W biases only; 1d: no fused form on CPU.
+        assert picked == {("decomposed", 384): "sdpa", ("1d", 96): "sdpa", ("cdsf", 24): "dense", ("fixed", 6): "dense"}
+        monkeypatch.setattr(attention_backends, "DENSE_MAX_TOKENS_CPU", 0)
+        picked.clear()
+        model(images(1, 64, 96))
+    assert picked[("cdsf", 24)] == "augmented" and picked[("fixed", 6)] == "augmented"
 
 
 def test_grids_and_rope_follow_the_feature_map(monkeypatch):

@@ -26,14 +26,14 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..attention import spatial_decay as eq
-from ..attention.backends import AttentionBackend, available_backends, resolve_backend
+from ..attention.backends import AttentionBackend, available_backends, resolve_backend, resolve_backend_name
 from ..attention.modes import decay_mode as get_decay_mode
 from .spatial_decay_attention import SpatialDecayAttention
 
@@ -113,6 +113,15 @@ def init_sdt_h_module(module: nn.Module, std: float = 0.02) -> None:
 
 
 # ------------------------------------------------------------------------------------------ layers
+class StageContext(NamedTuple):
+    """Built once per stage and forward from the feature-map size, shared by the stage's blocks."""
+
+    rope: tuple[Tensor, Tensor] | None  # spatial_decay.rope_tables (cos, sin), each (L, d)
+    backend: AttentionBackend
+    codes: Tensor | None  # spatial_decay.threshold_codes, for the augmented backend
+    distance: Tensor | None  # spatial_decay.manhattan_distance, for the dense backend
+
+
 def drop_path(x: Tensor, rate: float, training: bool) -> Tensor:
     """Stochastic depth: zero whole samples of a residual branch with probability ``rate``, rescale the rest."""
     if rate == 0.0 or not training:
@@ -173,12 +182,12 @@ class SDTHBlock(nn.Module):
         else:
             self.gamma_1 = self.gamma_2 = None
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, backend: AttentionBackend,
-                codes: Tensor | None) -> Tensor:
-        """x: (B, H, W, C) channels-last; rope, backend, codes: the stage's, built once per forward."""
+    def forward(self, x: Tensor, ctx: StageContext) -> Tensor:
+        """x: (B, H, W, C) channels-last; ctx: the stage's RoPE tables, backend and grid tensors."""
         b, h, w, c = x.shape
         x = x + self.cpe(x)
-        attn = self.attn(self.norm1(x).reshape(b, h * w, c), h, w, rope, backend, codes).reshape(b, h, w, c)
+        attn = self.attn(self.norm1(x).reshape(b, h * w, c), h, w, ctx.rope, ctx.backend, ctx.codes, ctx.distance)
+        attn = attn.reshape(b, h, w, c)
         if self.gamma_1 is not None:
             attn = self.gamma_1 * attn
         x = x + drop_path(attn, self.drop_path_rate, self.training)
@@ -403,16 +412,22 @@ class SDTH(nn.Module):
         if not x.is_floating_point():
             raise ValueError(f"pixel values must be floating point, got {x.dtype}")
 
-    def _stage_context(self, i: int, height: int, width: int, device: torch.device):
-        """RoPE tables, threshold codes and backend for stage ``i`` on an ``height`` x ``width`` map."""
+    def _stage_context(self, i: int, height: int, width: int, x: Tensor) -> StageContext:
+        """What every block of stage ``i`` shares on an ``height`` x ``width`` map of ``x``: RoPE tables, the
+        attention backend and what it reads of the grid (threshold codes for ``augmented``, the distance matrix
+        for ``dense``), built once per stage and forward."""
         mode = self.decay_modes[i]
         rope = None
         if self.use_rope:
             head_dim = self.embed_dims[i] // self.num_heads[i]
-            rope = eq.rope_tables(eq.rope_2d_angles(height, width, head_dim, self.rope_base, device))
-        backend = resolve_backend(self.attention_backend, device, mode)
-        codes = eq.threshold_codes(height, width, device) if get_decay_mode(mode).low_rank else None
-        return rope, backend, codes
+            angles = eq.rope_2d_angles(height, width, head_dim, self.rope_base, x.device)
+            rope = eq.rope_tables(angles.to(torch.promote_types(x.dtype, torch.float32)))  # float64 in a float64 model
+        name = resolve_backend_name(self.attention_backend, x.device, mode, height * width)
+        backend = resolve_backend(name, x.device, mode)
+        low_rank = get_decay_mode(mode).low_rank
+        codes = eq.threshold_codes(height, width, x.device) if low_rank and name != "dense" else None
+        distance = eq.manhattan_distance(height, width, x.device) if low_rank and name == "dense" else None
+        return StageContext(rope, backend, codes, distance)
 
     def _run_stage(self, i: int, x: Tensor) -> Tensor:
         """Stage ``i`` on NCHW ``x``: downsample (NCHW), blocks (NHWC); returns NCHW."""
@@ -420,13 +435,13 @@ class SDTH(nn.Module):
         if stage.downsample is not None:
             x = stage.downsample(x)
         _, _, h, w = x.shape
-        rope, backend, codes = self._stage_context(i, h, w, x.device)
+        ctx = self._stage_context(i, h, w, x)
         x = x.permute(0, 2, 3, 1)
         for block in stage.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, rope, backend, codes, use_reentrant=False)
+                x = checkpoint(block, x, ctx, use_reentrant=False)
             else:
-                x = block(x, rope, backend, codes)
+                x = block(x, ctx)
         return x.permute(0, 3, 1, 2)
 
     def forward_stages(self, x: Tensor) -> list[Tensor]:
