@@ -6,8 +6,8 @@ is almost this, except that its first update uses decay 0 (``get_decay`` returns
 before applying ``min_decay``), i.e. it copies the weights after step 1.  This class is exact.
 
 It tracks whatever parameter tensors the (possibly wrapped) model exposes: full tensors under DDP, local
-shards under FSDP.  ``state_dict``/``load_state_dict`` make it checkpointable with
-``accelerator.register_for_checkpointing``.
+shards under FSDP.  ``state_dict``/``load_state_dict`` expose its state; checkpoints store it as safetensors
+(``checkpointing.write_state``), never through accelerate's pickled custom state.
 """
 
 from __future__ import annotations
