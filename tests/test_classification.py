@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import json
 import os
 import random
@@ -29,8 +30,11 @@ from sdt_diffusion.evaluation.classification import (
     classify_main,
     count_topk,
     eval_transform,
+    markdown_rows,
     open_labelled_images,
+    preset_of,
 )
+from sdt_diffusion.models.sdt_h import SDT_H_PRESETS
 from sdt_diffusion.training import classifier_trainer as T
 from sdt_diffusion.training.checkpointing import list_checkpoints
 from sdt_diffusion.training.classifier_config import (
@@ -205,6 +209,12 @@ def test_topk_and_eval_transform():
     t = eval_transform(224)
     assert t.transforms[0].size == 256 and t.transforms[1].size == (224, 224)  # resize 256 -> crop 224
     assert eval_transform(32).transforms[0].size == 36 and str(t.transforms[0].interpolation.value) == "bicubic"
+    preset = {k: list(v) for k, v in SDT_H_PRESETS["SDT-H-S"].items() if isinstance(v, tuple)}
+    assert preset_of(preset) == "SDT-H-S" and preset_of({**preset, "depths": [1, 1, 1, 1]}) is None
+    rows = markdown_rows({"preset": "SDT-H-S", "model": "runs/s/model", "resolution": 224, "images": 50000,
+                          "top1": 84.0, "top5": 96.9, "params": 27.28e6}).splitlines()
+    assert rows[2] == "| SDT-H-S (runs/s/model) | 224 | 50000 | 84.00 | 96.90 | 27.28 | this evaluation |"
+    assert rows[3] == "| SDT-H-S | 224 | 50000 (ImageNet-1K val) | 84.2 | – | 27 | paper, Table 1 |"
 
 
 # ------------------------------------------------------------------------------ run, resume, export, eval
@@ -370,10 +380,18 @@ def test_two_cpu_processes_train_evaluate_and_export(data, tmp_path):
     assert (out / "model" / "model.safetensors").is_file() and (out / "model" / "timm" / "config.json").is_file()
 
 
+def _ablation_module():
+    spec = importlib.util.spec_from_file_location("ablation_classification",
+                                                  REPO / "benchmarks" / "ablation_classification.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_ablation_script_at_a_tiny_budget(data, tmp_path):
     out = tmp_path / "ablation"
     cmd = [sys.executable, str(REPO / "benchmarks" / "ablation_classification.py"), "--data-dir", str(data["train"]),
-           "--eval-data-dir", str(data["val"]), "--modes", "none", "cdsf", "--seeds", "0", "1",
+           "--eval-data-dir", str(data["val"]), "--modes", "none", "cdsf", "--seeds", "0", "--stages", "1,2",
            "--output-dir", str(out), "--train-args",
            f"--model-kwargs '{TINY}' --resolution 32 --global-batch-size 4 --max-steps 2 --num-workers 0 "
            f"--repeated-aug 1 --report-to none --no-progress-bar"]
@@ -381,10 +399,16 @@ def test_ablation_script_at_a_tiny_budget(data, tmp_path):
                           text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
-    assert sorted(results["modes"]) == ["cdsf", "none"]
+    assert sorted(results["modes"]) == ["cdsf", "none"] and results["meta"]["stages"] == [1, 2]
+    assert results["modes"]["none"]["decay_modes"] == ["none", "none", "cdsf", "cdsf"]  # stages 3-4 keep the preset's
     for mode in ("none", "cdsf"):
-        runs = results["modes"][mode]["runs"]
-        assert [r["seed"] for r in runs] == [0, 1] and all(0 <= r["final_top1"] <= 100 for r in runs)
-    table = (out / "results.md").read_text()
-    assert "| none |" in table and "| cdsf |" in table and "±" in table
-    assert proc.stdout.count("| cdsf |") == 1
+        (run,) = results["modes"][mode]["runs"]
+        assert run["seed"] == 0 and run["steps"] == 2 and 0 <= run["final_top1"] <= 100
+        config = json.loads((out / mode / "seed0" / "checkpoint-2" / "training_state.json").read_text())
+        assert config["model_config"]["decay_modes"][:2] == [mode, mode]
+    assert proc.stdout.count("| cdsf |") == 1 and (out / "results.md").read_text() in proc.stdout
+    # the table: mean ± sample std over seeds, beside the paper's Tables 3-4
+    ablation = _ablation_module()
+    runs = [{"final_top1": v, "final_top1_ema": v - 1, "best_top1": v + 1} for v in (90.0, 94.0)]
+    text = ablation.table({"fixed": {"runs": runs}}, [0, 1])
+    assert "| fixed | 92.00 ± 2.83 | 91.00 ± 2.83 | 93.00 ± 2.83 | 82.4 |" in text

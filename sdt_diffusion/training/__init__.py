@@ -19,10 +19,17 @@ Modules (imported on demand, so ``import sdt_diffusion`` stays light), in the or
   ``training_done.json``;
 * ``export``: the EMA ``SDTPipeline`` export (from a live run or a checkpoint: ``sdt-export``) and sample grids;
 * ``trainer``: ``train(args)`` and ``main(argv)``; ``extract``: ``extract_latents(args)`` and ``main(argv)``.
+
+The SDT-H classifier's trainer (``training/train_classifier.py``) reuses the pieces above and adds
+``classifier_config`` (flags and the paper's recipe), ``classifier_data`` (seeded timm augmentations, repeated
+augmentation, Mixup) and ``classifier_trainer`` (``train_classifier(args)`` and ``main(argv)``).
 """
 
 __all__ = [
     "checkpointing",
+    "classifier_config",
+    "classifier_data",
+    "classifier_trainer",
     "config",
     "data",
     "diffusion",

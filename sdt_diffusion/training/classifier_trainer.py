@@ -25,7 +25,7 @@ The run, step by step:
 Exact resumption works as in the diffusion trainer: the data order and every image's augmentation are functions of
 the seed, the epoch and the image; each process's generator states (Mixup, drop path) come back from the
 checkpoint; evaluation and export run in forks of the generators.  The EMA averages the parameters and the
-BatchNorm running statistics (as timm's ``ModelEma``, which RMT uses); the statistics are broadcast from process 0
+BatchNorm running statistics (as timm's ``ModelEma`` does); the statistics are broadcast from process 0
 after every step, so every process holds the same EMA.
 """
 
