@@ -15,20 +15,13 @@ from __future__ import annotations
 from diffusers import DiTTransformer2DModel
 from torch import nn
 
-from .transformer_sdt import MODEL_SIZES
+from .transformer_sdt import size_presets
 
 __all__ = ["DIT_PRESETS", "DiTTransformer2DModel", "dit_initialize"]
 
-DIT_PRESETS: dict[str, dict[str, int]] = {
-    f"DiT-{size}/{patch}": {
-        "num_layers": depth,
-        "num_attention_heads": heads,
-        "attention_head_dim": width // heads,
-        "patch_size": patch,
-    }
-    for size, (depth, width, heads) in MODEL_SIZES.items()
-    for patch in (2, 4, 8)
-}
+DIT_PRESETS: dict[str, dict[str, int]] = size_presets("DiT")
+
+
 def dit_initialize(model: DiTTransformer2DModel) -> DiTTransformer2DModel:
     """DiT's initialisation on diffusers' module names (DiT ``models.py``, ``initialize_weights``)."""
     for module in model.modules():

@@ -24,16 +24,23 @@ MODEL_SIZES: dict[str, tuple[int, int, int]] = {
     "L": (24, 1024, 16),
     "XL": (28, 1152, 16),
 }
-PRESETS: dict[str, dict[str, int]] = {
-    f"SDT-P-{size}/{patch}": {
-        "num_layers": depth,
-        "num_attention_heads": heads,
-        "attention_head_dim": width // heads,
-        "patch_size": patch,
+
+
+def size_presets(family: str) -> dict[str, dict[str, int]]:
+    """``{family}-{S,B,L,XL}/{2,4,8}`` -> layers, heads, head width and patch size of DiT's sizes."""
+    return {
+        f"{family}-{size}/{patch}": {
+            "num_layers": depth,
+            "num_attention_heads": heads,
+            "attention_head_dim": width // heads,
+            "patch_size": patch,
+        }
+        for size, (depth, width, heads) in MODEL_SIZES.items()
+        for patch in (2, 4, 8)
     }
-    for size, (depth, width, heads) in MODEL_SIZES.items()
-    for patch in (2, 4, 8)
-}
+
+
+PRESETS: dict[str, dict[str, int]] = size_presets("SDT-P")
 
 
 def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
