@@ -184,6 +184,8 @@ class SDTHModel(SDTHPreTrainedModel):
     """SDT-H without classifier: ``last_hidden_state`` is the stage-4 map (B, C4, H/32, W/32) and
     ``pooler_output`` the head's pooled ``head_hidden_size`` vector (Linear -> BN -> Swish -> average pool)."""
 
+    _keys_to_ignore_on_load_unexpected = [r"^classifier\."]  # loading the encoder of a saved classifier
+
     def __init__(self, config: SDTHConfig) -> None:
         super().__init__(config)
         self.encoder = SDTH(**config.sdt_h_kwargs(), num_labels=0)
@@ -246,6 +248,8 @@ class SDTHBackbone(BackboneMixin, SDTHPreTrainedModel):
     stages 1-4 at strides 4 / 8 / 16 / 32).  The classification head is not built."""
 
     has_attentions = False
+    # loading the encoder of a saved classifier or base model: the head is not built here
+    _keys_to_ignore_on_load_unexpected = [r"^classifier\.", r"(^|\.)encoder\.head\."]
 
     def __init__(self, config: SDTHConfig) -> None:
         super().__init__(config)
