@@ -9,6 +9,8 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -295,6 +297,21 @@ def test_timm_models_and_features_only():
         timm.create_model("sdt_h_tiny", decay_modes=("cdsf",) * 3, **{k: v for k, v in TINY.items()})
     with pytest.raises(ValueError, match="num_classes"):
         timm.create_model("sdt_h_tiny", num_labels=3, **TINY)
+
+
+def test_everything_but_the_timm_names_works_without_timm():
+    code = (
+        "import sys; sys.modules['timm'] = None\n"  # as if timm were not installed
+        "import torch, sdt_diffusion\n"
+        "from sdt_diffusion.models.sdt_h import SDTH\n"
+        "assert 'sdt_diffusion.models.sdt_h_timm' not in sys.modules\n"
+        f"model = SDTH(**{TINY!r}, num_labels=3).eval()\n"
+        f"clf = sdt_diffusion.SDTHForImageClassification(sdt_diffusion.SDTHConfig(**{TINY!r}, num_labels=3)).eval()\n"
+        "x = torch.randn(1, 3, 64, 64)\n"
+        "print(tuple(model(x).shape), tuple(clf(x).logits.shape))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    assert out.stdout.strip() == "(1, 3) (1, 3)"
 
 
 def test_timm_keyword_arguments_and_training_helpers():
