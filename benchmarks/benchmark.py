@@ -57,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-sample", action="store_true")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                   help="wall: elapsed time; cpu: this process's CPU time (CPU device; with --threads 1 the "
+                        "single-core time of a step, unaffected by other processes on a shared machine)")
     p.add_argument("--output", default=None, help="JSON file for all results")
     return p.parse_args(argv)
 
@@ -68,6 +71,9 @@ def main(argv: list[str] | None = None) -> dict:
     name = default_device(args.device).type
     device = torch.device(name)
     cuda = device.type == "cuda"
+    if args.clock == "cpu" and cuda:
+        raise SystemExit("--clock cpu measures CPU time; CUDA kernels need --clock wall")
+    bm.set_clock(args.clock)
     if cuda:
         torch.set_float32_matmul_precision("high")  # TF32 for the float32 leftovers, as DiT trains
     sizes = args.sizes or (["S", "B", "L", "XL"] if cuda else ["S"])

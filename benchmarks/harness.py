@@ -127,13 +127,30 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+_clock = CLOCKS["wall"]
+
+
+def set_clock(name: str) -> None:
+    """``"wall"`` (default) or ``"cpu"``: this process's CPU time (``time.process_time``).
+
+    CPU time does not count the time other processes hold the cores, so on a shared machine it measures the
+    work itself; with one torch thread it is the single-core time of the step (with more threads it adds
+    every thread's time, spin-waits included).  CUDA needs the wall clock.
+    """
+    global _clock
+    if name not in CLOCKS:
+        raise ValueError(f"clock must be one of {sorted(CLOCKS)}, got {name!r}")
+    _clock = CLOCKS[name]
+
+
 def time_call(fn: Callable[[], Any], device: torch.device) -> float:
-    """Wall-clock seconds of ``fn()``, synchronised before and after."""
+    """Seconds of ``fn()`` on the clock chosen by :func:`set_clock` (wall by default), synchronised before and after."""
     synchronize(device)
-    start = time.perf_counter()
+    start = _clock()
     fn()
     synchronize(device)
-    return time.perf_counter() - start
+    return _clock() - start
 
 
 def time_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, warmup: int,

@@ -1,6 +1,6 @@
-"""How exact is the fused ("augmented") spatial-decay attention?  Errors against the float64 math reference.
+"""How exact are the fused ("augmented", "dense") spatial-decay attentions?  Errors against the float64 math reference.
 
-* float64 / float32: outputs and gradients (q, k, v, gate logits) of "augmented" and "sdpa" vs "math".
+* float64 / float32: outputs and gradients (q, k, v, gate logits) of "augmented", "dense" and "sdpa" vs "math".
 * bf16 (CPU): q, k, v rounded to bf16, gates in float32, output vs the float64 reference on the
   unrounded inputs; for the fused form used here, for the dense bias cast to bf16 ("sdpa"), for the
   dense bias kept in float32 with bf16 q/k/v (the floor bf16 inputs allow), and for the 0/1-code
@@ -50,7 +50,7 @@ def reference_layout_attention(q, k, v, gates, height: int, width: int, alpha: f
 
 
 def exactness(dtype: torch.dtype, height: int = 16, width: int = 16) -> dict[str, dict[str, float]]:
-    """Max |difference| to float64 "math" of outputs and every gradient, for "augmented" and "sdpa" in ``dtype``."""
+    """Max |difference| to float64 "math" of outputs and every gradient, for "augmented", "dense" and "sdpa" in ``dtype``."""
     q, k, v, logits = make_problem(height, width, 2, 6, 64, 1.0)
     rows: dict[str, dict[str, float]] = {}
 
@@ -62,7 +62,7 @@ def exactness(dtype: torch.dtype, height: int = 16, width: int = 16) -> dict[str
         return [out, *grads]
 
     ref = run("math", torch.float64)
-    for backend in ("augmented", "sdpa"):
+    for backend in ("augmented", "dense", "sdpa"):
         res = run(backend, dtype)
         rows[backend] = {name: (a.double() - b).abs().max().item()
                          for name, a, b in zip(("out", "dq", "dk", "dv", "dlogits"), res, ref)}
@@ -82,6 +82,7 @@ def bf16_errors(logit_std: float, height: int = 16, width: int = 16, seeds: int 
             bias = eq.spatial_decay_bias(gates.reshape(4, height, width, 6), 0.1)
             outs = {
                 "augmented (bf16)": ATTENTION_BACKENDS["augmented"](qb, kb, vb, decay),
+                "dense (bf16 q/k/v, bias cast to bf16)": ATTENTION_BACKENDS["dense"](qb, kb, vb, decay),
                 "sdpa, dense bias cast to bf16": ATTENTION_BACKENDS["sdpa"](qb, kb, vb, decay),
                 "floor: bf16 q/k/v, float32 bias": eq.attention_with_bias(qb, kb, vb, bias.float()),
                 "0/1-code layout (bf16)": reference_layout_attention(qb, kb, vb, gates, height, width, 0.1),

@@ -28,7 +28,7 @@ def op_self_times(step) -> dict[str, float]:
 
 
 def profile_models(size: str, batch: int, backends: list[str], steps: int, warmup: int,
-                   mode: str, before: bool = False) -> dict[str, dict]:
+                   mode: str, before: bool = False, compile_model: bool = False) -> dict[str, dict]:
     """Profile DiT and SDT with each of ``backends`` (training or sampling step), ms per step.
 
     ``before``: also SDT on its reference path with the ``augmented`` backend (the code before the fast path).
@@ -42,7 +42,7 @@ def profile_models(size: str, batch: int, backends: list[str], steps: int, warmu
         runs["SDT before[augmented]"] = ("sdt_before", "augmented")
     step_fns = {}
     for label, (kind, backend) in runs.items():
-        model = bm.build_model(kind, size, attention_backend=backend)
+        model = bm.maybe_compile(bm.build_model(kind, size, attention_backend=backend), compile_model)
         make = bm.make_train_step if mode == "train" else bm.make_sample_step
         step_fns[label] = make(model, device, batch, amp=False)
         for _ in range(warmup):
@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--backends", nargs="+", default=["auto"], help="SDT attention backends to profile")
     p.add_argument("--before", action="store_true",
                    help="also profile SDT on its reference path with 'augmented' (the code before the fast path)")
+    p.add_argument("--compile", action="store_true", help="torch.compile (inductor) every model")
     p.add_argument("--steps", type=int, default=2, help="profiled steps per model")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=None)
@@ -93,11 +94,13 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = profile_models(args.size, args.batch, args.backends, args.steps, args.warmup, args.mode, args.before)
+    results = profile_models(args.size, args.batch, args.backends, args.steps, args.warmup, args.mode, args.before,
+                             args.compile)
     table = format_profile(results, args.top)
     env = bm.environment(torch.device("cpu"))
     print(f"{env['device']} | {env['date_utc']} | torch {env['torch']} | commit {env['git_commit']} | "
-          f"{args.mode} step, {args.size}/2, batch {args.batch}, ms per step (self CPU time)")
+          f"{args.mode} step, {args.size}/2, batch {args.batch}{', compiled' if args.compile else ''}, "
+          "ms per step (self CPU time)")
     print(table)
     if args.output:
         with open(args.output, "w") as f:

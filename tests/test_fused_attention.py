@@ -339,8 +339,8 @@ def test_auto_resolution_per_device(device, mode, expected):
 
 
 @pytest.mark.parametrize("device, mode, tokens, expected", [
-    ("cpu", "cdsf", 256, "dense"), ("cpu", "fixed", DENSE_MAX_TOKENS_CPU, "dense"),
-    ("cpu", "cdsf", DENSE_MAX_TOKENS_CPU + 1, "augmented"), ("cpu", "cdsf", 1024, "augmented"),
+    ("cpu", "cdsf", 256, "dense"), ("cpu", "fixed", DENSE_MAX_TOKENS_CPU, "dense"), ("cpu", "cdsf", 1024, "dense"),
+    ("cpu", "cdsf", DENSE_MAX_TOKENS_CPU + 1, "augmented"), ("cpu", "cdsf", 4096, "augmented"),
     ("cuda", "cdsf", 256, "augmented"), ("cpu", "none", 256, "sdpa"), ("cpu", "1d", 256, "sdpa"),
 ])
 def test_auto_resolution_by_token_count(device, mode, tokens, expected):

@@ -16,6 +16,7 @@ from conftest import forward_backward
 from sdt_diffusion import SDTTransformer2DModel
 from sdt_diffusion.attention import kernels
 from sdt_diffusion.attention import spatial_decay as eq
+from sdt_diffusion.attention.backends import ATTENTION_BACKENDS
 from sdt_diffusion.models.spatial_decay_attention import SpatialDecayAttention, use_reference_path
 
 TINY = dict(num_attention_heads=2, attention_head_dim=8, num_layers=2, sample_size=8, patch_size=2,
@@ -181,6 +182,26 @@ def test_fast_path_keeps_fewer_bytes_for_backward_than_the_reference():
     after = SDTTransformer2DModel(**config)
     after.load_state_dict(before.state_dict())
     assert saved_bytes(after) < 0.9 * saved_bytes(before)
+
+
+def test_fast_path_keeps_no_view_of_the_projection_output_alive():
+    """Nothing saved for backward may share storage with the fused projection's (B, L, 3D + N + r) output
+    (a saved view of it, e.g. the gate logits for log sigma, would keep all of it alive)."""
+    torch.manual_seed(0)
+    attn = SpatialDecayAttention(16, 2, gate_rank=4)
+    b, height, width = 2, 3, 4
+    x = torch.randn(b, height * width, 16, requires_grad=True)
+    projection_bytes = b * height * width * (3 * 16 + 2 + 4) * x.element_size()
+    storages: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages.append(t.untyped_storage().nbytes())
+        return t
+
+    rope = eq.rope_tables(eq.rope_2d_angles(height, width, 8))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        attn(x, height, width, rope, ATTENTION_BACKENDS["dense"])
+    assert storages and projection_bytes not in storages
 
 
 # ---------------------------------------------------------------------------------------------- torch.compile

@@ -136,13 +136,24 @@ def rates_bias(rates: Tensor, distance: Tensor) -> Tensor:
     return torch.add(rates[..., :, None], rates[..., None, :]).mul_(distance)
 
 
+# The dense backend works on groups of samples whose (samples * N, L, L) tensors have about this many elements:
+# small enough to stay in cache (a whole-batch mask is a fresh B*N*L*L allocation per layer, slow to build on
+# CPU), large enough that each kernel call has work for several threads.
+DENSE_CHUNK_ELEMENTS = 2**21
+
+
+def _sample_chunks(batch: int, heads: int, seq: int) -> list[slice]:
+    size = max(1, DENSE_CHUNK_ELEMENTS // (heads * seq * seq))
+    return [slice(i, min(i + size, batch)) for i in range(0, batch, size)]
+
+
 def _dense_rates_forward(q: Tensor, k: Tensor, v: Tensor, rates: Tensor, distance: Tensor) -> Tensor:
-    """SDPA with the mask ``(a_i + a_j) d(i, j)``, one sample at a time: each (N, L, L) mask is built while
-    it is in cache (a whole-batch mask is a fresh B*N*L*L allocation per layer, slow to build on CPU)."""
+    """SDPA with the mask ``(a_i + a_j) d(i, j)`` built and used one group of samples at a time."""
     b, n, seq, d = q.shape
     out = q.new_empty((b, seq, n, d)).transpose(1, 2)  # token-major, as SDPA lays out its own output
-    for i in range(b):
-        out[i] = F.scaled_dot_product_attention(q[i], k[i], v[i], attn_mask=rates_bias(rates[i], distance).to(q.dtype))
+    for chunk in _sample_chunks(b, n, seq):
+        mask = rates_bias(rates[chunk], distance).to(q.dtype)
+        out[chunk] = F.scaled_dot_product_attention(q[chunk], k[chunk], v[chunk], attn_mask=mask)
     return out
 
 
@@ -150,10 +161,10 @@ class _DenseRatesAttention(torch.autograd.Function):
     """``softmax(Q K^T / sqrt(d) + M) V`` with ``M = (a_i + a_j) d(i, j)``, keeping no L x L tensor for backward.
 
     Forward: M is built and passed to SDPA as its mask (a mask without gradient, which SDPA's fused CPU
-    kernel accepts), so attention runs at head width d; one sample at a time (:func:`_dense_rates_forward`).  Backward: the probabilities are recomputed one
-    sample at a time (an (N, L, L) working set that stays in cache) and
+    kernel accepts), so attention runs at head width d.  Backward: the probabilities are recomputed and
     ``dS = P * (dP - rowsum(dO * O))`` gives dq, dk, dv and the rates' gradient
-    ``da_i = sum_j dS[i, j] d(i, j) + sum_j dS[j, i] d(j, i)``.  Saved: q, k, v, the rates and the output.
+    ``da_i = sum_j dS[i, j] d(i, j) + sum_j dS[j, i] d(j, i)``.  Both work on a few samples at a time
+    (:data:`DENSE_CHUNK_ELEMENTS`).  Saved: q, k, v, the rates and the output.
     """
 
     @staticmethod
@@ -175,16 +186,20 @@ class _DenseRatesAttention(torch.autograd.Function):
             grads = q.new_empty((b, seq, 3, n, d), dtype=dtype)
             dq, dk, dv = (t.transpose(1, 2) for t in grads.unbind(2))
             grad_rates = rates.new_empty((b, n, seq))
-            for i in range(b):
-                qs, ks = q[i].to(dtype) * scale, k[i].to(dtype) * scale
-                vi, gi = v[i].to(dtype), grad_out[i].to(dtype)
-                p = torch.baddbmm(rates_bias(rates[i], distance), qs, k[i].to(dtype).transpose(-1, -2)).softmax(-1)
-                dv[i] = torch.bmm(p.transpose(-1, -2), gi)
-                ds = torch.bmm(gi, vi.transpose(-1, -2)).sub_(delta[i]).mul_(p)  # dS = P * (dP - delta)
-                dq[i] = torch.bmm(ds, ks)
-                dk[i] = torch.bmm(ds.transpose(-1, -2), qs)
+            for chunk in _sample_chunks(b, n, seq):
+                c = len(range(b)[chunk])
+                # (c, N, L, .) -> (c * N, L, .), a copy only when c > 1
+                qc, kc, vc, g, dc = (t[chunk].to(dtype).reshape(c * n, seq, t.shape[-1])
+                                     for t in (q, k, v, grad_out, delta))
+                qs, ks = qc * scale, kc * scale
+                mask = rates_bias(rates[chunk], distance).reshape(c * n, seq, seq)
+                p = torch.baddbmm(mask, qs, kc.transpose(-1, -2)).softmax(-1)
+                dv[chunk] = torch.bmm(p.transpose(-1, -2), g).view(c, n, seq, d)
+                ds = torch.bmm(g, vc.transpose(-1, -2)).sub_(dc).mul_(p)  # dS = P * (dP - delta)
+                dq[chunk] = torch.bmm(ds, ks).view(c, n, seq, d)
+                dk[chunk] = torch.bmm(ds.transpose(-1, -2), qs).view(c, n, seq, d)
                 ds.mul_(distance)
-                grad_rates[i] = ds.sum(-1) + ds.sum(-2)
+                grad_rates[chunk] = (ds.sum(-1) + ds.sum(-2)).view(c, n, seq)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), grad_rates, None
 
 
@@ -285,9 +300,10 @@ def available_backends() -> tuple[str, ...]:
     return (*ATTENTION_BACKENDS, "auto")
 
 
-# The ``dense`` backend's backward holds an (N, L, L) working set per sample: on CPU it beats ``augmented``
-# up to about this many tokens (S/2 heads, benchmarks/RESULTS.md).
-DENSE_MAX_TOKENS_CPU = 576
+# On CPU the ``dense`` backend beat ``augmented`` at every size measured (S/2 heads, fwd+bwd: 1.7x faster at
+# 256 tokens, 2.0x at 576, 2.1x at 1024; benchmarks/RESULTS.md); its backward holds a few (N, L, L) tensors
+# per sample (25 MiB each for 6 heads at 1024 tokens), so above this many tokens `auto` keeps the O(L) form.
+DENSE_MAX_TOKENS_CPU = 1024
 
 
 def resolve_backend(name: str, device: torch.device, mode: str, tokens: int | None = None) -> AttentionBackend:
