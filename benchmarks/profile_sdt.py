@@ -6,6 +6,7 @@ not covered here).
 
     python benchmarks/profile_sdt.py --sizes S --batch 8 --threads 1 --steps 2
     python benchmarks/profile_sdt.py --backends auto augmented --before   # SDT paths side by side, and the old one
+    python benchmarks/profile_sdt.py --pieces --threads 1    # each fast piece against its plain form, CPU time
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ from collections import defaultdict
 import harness as bm
 import torch
 from torch.profiler import ProfilerActivity, profile
+
+from sdt_diffusion.attention import kernels
+from sdt_diffusion.attention import spatial_decay as eq
+from sdt_diffusion.attention.backends import ATTENTION_BACKENDS
 
 
 def op_self_times(step) -> dict[str, float]:
@@ -55,6 +60,62 @@ def profile_models(size: str, batch: int, backends: list[str], steps: int, warmu
     return {label: {"ops_ms": dict(ops), "total_ms": sum(ops.values())} for label, ops in totals.items()}
 
 
+def time_pieces(size: str, batch: int, repeats: int) -> dict[str, dict[str, float]]:
+    """Forward + backward of each piece of one attention layer, fast form against plain form, ms (CPU time).
+
+    Pieces: RoPE on Q and K, LPE's convolution, the input projections (one GEMM or four), and the whole
+    attention layer (fast path against the plain path, both with the backend ``auto`` picks on CPU).
+    """
+    bm.set_clock("cpu")
+    shape = bm.model_shape(size)
+    n, d = shape["num_attention_heads"], shape["attention_head_dim"]
+    dim, side = n * d, 16
+    seq = side * side
+    model = bm.build_model("sdt", size)
+    attn = model.blocks[0].attn
+    with torch.no_grad():
+        attn.gate.weight.normal_(std=0.02)
+    rope = eq.rope_tables(eq.rope_2d_angles(side, side, d))
+    cos, sin = rope[0][:, None, None], rope[1][:, None, None]
+    distance = eq.manhattan_distance(side, side)
+    backend = ATTENTION_BACKENDS["dense"]
+    x = torch.randn(batch, seq, dim, requires_grad=True)
+    qk = torch.randn(batch, seq, 2, n, d, requires_grad=True)
+    v = torch.randn(batch, seq, dim, requires_grad=True)
+
+    def fwd_bwd(fn):
+        def run() -> None:
+            out = fn()
+            out.backward(torch.ones_like(out))
+            for t in (x, qk, v, *attn.parameters()):
+                t.grad = None
+        return run
+
+    def layer(reference: bool):
+        def run():
+            attn.reference_path = reference
+            return attn(x, side, side, rope, backend, None, distance)
+        return run
+
+    pairs = {
+        "RoPE on Q and K": (lambda: kernels.rope_qk(qk, cos, sin), lambda: eq.apply_rope_tables(qk, cos, sin)),
+        "LPE convolution": (lambda: kernels.depthwise_conv_tokens(v, attn.lpe.weight, attn.lpe.bias, side, side),
+                            lambda: eq.local_position_encoding_tokens(v, attn.lpe, side, side)),
+        "input projections": (lambda: torch.cat(attn._input_projections(x), -1),
+                              lambda: torch.cat([attn.qkv(x), attn.gate(x), attn.gate_down(x)], -1)),
+        "attention layer (dense)": (layer(False), layer(True)),
+    }
+    fns = {f"{name} | {form}": fwd_bwd(fn) for name, (fast, plain) in pairs.items()
+           for form, fn in (("fast", fast), ("plain", plain))}
+    times = bm.time_interleaved(fns, torch.device("cpu"), 2, repeats)
+    out: dict[str, dict[str, float]] = {}
+    for key, runs in times.items():
+        name, form = key.split(" | ")
+        out.setdefault(name, {})[form] = 1e3 * sorted(runs)[len(runs) // 2]
+    attn.reference_path = False
+    return out
+
+
 def format_profile(results: dict[str, dict], top: int) -> str:
     """One markdown table: the ``top`` ops by |SDT - DiT| of the first SDT column, ms per step."""
     labels = list(results)
@@ -90,10 +151,25 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--pieces", action="store_true",
+                   help="instead: time each fast piece of one attention layer against its plain form (CPU time)")
+    p.add_argument("--repeats", type=int, default=20, help="timed runs per piece with --pieces")
     p.add_argument("--output", default=None, help="JSON with every op's time")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.pieces:
+        pieces = time_pieces(args.size, args.batch, args.repeats)
+        env = bm.environment(torch.device("cpu"))
+        print(f"{env['device']} | {env['date_utc']} | torch {env['torch']} | commit {env['git_commit']} | "
+              f"{args.size}/2 shapes, batch {args.batch}, fwd+bwd, ms CPU time (median of {args.repeats})")
+        print("| piece | fast | plain | fast / plain |\n|---|---|---|---|")
+        for name, t in pieces.items():
+            print(f"| {name} | {t['fast']:.2f} | {t['plain']:.2f} | {t['fast'] / t['plain']:.2f} |")
+        if args.output:
+            with open(args.output, "w") as f:
+                json.dump({"env": env, "command": "python " + " ".join(sys.argv), "pieces_ms": pieces}, f, indent=2)
+        return pieces
     results = profile_models(args.size, args.batch, args.backends, args.steps, args.warmup, args.mode, args.before,
                              args.compile)
     table = format_profile(results, args.top)
