@@ -210,6 +210,11 @@ def test_layerwise_casting_training(storage):
 # ----------------------------------------------------------------------------------------- memory
 
 
+# Under offload hooks the attention calls its projections and LPE layer by layer (a hooked module's weights are
+# only valid inside its own call) instead of the fused GEMM, so results agree to float32 rounding, not bitwise.
+HOOKED_TOL = {"rtol": 1e-5, "atol": 1e-6}
+
+
 def test_model_disk_offload_with_device_map(tmp_path, base_output):
     # the mixin's CPU/disk offload checks split the model between GPU 0 and the CPU; without a GPU the same
     # machinery (`_no_split_modules`, accelerate's device map and hooks) splits it between the CPU and the disk
@@ -224,7 +229,7 @@ def test_model_disk_offload_with_device_map(tmp_path, base_output):
                                                        offload_folder=tmp_path / f"offload-{folder}")
         assert set(loaded.hf_device_map.values()) == {"cpu", "disk"}
         assert all(not k.startswith("blocks.0.") for k in loaded.hf_device_map)  # an SDTBlock is never split
-        torch.testing.assert_close(forward(loaded), base_output, rtol=0, atol=0)
+        torch.testing.assert_close(forward(loaded), base_output, **HOOKED_TOL)
 
 
 def test_model_sequential_offload_hooks(base_output):
@@ -234,8 +239,8 @@ def test_model_sequential_offload_hooks(base_output):
     model = build_model()
     cpu_offload(model, execution_device=torch.device("cpu"))
     assert {p.device.type for p in model.parameters()} == {"meta"}
-    torch.testing.assert_close(forward(model), base_output, rtol=0, atol=0)
-    torch.testing.assert_close(forward(model), base_output, rtol=0, atol=0)
+    torch.testing.assert_close(forward(model), base_output, **HOOKED_TOL)
+    torch.testing.assert_close(forward(model), base_output, **HOOKED_TOL)
 
 
 @pytest.mark.parametrize("offload_type", ["block_level", "leaf_level"])
@@ -244,7 +249,7 @@ def test_model_group_offloading(base_output, offload_type):
     model = build_model()
     extra = {"num_blocks_per_group": 1} if offload_type == "block_level" else {}
     model.enable_group_offload(torch.device("cpu"), offload_type=offload_type, **extra)
-    torch.testing.assert_close(forward(model), base_output, rtol=0, atol=0)
+    torch.testing.assert_close(forward(model), base_output, **HOOKED_TOL)
 
 
 # Model mixin checks that do not apply to SDT:

@@ -87,7 +87,7 @@ class SpatialDecayAttention(nn.Module):
         layers = [self.qkv] + ([self.gate] if self.gate is not None else []) + [self.gate_down]
         weights = [layer.weight for layer in layers]
         dtype = weights[0].dtype
-        same = all(w.dtype == dtype and w.device == x.device for w in weights)
+        same = all(w.dtype == dtype and w.device == x.device for w in weights) and not any(map(_hooked, layers))
         if same and dtype.is_floating_point and dtype.itemsize >= 2 and (
             dtype == x.dtype or torch.is_autocast_enabled(x.device.type)
         ):
@@ -116,7 +116,8 @@ class SpatialDecayAttention(nn.Module):
 
     def _lpe(self, v: Tensor, height: int, width: int) -> Tensor:
         """LPE(V) of contiguous token-major V (B, L, C) (eq. 13)."""
-        if self.lpe.weight.dtype == v.dtype and self.lpe.padding_mode == "zeros":
+        lpe = self.lpe
+        if lpe.weight.dtype == v.dtype and lpe.weight.device == v.device and lpe.padding_mode == "zeros" and not _hooked(lpe):
             return kernels.depthwise_conv_tokens(v, self.lpe.weight, self.lpe.bias, height, width)
         return eq.local_position_encoding_tokens(v, self.lpe, height, width)  # e.g. layerwise casting hooks
 
@@ -168,6 +169,12 @@ class SpatialDecayAttention(nn.Module):
         gate_u = self.gate_up(torch.sigmoid(self.gate_down(x)))  # U = sigma(X W_u1) W_u2
         out = eq.spatial_decay_output(attn.transpose(1, 2).reshape(b, seq, dim), lpe, gate_u)  # (B, L, D)
         return self.proj(out)
+
+
+def _hooked(module: nn.Module) -> bool:
+    """The module's weights are managed by an offload or casting hook (accelerate's ``_hf_hook``, diffusers'
+    hook registry): they are only valid inside the module's own call, so the fused paths must call it."""
+    return hasattr(module, "_hf_hook") or hasattr(module, "_diffusers_hook")
 
 
 def use_reference_path(model: nn.Module, enabled: bool = True) -> None:
