@@ -376,7 +376,9 @@ class SDTTransformer2DModel(ModelMixin, ConfigMixin):
         b, _, h, w = hidden_states.shape
         gh, gw = h // p, w // p
 
-        x = self.x_embedder(hidden_states).flatten(2).transpose(1, 2)  # (B, L, D)
+        # (B, L, D), made contiguous once: a transposed residual stream would make every LayerNorm and every
+        # linear layer of every block copy its input, forward and backward
+        x = self.x_embedder(hidden_states).flatten(2).transpose(1, 2).contiguous()
         if self.config.use_abs_pos_embed:
             if (gh, gw) != (self.config.sample_size // p,) * 2:
                 raise ValueError(
