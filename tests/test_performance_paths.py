@@ -204,6 +204,16 @@ def test_fast_path_keeps_no_view_of_the_projection_output_alive():
     assert storages and projection_bytes not in storages
 
 
+def test_residual_stream_is_contiguous():
+    """The blocks see a contiguous (B, L, D) stream (a transposed one makes every LayerNorm copy its input)."""
+    model = SDTTransformer2DModel(**TINY)
+    seen: list[bool] = []
+    for block in model.blocks:
+        block.norm1.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))
+    model(*inputs(2, 8, 8, torch.float32))
+    assert seen == [True] * TINY["num_layers"]
+
+
 # ---------------------------------------------------------------------------------------------- torch.compile
 @pytest.mark.parametrize("backend, compiler", [("auto", "inductor"), ("augmented", "aot_eager")])
 def test_compiled_model_fullgraph_forward_backward_exact(backend, compiler):
