@@ -28,7 +28,6 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from . import spatial_decay as eq
 from .modes import DecayInputs, decay_mode
@@ -157,58 +156,89 @@ def _dense_rates_forward(q: Tensor, k: Tensor, v: Tensor, rates: Tensor, distanc
     return out
 
 
-class _DenseRatesAttention(torch.autograd.Function):
+# The dense backend's forward and backward are custom operators: eager they run the code below; under
+# torch.compile they stay opaque calls (no graph break, and inductor neither unrolls the sample loop nor
+# re-derives the L x L work, which it does no faster than these ATen kernels on CPU).
+@torch.library.custom_op("sdt_diffusion::dense_rates_attention", mutates_args=())
+def dense_rates_attention(q: Tensor, k: Tensor, v: Tensor, rates: Tensor, distance: Tensor) -> Tensor:
     """``softmax(Q K^T / sqrt(d) + M) V`` with ``M = (a_i + a_j) d(i, j)``, keeping no L x L tensor for backward.
 
-    Forward: M is built and passed to SDPA as its mask (a mask without gradient, which SDPA's fused CPU
-    kernel accepts), so attention runs at head width d.  Backward: the probabilities are recomputed and
-    ``dS = P * (dP - rowsum(dO * O))`` gives dq, dk, dv and the rates' gradient
-    ``da_i = sum_j dS[i, j] d(i, j) + sum_j dS[j, i] d(j, i)``.  Both work on a few samples at a time
-    (:data:`DENSE_CHUNK_ELEMENTS`).  Saved: q, k, v, the rates and the output.
+    q, k, v: (B, N, L, d); rates a: (B, N, L); distance d: (L, L).  Forward: M is built and passed to SDPA as
+    its mask (a mask without gradient, which SDPA's fused CPU kernel accepts), so attention runs at head
+    width d.  The backward (:func:`dense_rates_attention_backward`) recomputes the probabilities.  Saved for
+    it: q, k, v, the rates and the output.  Returns (B, N, L, d) laid out token-major, as SDPA's output.
     """
+    return _dense_rates_forward(q, k, v, rates, distance)
 
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, rates: Tensor, distance: Tensor) -> Tensor:
-        out = _dense_rates_forward(q, k, v, rates, distance)
-        ctx.save_for_backward(q, k, v, rates, distance, out)
-        return out
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, None]:
-        q, k, v, rates, distance, out = ctx.saved_tensors
-        b, n, seq, d = q.shape
-        dtype = torch.promote_types(q.dtype, torch.float32)
-        scale = 1.0 / math.sqrt(d)
-        with torch.autocast(q.device.type, enabled=False):
-            delta = (grad_out.to(dtype) * out.to(dtype)).sum(-1, keepdim=True)  # rowsum(dO * O), (B, N, L, 1)
-            # token-major gradient buffers, the layout of the projection that produced q, k and v
-            grads = q.new_empty((b, seq, 3, n, d), dtype=dtype)
-            dq, dk, dv = (t.transpose(1, 2) for t in grads.unbind(2))
-            grad_rates = rates.new_empty((b, n, seq))
-            for chunk in _sample_chunks(b, n, seq):
-                c = len(range(b)[chunk])
-                # (c, N, L, .) -> (c * N, L, .), a copy only when c > 1
-                qc, kc, vc, g, dc = (t[chunk].to(dtype).reshape(c * n, seq, t.shape[-1])
-                                     for t in (q, k, v, grad_out, delta))
-                qs, ks = qc * scale, kc * scale
-                mask = rates_bias(rates[chunk], distance).reshape(c * n, seq, seq)
-                p = torch.baddbmm(mask, qs, kc.transpose(-1, -2)).softmax(-1)
-                dv[chunk] = torch.bmm(p.transpose(-1, -2), g).view(c, n, seq, d)
-                ds = torch.bmm(g, vc.transpose(-1, -2)).sub_(dc).mul_(p)  # dS = P * (dP - delta)
-                dq[chunk] = torch.bmm(ds, ks).view(c, n, seq, d)
-                dk[chunk] = torch.bmm(ds.transpose(-1, -2), qs).view(c, n, seq, d)
-                ds.mul_(distance)
-                grad_rates[chunk] = (ds.sum(-1) + ds.sum(-2)).view(c, n, seq)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), grad_rates, None
+@dense_rates_attention.register_fake
+def _dense_rates_attention_fake(q: Tensor, k: Tensor, v: Tensor, rates: Tensor, distance: Tensor) -> Tensor:
+    b, n, seq, d = q.shape
+    return q.new_empty((b, seq, n, d)).transpose(1, 2)
+
+
+@torch.library.custom_op("sdt_diffusion::dense_rates_attention_backward", mutates_args=())
+def dense_rates_attention_backward(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, rates: Tensor, distance: Tensor, out: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (dq, dk, dv, d rates) of :func:`dense_rates_attention`.
+
+    Recomputes ``P = softmax(Q K^T / sqrt(d) + M)``; ``dS = P * (dP - rowsum(dO * O))`` gives dq, dk, dv and
+    ``da_i = sum_j dS[i, j] d(i, j) + sum_j dS[j, i] d(j, i)``.  Works on a few samples at a time
+    (:data:`DENSE_CHUNK_ELEMENTS`); dq, dk, dv come back token-major, the layout of the projection that
+    produced q, k and v.
+    """
+    b, n, seq, d = q.shape
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    scale = 1.0 / math.sqrt(d)
+    with torch.autocast(q.device.type, enabled=False):
+        delta = (grad_out.to(dtype) * out.to(dtype)).sum(-1, keepdim=True)  # rowsum(dO * O), (B, N, L, 1)
+        dq, dk, dv = (q.new_empty((b, seq, n, d), dtype=dtype).transpose(1, 2) for _ in range(3))
+        grad_rates = rates.new_empty((b, n, seq))
+        for chunk in _sample_chunks(b, n, seq):
+            c = len(range(b)[chunk])
+            # (c, N, L, .) -> (c * N, L, .), a copy only when c > 1
+            qc, kc, vc, g, dc = (t[chunk].to(dtype).reshape(c * n, seq, t.shape[-1])
+                                 for t in (q, k, v, grad_out, delta))
+            qs, ks = qc * scale, kc * scale
+            mask = rates_bias(rates[chunk], distance).reshape(c * n, seq, seq)
+            p = torch.baddbmm(mask, qs, kc.transpose(-1, -2)).softmax(-1)
+            dv[chunk] = torch.bmm(p.transpose(-1, -2), g).view(c, n, seq, d)
+            ds = torch.bmm(g, vc.transpose(-1, -2)).sub_(dc).mul_(p)  # dS = P * (dP - delta)
+            dq[chunk] = torch.bmm(ds, ks).view(c, n, seq, d)
+            dk[chunk] = torch.bmm(ds.transpose(-1, -2), qs).view(c, n, seq, d)
+            ds.mul_(distance)
+            grad_rates[chunk] = (ds.sum(-1) + ds.sum(-2)).view(c, n, seq)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), grad_rates
+
+
+@dense_rates_attention_backward.register_fake
+def _dense_rates_attention_backward_fake(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, rates: Tensor, distance: Tensor, out: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    b, n, seq, d = q.shape
+    dq, dk, dv = (t.new_empty((b, seq, n, d)).transpose(1, 2) for t in (q, k, v))
+    return dq, dk, dv, rates.new_empty((b, n, seq))
+
+
+def _dense_setup_context(ctx, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+    ctx.save_for_backward(*inputs, output)
+
+
+def _dense_backward(ctx, grad_out: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, None]:
+    q, k, v, rates, distance, out = ctx.saved_tensors
+    return (*dense_rates_attention_backward(grad_out, q, k, v, rates, distance, out), None)
+
+
+dense_rates_attention.register_autograd(_dense_backward, setup_context=_dense_setup_context)
 
 
 def dense_attention(q: Tensor, k: Tensor, v: Tensor, decay: DecayInputs) -> Tensor:
     """Dense bias at head width d with a recomputing backward (``cdsf``); SDPA with the bias otherwise.
 
-    For CDSF the bias ``(a_i + a_j) d(i, j)`` goes to SDPA's fused kernel as a mask and the backward is
-    :class:`_DenseRatesAttention`'s (no L x L tensor kept between forward and backward; the L x L work is
-    done in the backward, one sample at a time).  ``fixed`` and ``none`` have a bias without gradient,
+    For CDSF the bias ``(a_i + a_j) d(i, j)`` goes to SDPA's fused kernel as a mask and the backward
+    recomputes the probabilities (:func:`dense_rates_attention`: no L x L tensor kept between forward and
+    backward; the L x L work is done a few samples at a time).  ``fixed`` and ``none`` have a bias without gradient,
     which SDPA's fused kernels take forward and backward; the other modes run :func:`sdpa_attention`.
     Cheaper than ``augmented`` (width d instead of d + 1 + 2T) while the (N, L, L) working set is small
     (:func:`auto_backend_name`).
@@ -221,9 +251,7 @@ def dense_attention(q: Tensor, k: Tensor, v: Tensor, decay: DecayInputs) -> Tens
     if distance is None:
         distance = eq.manhattan_distance(decay.height, decay.width, q.device)
     distance = distance.to(rates.dtype)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, rates)):
-        return _DenseRatesAttention.apply(q, k, v, rates, distance)
-    return _dense_rates_forward(q, k, v, rates, distance)
+    return dense_rates_attention(q, k, v, rates, distance)
 
 
 # ------------------------------------------------------------------------------------- flex
