@@ -328,8 +328,8 @@ def available_backends() -> tuple[str, ...]:
     return (*ATTENTION_BACKENDS, "auto")
 
 
-# On CPU the ``dense`` backend beat ``augmented`` at every size measured (S/2 heads, fwd+bwd: 1.7x faster at
-# 256 tokens, 2.0x at 576, 2.1x at 1024; benchmarks/RESULTS.md); its backward holds a few (N, L, L) tensors
+# On CPU the ``dense`` backend beat ``augmented`` at every size measured (S/2 heads, fwd+bwd: 1.6x faster at
+# 256 tokens, 2.1x at 576, 2.2x at 1024; benchmarks/RESULTS.md); its backward holds a few (N, L, L) tensors
 # per sample (25 MiB each for 6 heads at 1024 tokens), so above this many tokens `auto` keeps the O(L) form.
 DENSE_MAX_TOKENS_CPU = 1024
 
