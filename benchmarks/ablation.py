@@ -91,13 +91,18 @@ def variants_from(names: list[str], alphas: list[float] | None) -> list[Variant]
 
 
 # ------------------------------------------------------------------------------------------ digits
-def digits_model_kwargs(variant: Variant) -> tuple[str, dict]:
-    """The demo's model shape (4 layers, 4 heads x 32, 1x1 patches on 8x8 digits) for ``variant``."""
-    preset, extra = variant.model("S", 2)
-    base = dict(DEMO_MODEL_KWARGS)
+def merged_kwargs(variant: Variant, base: dict, extra: dict) -> dict:
+    """``base`` config fields, then the user's ``extra``, then the variant's own; SDT-only fields dropped for DiT."""
+    merged = {**base, **extra}
     if variant.name == "dit":
-        base = {k: v for k, v in base.items() if k not in SDT_ONLY_FIELDS}
-    return preset, {**base, **extra}
+        merged = {k: v for k, v in merged.items() if k not in SDT_ONLY_FIELDS}
+    return merged
+
+
+def digits_model_kwargs(variant: Variant, extra: dict | None = None) -> tuple[str, dict]:
+    """The demo's model shape (4 layers, 4 heads x 32, 1x1 patches on 8x8 digits) for ``variant``."""
+    preset, own = variant.model("S", 2)
+    return preset, {**merged_kwargs(variant, DEMO_MODEL_KWARGS, extra or {}), **own}
 
 
 def score_digits(pipeline_dir: Path, data: DigitData, judge, per_class: int, steps: int, guidance: float,
@@ -139,7 +144,7 @@ def run_training(cmd: list[str], log: Path) -> float:
 def digits_run(variant: Variant, seed: int, args: argparse.Namespace, data: DigitData, judge) -> dict:
     run_dir = Path(args.output_dir) / variant.folder / f"seed-{seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    preset, kwargs = digits_model_kwargs(variant)
+    preset, kwargs = digits_model_kwargs(variant, args.model_kwargs)
     recipe = argparse.Namespace(steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
                                 ema_decay=args.ema_decay, seed=seed)
     cmd = train_command(data, run_dir, recipe, model=preset, model_kwargs=kwargs, run_dir=run_dir / "train")
@@ -153,7 +158,8 @@ def digits_run(variant: Variant, seed: int, args: argparse.Namespace, data: Digi
 def imagenet_run(variant: Variant, seed: int, args: argparse.Namespace) -> dict:
     run_dir = Path(args.output_dir) / variant.folder / f"seed-{seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    preset, kwargs = variant.model(args.model_size, args.patch_size)
+    preset, own = variant.model(args.model_size, args.patch_size)
+    kwargs = {**merged_kwargs(variant, {}, args.model_kwargs), **own}
     launcher = shlex.split(args.launcher) if args.launcher else [sys.executable, "-m", "accelerate.commands.launch"]
     cmd = [*launcher, "-m", "sdt_diffusion.training.trainer", "--model", preset, "--model-kwargs", json.dumps(kwargs),
            "--latents-dir", args.latents_dir, "--global-batch-size", str(args.batch_size),
@@ -170,7 +176,7 @@ def imagenet_run(variant: Variant, seed: int, args: argparse.Namespace) -> dict:
                       "--num-samples", str(args.fid_samples), "--guidance-scale", str(args.guidance_scale),
                       "--seed", str(seed), "--output", str(samples)]
         run_training(sample_cmd, run_dir / "sample.log")
-        metrics = compute_metrics(str(samples), args.fid_reference)
+        metrics = compute_metrics(str(samples), args.fid_reference, inception_weights=args.inception_weights)
         result.update({k: metrics.get(k) for k in ("fid", "sfid", "inception_score", "precision", "recall")})
     return result
 
@@ -200,6 +206,17 @@ def markdown(table: dict, keys: list[str], names: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+def json_object(text: str) -> dict:
+    """``--model-kwargs``: a JSON object of config fields."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object of config fields, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), help=f"any of {list(VARIANTS)}")
@@ -209,10 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--learning-rate", type=float, default=2e-3)
     p.add_argument("--ema-decay", type=float, default=0.99)
-    p.add_argument("--samples-per-class", type=int, default=50)
+    p.add_argument("--samples-per-class", type=int, default=30,
+                   help="guided samples per class that the judge scores (the demo's number)")
     p.add_argument("--sample-steps", type=int, default=100)
     p.add_argument("--guidance-scale", type=float, default=5.0)
     p.add_argument("--output-dir", default="outputs/ablation")
+    p.add_argument("--model-kwargs", type=json_object, default={},
+                   help="JSON config overrides for every variant, e.g. '{\"attention_backend\": \"flex\"}' "
+                        "(SDT-only fields are dropped for DiT)")
     g = p.add_argument_group("ImageNet (GPUs)")
     g.add_argument("--latents-dir", help="train on this latent cache (training/extract_latents.py) instead of digits")
     g.add_argument("--eval-data-dir", help="held-out image folder for the held-out loss")
@@ -221,11 +242,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--launcher", help='e.g. "accelerate launch --multi_gpu --num_processes 8"')
     g.add_argument("--fid-reference", help="ADM reference batch npz: sample and score FID-N per run")
     g.add_argument("--fid-samples", type=int, default=50000)
+    g.add_argument("--inception-weights", help="local Inception-V3 state dict (default: torch-fidelity's download)")
     return p
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.fid_reference and args.fid_samples < 10:  # checked before any training, not after it
+        parser.error(f"--fid-samples must be at least 10 (the Inception Score's 10 splits), got {args.fid_samples}")
+    if args.fid_reference and not args.latents_dir:
+        parser.error("--fid-reference scores ImageNet runs: give --latents-dir too (the digits are scored by the judge)")
     variants = variants_from(args.variants, args.alphas)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)

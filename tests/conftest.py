@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch_fidelity.feature_extractor_inceptionv3 as fe
 from diffusers import AutoencoderKL
+from torch import nn
 
 from sdt_diffusion import SDTTransformer2DModel
 
@@ -51,3 +53,26 @@ def tiny_transformer() -> SDTTransformer2DModel:
 @pytest.fixture
 def tiny_vae():
     return make_tiny_vae()
+
+
+def make_random_inception_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+    """inception-v3-compat with Kaiming convs, BN statistics calibrated on random images, a spread-out fc."""
+    with pytest.MonkeyPatch.context() as mp:  # build the architecture without loading any weights
+        mp.setattr(fe, "load_state_dict_from_url", lambda *a, **k: {})
+        mp.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
+        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"])
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.Conv2d):
+                fan_in = m.weight[0].numel()
+                m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * (2.0 / fan_in) ** 0.5)
+            elif isinstance(m, nn.BatchNorm2d):
+                m.reset_running_stats()
+                m.momentum = None  # cumulative average: one batch sets the statistics
+        net.fc.weight.copy_(torch.randn(net.fc.weight.shape, generator=gen) * 0.05)
+        net.fc.bias.zero_()
+        net.train()
+        net((torch.rand(4, 3, 32, 32, generator=gen) * 255).to(torch.uint8))  # calibrate BN statistics
+    net.eval()
+    return net.state_dict()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -50,3 +51,79 @@ def test_unknown_variant_is_refused():
     ablation = _load()
     with pytest.raises(SystemExit, match="unknown --variants"):
         ablation.main(["--variants", "cdsf", "rmt"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--latents-dir", "cache", "--fid-reference", "ref.npz", "--fid-samples", "5"], "--fid-samples must be at least 10"),
+    (["--fid-reference", "ref.npz"], "give --latents-dir too"),
+])
+def test_fid_settings_are_checked_before_any_training(argv, message, tmp_path, capsys):
+    ablation = _load()
+    with pytest.raises(SystemExit):
+        ablation.main([*argv, "--output-dir", str(tmp_path / "runs")])
+    assert message in capsys.readouterr().err and not (tmp_path / "runs").exists()
+
+
+def test_model_kwargs_must_be_a_json_object(capsys):
+    ablation = _load()
+    with pytest.raises(SystemExit):
+        ablation.main(["--model-kwargs", "[1, 2]"])
+    assert "must be a JSON object" in capsys.readouterr().err
+
+
+def test_user_overrides_apply_to_every_variant_but_sdt_fields_skip_dit():
+    ablation = _load()
+    extra = {"num_layers": 2, "gate_rank": 2}
+    _, dit = ablation.digits_model_kwargs(ablation.Variant("dit"), extra)
+    _, cdsf = ablation.digits_model_kwargs(ablation.Variant("cdsf", 0.2), extra)
+    assert dit["num_layers"] == cdsf["num_layers"] == 2 and "gate_rank" not in dit and "decay_mode" not in dit
+    assert (cdsf["gate_rank"], cdsf["decay_mode"], cdsf["alpha"]) == (2, "cdsf", 0.2)
+
+
+@pytest.mark.slow
+def test_imagenet_path_trains_on_a_latent_cache_samples_and_scores_fid(tmp_path):
+    """The GPU recipe's code path at toy size on the CPU: latent cache -> trainer -> eval sampler -> metrics."""
+    import subprocess
+
+    import numpy as np
+    import torch
+    from conftest import make_random_inception_state_dict, make_tiny_vae
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(("red thing", "blue thing")):
+        (tmp_path / "images" / name).mkdir(parents=True)
+        for i in range(4):
+            img = np.clip(rng.normal(60, 30, (16, 16, 3)) + np.eye(3)[2 * c] * 150, 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(tmp_path / "images" / name / f"{i}.png")
+    make_tiny_vae().save_pretrained(tmp_path / "vae")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines",
+              "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    extract = subprocess.run([*launch, str(ABLATION.parents[1] / "training" / "extract_latents.py"), "--data-dir", str(tmp_path / "images"),
+                              "--vae", str(tmp_path / "vae"), "--resolution", "16", "--output-dir",
+                              str(tmp_path / "cache"), "--dtype", "float32", "--num-workers", "0"],
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert extract.returncode == 0 and (tmp_path / "cache" / "metadata.json").exists(), extract.stderr[-3000:]
+    np.savez(tmp_path / "ref.npz", arr_0=rng.integers(0, 256, (10, 16, 16, 3), dtype=np.uint8))
+    torch.save(make_random_inception_state_dict(), tmp_path / "inception.pth")
+
+    ablation = _load()
+    tiny = {"num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 8, "gate_rank": 4, "lpe_kernel_size": 3}
+    table = ablation.main(["--latents-dir", str(tmp_path / "cache"), "--model-size", "S", "--patch-size", "2",
+                           "--model-kwargs", json.dumps(tiny), "--variants", "dit", "cdsf", "--seeds", "0",
+                           "--steps", "2", "--batch-size", "4", "--launcher", " ".join(launch),
+                           "--fid-reference", str(tmp_path / "ref.npz"), "--fid-samples", "10",
+                           "--inception-weights", str(tmp_path / "inception.pth"), "--output-dir",
+                           str(tmp_path / "runs")])
+    assert list(table) == ["dit", "cdsf"]
+    for variant in ("dit", "cdsf"):
+        row = json.loads((tmp_path / "runs" / variant / "seed-0" / "result.json").read_text())
+        assert row["fid"] is not None and np.isfinite(row["fid"]) and row["fid"] > 0
+        assert row["inception_score"] is not None and row["inception_score"] >= 1.0
+        with np.load(tmp_path / "runs" / variant / "seed-0" / "samples.npz") as samples:
+            assert samples["arr_0"].shape == (10, 16, 16, 3) and samples["arr_0"].dtype == np.uint8
+    config = json.loads((tmp_path / "runs" / "dit" / "seed-0" / "train" / "checkpoint-2" / "training_state.json")
+                        .read_text())["model_config"]
+    assert config["_class_name"] == "DiTTransformer2DModel" and config["num_layers"] == 1
+    assert "FID" in (tmp_path / "runs" / "ablation.md").read_text()

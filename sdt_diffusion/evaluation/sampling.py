@@ -443,3 +443,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{parser.prog}: error: {e}", file=sys.stderr, flush=True)
         return 1
     return 0
+
+
+if __name__ == "__main__":  # python -m sdt_diffusion.evaluation.sampling (what benchmarks/ablation.py launches)
+    sys.exit(main())
