@@ -13,11 +13,11 @@ of the demo's judge network (a small-scale proxy, NOT ImageNet FID).
     python benchmarks/ablation.py --variants cdsf --alphas 0.05 0.1 0.2 --seeds 0 1 2 --output-dir outputs/alpha
 
 On ImageNet (GPUs; the paper's Table 3-4 ablation with real FID through ``eval/``): point it at a latent
-cache and a model size, give the launcher, the reference batch and the number of samples:
+cache and a model size, give the launcher, the reference batch and the number of samples; the defaults are
+then DiT's recipe (400K steps, batch 256, lr 1e-4, EMA 0.9999) and its FID guidance 1.5:
 
     python benchmarks/ablation.py --latents-dir data/imagenet256-latents --model-size B --patch-size 2 \\
-        --variants dit none fixed cdsf --seeds 0 --steps 400000 --batch-size 256 --learning-rate 1e-4 \\
-        --ema-decay 0.9999 --launcher "accelerate launch --multi_gpu --num_processes 8" \\
+        --variants dit none fixed cdsf --seeds 0 --launcher "accelerate launch --multi_gpu --num_processes 8" \\
         --fid-reference data/ref/VIRTUAL_imagenet256_labeled.npz --fid-samples 50000 --output-dir runs/ablation
 
 A finished run (its ``result.json``) is never trained again: rerun the same command after an interruption
@@ -206,6 +206,21 @@ def markdown(table: dict, keys: list[str], names: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+# The defaults of each mode: the demo's recipe on the digits, DiT's recipe and FID guidance on ImageNet.
+MODE_DEFAULTS = {
+    "digits": {"steps": 600, "batch_size": 64, "learning_rate": 2e-3, "ema_decay": 0.99, "guidance_scale": 5.0},
+    "imagenet": {"steps": 400_000, "batch_size": 256, "learning_rate": 1e-4, "ema_decay": 0.9999, "guidance_scale": 1.5},
+}
+
+
+def fill_mode_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the recipe flags left unset with the defaults of the mode (ImageNet with ``--latents-dir``)."""
+    for field, value in MODE_DEFAULTS["imagenet" if args.latents_dir else "digits"].items():
+        if getattr(args, field) is None:
+            setattr(args, field, value)
+    return args
+
+
 def json_object(text: str) -> dict:
     """``--model-kwargs``: a JSON object of config fields."""
     try:
@@ -222,14 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), help=f"any of {list(VARIANTS)}")
     p.add_argument("--alphas", nargs="+", type=float, help="CDSF alpha values (rows 'cdsf (alpha=...)')")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--learning-rate", type=float, default=2e-3)
-    p.add_argument("--ema-decay", type=float, default=0.99)
+    p.add_argument("--steps", type=int, help="training steps per run (digits: 600; ImageNet: DiT's 400000)")
+    p.add_argument("--batch-size", type=int, help="global batch (digits: 64; ImageNet: DiT's 256)")
+    p.add_argument("--learning-rate", type=float, help="AdamW lr (digits: 2e-3; ImageNet: DiT's 1e-4)")
+    p.add_argument("--ema-decay", type=float, help="EMA decay (digits: 0.99; ImageNet: DiT's 0.9999)")
     p.add_argument("--samples-per-class", type=int, default=30,
                    help="guided samples per class that the judge scores (the demo's number)")
     p.add_argument("--sample-steps", type=int, default=100)
-    p.add_argument("--guidance-scale", type=float, default=5.0)
+    p.add_argument("--guidance-scale", type=float,
+                   help="classifier-free guidance of the scored samples (digits: 5, the demo's; ImageNet: 1.5, DiT's FID)")
     p.add_argument("--output-dir", default="outputs/ablation")
     p.add_argument("--model-kwargs", type=json_object, default={},
                    help="JSON config overrides for every variant, e.g. '{\"attention_backend\": \"flex\"}' "
@@ -249,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
+    fill_mode_defaults(args)
     if args.fid_reference and args.fid_samples < 10:  # checked before any training, not after it
         parser.error(f"--fid-samples must be at least 10 (the Inception Score's 10 splits), got {args.fid_samples}")
     if args.fid_reference and not args.latents_dir:

@@ -64,6 +64,16 @@ def test_fid_settings_are_checked_before_any_training(argv, message, tmp_path, c
     assert message in capsys.readouterr().err and not (tmp_path / "runs").exists()
 
 
+def test_recipe_defaults_follow_the_mode():
+    ablation = _load()
+    digits = ablation.fill_mode_defaults(ablation.build_parser().parse_args([]))
+    imagenet = ablation.fill_mode_defaults(ablation.build_parser().parse_args(["--latents-dir", "c", "--steps", "9"]))
+    assert (digits.steps, digits.batch_size, digits.learning_rate, digits.ema_decay, digits.guidance_scale) == (
+        600, 64, 2e-3, 0.99, 5.0)
+    assert (imagenet.steps, imagenet.batch_size, imagenet.learning_rate, imagenet.ema_decay,
+            imagenet.guidance_scale) == (9, 256, 1e-4, 0.9999, 1.5)
+
+
 def test_model_kwargs_must_be_a_json_object(capsys):
     ablation = _load()
     with pytest.raises(SystemExit):
