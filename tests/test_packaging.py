@@ -97,3 +97,14 @@ def test_import_optional_keeps_errors_inside_an_installed_package(monkeypatch):
     with pytest.raises(ModuleNotFoundError, match="other") as info:
         import_optional("sdt_test_pkg", "eval")
     assert "sdt-diffusion" not in str(info.value)
+
+
+def test_every_library_module_with_a_main_runs_under_python_m():
+    """Scripts and benchmarks launch library modules with ``python -m``: a module whose ``main`` is never called
+    there would import, do nothing and exit 0 (as the FID sampler once did under benchmarks/ablation.py)."""
+    import re
+
+    package = REPO / "sdt_diffusion"
+    silent = [str(path.relative_to(package)) for path in sorted(package.rglob("*.py"))
+              if re.search(r"^def main\(", path.read_text(), re.M) and "__main__" not in path.read_text()]
+    assert silent == []

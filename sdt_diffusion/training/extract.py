@@ -215,3 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"extract_latents.py: error: {e}", file=sys.stderr, flush=True)
         return 2
     return 0
+
+
+if __name__ == "__main__":  # python -m sdt_diffusion.training.extract, as training/extract_latents.py
+    sys.exit(main())
