@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from ..models.registry import all_presets, model_class_of
+from ..utils.errors import ConfigError
 
 __all__ = [
     "ConfigError",
@@ -47,10 +48,6 @@ __all__ = [
 REPORT_TO = ("tensorboard", "wandb", "all", "none")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 MAX_SEED = 2**31 - 1  # numpy's global seed must stay below 2**32 after accelerate adds the process index
-
-
-class ConfigError(ValueError):
-    """A bad flag, flag combination or config file; raised before any compute starts."""
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
