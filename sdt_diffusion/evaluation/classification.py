@@ -38,7 +38,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 from tqdm.auto import tqdm
 from transformers import AutoModelForImageClassification
 
-from ..models.sdt_h import IMAGENET_MEAN, IMAGENET_STD, SDT_H_PRESETS
+from ..models.sdt_h import IMAGENET_MEAN, IMAGENET_STD, PRESET_OF_TIMM_NAME, SDT_H_PRESETS
 from ..utils.files import atomic_write_text
 from ..utils.optional import import_optional
 from ..utils.runtime import default_device
@@ -376,8 +376,8 @@ def _timm_info(model: torch.nn.Module, kind_config: dict[str, Any]) -> dict[str,
 
 def _preset_defaults(architecture: str | None) -> dict[str, Any]:
     """The preset arguments behind a timm SDT-H name (``sdt_h_tiny`` ...), else nothing."""
-    names = {"sdt_h_tiny": "SDT-H-T", "sdt_h_small": "SDT-H-S", "sdt_h_base": "SDT-H-B"}
-    return dict(SDT_H_PRESETS[names[architecture]]) if architecture in names else {}
+    preset = PRESET_OF_TIMM_NAME.get(architecture or "")
+    return dict(SDT_H_PRESETS[preset]) if preset is not None else {}
 
 
 def _load_timm_folder(folder: Path, config: dict[str, Any]) -> LoadedClassifier:

@@ -68,6 +68,11 @@ STAGE_FIELDS = ("embed_dims", "depths", "num_heads", "mlp_ratios", "decay_modes"
                 "fixed_decay_ranges")
 
 
+# timm's names of the presets (``timm.create_model("sdt_h_tiny")``), one table for every caller.
+TIMM_NAMES: dict[str, str] = {"SDT-H-T": "sdt_h_tiny", "SDT-H-S": "sdt_h_small", "SDT-H-B": "sdt_h_base"}
+PRESET_OF_TIMM_NAME: dict[str, str] = {timm_name: preset for preset, timm_name in TIMM_NAMES.items()}
+
+
 def sdt_h_preset(name: str) -> dict[str, Any]:
     """The keyword arguments of preset ``name`` (``"SDT-H-T"``, ``"SDT-H-S"``, ``"SDT-H-B"``)."""
     if name not in SDT_H_PRESETS:
@@ -599,7 +604,9 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "SDTH",
+    "PRESET_OF_TIMM_NAME",
     "SDT_H_PRESETS",
+    "TIMM_NAMES",
     "count_parameters",
     "init_sdt_h_module",
     "sdt_h_extra_parameters",

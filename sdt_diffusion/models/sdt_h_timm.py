@@ -17,9 +17,7 @@ from typing import Any
 
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from .sdt_h import IMAGENET_MEAN, IMAGENET_STD, SDTH, sdt_h_preset
-
-TIMM_NAMES: dict[str, str] = {"sdt_h_tiny": "SDT-H-T", "sdt_h_small": "SDT-H-S", "sdt_h_base": "SDT-H-B"}
+from .sdt_h import IMAGENET_MEAN, IMAGENET_STD, PRESET_OF_TIMM_NAME, SDTH, sdt_h_preset
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
@@ -41,7 +39,7 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
     }
 
 
-default_cfgs = generate_default_cfgs({name: _cfg() for name in TIMM_NAMES})
+default_cfgs = generate_default_cfgs({name: _cfg() for name in PRESET_OF_TIMM_NAME})
 
 
 def _sdt_h_from_timm_kwargs(num_classes: int = 1000, in_chans: int = 3, global_pool: str = "avg", **kwargs: Any) -> SDTH:
@@ -55,7 +53,7 @@ def _sdt_h_from_timm_kwargs(num_classes: int = 1000, in_chans: int = 3, global_p
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> SDTH:
-    arch = {**sdt_h_preset(TIMM_NAMES[variant]), **kwargs}
+    arch = {**sdt_h_preset(PRESET_OF_TIMM_NAME[variant]), **kwargs}
     out_indices = arch.pop("out_indices", (0, 1, 2, 3))
     return build_model_with_cfg(
         _sdt_h_from_timm_kwargs, variant, pretrained,
@@ -82,4 +80,4 @@ def sdt_h_base(pretrained: bool = False, **kwargs: Any) -> SDTH:
     return _create("sdt_h_base", pretrained, **kwargs)
 
 
-__all__ = ["TIMM_NAMES", "default_cfgs", "sdt_h_base", "sdt_h_small", "sdt_h_tiny"]
+__all__ = ["default_cfgs", "sdt_h_base", "sdt_h_small", "sdt_h_tiny"]

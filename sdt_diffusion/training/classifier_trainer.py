@@ -69,6 +69,7 @@ from ..models.sdt_h import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     SDTH,
+    TIMM_NAMES,
     check_sdt_h_args,
     sdt_h_preset,
 )
@@ -140,7 +141,6 @@ logger = logging.getLogger("sdt_diffusion.training")
 
 MODEL_DIR = "model"  # the export: a transformers folder, with timm's format in model/timm
 BEST_DIR = "best"  # the best evaluated weights so far: weights.safetensors + best.json
-TIMM_NAMES = {"SDT-H-T": "sdt_h_tiny", "SDT-H-S": "sdt_h_small", "SDT-H-B": "sdt_h_base"}
 LossHook = Callable[[int, torch.Tensor], torch.Tensor]
 """``hook(step, loss) -> loss``: sees (and may replace) each micro-batch's loss of ``step`` (1-based) before the
 backward pass (to observe it, or to inject a fault in a test)."""
