@@ -36,9 +36,10 @@ from sdt_diffusion.evaluation.classification import (
 )
 from sdt_diffusion.models.sdt_h import SDT_H_PRESETS
 from sdt_diffusion.training import classifier_trainer as T
+from sdt_diffusion.training import engine
 from sdt_diffusion.training.checkpointing import list_checkpoints
 from sdt_diffusion.training.classifier_config import (
-    AugmentSpec,
+    model_overrides,
     parse_args,
     scaled_learning_rate,
     settings_from_args,
@@ -105,7 +106,7 @@ def _reset_accelerate() -> None:
     GradientState._reset_state()
 
 
-def _train(argv: list[str], **kwargs) -> T.ClassifierResult:
+def _train(argv: list[str], **kwargs) -> engine.TrainResult:
     try:
         return T.train_classifier(parse_args(argv), **kwargs)
     finally:
@@ -131,10 +132,11 @@ def _hashes(folder: Path) -> dict[str, str]:
 # ------------------------------------------------------------------------------------------------ recipe
 def test_recipe_defaults_are_the_papers(data, tmp_path):
     s = settings_from_args(parse_args(["--data-dir", str(data["train"]), "--output-dir", str(tmp_path)]))
-    r, a = s.recipe, s.augment
-    assert (s.preset, s.resolution, s.global_batch_size) == ("SDT-H-T", 224, 1024)
-    assert (r.learning_rate, r.lr_base_batch, r.weight_decay, r.epochs, r.warmup_epochs) == (1e-3, 1024, 0.05, 300, 5)
-    assert (r.min_lr, r.warmup_lr, r.adam_eps, r.max_grad_norm, r.ema_decay) == (1e-5, 1e-6, 1e-8, None, 0.99996)
+    o, r, a = s.optim, s.schedule, s.augment
+    assert (s.model.model, s.data.resolution, s.run.global_batch_size) == ("SDT-H-T", 224, 1024)
+    assert (o.learning_rate, r.lr_base_batch, o.weight_decay, r.epochs, r.warmup_epochs) == (1e-3, 1024, 0.05, 300, 5)
+    assert (r.min_lr, r.warmup_lr, r.adam_eps, o.max_grad_norm, o.ema_decay) == (1e-5, 1e-6, 1e-8, None, 0.99996)
+    assert s.run.max_steps is None and s.checkpoints.checkpoint_every is None  # epochs decide; once per epoch
     assert (a.auto_augment, a.color_jitter, a.reprob, a.remode, a.mixup, a.cutmix) == (
         "rand-m9-mstd0.5-inc1", 0.4, 0.25, "pixel", 0.8, 1.0)
     assert (a.mixup_switch_prob, a.smoothing, a.repeated_aug, a.interpolation, a.hflip) == (0.5, 0.1, 3, "bicubic", 0.5)
@@ -146,7 +148,11 @@ def test_recipe_defaults_are_the_papers(data, tmp_path):
         assert T.resolve_model_config(s, 1000)["drop_path_rate"] == rate
     s = settings_from_args(parse_args(["--data-dir", str(data["train"]), "--output-dir", str(tmp_path),
                                        "--decay-modes", "fixed", "--alpha", "0.05"]))
-    assert s.model_kwargs == {"decay_modes": ("fixed",) * 4, "alpha": 0.05}
+    assert model_overrides(s) == {"decay_modes": ("fixed",) * 4, "alpha": 0.05}
+    for size in ("t", "s", "b"):  # the packaged size recipes
+        s = settings_from_args(parse_args(["--config", f"sdt-h-{size}", "--data-dir", str(data["train"]),
+                                           "--output-dir", str(tmp_path)]))
+        assert s.model.model == f"SDT-H-{size.upper()}" and s.optim.learning_rate == 1e-3
 
 
 def test_built_run_uses_the_recipe(data, tmp_path):
@@ -155,8 +161,9 @@ def test_built_run_uses_the_recipe(data, tmp_path):
                                                    "--learning-rate", "2e-3", "--lr-base-batch", "8")))
     accelerator = Accelerator(cpu=True)
     try:
-        plan = T.plan_classifier_run(settings, accelerator)
-        core = T.build_core(settings, plan, accelerator)
+        task = T.ClassifierTask()
+        plan = engine.plan_run(task, settings, accelerator)
+        core = task.build(settings, plan, accelerator)
     finally:
         _reset_accelerate()
     assert (plan.steps_per_epoch, plan.total_steps, plan.warmup_steps) == (6, 24, 6)
@@ -183,7 +190,8 @@ def test_built_run_uses_the_recipe(data, tmp_path):
 
 def test_augmentation_is_a_function_of_seed_epoch_and_image(data):
     images = open_labelled_images(data["train"])
-    ds = AugmentedImages(images, train_transform(32, AugmentSpec()), seed=3)
+    spec = settings_from_args(parse_args(["--data-dir", str(data["train"]), "--output-dir", "x"])).augment
+    ds = AugmentedImages(images, train_transform(32, spec), seed=3)
     before = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
     a, b = ds[(5, 0, 0)], ds[(5, 0, 0)]
     assert torch.equal(a["pixel_values"], b["pixel_values"]) and a["labels"] == b["labels"] == images.labels[5]

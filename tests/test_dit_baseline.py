@@ -73,7 +73,7 @@ def test_the_trainer_trains_resumes_exports_and_samples_dit(tmp_path):
     from accelerate.state import AcceleratorState, GradientState
     from PIL import Image
 
-    from sdt_diffusion.training.config import parse_args
+    from sdt_diffusion.training.diffusion_config import parse_args
     from sdt_diffusion.training.trainer import train
 
     data = tmp_path / "data"
@@ -116,8 +116,9 @@ def test_dit_refuses_sdt_only_flags(tmp_path):
     from accelerate.state import AcceleratorState, GradientState
     from PIL import Image
 
-    from sdt_diffusion.training.config import ConfigError, parse_args
+    from sdt_diffusion.training.diffusion_config import parse_args
     from sdt_diffusion.training.trainer import train
+    from sdt_diffusion.utils.errors import ConfigError
 
     (tmp_path / "d" / "a").mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(tmp_path / "d" / "a" / "0.png")

@@ -23,9 +23,10 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
 
-from sdt_diffusion.training import export, trainer
+from sdt_diffusion.training import engine, export, trainer
 from sdt_diffusion.training.checkpointing import DONE_FILE, STATE_FILE, list_checkpoints
-from sdt_diffusion.training.config import ConfigError, parse_args
+from sdt_diffusion.training.diffusion_config import parse_args
+from sdt_diffusion.utils.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = json.dumps({"num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 8, "gate_rank": 4,
@@ -144,8 +145,8 @@ def test_kill_9_at_a_random_step_then_resume_latest_equals_the_uninterrupted_run
     out = tmp_path / "run"
     kill_after = random.Random(time.time_ns()).randint(3, 5)  # a checkpoint exists once step 3 is logged
     print(f"kill -9 once step {kill_after} is logged")  # shown if the test fails
-    slow_steps = ("import time\nreal = trainer.train_step\n"
-                  "def slow(*a, **k):\n    time.sleep(0.15)\n    return real(*a, **k)\ntrainer.train_step = slow")
+    slow_steps = ("import time\nimport sdt_diffusion.training.engine as engine\nreal = engine.train_step\n"
+                  "def slow(*a, **k):\n    time.sleep(0.15)\n    return real(*a, **k)\nengine.train_step = slow")
     child = _child(_argv(data, out), slow_steps)
     deadline = time.time() + 120
     while time.time() < deadline and child.poll() is None:
@@ -228,14 +229,14 @@ def test_the_end_of_run_window_finishes_on_resume(data, reference, tmp_path, mon
             _train(_argv(data, out))
     assert (out / "checkpoint-6").is_dir() and not (out / DONE_FILE).exists()
     # --resume auto (job requeueing) finishes it too; a SIGTERM once the done record is written changes nothing
-    real_done = trainer.write_done
+    real_done = engine.write_done
 
     def done_then_sigterm(*args, **kwargs):
         real_done(*args, **kwargs)
         os.kill(os.getpid(), signal.SIGTERM)
 
     with monkeypatch.context() as m:
-        m.setattr(trainer, "write_done", done_then_sigterm)
+        m.setattr(engine, "write_done", done_then_sigterm)
         assert _main(_argv(data, out, "--resume", "auto")) == 0
     _assert_same_run(out, reference)
 
@@ -298,7 +299,7 @@ def test_a_tampered_checkpoint_file_is_refused_without_running_code(name, data, 
         assert _main(_argv(data, out, "--resume", "latest", "--allow-inexact-resume")) == 0
         assert not marker.exists()
     if name in (STATE_FILE, "ema.safetensors"):  # the checkpoint export reads these two
-        assert export.main([str(out / "checkpoint-4"), "--output", str(tmp_path / "pipe")]) == 2
+        assert export.main([str(out / "checkpoint-4"), "--output-dir", str(tmp_path / "pipe")]) == 2
         assert not marker.exists() and str(out / "checkpoint-4" / name) in capsys.readouterr().err
 
 
@@ -325,7 +326,7 @@ def test_pickled_state_files_are_never_read(data, reference, tmp_path, capsys):
     assert _main(_argv(data, legacy, "--resume", "latest")) == 2
     err = capsys.readouterr().err
     assert "earlier version" in err and "custom_checkpoint_0.pkl" in err and "sdt-export" in err, err
-    assert export.main([str(legacy / "checkpoint-2"), "--output", str(tmp_path / "pipe")]) == 2
+    assert export.main([str(legacy / "checkpoint-2"), "--output", str(tmp_path / "pipe")]) == 2  # old spelling
     assert "custom_checkpoint_0.pkl" in capsys.readouterr().err
     assert not marker.exists()
 

@@ -22,7 +22,6 @@ from PIL import Image
 from sdt_diffusion.training import diffusion as D
 from sdt_diffusion.training import export, plan, trainer
 from sdt_diffusion.training.checkpointing import latest_checkpoint, list_checkpoints
-from sdt_diffusion.training.config import ConfigError, load_yaml_config, parse_args
 from sdt_diffusion.training.data import (
     EpochSampler,
     ImageClassDataset,
@@ -31,8 +30,12 @@ from sdt_diffusion.training.data import (
     iterate_batches,
     load_image_source,
 )
+from sdt_diffusion.training.diffusion_config import build_parser, parse_args
+from sdt_diffusion.training.flags import load_yaml_config
 from sdt_diffusion.training.state_files import load_ema_file
-from sdt_diffusion.training.step import NonFiniteLossError, encode_batch
+from sdt_diffusion.training.step import NonFiniteLossError
+from sdt_diffusion.training.trainer import encode_batch
+from sdt_diffusion.utils.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = json.dumps({"num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 8, "gate_rank": 4,
@@ -299,7 +302,15 @@ def test_yaml_config_defaults_cli_overrides_and_unknown_keys(tmp_path):
         assert (a.max_steps, a.global_batch_size, a.learning_rate, a.ema_decay, a.resolution, a.weight_decay) == (
             400_000, 256, 1e-4, 0.9999, 256, 0.0)
         assert a.vae == "stabilityai/sd-vae-ft-ema" and a.model.startswith("SDT-P-") and a.data_dir == "x"
-        assert load_yaml_config(path)  # no unknown keys
+        assert load_yaml_config(path, build_parser())  # no unknown keys
+        by_name = parse_args(["--config", path.stem, "--data-dir", "x", "--output-dir", "y"])
+        assert {**vars(by_name), "config": None} == {**vars(a), "config": None}  # the packaged recipe, by name
+    # the recipes ship with the library: a packaged recipe by name, the same file as training/configs/
+    assert (REPO / "training" / "configs" / "sdt-p-xl2.yaml").resolve() == (
+        REPO / "sdt_diffusion" / "training" / "recipes" / "sdt-p-xl2.yaml")
+    # an old key spelling still works for one release, with a one-line warning
+    cfg.write_text("sample_guidance_scale: 2.5\n")
+    assert parse_args(["--config", str(cfg)]).guidance_scale == 2.5
 
 
 @pytest.fixture(scope="module")
@@ -426,7 +437,7 @@ def test_accelerate_launch_one_process_trains_logs_and_exports(data, tmp_path):
     assert num_updates == 4
     assert all(torch.equal(a, b) for a, b in zip(exported, shadow))
     # the checkpoint export (sdt-export) builds the same pipeline from the checkpoint and the run's VAE
-    assert export.main([str(out / "checkpoint-4"), "--output", str(tmp_path / "from_ckpt")]) == 0
+    assert export.main([str(out / "checkpoint-4"), "--output-dir", str(tmp_path / "from_ckpt")]) == 0
     from_ckpt = SDTPipeline.from_pretrained(str(tmp_path / "from_ckpt"))
     assert from_ckpt.id2label == pipe.id2label and from_ckpt.vae is not None
     assert from_ckpt.scheduler.config.variance_type == "learned_range"
@@ -622,7 +633,7 @@ def test_a_checkpoint_of_a_default_vae_run_exports_an_image_pipeline(default_vae
     assert state["vae"] == str(data["vae"].resolve()) and state["vae_subfolder"] is None
     target = tmp_path / "exported"
     proc = subprocess.run([sys.executable, str(REPO / "training" / "export_pipeline.py"),
-                           str(default_vae_run / "checkpoint-2"), "--output", str(target)],
+                           str(default_vae_run / "checkpoint-2"), "--output-dir", str(target)],
                           env={**os.environ, **OFFLINE, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -641,9 +652,9 @@ def test_a_checkpoint_of_a_default_vae_run_exports_an_image_pipeline(default_vae
         export.export_checkpoint(default_vae_run / "checkpoint-2", tmp_path / "pixels", vae="none")
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious" / "notes.txt").write_text("keep me")
-    assert export.main([str(default_vae_run / "checkpoint-2"), "--output", str(tmp_path / "precious")]) == 2
+    assert export.main([str(default_vae_run / "checkpoint-2"), "--output-dir", str(tmp_path / "precious")]) == 2
     assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"
-    assert export.main([str(default_vae_run), "--output", str(tmp_path / "x")]) == 2  # not a checkpoint
+    assert export.main([str(default_vae_run), "--output-dir", str(tmp_path / "x")]) == 2  # not a checkpoint
 
 
 def test_image_folder_loads_silently_with_the_folder_listing_as_class_ids(tmp_path, capfd):

@@ -2,8 +2,8 @@
 ``accelerate launch training/train_classifier.py --model SDT-H-T --data-dir .../train --eval-data-dir .../val
 --output-dir ...``.
 
-A thin wrapper around :func:`sdt_diffusion.training.classifier_trainer.cli`; see ``docs/training_sdt_h.md`` and
-``python training/train_classifier.py --help``.
+A thin wrapper around :func:`sdt_diffusion.training.classifier_trainer.cli` (also installed as
+``sdt-train-classifier``); see ``docs/training_sdt_h.md`` and ``python training/train_classifier.py --help``.
 """
 
 from sdt_diffusion.training.classifier_trainer import cli

@@ -1,28 +1,25 @@
-"""Training library behind ``training/train.py``, ``training/extract_latents.py`` and ``training/export_pipeline.py``
-(DiT's recipe for SDT-P).
+"""Training library behind ``training/train.py`` (``sdt-train``), ``training/train_classifier.py``
+(``sdt-train-classifier``), ``training/extract_latents.py`` (``sdt-extract-latents``) and
+``training/export_pipeline.py`` (``sdt-export``).
 
-Modules (imported on demand, so ``import sdt_diffusion`` stays light), in the order a run uses them:
+One engine runs every training task; a task supplies its plan, model, loss, evaluations and export.
+Modules (imported on demand, so ``import sdt_diffusion`` stays light):
 
-* ``config``: flags, YAML configs (``parse_args``), static validation (``ConfigError``) and the explicit
-  ``TrainSettings`` the steps below take;
-* ``data``: ADM centre crop, image folders / saved datasets, the latent cache, the seeded ``EpochSampler``;
-* ``plan``: the batch split, the data and its shapes, the model config and the resume point, checked
-  before any compute (``plan_run``);
-* ``diffusion``: the noise schedule and the hybrid loss (``normal_kl``, ``discretized_gaussian_log_likelihood``,
-  ``vlb_terms``, ``training_losses``);
-* ``ema``: DiT's constant-decay EMA;
-* ``step``: one optimizer step (``train_step``, ``NonFiniteLossError``);
-* ``heldout``: the held-out loss on a fixed set; ``tracking``: ``metrics.jsonl``, trackers;
-  ``signals``: SIGTERM/SIGINT as a stop request;
-* ``state_files``: the training state in formats that cannot carry code (safetensors, JSON);
-* ``checkpointing``: atomic, verified ``checkpoint-<step>`` folders, ``--resume`` resolution, pruning,
-  ``training_done.json``;
-* ``export``: the EMA ``SDTPipeline`` export (from a live run or a checkpoint: ``sdt-export``) and sample grids;
-* ``trainer``: ``train(args)`` and ``main(argv)``; ``extract``: ``extract_latents(args)`` and ``main(argv)``.
-
-The SDT-H classifier's trainer (``training/train_classifier.py``) reuses the pieces above and adds
-``classifier_config`` (flags and the paper's recipe), ``classifier_data`` (seeded timm augmentations, repeated
-augmentation, Mixup) and ``classifier_trainer`` (``train_classifier(args)`` and ``main(argv)``).
+* the engine: ``engine`` (the task interface, planning and resume checks, exact restore, the loop, checkpoints,
+  signals, the NaN stop, the command-line plumbing), ``step`` (one optimizer step), ``tracking``
+  (``metrics.jsonl``, trackers), ``signals``, ``state_files`` and ``checkpointing`` (atomic, code-free,
+  verified checkpoints), ``ema``;
+* settings: ``flags`` (flags generated from settings dataclasses, YAML recipes under ``--config``),
+  ``config`` (the settings every task shares, declared once), ``recipes/`` (the packaged recipes: SDT-P with
+  DiT's recipe and the paper's four sizes, SDT-H with the paper's recipe and its three sizes);
+* the diffusion task (SDT-P / DiT): ``diffusion_config`` (its flags), ``plan`` (data, VAE, model config),
+  ``data`` (ADM centre crop, image folders, the latent cache, the seeded ``EpochSampler``), ``diffusion`` (the
+  noise schedule and the hybrid loss), ``heldout`` (the held-out loss), ``export`` (the EMA ``SDTPipeline`` and
+  sample grids; ``sdt-export``), ``trainer`` (the task, ``train(args)``, ``main(argv)``), ``extract`` (the
+  latent cache);
+* the classification task (SDT-H): ``classifier_config`` (its flags), ``classifier_data`` (seeded timm
+  augmentations, repeated augmentation, Mixup), ``classifier_trainer`` (the task, ``train_classifier(args)``,
+  ``main(argv)``).
 """
 
 __all__ = [
@@ -33,9 +30,12 @@ __all__ = [
     "config",
     "data",
     "diffusion",
+    "diffusion_config",
     "ema",
+    "engine",
     "export",
     "extract",
+    "flags",
     "heldout",
     "plan",
     "signals",

@@ -197,7 +197,7 @@ def check_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
             raise ConfigError(
                 f"{path} was written by an earlier version of the trainer, which stored state in accelerate's "
                 f"pickle files ({', '.join(pickles)}); they are not loaded, because unpickling a file can run "
-                f"code. Export its EMA weights with `sdt-export {path} --output DIR` (read without unpickling "
+                f"code. Export its EMA weights with `sdt-export {path} --output-dir DIR` (read without unpickling "
                 f"code) or start a new run"
             )
         raise damaged(path, path / STATE_FILE, f"not an {CHECKPOINT_FORMAT} state (no 'format' field)")

@@ -13,7 +13,7 @@ import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from diffusers import AutoencoderKL
@@ -22,6 +22,7 @@ from PIL import Image
 from ..models.registry import build_transformer, learns_sigma
 from ..pipelines import SDTPipeline
 from ..schedulers import default_scheduler
+from ..utils.cli_args import add_deprecated_alias
 from ..utils.files import replace_dir
 from ..utils.images import make_labelled_grid
 from ..utils.labels import short_name
@@ -31,6 +32,7 @@ from .ema import EMA
 __all__ = [
     "build_export_parser",
     "checkpoint_vae",
+    "cli",
     "default_sample_classes",
     "ema_transformer",
     "export_checkpoint",
@@ -216,7 +218,8 @@ def build_export_parser() -> argparse.ArgumentParser:
         description="Export the EMA weights of a training checkpoint as an SDTPipeline folder (the input of "
                     "eval/sample.py and SDTPipeline.from_pretrained).")
     p.add_argument("checkpoint", help="a checkpoint folder, <output-dir>/checkpoint-<step>")
-    p.add_argument("--output", required=True, help="the pipeline folder to write")
+    p.add_argument("--output-dir", default=None, help="the pipeline folder to write (required)")
+    add_deprecated_alias(p, "--output", "--output-dir")
     p.add_argument("--vae", default=None,
                    help="AutoencoderKL folder or hub id, or 'none' for pixel space (default: the VAE the run used)")
     p.add_argument("--vae-subfolder", default=None, help="subfolder of --vae")
@@ -227,8 +230,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit code (0 ok, 2 bad input)."""
     parser = build_export_parser()
     args = parser.parse_args(argv)
+    if not args.output_dir:
+        parser.error("the following arguments are required: --output-dir")
     try:
-        path = export_checkpoint(args.checkpoint, args.output, args.vae, args.vae_subfolder)
+        path = export_checkpoint(args.checkpoint, args.output_dir, args.vae, args.vae_subfolder)
     except (ValueError, OSError) as e:  # ConfigError is a ValueError; FileNotFoundError an OSError
         print(f"{parser.prog}: error: {e}", file=sys.stderr, flush=True)
         return 2
@@ -236,5 +241,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> NoReturn:
+    """Process entry point (``sdt-export``, ``training/export_pipeline.py``, ``python -m
+    sdt_diffusion.training.export``)."""
     raise SystemExit(main())
+
+
+if __name__ == "__main__":
+    cli()

@@ -24,7 +24,7 @@ import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -35,12 +35,13 @@ from tqdm.auto import tqdm
 from ..models.vae import vae_downsampling_factor, vae_scaling_factor
 from ..utils.files import atomic_write_text, check_writable
 from ..utils.runtime import cpu_multiprocess, enable_tf32
-from .config import ConfigError, HelpFormatter
+from .config import ConfigError
 from .data import CACHE_FORMAT, CACHE_VERSION, ImageClassDataset, class_names_to_id2label, load_image_source
 from .export import load_vae
+from .flags import HelpFormatter
 from .plan import DEFAULT_VAE, vae_config, vae_reference
 
-__all__ = ["build_extract_parser", "extract_latents", "main"]
+__all__ = ["build_extract_parser", "cli", "extract_latents", "main"]
 
 logger = logging.getLogger("sdt_diffusion.training.extract")
 
@@ -217,5 +218,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":  # python -m sdt_diffusion.training.extract, as training/extract_latents.py
-    sys.exit(main())
+def cli() -> NoReturn:
+    """Process entry point (``sdt-extract-latents``, ``training/extract_latents.py``, ``python -m
+    sdt_diffusion.training.extract``)."""
+    raise SystemExit(main())
+
+
+if __name__ == "__main__":
+    cli()

@@ -9,18 +9,20 @@ on the number of processes.  Each process evaluates every ``num_processes``-th i
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from ..models.vae import posterior_sample
+from ..utils.errors import ConfigError
 from ..utils.seeding import index_generator
-from .config import ConfigError
 from .data import ImageClassDataset, ImageSource, load_image_source
 from .diffusion import DiffusionSchedule, training_losses
 from .plan import DataPlan
-from .step import TrainingCore
+
+if TYPE_CHECKING:
+    from .trainer import DiffusionCore
 
 __all__ = ["HeldOutSet", "evaluate_held_out"]
 
@@ -114,11 +116,11 @@ class HeldOutSet:
         return {k: float(sums[i]) / count for i, k in enumerate(("loss", "mse", "vb"))}
 
 
-def evaluate_held_out(held_out: HeldOutSet, core: TrainingCore) -> tuple[dict[str, float], dict[str, float]]:
+def evaluate_held_out(held_out: HeldOutSet, core: DiffusionCore) -> tuple[dict[str, float], dict[str, float]]:
     """``(online, ema)`` held-out losses of the training weights and of the EMA (all processes must call it);
     the training RNG streams are left untouched."""
     model = core.eval_model
-    with core.device_rng():
+    with core.forked_rng():
         online = held_out.evaluate(model, core.schedule, core.learn_sigma, core.accelerator)
         with core.ema.swapped_into(core.model.parameters()):
             averaged = held_out.evaluate(model, core.schedule, core.learn_sigma, core.accelerator)

@@ -1,4 +1,5 @@
-"""Planning a run before any compute: the batch split, the data and its shapes, the model config, the resume point.
+"""Planning a diffusion run before any compute: the data and its shapes, the VAE, the model config, the sample
+classes (the engine adds the batch split and the resume point, :func:`~.engine.plan_run`).
 
 Everything here reads files and configs only (no weights are built), so a bad flag, an unreadable dataset or
 a model that does not fit the data fails in seconds with a :class:`~.config.ConfigError`.
@@ -7,20 +8,18 @@ a model that does not fit the data fails in seconds with a :class:`~.config.Conf
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from accelerate.utils import gather_object
 from diffusers import AutoencoderKL
 
 from ..models.dit import DiTTransformer2DModel
 from ..models.registry import model_class_of, preset_config
 from ..models.vae import vae_downsampling_factor, vae_scaling_factor
-from ..utils.files import check_writable
-from .checkpointing import check_checkpoint, read_done, read_rng_states, read_training_state, resolve_resume
-from .config import ConfigError, DataSpec, ModelSpec, TrainSettings
+from ..utils.errors import ConfigError
+from .config import parse_model_kwargs
 from .data import (
     EpochSampler,
     ImageClassDataset,
@@ -28,17 +27,17 @@ from .data import (
     class_names_to_id2label,
     load_image_source,
 )
+from .diffusion_config import DiffusionSettings, sample_classes
+from .engine import RunPlan
 from .export import default_sample_classes
-from .state_files import RngState
 
 __all__ = [
     "DEFAULT_RESOLUTION",
     "DEFAULT_VAE",
     "DataPlan",
-    "RunPlan",
-    "plan_batches",
+    "DiffusionPlan",
     "plan_data",
-    "plan_run",
+    "plan_diffusion",
     "resolve_model_config",
     "vae_config",
     "vae_reference",
@@ -48,42 +47,25 @@ DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 DEFAULT_RESOLUTION = 256
 
 
-def plan_batches(global_batch: int, per_device: int | None, num_processes: int) -> tuple[int, int]:
-    """``(per_device_batch, grad_accum)`` with ``per_device · processes · accum = global_batch``.
-
-    Raises:
-        ConfigError: the global batch does not split evenly.
-    """
-    if per_device is None:
-        if global_batch % num_processes:
-            raise ConfigError(
-                f"--global-batch-size {global_batch} is not divisible by the {num_processes} processes; "
-                f"choose a multiple of {num_processes} (or set --per-device-batch)"
-            )
-        return global_batch // num_processes, 1
-    if global_batch % (per_device * num_processes):
-        raise ConfigError(
-            f"--global-batch-size {global_batch} is not divisible by --per-device-batch {per_device} x "
-            f"{num_processes} processes = {per_device * num_processes}"
-        )
-    return per_device, global_batch // (per_device * num_processes)
-
-
-def resolve_model_config(spec: ModelSpec, in_channels: int, sample_size: int, num_classes: int) -> dict[str, Any]:
+def resolve_model_config(settings: DiffusionSettings, in_channels: int, sample_size: int,
+                         num_classes: int) -> dict[str, Any]:
     """Preset + overrides, with ``in_channels``/``sample_size``/``num_embeds_ada_norm`` taken from the data.
 
     Raises:
         ConfigError: an override contradicts the data or another flag.
     """
-    overrides = dict(spec.kwargs)
-    model_class = model_class_of(spec.preset)
+    preset = settings.model.model
+    overrides = parse_model_kwargs(settings.model.model_kwargs)
+    model_class = model_class_of(preset)
     is_dit = model_class is DiTTransformer2DModel
-    for flag, key in (("--decay-mode", "decay_mode"), ("--alpha", "alpha"), ("--attention-backend", "attention_backend")):
-        value = getattr(spec, key)
+    given = {"decay_mode": settings.sdt.decay_mode, "alpha": settings.model.alpha,
+             "attention_backend": settings.model.attention_backend}
+    for key, value in given.items():
+        flag = "--" + key.replace("_", "-")
         if value is None:
             continue
         if is_dit:
-            raise ConfigError(f"{flag} is an SDT-P setting; --model {spec.preset} (DiT) has no spatial decay")
+            raise ConfigError(f"{flag} is an SDT-P setting; --model {preset} (DiT) has no spatial decay")
         if key in overrides and overrides[key] != value:
             raise ConfigError(f"{flag} {value!r} contradicts --model-kwargs {key}={overrides[key]!r}")
         overrides[key] = value
@@ -101,7 +83,7 @@ def resolve_model_config(spec: ModelSpec, in_channels: int, sample_size: int, nu
             source = {"in_channels": "the VAE's latent channels (3 in pixel space)",
                       "sample_size": "--resolution / the VAE's downsampling factor"}[key]
             raise ConfigError(f"--model-kwargs {key}={given} contradicts the data: {source} gives {value}")
-    return {"_class_name": model_class.__name__, **preset_config(spec.preset), **derived, **overrides}
+    return {"_class_name": model_class.__name__, **preset_config(preset), **derived, **overrides}
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -142,12 +124,14 @@ class DataPlan:
     vae_factor: int
 
 
-def _plan_latent_cache(spec: DataSpec) -> DataPlan:
+def _plan_latent_cache(settings: DiffusionSettings) -> DataPlan:
     """A latent cache: shapes, VAE and classes from its metadata, checked against the flags."""
+    spec = settings.latents
+    resolution = settings.data.resolution
     dataset = LatentCacheDataset(spec.latents_dir)
     meta = dataset.meta
-    if spec.resolution is not None and spec.resolution != meta["resolution"]:
-        raise ConfigError(f"--resolution {spec.resolution} but the latent cache was made at {meta['resolution']}")
+    if resolution is not None and resolution != meta["resolution"]:
+        raise ConfigError(f"--resolution {resolution} but the latent cache was made at {meta['resolution']}")
     if spec.vae is not None and spec.vae.lower() == "none":
         raise ConfigError("--latents-dir with --vae none: a latent-space model needs its VAE for export and samples")
     vae_name = vae_reference(spec.vae) if spec.vae else meta["vae"]
@@ -167,9 +151,10 @@ def _plan_latent_cache(spec: DataSpec) -> DataPlan:
                     vae_downsampling_factor(cfg))
 
 
-def _plan_images(spec: DataSpec, accelerator: Any) -> DataPlan:
+def _plan_images(settings: DiffusionSettings, accelerator: Any) -> DataPlan:
     """An image folder or saved dataset, encoded on the fly by the VAE (or used as pixels without one)."""
-    resolution = spec.resolution or DEFAULT_RESOLUTION
+    spec, data = settings.latents, settings.data
+    resolution = data.resolution or DEFAULT_RESOLUTION
     name = spec.vae if spec.vae is not None else DEFAULT_VAE
     if name.lower() == "none":
         vae_name, subfolder, channels, factor, scaling = None, None, 3, 1, 1.0
@@ -180,123 +165,54 @@ def _plan_images(spec: DataSpec, accelerator: Any) -> DataPlan:
     if resolution % factor:
         raise ConfigError(f"--resolution {resolution} is not divisible by the VAE's downsampling factor {factor}")
     with accelerator.local_main_process_first():  # a saved dataset may build caches: once per node
-        source = load_image_source(spec.data_dir, spec.dataset, spec.dataset_split, spec.image_column,
-                                   spec.label_column)
+        source = load_image_source(data.data_dir, data.dataset, data.dataset_split, data.image_column,
+                                   data.label_column)
     dataset = ImageClassDataset(source, resolution)
     id2label = class_names_to_id2label(source.class_names, source.num_classes)
     return DataPlan("images", dataset, source.labels, source.num_classes, id2label, source.class_names, resolution,
                     vae_name, subfolder, channels, resolution // factor, scaling, factor)
 
 
-def plan_data(spec: DataSpec, accelerator: Any) -> DataPlan:
+def plan_data(settings: DiffusionSettings, accelerator: Any) -> DataPlan:
     """Open the training data (image folder, saved dataset or latent cache) and check shapes against flags."""
-    return _plan_latent_cache(spec) if spec.latents_dir else _plan_images(spec, accelerator)
+    return _plan_latent_cache(settings) if settings.latents.latents_dir else _plan_images(settings, accelerator)
 
 
 # ------------------------------------------------------------------------------------------------- run
-@dataclass
-class RunPlan:
-    """Everything decided before the first weight is built."""
+@dataclass(kw_only=True)
+class DiffusionPlan(RunPlan):
+    """The engine's plan plus the data and the classes of the sample grids."""
 
-    world: int
-    rank: int
-    per_device: int
-    accum: int
     data: DataPlan
-    model_config: dict[str, Any]
-    sampler: EpochSampler
     sample_classes: list[int]
-    resume_from: Path | None
-    start_state: dict[str, Any] = field(default_factory=dict)
-    rng_state: RngState | None = None  # this process's RNG states from the checkpoint (None: fresh or inexact)
-    inexact: list[str] = field(default_factory=list)  # why the resume is not exact (with --allow-inexact-resume)
-    finished: bool = False  # the checkpoint ends a finished run (training_done.json, pipeline/): nothing to do
-
-    @property
-    def start_step(self) -> int:
-        return int(self.start_state.get("step", 0))
 
 
-def _check_resume_state(resume_from: Path, start_state: dict[str, Any], model_config: dict[str, Any]) -> None:
-    """The checkpoint must hold the model the flags describe (the attention backend may change)."""
-    saved = dict(start_state.get("model_config") or {})
-    saved.setdefault("_class_name", "SDTTransformer2DModel")  # checkpoints from before DiT could be trained
-    if not saved:
-        return
-    changed = {k: (saved.get(k), model_config.get(k)) for k in set(saved) | set(model_config)
-               if k != "attention_backend" and saved.get(k) != model_config.get(k)}
-    if changed:
-        raise ConfigError(f"--resume {resume_from}: the model config differs from the checkpoint's "
-                          f"(field: (checkpoint, now)) {changed}")
-
-
-def plan_run(settings: TrainSettings, accelerator: Any) -> RunPlan:
-    """Check every flag against the processes, the data and the checkpoint to resume from.
+def plan_diffusion(settings: DiffusionSettings, accelerator: Any, **layout: Any) -> DiffusionPlan:
+    """The data, the model config, the sampler and the sample classes, checked against each other.
 
     Raises:
-        ConfigError: anything that would fail later (batch split, shapes, classes, resume point).
+        ConfigError: anything that would fail later (shapes, classes, batch larger than the data).
     """
-    try:  # every process, before any compute: a file in the way or a read-only folder fails here, not at step N
-        check_writable(settings.output_dir / "train_config.yaml")
-    except OSError as e:
-        raise ConfigError(f"--output-dir {settings.output_dir}: {e}") from None
-    resume_from = resolve_resume(settings.resume, settings.output_dir)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    per_device, accum = plan_batches(settings.global_batch_size, settings.per_device_batch, world)
-    data = plan_data(settings.data, accelerator)
-    model_config = resolve_model_config(settings.model, data.latent_channels, data.latent_size, data.num_classes)
+    world, rank, per_device = layout["world"], layout["rank"], layout["per_device"]
+    data = plan_data(settings, accelerator)
+    model_config = resolve_model_config(settings, data.latent_channels, data.latent_size, data.num_classes)
     patch = model_config["patch_size"]
     if data.latent_size % patch:
         raise ConfigError(
             f"--resolution {data.resolution} is not divisible by the VAE factor {data.vae_factor} x patch size "
             f"{patch} = {data.vae_factor * patch}"
         )
-    sampler = EpochSampler(len(data.labels), world, rank, settings.seed, shuffle=True,
-                           random_flip=settings.data.random_flip)
+    sampler = EpochSampler(len(data.labels), world, rank, settings.run.seed, shuffle=True,
+                           random_flip=settings.latents.random_flip)
     if len(sampler) < per_device:
         raise ConfigError(
             f"each of the {world} processes gets {len(sampler)} samples per epoch, fewer than one batch of "
             f"{per_device}; lower --global-batch-size / --per-device-batch"
         )
-    sample_classes = list(settings.samples.classes or default_sample_classes(data.num_classes))
-    bad = [c for c in sample_classes if not 0 <= c < model_config["num_embeds_ada_norm"]]
+    classes = list(sample_classes(settings) or default_sample_classes(data.num_classes))
+    bad = [c for c in classes if not 0 <= c < model_config["num_embeds_ada_norm"]]
     if bad:
         raise ConfigError(f"--sample-classes {bad} outside [0, {model_config['num_embeds_ada_norm']})")
-    start_state = read_training_state(resume_from) if resume_from else {}
-    plan = RunPlan(world, rank, per_device, accum, data, model_config, sampler, sample_classes, resume_from,
-                   start_state)
-    if resume_from is not None:
-        check_checkpoint(resume_from, start_state)
-        _check_resume_state(resume_from, start_state, model_config)
-        done = read_done(settings.output_dir)
-        plan.finished = (done is not None and done["step"] == plan.start_step
-                         and plan.start_step >= settings.intervals.max_steps
-                         and (settings.output_dir / "pipeline" / "model_index.json").is_file())
-        if not plan.finished:
-            plan.rng_state, plan.inexact = _exactness(settings, plan)
-    return plan
-
-
-def _exactness(settings: TrainSettings, plan: RunPlan) -> tuple[RngState | None, list[str]]:
-    """This process's RNG states and every reason (of any process) why the resume would not continue the run
-    exactly: a missing or unusable RNG state file, another ``--seed``, another batch layout.
-
-    Raises:
-        ConfigError: there is a reason and ``--allow-inexact-resume`` was not given (on every process alike).
-    """
-    assert plan.resume_from is not None
-    state, reasons = plan.start_state, []
-    if state.get("seed") != settings.seed:
-        reasons.append(f"--seed {settings.seed} differs from the checkpoint's seed {state.get('seed')} (it sets the "
-                       f"data order and the noise)")
-    layout = (state.get("num_processes"), state.get("per_device_batch"), state.get("grad_accum"))
-    if layout != (plan.world, plan.per_device, plan.accum):
-        reasons.append(f"{plan.world} processes x {plan.per_device} per device x {plan.accum} accumulation differ "
-                       f"from the checkpoint's {layout[0]} x {layout[1]} x {layout[2]} (the data order and the RNG "
-                       f"streams change)")
-    rng_state, why = read_rng_states(plan.resume_from, state, plan.rank)
-    reasons += [w for w in gather_object([why]) if w]  # every process learns every process's reason
-    if reasons and not settings.allow_inexact_resume:
-        raise ConfigError(f"--resume {plan.resume_from} would not continue the run exactly: {'; '.join(reasons)}. "
-                          f"Pass --allow-inexact-resume to continue anyway (the log and metrics.jsonl then say so)")
-    return rng_state, reasons
+    return DiffusionPlan(**layout, model_config=model_config, sampler=sampler, num_samples=len(data.labels),
+                         total_steps=settings.run.max_steps, checkpoint_every=settings.checkpoints.checkpoint_every,
+                         data=data, sample_classes=classes)

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..utils.errors import ConfigError
 from ..utils.files import atomic_write_text
 from ..utils.optional import import_optional
-from .config import ConfigError
 from .step import StepStats
 
 __all__ = ["METRICS_FILE", "LossWindow", "MetricsWriter", "log_images", "log_with", "tracker_config"]
@@ -62,16 +62,15 @@ class LossWindow:
     """Sums of the steps since the last training line of ``metrics.jsonl``."""
 
     loss: float = 0.0
-    mse: float = 0.0
-    vb: float = 0.0
+    terms: dict[str, float] = field(default_factory=dict)  # a task's named loss terms (mse, vb, ...)
     grad_norm: float = 0.0
     steps: int = 0
     seconds: float = 0.0
 
     def add(self, stats: StepStats) -> None:
         self.loss += stats.loss
-        self.mse += stats.mse
-        self.vb += stats.vb
+        for name, value in stats.terms.items():
+            self.terms[name] = self.terms.get(name, 0.0) + value
         self.grad_norm += stats.grad_norm
         self.steps += 1
         self.seconds += stats.seconds
@@ -79,11 +78,10 @@ class LossWindow:
     def record(self, step: int, epoch: int, lr: float, global_batch: int, elapsed: float) -> dict[str, Any]:
         """The training line (means over the window) and a reset window."""
         n = max(self.steps, 1)
-        line = {"step": step, "epoch": epoch, "loss": self.loss / n, "mse": self.mse / n, "vb": self.vb / n,
+        line = {"step": step, "epoch": epoch, "loss": self.loss / n, **{k: v / n for k, v in self.terms.items()},
                 "grad_norm": self.grad_norm / n, "lr": lr,
                 "images_per_s": global_batch * self.steps / max(self.seconds, 1e-9), "time": elapsed}
-        for f in fields(self):
-            setattr(self, f.name, f.default)
+        self.loss, self.terms, self.grad_norm, self.steps, self.seconds = 0.0, {}, 0.0, 0, 0.0
         return line
 
 

@@ -1,0 +1,236 @@
+"""Command-line flags generated from settings dataclasses, with YAML recipes and ``--config`` files underneath.
+
+A command's settings are frozen dataclasses, one per ``--help`` group; each field is one flag (``max_steps`` is
+``--max-steps``) declared with :func:`flag`, which holds its help text, its choices and, for a switch, its
+``--no-...`` spelling.  A field without a default in code takes it from the command's packaged recipe
+(``recipes/*.yaml``): the recipe, not the code, holds the paper's / DiT's / RMT's values.  Precedence: recipe,
+then ``--config FILE`` (a path or a packaged recipe name), then the command line.
+
+Why not ``transformers.HfArgumentParser`` (which the trainers used to be asked to use): it declares every flag
+twice (``--max_steps, --max-steps`` in ``--help``), makes a switch ``--cpu [CPU]`` with an optional true/false
+value, cannot give a flag another name (``--aa``, ``--no-flip``), and its YAML loading replaces the command line
+instead of lying under it, with no type checks (``max_steps: 2.7`` would pass).  What the trainers need is
+this one short module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import types
+import typing
+from collections.abc import Callable, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..utils.errors import ConfigError
+
+__all__ = ["HelpFormatter", "build_parser", "flag", "flag_groups", "load_yaml_config", "parse_flags", "plain", "recipe_names",
+           "settings_from_namespace"]
+
+RECIPES = "recipes"  # the packaged recipe folder (sdt_diffusion/training/recipes)
+
+
+def flag(default: Any = dataclasses.MISSING, help: str = "", *, name: str | None = None,
+         negative: str | None = None, choices: Sequence[Any] | None = None, parse: Callable[[str], Any] | None = None,
+         metavar: str | None = None) -> Any:
+    """A settings field that is a flag: ``default`` (none: the recipe's), ``help``, another flag ``name`` than
+    ``--<field-name>``, a switch's ``negative`` spelling (default ``--no-<field-name>``), ``choices``, and the
+    ``parse`` function of its text (default: the field's type)."""
+    metadata = {"help": help, "name": name, "negative": negative, "choices": choices, "parse": parse,
+                "metavar": metavar}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _base_type(hint: Any) -> Any:
+    """``int`` of ``int | None`` (and of ``Optional[int]``)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def flag_groups(settings_class: type) -> list[tuple[str, type]]:
+    """``(attribute, group dataclass)`` of a command's settings class, in ``--help`` order."""
+    hints = typing.get_type_hints(settings_class)
+    return [(f.name, hints[f.name]) for f in dataclasses.fields(settings_class)
+            if dataclasses.is_dataclass(hints[f.name])]
+
+
+class _Switch(argparse.Action):
+    """An on/off switch with two spellings (``--random-flip`` / ``--no-flip``): the negative one turns it off."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, negative: str = "", **kwargs: Any) -> None:
+        self.negative = negative
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, option_string != self.negative)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every flag's help ends with its default (``on``/``off`` for switches), except where there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or action.default is argparse.SUPPRESS or action.dest in ("help", "config"):
+            return text
+        shown = ("on" if action.default else "off") if isinstance(action, _Switch) else "%(default)s"
+        return f"{text} (default: {shown})".lstrip()
+
+
+_UNSET = object()  # a recipe field before the recipe is applied
+
+
+def _add_field(group: Any, f: dataclasses.Field, hint: Any, helps: dict[str, str]) -> None:
+    md = {**f.metadata, "help": helps.get(f.name, f.metadata.get("help", ""))}
+    option = md.get("name") or "--" + f.name.replace("_", "-")
+    default = _UNSET if f.default is dataclasses.MISSING else f.default
+    if _base_type(hint) is bool:
+        negative = md.get("negative") or "--no-" + f.name.replace("_", "-")
+        group.add_argument(option, negative, dest=f.name, action=_Switch, negative=negative, default=default,
+                           help=md.get("help", ""))
+        return
+    group.add_argument(option, dest=f.name, type=md.get("parse") or _base_type(hint), default=default,
+                       choices=md.get("choices"), metavar=md.get("metavar"), help=md.get("help", ""))
+
+
+def build_parser(settings_class: type, prog: str, description: str, recipe_name: str,
+                 helps: dict[str, str] | None = None) -> argparse.ArgumentParser:
+    """The parser of a command whose settings are ``settings_class``, its defaults completed by the packaged
+    recipe ``recipe_name``; ``helps`` replaces the help text of shared flags where the command says more.
+
+    Raises:
+        ConfigError: the recipe leaves a field without a value (a packaging error).
+    """
+    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
+    parser.add_argument("--config", type=str, default=None,
+                        help="YAML file of flag values (keys = flag names) or a packaged recipe "
+                             f"({', '.join(recipe_names())}); command-line flags override it")
+    for attr, group_class in flag_groups(settings_class):
+        group = parser.add_argument_group(getattr(group_class, "title", attr))
+        hints = typing.get_type_hints(group_class)
+        for f in dataclasses.fields(group_class):
+            _add_field(group, f, hints[f.name], helps or {})
+    parser.set_defaults(**load_yaml_config(_recipe_path(recipe_name), parser))
+    missing = [a.option_strings[0] for a in parser._actions if a.default is _UNSET]
+    if missing:
+        raise ConfigError(f"the recipe {recipe_name} gives no value for {missing}")
+    return parser
+
+
+def settings_from_namespace(settings_class: type, namespace: argparse.Namespace, **extra: Any) -> Any:
+    """``settings_class`` with each flag group built from the parsed flags (``extra``: its other fields)."""
+    values = vars(namespace)
+    groups = {attr: group_class(**{f.name: values[f.name] for f in dataclasses.fields(group_class)})
+              for attr, group_class in flag_groups(settings_class)}
+    return settings_class(**groups, **extra)
+
+
+# ------------------------------------------------------------------------------------------------- YAML
+def recipe_names() -> list[str]:
+    """The packaged recipes (``sdt-p-xl2``, ``sdt-h-t``, ...)."""
+    folder = resources.files(__package__) / RECIPES
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _recipe_path(name: str) -> Path:
+    return Path(str(resources.files(__package__) / RECIPES / f"{name}.yaml"))
+
+
+def _config_value(action: argparse.Action, key: str, value: Any) -> Any:
+    """A YAML value for ``action`` in the form the flag takes, or a ``ValueError`` saying why not.
+
+    Counts must be integers (``2.7`` or ``2.0`` are refused, not rounded), switches ``true``/``false`` (a quoted
+    ``"no"`` is a string, not false); numbers may be written as YAML numbers or as text; a list or mapping given
+    for a flag that parses text is passed as that text (``[1, 2]`` as ``1,2``, a mapping as JSON).
+    """
+    if value is None:
+        if action.default is not None and action.default is not _UNSET:
+            raise ValueError(f"{key} cannot be null (default {action.default!r})")
+        return None
+    if isinstance(action, _Switch):
+        if not isinstance(value, bool):
+            raise ValueError(f"{key} must be true or false, got {value!r} ({type(value).__name__})")
+        return value
+    if isinstance(value, dict):
+        value = json.dumps(value)
+    elif isinstance(value, list) and action.type not in (int, float):
+        value = ",".join(str(v) for v in value)
+    if action.type in (int, float):
+        ok = (int, str) if action.type is int else (int, float, str)
+        if isinstance(value, bool) or not isinstance(value, ok):
+            what = "an integer" if action.type is int else "a number"
+            raise ValueError(f"{key} must be {what}, got {value!r} ({type(value).__name__})")
+        value = action.type(value)
+    elif isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"{key} must be a string, got {value!r} ({type(value).__name__})")
+    elif action.type is str and not isinstance(value, str):
+        raise ValueError(f"{key} must be a string, got {value!r} ({type(value).__name__})")
+    if action.choices is not None and value not in action.choices:
+        raise ValueError(f"{key} must be one of {list(action.choices)}, got {value!r}")
+    return value if action.type in (int, float, str, None) else str(value)  # parsed like the flag's text
+
+
+def load_yaml_config(path: str | os.PathLike, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """A YAML file as ``{dest: value}`` for ``parser``; keys may use dashes or underscores; each value goes
+    through its flag's type and choices.  ``path`` may name a packaged recipe (``sdt-p-xl2``).
+
+    Raises:
+        ConfigError: the file is missing, is not a mapping, has keys that are not flags, or values of the wrong
+            type.
+    """
+    path = Path(path)
+    if not path.is_file() and str(path) in recipe_names():
+        path = _recipe_path(str(path))
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file (nor a packaged recipe: {', '.join(recipe_names())})")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--config {path}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of flag names to values, got {type(data).__name__}")
+    actions = {a.dest: a for a in parser._actions
+               if a.dest not in ("help", "config") and not getattr(a, "new_flag", None)}
+    names = dict(actions)  # a key may also be a flag's name (aa for --aa; an old spelling warns)
+    for action in parser._actions:
+        if action.dest in actions and action.option_strings:
+            names.setdefault(action.option_strings[0].lstrip("-").replace("-", "_"), action)
+    unknown = sorted(str(k) for k in data if str(k).replace("-", "_") not in names)
+    if unknown:
+        raise ConfigError(f"--config {path}: unknown keys {unknown}; valid keys: {sorted(actions)}")
+    out = {}
+    for key, value in data.items():
+        action = names[str(key).replace("-", "_")]
+        if getattr(action, "new_flag", None):  # a deprecated spelling (utils.cli_args.add_deprecated_alias)
+            print(f"warning: {key} in {path} is deprecated and will be removed in the next release; use "
+                  f"{action.new_flag.lstrip('-').replace('-', '_')}", file=sys.stderr)
+            action = actions[action.dest]
+        try:
+            out[action.dest] = _config_value(action, str(key), value)
+        except ValueError as e:
+            raise ConfigError(f"--config {path}: {e}") from None
+    return out
+
+
+def parse_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse ``argv`` with ``--config`` values as defaults that command-line flags override."""
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        parser.set_defaults(**load_yaml_config(pre.config, parser))
+    return parser.parse_args(argv)
+
+
+def plain(value: Any) -> Any:
+    """``value`` with tuples as lists and paths as text (for ``train_config.yaml`` and the trackers)."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    return str(value) if isinstance(value, Path) else value
