@@ -81,7 +81,7 @@ def run_command(args: argparse.Namespace, mode: str, seed: int, stages: list[int
     launcher = shlex.split(args.launcher) if args.launcher else [sys.executable]
     cmd = [*launcher, str(REPO / "training" / "train_classifier.py"), "--model", args.model,
            "--data-dir", str(data[0]), "--eval-data-dir", str(data[1]), "--seed", str(seed),
-           "--decay-modes", ",".join(stage_modes(mode, stages)), "--output-dir", str(out), "--resume", "auto"]
+           "--decay-mode", ",".join(stage_modes(mode, stages)), "--output-dir", str(out), "--resume", "auto"]
     if args.data_dir is None:
         cmd += ["--model-kwargs", json.dumps(DIGITS_MODEL), "--epochs", str(args.epochs), *DIGITS_ARGS]
     return cmd + shlex.split(args.train_args)

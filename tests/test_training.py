@@ -337,7 +337,7 @@ def fake_cache(data) -> Path:
 @pytest.mark.parametrize("case", ["both_sources", "no_source", "batch_split", "resume_latest_empty",
                                   "resolution_vs_vae", "resolution_vs_patch", "cache_vs_model", "unknown_field",
                                   "existing_run", "seed_range", "nan_lr", "eval_dir_empty_class", "eval_dir_bad_image",
-                                  "truncated_cache"])
+                                  "truncated_cache", "sample_class_name"])
 def test_bad_flags_fail_before_any_compute(case, data, fake_cache, tmp_path, capsys):
     out = tmp_path / "run"
     argv = _argv(data, out)
@@ -356,6 +356,7 @@ def test_bad_flags_fail_before_any_compute(case, data, fake_cache, tmp_path, cap
         "eval_dir_empty_class": ["--eval-data-dir", str(tmp_path / "held")],
         "eval_dir_bad_image": ["--eval-data-dir", str(tmp_path / "held")],
         "truncated_cache": [],
+        "sample_class_name": ["--sample-classes", "red thing,green thing"],  # names work; unknown ones are named
     }[case]
     if case.startswith("eval_dir"):
         shutil.copytree(data["heldout"], tmp_path / "held")
@@ -391,6 +392,7 @@ def test_bad_flags_fail_before_any_compute(case, data, fake_cache, tmp_path, cap
         "existing_run": "already holds checkpoints", "seed_range": "--seed must lie in [0, 2147483647]",
         "nan_lr": "--learning-rate must be finite", "eval_dir_empty_class": "--eval-data-dir",
         "eval_dir_bad_image": "--eval-data-dir", "truncated_cache": "mean.npy: unreadable latent cache array",
+        "sample_class_name": "--sample-classes: unknown class name 'green thing'",
     }[case]
     assert _main(argv + extra) == 2
     err = capsys.readouterr().err
@@ -676,3 +678,175 @@ def test_image_folder_loads_silently_with_the_folder_listing_as_class_ids(tmp_pa
     (tmp_path / "0 empty").mkdir()  # an empty class folder would shift every class id after it: refused
     with pytest.raises(ConfigError, match="'0 empty' holds no images"):
         load_image_source(data_dir=str(tmp_path))
+
+
+# ------------------------------------------------------------------------------ flags, docs and commands
+def test_the_flag_tables_in_the_docs_are_the_parsers():
+    """docs/training.md and docs/training_sdt_h.md hold each trainer's flag table; regenerate one with
+    ``flags.flag_table(<config module>.build_parser())`` when a flag changes."""
+    from sdt_diffusion.training import classifier_config, diffusion_config
+    from sdt_diffusion.training.flags import flag_table
+
+    for doc, module in (("training.md", diffusion_config), ("training_sdt_h.md", classifier_config)):
+        text = (REPO / "docs" / doc).read_text()
+        parser = module.build_parser()
+        start = text.index(f"<!-- flags: {parser.prog} ")
+        table = text[text.index("\n", start) + 1: text.index("<!-- end of flags -->", start)]
+        assert table == flag_table(parser), f"docs/{doc}: the flag table differs from the parser; expected:\n" \
+                                            f"{flag_table(parser)}"
+
+
+def test_every_flag_with_a_default_shows_it_in_help():
+    from sdt_diffusion.training import classifier_config, diffusion_config
+
+    for module in (diffusion_config, classifier_config):
+        parser = module.build_parser()
+        text = " ".join(parser.format_help().split())
+        for action in parser._actions:
+            if action.default is None or action.help == "==SUPPRESS==" or action.dest in ("help", "config"):
+                continue
+            shown = ("on" if action.default else "off") if action.nargs == 0 else str(action.default)
+            assert f"(default: {shown})" in text, (parser.prog, action.option_strings)
+    help_text = " ".join(diffusion_config.build_parser().format_help().split())
+    for flag_name, default in (("--learning-rate", "0.0001"), ("--ema-decay", "0.9999"), ("--global-batch-size", "256"),
+                               ("--checkpoint-every", "10000"), ("--report-to", "tensorboard")):
+        entry = help_text[help_text.index(f"{flag_name} ", help_text.index("options:")):]
+        assert f"(default: {default})" in entry[: entry.index(" --", 3)], entry[:200]
+
+
+def test_the_recipes_ship_with_the_package_and_the_commands_are_installed():
+    import importlib
+    from importlib import resources
+
+    import tomllib
+
+    recipes = {p.name for p in (resources.files("sdt_diffusion.training") / "recipes").iterdir()}
+    assert {f"sdt-p{s}.yaml" for s in ("", "-s2", "-b2", "-l2", "-xl2")} <= recipes
+    assert {f"sdt-h{s}.yaml" for s in ("", "-t", "-s", "-b")} <= recipes
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert "*.yaml" in project["tool"]["setuptools"]["package-data"]["sdt_diffusion.training.recipes"]
+    scripts = project["project"]["scripts"]
+    for command, module in (("sdt-train", "trainer"), ("sdt-train-classifier", "classifier_trainer"),
+                            ("sdt-extract-latents", "extract"), ("sdt-export", "export")):
+        target, function = scripts[command].split(":")
+        assert target == f"sdt_diffusion.training.{module}" and callable(getattr(importlib.import_module(target),
+                                                                                  function))
+        source = (REPO / "sdt_diffusion" / "training" / f"{module}.py").read_text()
+        assert 'if __name__ == "__main__":\n    cli()' in source  # python -m sdt_diffusion.training.<module>
+    for script in ("train.py", "train_classifier.py", "extract_latents.py", "export_pipeline.py"):
+        code = [line for line in (REPO / "training" / script).read_text().splitlines()
+                if line and not line.startswith(("#", " ", '"', "`", "A thin", "each", "installed", "--"))]
+        assert len(code) <= 3, (script, code)  # the checkout scripts stay thin: an import and the call
+
+
+def test_old_flag_spellings_warn_in_one_line_and_still_work(tmp_path, capsys):
+    args = parse_args(["--sample-guidance-scale", "2.0", "--output-dir", str(tmp_path)])
+    assert args.guidance_scale == 2.0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--sample-guidance-scale is deprecated" in err and "--guidance-scale" in err
+
+
+# ----------------------------------------------------------------------------------------- the engine alone
+class _ToyData(torch.utils.data.Dataset):
+    """16 points of a noisy linear map, indexed by the sampler's ``(index, flip)`` keys."""
+
+    def __init__(self) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(16, 3, generator=g)
+        self.y = self.x @ torch.tensor([1.0, -2.0, 0.5]) + 0.1 * torch.randn(16, generator=g)
+
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, key):
+        return {"x": self.x[key[0]], "y": self.y[key[0]]}
+
+
+def _toy_task():
+    """A third task in a dozen lines: a linear regression with dropout noise, through the same engine."""
+    from accelerate.utils import set_seed
+
+    from sdt_diffusion.training import engine
+    from sdt_diffusion.training.ema import EMA
+    from sdt_diffusion.training.step import TrainingCore
+
+    class ToyCore(TrainingCore):
+        def loss(self, batch):
+            pred = torch.nn.functional.dropout(self.model(batch["x"]).squeeze(-1), 0.2)  # draws from the RNG
+            return ((pred - batch["y"]) ** 2).mean(), {"abs": (pred - batch["y"]).abs().mean().detach()}
+
+    class ToyTask(engine.Task):
+        name, prog, export_name = "toy", "toy.py", "export"
+
+        def plan(self, settings, accelerator, **layout):
+            sampler = EpochSampler(16, layout["world"], layout["rank"], settings.run.seed, random_flip=False)
+            return engine.RunPlan(**layout, model_config={"in": 3}, sampler=sampler, num_samples=16,
+                                  total_steps=settings.run.max_steps,
+                                  checkpoint_every=settings.checkpoints.checkpoint_every)
+
+        def build(self, settings, plan, accelerator):
+            set_seed(settings.run.seed)
+            model = torch.nn.Linear(3, 1)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=settings.optim.learning_rate, weight_decay=0.0)
+            model, optimizer = accelerator.prepare(model, optimizer)
+            return ToyCore(accelerator, model, optimizer, EMA(model.parameters(), settings.optim.ema_decay),
+                           plan.accum, None)
+
+        def dataset(self, run):
+            return _ToyData()
+
+        def after_checkpoint(self, run, step, final):
+            if final and run.is_main:
+                (run.export_dir).mkdir(exist_ok=True)
+                (run.export_dir / "weights.json").write_text(json.dumps([s.tolist() for s in run.core.ema.shadow]))
+
+    return ToyTask
+
+
+def _toy_settings(out: Path, **checkpoints):
+    from sdt_diffusion.training import config as C
+
+    return C.Settings(run=C.RunSettings(output_dir=str(out), max_steps=6, global_batch_size=4, per_device_batch=2),
+                      model=C.ModelSettings(model="toy"), data=C.DataSettings(resolution=None, num_workers=0),
+                      optim=C.OptimSettings(learning_rate=0.05, weight_decay=0.0, ema_decay=0.5, max_grad_norm=None),
+                      checkpoints=C.CheckpointSettings(checkpoint_every=2, **checkpoints),
+                      logging=C.LogSettings(report_to="none", progress_bar=False, log_every=1))
+
+
+def test_the_engine_runs_any_task_and_resumes_it_exactly(data, tmp_path):
+    """The engine's contract without diffusion or classification: a toy task stopped by SIGTERM mid-run and
+    resumed ends with the metrics, checkpoint and export of an uninterrupted run; its checkpoints name the task,
+    so another trainer refuses them."""
+    from sdt_diffusion.training import engine
+
+    task = _toy_task()
+
+    def run(out, hook=None, **checkpoints):
+        try:
+            return engine.train(task(), _toy_settings(out, **checkpoints), hook)
+        finally:
+            _reset_accelerate()
+
+    straight = run(tmp_path / "straight")
+    assert straight.step == 6 and straight.export_dir == tmp_path / "straight" / "export"
+
+    def sigterm_in_step_3(step, loss):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss
+
+    part = tmp_path / "part"
+    assert run(part, sigterm_in_step_3).stopped_by_signal
+    assert run(part, resume="latest").step == 6
+
+    def curve(out):
+        return [{k: v for k, v in r.items() if k not in ("time", "images_per_s")} for r in _metrics(out)]
+
+    assert curve(part) == curve(tmp_path / "straight") and "abs" in curve(part)[0]
+    for name in ("model.safetensors", "ema.safetensors", "optimizer.safetensors"):
+        assert (part / "checkpoint-6" / name).read_bytes() == (tmp_path / "straight" / "checkpoint-6" / name).read_bytes()
+    assert (part / "export" / "weights.json").read_text() == (tmp_path / "straight" / "export" / "weights.json").read_text()
+    assert json.loads((part / "checkpoint-6" / "training_state.json").read_text())["task"] == "toy"
+    assert run(part, resume="latest").step == 6  # finished: nothing to do
+    with pytest.raises(ConfigError, match="a checkpoint of the toy trainer, not of the diffusion trainer"):
+        _train(_argv(data, part, "--resume", "latest"))

@@ -20,10 +20,11 @@ from typing import Any, ClassVar
 
 from ..attention.modes import decay_mode as get_decay_mode
 from ..models.sdt_h import SDT_H_PRESETS, SDTH
+from ..utils.cli_args import add_deprecated_alias
 from ..utils.errors import ConfigError
-from .config import Settings, check_finite, check_positive, check_settings, parse_model_kwargs
+from .config import Settings, check_finite, check_positive, parse_model_kwargs, settings_from_flags
 from .flags import build_parser as build_flag_parser
-from .flags import flag, parse_flags, settings_from_namespace
+from .flags import flag, parse_flags
 
 __all__ = [
     "AUTO_VERIFY_LIMIT",
@@ -81,9 +82,10 @@ def _policy(text: str) -> str | None:
 @dataclass(frozen=True, kw_only=True)
 class SDTHModelSettings:
     title: ClassVar[str] = "SDT-H model"
-    decay_modes: str | None = flag(None, "decay per stage, comma-separated (e.g. decomposed,decomposed,fixed,fixed), "
-                                         "or one mode for every stage: none, fixed, 1d, bidirectional, decomposed, "
-                                         "cdsf (default: the preset's, decomposed in stages 1-2 and cdsf in 3-4)")
+    decay_mode: str | None = flag(None, "decay mode of every stage (none, fixed, 1d, bidirectional, decomposed, "
+                                        "cdsf), or one per stage, comma-separated (e.g. "
+                                        "decomposed,decomposed,fixed,fixed; default: the preset's, decomposed in "
+                                        "stages 1-2 and cdsf in 3-4)")
     drop_path: float | None = flag(None, "stochastic depth (default: the preset's)")
 
 
@@ -160,9 +162,11 @@ class ClassifierSettings(Settings):
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of ``training/train_classifier.py``, its defaults from ``recipes/sdt-h.yaml``."""
-    return build_flag_parser(ClassifierSettings, "train_classifier.py", "Train SDT-H on an image-classification "
-                             "folder or dataset with the paper's ImageNet recipe (accelerate: one GPU, many GPUs or "
-                             "nodes).", RECIPE, HELPS)
+    parser = build_flag_parser(ClassifierSettings, "train_classifier.py", "Train SDT-H on an image-classification "
+                               "folder or dataset with the paper's ImageNet recipe (accelerate: one GPU, many GPUs or "
+                               "nodes).", RECIPE, HELPS)
+    add_deprecated_alias(parser, "--decay-modes", "--decay-mode")  # the diffusion trainer's name for it
+    return parser
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -171,19 +175,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def parse_decay_modes(value: str | None, num_stages: int) -> tuple[str, ...] | None:
-    """``--decay-modes``: one mode per stage, or one mode for all; each checked against the mode table."""
+    """``--decay-mode``: one mode per stage, or one mode for all; each checked against the mode table."""
     if value is None:
         return None
     modes = [m.strip() for m in str(value).split(",")]
     if len(modes) == 1:
         modes = modes * num_stages
     if len(modes) != num_stages:
-        raise ConfigError(f"--decay-modes needs one mode or {num_stages} (one per stage), got {len(modes)}: {value!r}")
+        raise ConfigError(f"--decay-mode needs one mode or {num_stages} (one per stage), got {len(modes)}: {value!r}")
     for i, mode in enumerate(modes):
         try:
             get_decay_mode(mode)
         except ValueError as e:
-            raise ConfigError(f"--decay-modes stage {i + 1}: {e}") from None
+            raise ConfigError(f"--decay-mode stage {i + 1}: {e}") from None
     return tuple(modes)
 
 
@@ -193,14 +197,14 @@ def scaled_learning_rate(learning_rate: float, global_batch: int, base_batch: in
 
 
 def model_overrides(s: ClassifierSettings) -> dict[str, Any]:
-    """``--model-kwargs`` with ``--decay-modes``, ``--alpha``, ``--drop-path`` and ``--attention-backend`` merged in.
+    """``--model-kwargs`` with ``--decay-mode``, ``--alpha``, ``--drop-path`` and ``--attention-backend`` merged in.
 
     Raises:
         ConfigError: a flag contradicts ``--model-kwargs``.
     """
     kwargs = parse_model_kwargs(s.model.model_kwargs)
     stages = len(kwargs.get("embed_dims", SDT_H_PRESETS[s.model.model]["embed_dims"]))
-    flags = {"decay_modes": ("--decay-modes", parse_decay_modes(s.sdth.decay_modes, stages)),
+    flags = {"decay_modes": ("--decay-mode", parse_decay_modes(s.sdth.decay_mode, stages)),
              "alpha": ("--alpha", s.model.alpha), "drop_path_rate": ("--drop-path", s.sdth.drop_path),
              "attention_backend": ("--attention-backend", s.model.attention_backend)}
     for key, (flag_name, value) in flags.items():
@@ -269,7 +273,4 @@ def settings_from_args(args: argparse.Namespace) -> ClassifierSettings:
     Raises:
         ConfigError: a bad flag or flag combination.
     """
-    settings = settings_from_namespace(ClassifierSettings, args, flags=dict(vars(args)))
-    check_settings(settings)
-    check_classifier(settings)
-    return settings
+    return settings_from_flags(ClassifierSettings, args, check_classifier)

@@ -523,13 +523,13 @@ def train_classifier(args: argparse.Namespace | ClassifierSettings, *, loss_hook
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit code (0 ok, 1 non-finite loss or unreadable image, 2 bad input)."""
-    return engine.main(ClassifierTask, lambda: train_classifier(parse_args(argv)))
+    return engine.run_command(ClassifierTask, lambda: train_classifier(parse_args(argv)))
 
 
 def cli() -> NoReturn:
     """Process entry point (``training/train_classifier.py``, ``sdt-train-classifier``,
     ``python -m sdt_diffusion.training.classifier_trainer``)."""
-    engine.cli(lambda: main())
+    engine.exit_process(lambda: main())
 
 
 if __name__ == "__main__":

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
 from ..utils.errors import ConfigError
-from .flags import flag, plain
+from .flags import flag, plain, settings_from_namespace
 
 __all__ = [
     "MAX_SEED",
@@ -37,6 +38,7 @@ __all__ = [
     "check_positive",
     "check_settings",
     "parse_model_kwargs",
+    "settings_from_flags",
 ]
 
 REPORT_TO = ("tensorboard", "wandb", "all", "none")
@@ -168,6 +170,18 @@ def check_finite(values: dict[str, Any], names: tuple[str, ...]) -> None:
         value = values[name]
         if value is not None and not math.isfinite(value):
             raise ConfigError(f"--{name.replace('_', '-')} must be finite, got {value}")
+
+
+def settings_from_flags(settings_class: type, args: Any, check: Callable[[Any], None]) -> Any:
+    """``settings_class`` from parsed flags, checked by :func:`check_settings` and the task's ``check``.
+
+    Raises:
+        ConfigError: a bad flag or flag combination.
+    """
+    settings = settings_from_namespace(settings_class, args, flags=dict(vars(args)))
+    check_settings(settings)
+    check(settings)
+    return settings
 
 
 def check_settings(settings: Settings) -> None:

@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import ClassVar
 
 from ..models.registry import all_presets, model_class_of
-from ..utils.cli_args import add_deprecated_alias
+from ..utils.cli_args import add_deprecated_alias, class_arg
 from ..utils.errors import ConfigError
-from .config import Settings, check_positive, check_settings, parse_model_kwargs
+from .config import Settings, check_positive, parse_model_kwargs, settings_from_flags
 from .flags import build_parser as build_flag_parser
-from .flags import flag, parse_flags, settings_from_namespace
+from .flags import flag, parse_flags
 
 __all__ = ["RECIPE", "DiffusionSettings", "build_parser", "parse_args", "sample_classes", "settings_from_args"]
 
@@ -68,8 +68,8 @@ class SampleSettings:
     sample_every: int = flag(0, "steps between EMA sample grids (0: off)")
     sample_steps: int = flag(50, "DDPM steps for the sample grids")
     guidance_scale: float = flag(help="classifier-free guidance scale of the sample grids")
-    sample_classes: str | None = flag(None, "comma-separated class ids for the grids (default: DiT's 8 ImageNet "
-                                            "classes, or all of up to 16)")
+    sample_classes: str | None = flag(None, "comma-separated class ids or names for the grids (default: DiT's 8 "
+                                            "ImageNet classes, or all of up to 16)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -95,10 +95,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parse_flags(build_parser(), argv)
 
 
-def sample_classes(settings: DiffusionSettings) -> tuple[int, ...] | None:
-    """``--sample-classes`` as ids (``None``: the default classes)."""
+def sample_classes(settings: DiffusionSettings) -> tuple[int | str, ...] | None:
+    """``--sample-classes`` as ids and names (resolved against the data's classes by the plan; ``None``: the
+    default classes).
+
+    Raises:
+        ConfigError: an empty item.
+    """
     text = settings.samples.sample_classes
-    return tuple(int(c) for c in str(text).split(",")) if text else None
+    try:
+        return tuple(class_arg(c) for c in str(text).split(",")) if text else None
+    except argparse.ArgumentTypeError as e:
+        raise ConfigError(f"--sample-classes {text!r}: {e}") from None
 
 
 def check_diffusion(s: DiffusionSettings) -> None:
@@ -133,12 +141,7 @@ def check_diffusion(s: DiffusionSettings) -> None:
     check_positive(values, ("export_every", "sample_every"), allow_zero=True)
     if not math.isfinite(s.samples.guidance_scale):
         raise ConfigError(f"--guidance-scale must be finite, got {s.samples.guidance_scale}")
-    if s.samples.sample_classes:
-        try:
-            sample_classes(s)
-        except ValueError:
-            raise ConfigError(f"--sample-classes must be comma-separated ints, got "
-                              f"{s.samples.sample_classes!r}") from None
+    sample_classes(s)
 
 
 def settings_from_args(args: argparse.Namespace) -> DiffusionSettings:
@@ -147,7 +150,4 @@ def settings_from_args(args: argparse.Namespace) -> DiffusionSettings:
     Raises:
         ConfigError: a bad flag or flag combination.
     """
-    settings = settings_from_namespace(DiffusionSettings, args, flags=dict(vars(args)))
-    check_settings(settings)
-    check_diffusion(settings)
-    return settings
+    return settings_from_flags(DiffusionSettings, args, check_diffusion)

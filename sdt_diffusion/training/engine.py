@@ -67,9 +67,9 @@ from .state_files import RngState, restore_rng
 from .step import LossHook, NonFiniteLossError, StepStats, TrainingCore, train_step
 from .tracking import METRICS_FILE, LossWindow, MetricsWriter, log_with, tracker_config
 
-__all__ = ["Run", "RunPlan", "Task", "TrainResult", "after_checkpoint", "check_exactness", "cli", "main",
-           "make_accelerator", "plan_batches", "plan_run", "restore", "run_loop", "save_run_checkpoint",
-           "start_run", "train"]
+__all__ = ["Run", "RunPlan", "Task", "TrainResult", "after_checkpoint", "check_exactness", "exit_process",
+           "make_accelerator", "plan_batches", "plan_run", "restore", "run_loop", "run_command",
+           "save_run_checkpoint", "start_run", "train"]
 
 logger = logging.getLogger("sdt_diffusion.training")
 
@@ -512,7 +512,7 @@ def train(task: Task, settings: Settings, loss_hook: LossHook | None = None) -> 
                        task.best(run, out, step))
 
 
-def main(task: type[Task], run: Callable[[], Any]) -> int:
+def run_command(task: type[Task], run: Callable[[], Any]) -> int:
     """A training command: ``run()`` (parse the flags, train) with one-line errors; returns the exit code (0 ok,
     1 non-finite loss or bad data found during training, 2 bad flags or input)."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO,
@@ -534,7 +534,7 @@ def main(task: type[Task], run: Callable[[], Any]) -> int:
     return 0
 
 
-def cli(main_function: Callable[[], int]) -> NoReturn:
+def exit_process(main_function: Callable[[], int]) -> NoReturn:
     """Process entry point: ``main_function()``, then exit.  Once training has stopped or finished everything is
     on disk, so a late SIGTERM/SIGINT (e.g. a scheduler's while the interpreter shuts down) is ignored rather than
     turned into a failed exit status."""

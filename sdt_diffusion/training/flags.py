@@ -31,7 +31,7 @@ import yaml
 
 from ..utils.errors import ConfigError
 
-__all__ = ["HelpFormatter", "build_parser", "flag", "flag_groups", "load_yaml_config", "parse_flags", "plain", "recipe_names",
+__all__ = ["HelpFormatter", "build_parser", "flag", "flag_groups", "flag_table", "load_yaml_config", "parse_flags", "plain", "recipe_names",
            "settings_from_namespace"]
 
 RECIPES = "recipes"  # the packaged recipe folder (sdt_diffusion/training/recipes)
@@ -221,7 +221,9 @@ def load_yaml_config(path: str | os.PathLike, parser: argparse.ArgumentParser) -
 
 def parse_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse ``argv`` with ``--config`` values as defaults that command-line flags override."""
-    pre, _ = parser.parse_known_args(argv)
+    first = argparse.ArgumentParser(add_help=False)  # --config alone: the other flags are parsed once, below
+    first.add_argument("--config", default=None)
+    pre, _ = first.parse_known_args(argv)
     if pre.config:
         parser.set_defaults(**load_yaml_config(pre.config, parser))
     return parser.parse_args(argv)
@@ -234,3 +236,19 @@ def plain(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [plain(v) for v in value]
     return str(value) if isinstance(value, Path) else value
+
+
+def flag_table(parser: argparse.ArgumentParser) -> str:
+    """A command's flags as a Markdown table (flag, default, meaning), one row per flag in ``--help`` order;
+    ``docs/training.md`` and ``docs/training_sdt_h.md`` hold these tables, and a test keeps them equal."""
+    rows = ["| flag | default | |", "|---|---|---|"]
+    for group in parser._action_groups:
+        for action in group._group_actions:
+            if action.dest == "help" or action.help == argparse.SUPPRESS:
+                continue
+            default = action.default
+            shown = ("on" if default else "off") if isinstance(action, _Switch) else (
+                "" if default is None else ",".join(map(str, default)) if isinstance(default, tuple) else str(default))
+            names = ", ".join(f"`{o}`" for o in action.option_strings)
+            rows.append(f"| {names} | {shown} | {(action.help or '').replace('|', '/')} |")
+    return "\n".join(rows) + "\n"

@@ -19,6 +19,7 @@ from ..models.dit import DiTTransformer2DModel
 from ..models.registry import model_class_of, preset_config
 from ..models.vae import vae_downsampling_factor, vae_scaling_factor
 from ..utils.errors import ConfigError
+from ..utils.labels import LabelIndex
 from .config import parse_model_kwargs
 from .data import (
     EpochSampler,
@@ -209,7 +210,12 @@ def plan_diffusion(settings: DiffusionSettings, accelerator: Any, **layout: Any)
             f"each of the {world} processes gets {len(sampler)} samples per epoch, fewer than one batch of "
             f"{per_device}; lower --global-batch-size / --per-device-batch"
         )
-    classes = list(sample_classes(settings) or default_sample_classes(data.num_classes))
+    index = LabelIndex(data.id2label, data.num_classes)
+    try:
+        classes = [c if isinstance(c, int) else index.lookup(c)
+                   for c in sample_classes(settings) or default_sample_classes(data.num_classes)]
+    except ValueError as e:
+        raise ConfigError(f"--sample-classes: {e}") from None
     bad = [c for c in classes if not 0 <= c < model_config["num_embeds_ada_norm"]]
     if bad:
         raise ConfigError(f"--sample-classes {bad} outside [0, {model_config['num_embeds_ada_norm']})")

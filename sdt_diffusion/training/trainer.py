@@ -218,12 +218,12 @@ def train(args: argparse.Namespace | DiffusionSettings, *, loss_hook: LossHook |
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit code (0 ok, 1 non-finite loss, 2 bad flags)."""
-    return engine.main(DiffusionTask, lambda: train(parse_args(argv)))
+    return engine.run_command(DiffusionTask, lambda: train(parse_args(argv)))
 
 
 def cli() -> NoReturn:
     """Process entry point (``training/train.py``, ``sdt-train``, ``python -m sdt_diffusion.training.trainer``)."""
-    engine.cli(lambda: main())
+    engine.exit_process(lambda: main())
 
 
 if __name__ == "__main__":
