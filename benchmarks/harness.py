@@ -48,8 +48,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from sdt_diffusion.attention import spatial_decay as eq
 from sdt_diffusion.attention.backends import ATTENTION_BACKENDS, DecayInputs
+from sdt_diffusion.models import count_parameters
 from sdt_diffusion.models.spatial_decay_attention import use_reference_path
-from sdt_diffusion.models.transformer_sdt import MODEL_SIZES, SDTTransformer2DModel, count_parameters
+from sdt_diffusion.models.transformer_sdt import MODEL_SIZES, SDTTransformer2DModel
 
 H100_BF16_DENSE_TFLOPS = 989.0  # H100 SXM dense bf16 peak (H200: the same compute)
 

@@ -22,7 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from sdt_diffusion.attention import kernels
 from sdt_diffusion.attention import spatial_decay as eq
-from sdt_diffusion.attention.backends import ATTENTION_BACKENDS
+from sdt_diffusion.attention.grid import GridContext
 
 
 def op_self_times(step) -> dict[str, float]:
@@ -75,10 +75,8 @@ def time_pieces(size: str, batch: int, repeats: int) -> dict[str, dict[str, floa
     attn = model.blocks[0].attn
     with torch.no_grad():
         attn.gate.weight.normal_(std=0.02)
-    rope = eq.rope_tables(eq.rope_2d_angles(side, side, d))
-    cos, sin = rope[0][:, None, None], rope[1][:, None, None]
-    distance = eq.manhattan_distance(side, side)
-    backend = ATTENTION_BACKENDS["dense"]
+    context = GridContext.build(side, side, head_dim=d, decay_mode=attn.decay_mode, backend="dense")
+    cos, sin = context.rope[0][:, None, None], context.rope[1][:, None, None]
     x = torch.randn(batch, seq, dim, requires_grad=True)
     qk = torch.randn(batch, seq, 2, n, d, requires_grad=True)
     v = torch.randn(batch, seq, dim, requires_grad=True)
@@ -94,7 +92,7 @@ def time_pieces(size: str, batch: int, repeats: int) -> dict[str, dict[str, floa
     def layer(reference: bool):
         def run():
             attn.reference_path = reference
-            return attn(x, side, side, rope, backend, None, distance)
+            return attn(x, context)
         return run
 
     pairs = {

@@ -8,6 +8,7 @@ from accelerate import init_empty_weights
 from conftest import forward_backward
 
 from sdt_diffusion import DECAY_MODES, PRESETS, SDTTransformer2DModel, count_parameters
+from sdt_diffusion.attention.grid import GridContext
 
 TINY = dict(num_attention_heads=2, attention_head_dim=8, num_layers=2, sample_size=8, patch_size=2,
             num_embeds_ada_norm=10, gate_rank=4, lpe_kernel_size=3)
@@ -102,10 +103,11 @@ def test_adaln_zero_init_block_is_identity():
     model = tiny()
     x = torch.randn(2, 16, model.inner_dim)
     c = torch.randn(2, model.inner_dim)
-    from sdt_diffusion.attention.backends import math_attention
+    context = GridContext.build(4, 4, head_dim=model.config.attention_head_dim, decay_mode=model.config.decay_mode,
+                                backend="math", use_rope=False)
 
     block = model.blocks[0]
-    torch.testing.assert_close(block(x, c, 4, 4, None, math_attention), x)
+    torch.testing.assert_close(block(x, c, context), x)
     out = model(*inputs()).sample
     assert torch.count_nonzero(out) == 0  # zero-initialised final layer
 

@@ -20,12 +20,12 @@ from transformers import AutoBackbone, AutoConfig, AutoModelForImageClassificati
 
 import sdt_diffusion
 from sdt_diffusion.attention import backends as attention_backends
-from sdt_diffusion.models import sdt_h as sdt_h_module
+from sdt_diffusion.attention import spatial_decay as eq
+from sdt_diffusion.models import count_parameters
 from sdt_diffusion.models.sdt_h import (
     DEFAULT_DECAY_MODES,
     SDT_H_PRESETS,
     SDTH,
-    count_parameters,
     sdt_h_extra_parameters,
 )
 from sdt_diffusion.models.sdt_h_transformers import (
@@ -188,13 +188,13 @@ def test_backends_agree_with_math_on_outputs_and_gradients_float64(modes):
 
 def test_auto_runs_the_fused_backend_where_the_decay_allows(monkeypatch):
     picked = {}
-    resolve = sdt_h_module.resolve_backend_name
+    resolve = attention_backends.resolve_backend_name
 
     def spy(name, device, mode, tokens):
         picked[mode, tokens] = resolve(name, device, mode, tokens)
         return picked[mode, tokens]
 
-    monkeypatch.setattr(sdt_h_module, "resolve_backend_name", spy)
+    monkeypatch.setattr(attention_backends, "resolve_backend_name", spy)
     model = tiny(decay_modes=("decomposed", "1d", "cdsf", "fixed")).eval()
     with torch.no_grad():
         model(images(1, 64, 96))
@@ -209,13 +209,13 @@ def test_auto_runs_the_fused_backend_where_the_decay_allows(monkeypatch):
 
 def test_grids_and_rope_follow_the_feature_map(monkeypatch):
     seen = []
-    rope_2d_angles = sdt_h_module.eq.rope_2d_angles
+    rope_2d_angles = eq.rope_2d_angles
 
     def spy(height, width, head_dim, base, device):
         seen.append((height, width, head_dim))
         return rope_2d_angles(height, width, head_dim, base, device)
 
-    monkeypatch.setattr(sdt_h_module.eq, "rope_2d_angles", spy)
+    monkeypatch.setattr(eq, "rope_2d_angles", spy)
     model = tiny().eval()
     with torch.no_grad():
         model(images(1, 64, 96))

@@ -28,8 +28,9 @@ class DecayInputs:
         gates: G = log sigma(X W_g), float32 (B, L, N), for modes whose gate has one output per head.
         gate_logits_h, gate_logits_w: F_H and F_W (B, L, N) for ``decomposed`` (eq. 11).
         log_gamma: (N,) RMT decay for ``fixed``.
-        codes: optional ``threshold_codes(height, width)`` (L, H + W - 2), computed once per forward by
-            the model so that the ``augmented`` backend does not rebuild them in every layer.
+        codes: optional ``threshold_codes(height, width)`` (L, H + W - 2), computed once per grid and forward
+            by ``grid.GridContext.build`` for the backends that declare them (``augmented``), so that no layer
+            rebuilds them.
         distance: optional ``manhattan_distance(height, width)`` (L, L), likewise shared by the layers of one
             forward (the ``dense`` backend's bias is the rates times this matrix).
     """

@@ -12,8 +12,9 @@ classification code, which the paper says it is aligned with):
 
 The attention is :class:`~sdt_diffusion.models.SpatialDecayAttention`, the same module SDT-P uses
 (eq. 4-13), with one decay mode per stage (default: decomposed, eq. 11-12, in stages 1-2 and CDSF,
-eq. 8-9, in stages 3-4).  RoPE tables, threshold codes and the attention backend are built once per
-stage and forward from the actual feature-map size, so any input whose sides are multiples of 32 works.
+eq. 8-9, in stages 3-4).  Each stage's :class:`~sdt_diffusion.attention.grid.GridContext` (RoPE tables, the
+attention backend and the grid tensors it reads) is built once per stage and forward from the actual
+feature-map size, so any input whose sides are multiples of 32 works.
 
 :class:`SDTH` is the one implementation.  It carries timm's model API (``forward_features``,
 ``forward_head``, ``forward_intermediates``, ...) without importing timm; :mod:`.sdt_h_timm` registers it
@@ -26,14 +27,14 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ..attention import spatial_decay as eq
-from ..attention.backends import AttentionBackend, available_backends, resolve_backend, resolve_backend_name
+from ..attention.backends import check_backend_name
+from ..attention.grid import GridContext
 from ..attention.modes import decay_mode as get_decay_mode
 from .spatial_decay_attention import SpatialDecayAttention
 
@@ -118,15 +119,6 @@ def init_sdt_h_module(module: nn.Module, std: float = 0.02) -> None:
 
 
 # ------------------------------------------------------------------------------------------ layers
-class StageContext(NamedTuple):
-    """Built once per stage and forward from the feature-map size, shared by the stage's blocks."""
-
-    rope: tuple[Tensor, Tensor] | None  # spatial_decay.rope_tables (cos, sin), each (L, d)
-    backend: AttentionBackend
-    codes: Tensor | None  # spatial_decay.threshold_codes, for the augmented backend
-    distance: Tensor | None  # spatial_decay.manhattan_distance, for the dense backend
-
-
 def drop_path(x: Tensor, rate: float, training: bool) -> Tensor:
     """Stochastic depth: zero whole samples of a residual branch with probability ``rate``, rescale the rest."""
     if rate == 0.0 or not training:
@@ -187,11 +179,11 @@ class SDTHBlock(nn.Module):
         else:
             self.gamma_1 = self.gamma_2 = None
 
-    def forward(self, x: Tensor, ctx: StageContext) -> Tensor:
-        """x: (B, H, W, C) channels-last; ctx: the stage's RoPE tables, backend and grid tensors."""
+    def forward(self, x: Tensor, context: GridContext) -> Tensor:
+        """x: (B, H, W, C) channels-last; context: the stage's grid context (RoPE tables, backend, grid tensors)."""
         b, h, w, c = x.shape
         x = x + self.cpe(x)
-        attn = self.attn(self.norm1(x).reshape(b, h * w, c), h, w, ctx.rope, ctx.backend, ctx.codes, ctx.distance)
+        attn = self.attn(self.norm1(x).reshape(b, h * w, c), context)
         attn = attn.reshape(b, h, w, c)
         if self.gamma_1 is not None:
             attn = self.gamma_1 * attn
@@ -277,9 +269,7 @@ def check_sdt_h_args(**args: Any) -> dict[str, Any]:
     for name, low in (("num_labels", 0), ("num_channels", 1), ("head_hidden_size", 1)):
         if name in args and (not isinstance(args[name], int) or args[name] < low):
             raise ValueError(f"{name} must be an integer >= {low}, got {args[name]!r}")
-    backend = args.get("attention_backend", "auto")
-    if backend not in available_backends():
-        raise ValueError(f"attention_backend must be one of {available_backends()}, got {backend!r}")
+    check_backend_name(args.get("attention_backend", "auto"))
     return out
 
 
@@ -307,8 +297,8 @@ class SDTH(nn.Module):
         fixed_decay_init, fixed_decay_ranges: RMT's gamma schedule for stages with ``decay_mode="fixed"``
             (one range per stage).
         layer_norm_eps: LayerNorm epsilon (1e-6 as in RMT).
-        attention_backend: ``"auto"`` (fused exact backend where the decay allows), ``"math"``, ``"sdpa"``,
-            ``"augmented"``, ``"flex"`` or a registered backend.
+        attention_backend: ``"auto"`` (per stage, the fastest exact backend for the device, decay and grid) or a
+            name of ``sdt_diffusion.attention.available_backends()`` (docs/sdt_h.md, "Attention backends").
         initializer_range: std of the truncated-normal Linear init.
     """
 
@@ -398,8 +388,7 @@ class SDTH(nn.Module):
 
     def set_attention_backend(self, backend: str) -> None:
         """Run every stage's attention with ``backend`` (``"auto"`` picks per stage and device)."""
-        if backend not in available_backends():
-            raise ValueError(f"backend must be one of {available_backends()}, got {backend!r}")
+        check_backend_name(backend, "backend")
         self.attention_backend = backend
 
     def check_pixel_values(self, x: Tensor) -> None:
@@ -417,22 +406,14 @@ class SDTH(nn.Module):
         if not x.is_floating_point():
             raise ValueError(f"pixel values must be floating point, got {x.dtype}")
 
-    def _stage_context(self, i: int, height: int, width: int, x: Tensor) -> StageContext:
-        """What every block of stage ``i`` shares on an ``height`` x ``width`` map of ``x``: RoPE tables, the
-        attention backend and what it reads of the grid (threshold codes for ``augmented``, the distance matrix
-        for ``dense``), built once per stage and forward."""
-        mode = self.decay_modes[i]
-        rope = None
-        if self.use_rope:
-            head_dim = self.embed_dims[i] // self.num_heads[i]
-            angles = eq.rope_2d_angles(height, width, head_dim, self.rope_base, x.device)
-            rope = eq.rope_tables(angles.to(torch.promote_types(x.dtype, torch.float32)))  # float64 in a float64 model
-        name = resolve_backend_name(self.attention_backend, x.device, mode, height * width)
-        backend = resolve_backend(name, x.device, mode)
-        low_rank = get_decay_mode(mode).low_rank
-        codes = eq.threshold_codes(height, width, x.device) if low_rank and name != "dense" else None
-        distance = eq.manhattan_distance(height, width, x.device) if low_rank and name == "dense" else None
-        return StageContext(rope, backend, codes, distance)
+    def _stage_context(self, i: int, height: int, width: int, x: Tensor) -> GridContext:
+        """What every block of stage ``i`` shares on an ``height`` x ``width`` map of ``x`` (RoPE tables, the
+        attention backend and what it reads of the grid), built once per stage and forward."""
+        return GridContext.build(
+            height, width, head_dim=self.embed_dims[i] // self.num_heads[i], decay_mode=self.decay_modes[i],
+            backend=self.attention_backend, device=x.device, dtype=x.dtype, use_rope=self.use_rope,
+            rope_base=self.rope_base,
+        )
 
     def _run_stage(self, i: int, x: Tensor) -> Tensor:
         """Stage ``i`` on NCHW ``x``: downsample (NCHW), blocks (NHWC); returns NCHW."""
@@ -440,13 +421,13 @@ class SDTH(nn.Module):
         if stage.downsample is not None:
             x = stage.downsample(x)
         _, _, h, w = x.shape
-        ctx = self._stage_context(i, h, w, x)
+        context = self._stage_context(i, h, w, x)
         x = x.permute(0, 2, 3, 1)
         for block in stage.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, ctx, use_reentrant=False)
+                x = checkpoint(block, x, context, use_reentrant=False)
             else:
-                x = block(x, ctx)
+                x = block(x, context)
         return x.permute(0, 3, 1, 2)
 
     def forward_stages(self, x: Tensor) -> list[Tensor]:
@@ -583,11 +564,6 @@ class SDTH(nn.Module):
         return dict(stem=r"^stem", blocks=[(r"^stages\.(\d+)\.downsample", (0,)), (r"^stages\.(\d+)\.blocks\.(\d+)", None)])
 
 
-def count_parameters(model: nn.Module) -> int:
-    """Trainable parameters of ``model``."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 def sdt_h_extra_parameters(embed_dims: Sequence[int], depths: Sequence[int], num_heads: Sequence[int],
                            decay_modes: Sequence[str], gate_rank: int) -> int:
     """Parameters SDT-H adds to RMT's architecture: W_g (with bias; two per head for ``decomposed``, none for
@@ -607,7 +583,6 @@ __all__ = [
     "PRESET_OF_TIMM_NAME",
     "SDT_H_PRESETS",
     "TIMM_NAMES",
-    "count_parameters",
     "init_sdt_h_module",
     "sdt_h_extra_parameters",
     "sdt_h_preset",

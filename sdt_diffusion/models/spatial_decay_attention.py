@@ -1,8 +1,9 @@
 """Spatial Decay Attention (paper eq. 4-13): the one attention module every SDT model uses.
 
-SDT-P (``SDTTransformer2DModel``) runs it on a fixed token grid per forward; the module itself builds
-nothing that depends on the grid size except from the ``height``/``width`` it is given, so it runs on any
-grid, square or not.
+SDT-P (``SDTTransformer2DModel``) and SDT-H (``SDTH``) run it on the token grid of one
+:class:`~sdt_diffusion.attention.grid.GridContext`, built once per grid and forward by the model and passed to
+every block: the grid size, the RoPE tables, the attention backend and the grid tensors that backend reads.  The
+module builds nothing that depends on the grid size itself, so it runs on any grid, square or not.
 
 Two forward paths compute the same function (tests compare them in float64, outputs and gradients):
 
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 
 from ..attention import kernels
 from ..attention import spatial_decay as eq
-from ..attention.backends import AttentionBackend
+from ..attention.grid import GridContext
 from ..attention.modes import DecayInputs
 from ..attention.modes import decay_mode as decay_mode_spec
 
@@ -69,12 +70,15 @@ class SpatialDecayAttention(nn.Module):
         """RMT's per-head ``log gamma_h`` for ``decay_mode="fixed"`` (the non-persistent ``log_gamma`` buffer's value)."""
         return eq.rmt_log_gamma(self.num_heads, self.fixed_decay_init, self.fixed_decay_range)
 
-    def decay_inputs(self, x: Tensor, height: int, width: int, codes: Tensor | None = None) -> DecayInputs:
+    def decay_inputs(self, x: Tensor, height: int, width: int, codes: Tensor | None = None,
+                     distance: Tensor | None = None) -> DecayInputs:
         """Gates and constants the decay variant needs for input ``x`` (B, L, D).
 
-        ``codes``: the grid's ``threshold_codes`` when already computed (the fused backend needs them).
+        ``codes``, ``distance``: the grid's ``threshold_codes`` / ``manhattan_distance`` when already computed
+        (a :class:`GridContext` carries those its backend reads); a backend given none builds its own.
         """
-        return self._decay_from_logits(None if self.gate is None else self.gate(x), height, width, codes, None)
+        gate_logits = None if self.gate is None else self.gate(x)
+        return self._decay_from_logits(gate_logits, height, width, codes, distance)
 
     def _input_projections(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
         """``(X W_qk, X W_v, X W_g, X W_u1)`` (B, L, .) views; one GEMM when the weights allow it.
@@ -121,50 +125,58 @@ class SpatialDecayAttention(nn.Module):
             return kernels.depthwise_conv_tokens(v, self.lpe.weight, self.lpe.bias, height, width)
         return eq.local_position_encoding_tokens(v, self.lpe, height, width)  # e.g. layerwise casting hooks
 
-    def forward(
-        self, x: Tensor, height: int, width: int, rope: tuple[Tensor, Tensor] | None, backend: AttentionBackend,
-        codes: Tensor | None = None, distance: Tensor | None = None,
-    ) -> Tensor:
-        """Spatial Decay Attention of tokens ``x`` (B, L, D) on an ``height`` x ``width`` grid (eq. 4-13).
+    def _check_context(self, x: Tensor, context: GridContext) -> None:
+        """A ``ValueError`` naming the mismatch when ``context`` was built for another grid, variant or head width."""
+        if not isinstance(context, GridContext):
+            raise ValueError(f"context must be a GridContext (GridContext.build), got {type(context).__name__}")
+        if context.decay_mode != self.decay_mode:
+            raise ValueError(f"the grid context was built for decay_mode {context.decay_mode!r}, but this layer's "
+                             f"decay_mode is {self.decay_mode!r}")
+        if x.shape[1] != context.tokens:
+            raise ValueError(f"x has {x.shape[1]} tokens but the grid context is {context.height} x {context.width}")
+        if self.use_rope and context.rope is not None and context.rope[0].shape[-1] != self.head_dim:
+            raise ValueError(f"the grid context's RoPE tables are {context.rope[0].shape[-1]} wide, but this layer's "
+                             f"head width is {self.head_dim}")
 
-        Args:
-            rope: ``spatial_decay.rope_tables`` (cos, sin), each (L, d), or None for no RoPE.
-            backend: an attention backend ``(q, k, v, decay) -> out``.
-            codes: optional ``spatial_decay.threshold_codes`` of the grid, shared by all layers.
-            distance: optional ``spatial_decay.manhattan_distance`` of the grid, shared by all layers.
+    def forward(self, x: Tensor, context: GridContext) -> Tensor:
+        """Spatial Decay Attention of tokens ``x`` (B, L, D) on the grid of ``context`` (eq. 4-13).
+
+        ``context`` (:meth:`GridContext.build`, once per grid and forward) carries the grid size, the RoPE
+        tables, the attention backend and the grid tensors that backend reads, shared by all layers.
         """
+        self._check_context(x, context)
         if self.reference_path:
-            return self._forward_reference(x, height, width, rope, backend, codes)
+            return self._forward_reference(x, context)
         b, seq, dim = x.shape
         n, d = self.num_heads, self.head_dim
+        height, width = context.height, context.width
         qk, v, gate_logits, u = self._input_projections(x)
         qk = qk.unflatten(-1, (2, n, d))  # token-major (B, L, 2, N, d)
-        if self.use_rope and rope is not None:  # R(Q), R(K) together (eq. 13)
-            cos, sin = rope
+        if self.use_rope and context.rope is not None:  # R(Q), R(K) together (eq. 13)
+            cos, sin = context.rope
             qk = kernels.rope_qk(qk, cos[:, None, None], sin[:, None, None])
         q, k = qk.permute(2, 0, 3, 1, 4).unbind(0)  # (B, N, L, d) views
         v = v.contiguous()  # (B, L, D): LPE's channels-last grid and, as a (B, N, L, d) view, the attention's V
-        decay = self._decay_from_logits(gate_logits, height, width, codes, distance)
-        attn = backend(q, k, v.view(b, seq, n, d).transpose(1, 2), decay)
+        decay = self._decay_from_logits(gate_logits, height, width, context.codes, context.distance)
+        attn = context.backend(q, k, v.view(b, seq, n, d).transpose(1, 2), decay)
         gate_u = self.gate_up(torch.sigmoid(u))  # U = sigma(X W_u1) W_u2
         # SDPA writes its output token-major, so this reshape is a view
         out = eq.spatial_decay_output(attn.transpose(1, 2).reshape(b, seq, dim), self._lpe(v, height, width), gate_u)
         return self.proj(out)
 
-    def _forward_reference(
-        self, x: Tensor, height: int, width: int, rope: tuple[Tensor, Tensor] | None, backend: AttentionBackend,
-        codes: Tensor | None = None,
-    ) -> Tensor:
+    def _forward_reference(self, x: Tensor, context: GridContext) -> Tensor:
         """The same function layer by layer with the plain equations (``reference_path = True``)."""
         b, seq, dim = x.shape
+        height, width = context.height, context.width
         qkv = self.qkv(x).reshape(b, seq, 3, self.num_heads, self.head_dim)  # token-major (B, L, 3, N, d)
         qk = qkv[:, :, :2]
-        if self.use_rope and rope is not None:  # R(Q), R(K) together (eq. 13)
-            cos, sin = rope
+        if self.use_rope and context.rope is not None:  # R(Q), R(K) together (eq. 13)
+            cos, sin = context.rope
             qk = eq.apply_rope_tables(qk, cos[:, None, None], sin[:, None, None])
         q, k = qk.permute(2, 0, 3, 1, 4).unbind(0)  # (B, N, L, d) each
         v_tokens = qkv[:, :, 2]  # (B, L, N, d)
-        attn = backend(q, k, v_tokens.transpose(1, 2), self.decay_inputs(x, height, width, codes))
+        decay = self.decay_inputs(x, height, width, context.codes, context.distance)
+        attn = context.backend(q, k, v_tokens.transpose(1, 2), decay)
         lpe = eq.local_position_encoding_tokens(v_tokens.reshape(b, seq, dim), self.lpe, height, width)
         gate_u = self.gate_up(torch.sigmoid(self.gate_down(x)))  # U = sigma(X W_u1) W_u2
         out = eq.spatial_decay_output(attn.transpose(1, 2).reshape(b, seq, dim), lpe, gate_u)  # (B, L, D)

@@ -11,8 +11,8 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
 
-from ..attention import spatial_decay as eq
-from ..attention.backends import available_backends, resolve_backend, resolve_backend_name
+from ..attention.backends import check_backend_name
+from ..attention.grid import GridContext
 from ..attention.modes import decay_mode as get_decay_mode
 from ..utils.validation import check_bool, check_finite, check_int
 from .spatial_decay_attention import SpatialDecayAttention
@@ -81,12 +81,10 @@ class SDTBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(
-        self, x: Tensor, c: Tensor, height: int, width: int, rope, backend, codes: Tensor | None = None,
-        distance: Tensor | None = None,
-    ) -> Tensor:
+    def forward(self, x: Tensor, c: Tensor, context: GridContext) -> Tensor:
+        """x: tokens (B, L, D); c: conditioning (B, D); context: the forward's grid context (RoPE, backend, grid)."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
-        attn = self.attn(_modulate(self.norm1(x), shift_msa, scale_msa), height, width, rope, backend, codes, distance)
+        attn = self.attn(_modulate(self.norm1(x), shift_msa, scale_msa), context)
         x = x + gate_msa[:, None] * attn
         return x + gate_mlp[:, None] * self.mlp(_modulate(self.norm2(x), shift_mlp, scale_mlp))
 
@@ -168,7 +166,8 @@ class SDTTransformer2DModel(ModelMixin, ConfigMixin):
         decay_mode: ``"cdsf"`` (paper), ``"none"``, ``"fixed"`` (RMT), ``"1d"``, ``"bidirectional"``,
             ``"decomposed"``.
         alpha: CDSF scale (eq. 8), 0.1 as in the paper.
-        attention_backend: ``"auto"``, ``"math"``, ``"sdpa"`` or a registered fused backend.
+        attention_backend: ``"auto"`` (the fastest exact backend for the device, decay and grid) or a name of
+            ``sdt_diffusion.attention.available_backends()`` (docs/model.md, "Attention backends").
         gate_rank: rank r of the low-rank output gate ``U = sigma(X W_u1) W_u2``.
         lpe_kernel_size: kernel of the depthwise LPE convolution (5 as in RMT).
         use_rope: apply 2D axial RoPE to Q and K.
@@ -231,8 +230,7 @@ class SDTTransformer2DModel(ModelMixin, ConfigMixin):
             fixed_decay_init=fixed_decay_init, fixed_decay_range=fixed_decay_range,
         )
         get_decay_mode(decay_mode)  # a ValueError naming the choices for an unknown mode
-        if attention_backend not in available_backends():
-            raise ValueError(f"attention_backend must be one of {available_backends()}, got {attention_backend!r}")
+        check_backend_name(attention_backend)
         if use_rope and attention_head_dim % 4:
             raise ValueError(f"2D RoPE needs attention_head_dim divisible by 4, got {attention_head_dim}")
         if sample_size % patch_size:
@@ -274,14 +272,13 @@ class SDTTransformer2DModel(ModelMixin, ConfigMixin):
         return cls(**{**PRESETS[name], **overrides})
 
     def set_attention_backend(self, backend: str) -> None:
-        """Switch the spatial-decay attention backend (``"auto"``, ``"math"``, ``"sdpa"``, ``"augmented"``,
-        ``"flex"`` or a registered one); the choice is stored in the config, so it is saved with the model.
+        """Switch the spatial-decay attention backend (``"auto"`` or a name of ``attention.available_backends()``);
+        the choice is stored in the config, so it is saved with the model.
 
         Overrides diffusers' ``ModelMixin.set_attention_backend``, whose backend names (``"native"``,
         ``"flash"``, ...) address diffusers' own attention processors, which this model does not use.
         """
-        if backend not in available_backends():
-            raise ValueError(f"backend must be one of {available_backends()}, got {backend!r}")
+        check_backend_name(backend, "backend")
         self.register_to_config(attention_backend=backend)
 
     def reset_attention_backend(self) -> None:
@@ -386,25 +383,17 @@ class SDTTransformer2DModel(ModelMixin, ConfigMixin):
                 )
             x = x + self.pos_embed.to(x.dtype)
         c = self.emb(timestep, class_labels, x.dtype, force_drop_ids)
-        # Computed once here rather than in every layer: RoPE tables, the backend and what it reads of the grid
-        # (threshold codes for `augmented`, the distance matrix for `dense`).
-        rope = None
-        if self.config.use_rope:
-            angles = eq.rope_2d_angles(gh, gw, self.config.attention_head_dim, self.config.rope_base, x.device)
-            angles = angles.to(torch.promote_types(x.dtype, torch.float32))  # float64 tables in a float64 model
-            rope = eq.rope_tables(angles)
-        mode = self.config.decay_mode
-        backend_name = resolve_backend_name(self.config.attention_backend, x.device, mode, gh * gw)
-        backend = resolve_backend(backend_name, x.device, mode)
-        low_rank = get_decay_mode(mode).low_rank
-        codes = eq.threshold_codes(gh, gw, x.device) if low_rank and backend_name != "dense" else None
-        distance = eq.manhattan_distance(gh, gw, x.device) if low_rank and backend_name == "dense" else None
-
+        # Built once here, shared by every block: RoPE tables, the backend and what it reads of the grid.
+        context = GridContext.build(
+            gh, gw, head_dim=self.config.attention_head_dim, decay_mode=self.config.decay_mode,
+            backend=self.config.attention_backend, device=x.device, dtype=x.dtype, use_rope=self.config.use_rope,
+            rope_base=self.config.rope_base,
+        )
         for block in self.blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:
-                x = self._gradient_checkpointing_func(block, x, c, gh, gw, rope, backend, codes, distance)
+                x = self._gradient_checkpointing_func(block, x, c, context)
             else:
-                x = block(x, c, gh, gw, rope, backend, codes, distance)
+                x = block(x, c, context)
 
         x = self.final_layer(x, c)  # (B, L, p*p*C_out)
         x = x.reshape(b, gh, gw, p, p, self.out_channels)
@@ -414,9 +403,4 @@ class SDTTransformer2DModel(ModelMixin, ConfigMixin):
         return Transformer2DModelOutput(sample=out)
 
 
-def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
-    """Number of (trainable) parameters of ``model``."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
-__all__ = ["SDTTransformer2DModel", "PRESETS", "MODEL_SIZES", "count_parameters"]
+__all__ = ["SDTTransformer2DModel", "PRESETS", "MODEL_SIZES"]
