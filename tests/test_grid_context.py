@@ -209,3 +209,17 @@ def test_count_parameters_is_defined_once():
     layer = torch.nn.Linear(3, 2)
     layer.bias.requires_grad_(False)
     assert count_parameters(layer) == 6 and count_parameters(layer, trainable_only=False) == 8
+
+
+def test_no_long_function_in_attention_or_models_without_its_reason():
+    """A function over 80 lines carries a ``# long: <reason>`` comment on the line above its ``def``."""
+    long_ones = []
+    for folder in ("attention", "models"):
+        for path in sorted((MODELS_DIR.parent / folder).glob("*.py")):
+            lines = path.read_text().splitlines()
+            for node in ast.walk(ast.parse("\n".join(lines))):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
+                    first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+                    if not lines[first - 2].strip().startswith("# long:"):
+                        long_ones.append(f"{folder}/{path.name}:{node.lineno} {node.name}")
+    assert not long_ones, long_ones

@@ -3,7 +3,9 @@
 A backend is a function ``(q, k, v, decay) -> out`` with q, k, v of shape (B, N, L, d) (RoPE already
 applied) and a :class:`DecayInputs` that carries what the decay variant needs (gates, RMT gammas,
 grid size) rather than a materialised L x L bias, so that a fused backend can compute the decay on
-the fly.  ``"math"`` is the reference every other backend is tested against.
+the fly.  ``"math"`` is the reference every other backend is tested against.  Each backend declares what
+it reads of the token grid (:data:`BACKEND_GRID_NEEDS`: threshold codes, distance matrix, or nothing);
+``grid.GridContext.build`` computes exactly that once per grid and forward.
 
 ==============  ==========================================================================  ==========
 backend         how M is applied                                                            L x L bias
