@@ -8,9 +8,10 @@ transformers folder (``save_pretrained``; SDT-H's or any ``AutoModelForImageClas
 (``timm.models.save_for_hf``: ``config.json`` with ``architecture``) or a timm weight file with its
 architecture named.
 
-The training loop (``sdt_diffusion.training.classifier_trainer``) evaluates with the same transform, reader and
-top-k counts, so a number it logs and a number ``eval/classify.py`` prints mean the same thing.  This module never
-imports training code.
+The data reader is :mod:`sdt_diffusion.data`'s (re-exported here: :func:`open_labelled_images`,
+:class:`LabelledImages`, :func:`check_labels`, ...).  The training loop (``sdt_diffusion.training.classifier_trainer``)
+evaluates with the same transform, reader and top-k counts, so a number it logs and a number ``eval/classify.py``
+prints mean the same thing.  This module never imports training code.
 
     python eval/classify.py runs/sdt-h-t/model /data/imagenet/val --output top1.json
 """
@@ -18,7 +19,6 @@ imports training code.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import os
@@ -28,16 +28,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import datasets
-import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
-from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 from tqdm.auto import tqdm
 from transformers import AutoModelForImageClassification
 
+from ..data import (
+    DataInputError,
+    LabelledImages,
+    TransformedImages,
+    check_labels,
+    find_unreadable_images,
+    open_labelled_images,
+)
 from ..models.sdt_h import IMAGENET_MEAN, IMAGENET_STD, PRESET_OF_TIMM_NAME, SDT_H_PRESETS
 from ..utils.files import atomic_write_text
 from ..utils.optional import import_optional
@@ -74,8 +78,9 @@ PAPER_TABLE1: dict[str, dict[str, float]] = {
 }
 
 
-class ClassificationInputError(ValueError):
-    """Unusable evaluation input (data folder, dataset, labels, image, model folder); the message names it."""
+# Unusable evaluation input (data folder, dataset, labels, image, model folder); the message names it.  The data
+# layer's error, so one ``except`` catches a bad model folder and bad data alike (a ConfigError: exit status 2).
+ClassificationInputError = DataInputError
 
 
 # ------------------------------------------------------------------------------------------- transform
@@ -93,175 +98,6 @@ def eval_transform(resolution: int = 224, crop_pct: float = DEFAULT_CROP_PCT,
         transforms.ToTensor(),
         transforms.Normalize(list(mean), list(std)),
     ])
-
-
-# ------------------------------------------------------------------------------------------------ data
-def _visible(name: str) -> bool:
-    return not name.startswith((".", "__"))
-
-
-@dataclass
-class LabelledImages:
-    """Images and integer labels from an image folder or a saved dataset; images are decoded on access."""
-
-    description: str
-    labels: np.ndarray
-    class_names: list[str] | None
-    num_classes: int
-    root: bytes | None = None  # image folder: file-system root, and paths relative to it (compact, any bytes)
-    paths: np.ndarray | None = None
-    dataset: Any = None  # saved dataset: its image column, undecoded
-    image_column: str = "image"
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def where(self, index: int) -> str:
-        """The file (or dataset row) of item ``index``, for messages."""
-        if self.paths is not None:
-            return os.fsdecode(os.path.join(self.root, bytes(self.paths[index])))
-        return f"row {index} of {self.description}"
-
-    def image(self, index: int) -> Image.Image:
-        """Item ``index`` as an RGB PIL image.
-
-        Raises:
-            ClassificationInputError: the image cannot be decoded (the file or row named).
-        """
-        try:
-            if self.paths is not None:
-                image = Image.open(self.where(index))
-            else:
-                cell = self.dataset[int(index)][self.image_column]
-                if isinstance(cell, Image.Image):
-                    image = cell
-                elif isinstance(cell, dict) and cell.get("bytes") is not None:
-                    image = Image.open(io.BytesIO(cell["bytes"]))
-                elif isinstance(cell, dict) and cell.get("path"):
-                    image = Image.open(cell["path"])
-                else:
-                    image = Image.fromarray(np.asarray(cell))
-            image.load()
-            return image.convert("RGB")
-        except Exception as e:  # noqa: BLE001 - any decoder error, re-raised with the image named
-            raise ClassificationInputError(f"cannot read image {self.where(index)}: {type(e).__name__}: {e}") from e
-
-
-def _open_folder(root: Path) -> LabelledImages:
-    """One sub-folder per class (sorted names are the class ids), images at any depth below it."""
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and _visible(p.name))
-    if not classes:
-        raise ClassificationInputError(f"image folder {root}: expected one sub-folder per class, found none")
-    class_to_idx = {name: i for i, name in enumerate(classes)}
-    try:
-        items = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
-    except OSError as e:
-        raise ClassificationInputError(f"image folder {root}: {e}") from None
-    items = [(p, c) for p, c in items if all(_visible(part) for part in Path(p).relative_to(root).parts)]
-    counts = np.bincount([c for _, c in items], minlength=len(classes))
-    empty = [classes[i] for i in np.flatnonzero(counts == 0)]
-    if empty:
-        shown = ", ".join(repr(n) for n in empty[:5]) + (" ..." if len(empty) > 5 else "")
-        raise ClassificationInputError(
-            f"image folder {root}: class folder(s) {shown} hold no images ({len(empty)} of {len(classes)}); class "
-            f"ids follow the folder listing, so remove the folder or add its images (extensions: "
-            f"{', '.join(IMG_EXTENSIONS)})")
-    rootb = os.fsencode(root)
-    paths = np.array([os.path.relpath(os.fsencode(p), rootb) for p, _ in items], dtype=np.bytes_)
-    labels = np.array([c for _, c in items], dtype=np.int64)
-    return LabelledImages(f"image folder {root}", labels, classes, len(classes), root=rootb, paths=paths)
-
-
-def _open_saved(path: Path, split: str | None, image_column: str, label_column: str) -> LabelledImages:
-    """A ``save_to_disk`` dataset (or one split of a ``DatasetDict``)."""
-    try:
-        ds = datasets.load_from_disk(str(path))
-    except Exception as e:  # noqa: BLE001 - re-raised with the folder named
-        raise ClassificationInputError(f"{path}: neither an image folder with class sub-folders nor a dataset "
-                                       f"saved with save_to_disk ({type(e).__name__}: {e})") from None
-    if isinstance(ds, datasets.DatasetDict):
-        if split is None:
-            raise ClassificationInputError(f"{path} holds the splits {list(ds)}; name one (--split)")
-        if split not in ds:
-            raise ClassificationInputError(f"{path}: no split {split!r} (splits: {list(ds)})")
-        ds = ds[split]
-    for col in (image_column, label_column):
-        if col not in ds.column_names:
-            raise ClassificationInputError(f"dataset {path}: no column {col!r}; columns: {ds.column_names}")
-    description = f"dataset {path}" + (f" split {split!r}" if split else "")
-    if len(ds) == 0:
-        raise ClassificationInputError(f"{description}: no rows")
-    feature = ds.features[label_column]
-    names = [str(n) for n in feature.names] if isinstance(feature, datasets.ClassLabel) else None
-    try:
-        labels = np.asarray(ds[label_column], dtype=np.int64)
-    except (TypeError, ValueError) as e:
-        raise ClassificationInputError(f"{description}: column {label_column!r} does not hold integer labels "
-                                       f"({e})") from None
-    num_classes = len(names) if names is not None else int(labels.max()) + 1
-    if isinstance(ds.features[image_column], datasets.Image):
-        ds = ds.cast_column(image_column, datasets.Image(decode=False))
-    images = LabelledImages(description, labels, names, num_classes, dataset=ds.select_columns([image_column]),
-                            image_column=image_column)
-    check_labels(images, num_classes, f"column {label_column!r}")
-    return images
-
-
-def open_labelled_images(path: str | os.PathLike, split: str | None = None, image_column: str = "image",
-                         label_column: str = "label") -> LabelledImages:
-    """An image folder (one sub-folder per class) or a ``save_to_disk`` dataset.
-
-    Raises:
-        ClassificationInputError: a missing folder, no class folders, an empty class, a missing split or column,
-            no rows, labels that are not integers in ``[0, classes)``.
-    """
-    path = Path(path)
-    if not path.is_dir():
-        raise ClassificationInputError(f"{path}: not a directory (an image folder or a saved dataset)")
-    if (path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file():
-        return _open_saved(path, split, image_column, label_column)
-    return _open_folder(path)
-
-
-def check_labels(images: LabelledImages, num_classes: int, what: str = "labels") -> None:
-    """Every label must lie in ``[0, num_classes)``.
-
-    Raises:
-        ClassificationInputError: naming the first offending label and where it is.
-    """
-    bad = np.flatnonzero((images.labels < 0) | (images.labels >= num_classes))
-    if len(bad):
-        i = int(bad[0])
-        raise ClassificationInputError(
-            f"{images.description}: {what} {int(images.labels[i])} at {images.where(i)} is out of range for "
-            f"{num_classes} classes ({len(bad)} label(s) outside [0, {num_classes}))")
-
-
-def find_unreadable_images(images: LabelledImages, indices: Sequence[int] | None = None,
-                           progress: bool = False) -> list[str]:
-    """Decode every image of ``indices`` (default all); returns one message per image that fails, naming it."""
-    indices = range(len(images)) if indices is None else indices
-    problems = []
-    for i in tqdm(indices, desc="checking images", disable=not progress, dynamic_ncols=True):
-        try:
-            images.image(int(i))
-        except ClassificationInputError as e:
-            problems.append(str(e))
-    return problems
-
-
-class TransformedImages(Dataset):
-    """``(pixel_values, label)`` items of a :class:`LabelledImages` through ``transform``."""
-
-    def __init__(self, images: LabelledImages, transform: Callable[[Image.Image], torch.Tensor]) -> None:
-        self.images = images
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.transform(self.images.image(index)), int(self.images.labels[index])
 
 
 # ------------------------------------------------------------------------------------------- counting
