@@ -267,12 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"reference feature cache (default {default_cache_dir()})")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the reference feature cache")
     p.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
-                   help="image-decoding workers for folders (default min(4, CPUs))")
+                   help=f"image-decoding workers for folders (default {min(4, os.cpu_count() or 1)}: min(4, CPUs))")
     p.add_argument("--compare", choices=sorted(PAPER_RESULTS), default=None,
                    help="print the SDT paper's Table 2 numbers for this size next to ours (default: none)")
     p.add_argument("--name", default=None, help="model name for the table row (default: samples file name)")
     p.add_argument("--metrics", default=",".join(ALL_METRICS),
-                   help=f"comma-separated subset of {','.join(ALL_METRICS)} (default: all)")
+                   help=f"comma-separated subset of {','.join(ALL_METRICS)} (default {','.join(ALL_METRICS)}: all)")
     p.add_argument("--k", type=int, default=3, help="nearest neighbours for precision/recall (default 3)")
     p.add_argument("--is-splits", type=int, default=10, help="Inception Score splits (default 10, as ADM for 50K)")
     p.add_argument("--pr-batch-size", type=int, default=5000, help="block size of the distance computations (default 5000)")
