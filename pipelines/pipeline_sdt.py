@@ -34,7 +34,7 @@ __all__ = ["SDTPipeline", "default_scheduler", "make_scheduler", "SCHEDULER_NAME
 
 logger = logging.get_logger(__name__)
 
-# The sdt-diffusion component classes, all exported by the top-level package (tests/test_pipeline.py checks it),
+# The sdt-diffusion component classes, all exported by the top-level package (tests/test_packaging.py checks it),
 # so ``model_index.json`` can name them as ``["sdt_diffusion", Class]``.
 PUBLIC_COMPONENT_CLASSES = frozenset(
     name for name, cls in MODEL_CLASSES.items() if cls.__module__.split(".")[0] == "sdt_diffusion"

@@ -3,7 +3,6 @@
 The command is ``sdt-fid-sample`` (also ``python -m sdt_diffusion.evaluation.sampling`` and the checkout script
 ``eval/sample.py``), run under ``accelerate launch`` for several processes.
 
-
 Every sample index i is generated exactly once, from noise seeded by (seed, i) and a class label fixed
 by (seed, labels mode), so the result does not depend on the number of processes.  Work is cut into
 chunks of ``per_device_batch`` indices; process r takes chunks r, r+P, r+2P, ... and writes each one
