@@ -20,7 +20,7 @@ from .models import (
     SpatialDecayAttention,
     count_parameters,
 )
-from .pipelines import SDTPipeline
+from .pipelines import SDTPipeline  # no circle: pipelines/ imports submodules, never this package
 from .schedulers import default_scheduler, make_scheduler
 from .utils.images import make_labelled_grid
 from .utils.labels import get_imagenet_id2label

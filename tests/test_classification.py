@@ -345,7 +345,8 @@ def test_classify_script_errors(data, tmp_path, capsys):
     _write_folder(tmp_path / "d", 1, 0)
     (tmp_path / "d" / "empty").mkdir()
     assert classify_main([str(tmp_path / "nothing"), str(data["val"])]) == 2
-    assert "no model here" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("sdt-classify: error:") and "no model here" in err, err
     assert classify_main([str(tmp_path), str(tmp_path / "d")]) == 2
     assert "'empty' holds no images" in capsys.readouterr().err
 

@@ -311,28 +311,34 @@ def markdown_rows(result: dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Flags of ``sdt-classify`` (``eval/classify.py``, ``python -m sdt_diffusion.evaluation.classification``)."""
     p = argparse.ArgumentParser(
-        prog="classify.py",
+        prog="sdt-classify",
         description="Top-1 / top-5 of a saved classifier (transformers or timm) on an image folder or a saved "
                     "dataset, with the standard evaluation transform (resize 256 bicubic -> centre crop 224, "
                     "ImageNet mean/std; sizes scale with --resolution).",
+        epilog="example: sdt-classify runs/sdt-h-t/model /data/imagenet/val --output top1.json",
     )
     p.add_argument("model", help="transformers folder, timm folder, or timm weight file (with --arch)")
     p.add_argument("data", help="image folder (one sub-folder per class) or a save_to_disk dataset")
-    p.add_argument("--split", default=None, help="split of a saved DatasetDict (e.g. validation)")
-    p.add_argument("--image-column", default="image")
-    p.add_argument("--label-column", default="label")
+    p.add_argument("--split", default=None,
+                   help="split of a saved DatasetDict, e.g. validation (default: the dataset itself)")
+    p.add_argument("--image-column", default="image", help="image column of a saved dataset (default image)")
+    p.add_argument("--label-column", default="label", help="label column of a saved dataset (default label)")
     p.add_argument("--resolution", type=int, default=None,
                    help="centre-crop side (default: the model folder's, else 224); the resize is resolution/0.875")
     p.add_argument("--crop-pct", type=float, default=None, help="crop fraction (default: the model's, else 0.875)")
-    p.add_argument("--arch", default=None, help="timm architecture of a weight file (e.g. sdt_h_tiny)")
-    p.add_argument("--model-kwargs", default=None, help="JSON arguments of --arch (e.g. '{\"decay_modes\": ...}')")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--num-workers", type=int, default=4)
-    p.add_argument("--device", default=None, help="default: CUDA if available, else CPU")
+    p.add_argument("--arch", default=None,
+                   help="timm architecture of a weight file, e.g. sdt_h_tiny (default: read from the model folder)")
+    p.add_argument("--model-kwargs", default=None,
+                   help="JSON arguments of --arch, e.g. '{\"decay_modes\": ...}' (default: none)")
+    p.add_argument("--batch-size", type=int, default=128, help="images per forward (default 128)")
+    p.add_argument("--num-workers", type=int, default=4, help="image-decoding workers (default 4)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--check-images", action="store_true", help="decode every image before evaluating")
-    p.add_argument("--output", default=None, help="write the result as JSON here")
-    p.add_argument("--no-progress-bar", dest="progress_bar", action="store_false", default=True)
+    p.add_argument("--output", default=None, help="write the result as JSON to this file (default: print only)")
+    p.add_argument("--no-progress-bar", dest="progress_bar", action="store_false", default=True,
+                   help="no progress bar")
     return p
 
 
@@ -374,12 +380,13 @@ def classify(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def classify_main(argv: Sequence[str] | None = None) -> int:
-    """``eval/classify.py``: prints ``top-1`` / ``top-5`` and a Markdown row; exit 2 on bad input."""
-    args = build_parser().parse_args(argv)
+    """``sdt-classify``: prints ``top-1`` / ``top-5`` and a Markdown row; exit 2 on bad input."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         result = classify(args)
     except ClassificationInputError as e:
-        print(f"classify.py: error: {e}", file=sys.stderr, flush=True)
+        print(f"{parser.prog}: error: {e}", file=sys.stderr, flush=True)
         return 2
     print(f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  ({result['images']} images, "
           f"{result['resolution']}px, {result['kind']} model)")
@@ -387,3 +394,7 @@ def classify_main(argv: Sequence[str] | None = None) -> int:
     if args.output:
         atomic_write_text(args.output, json.dumps(result, indent=2) + "\n")
     return 0
+
+
+if __name__ == "__main__":  # python -m sdt_diffusion.evaluation.classification
+    sys.exit(classify_main())
