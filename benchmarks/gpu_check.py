@@ -114,7 +114,8 @@ def mode_settings(mode: str) -> dict[str, Any]:
                           "latent_side": 8, "vae_levels": 2, "samples": 16, "classes": 2, "batch": 4, "steps": 4,
                           "sample_images": 4, "sample_batch": 2, "sample_steps": 2, "compile": False,
                           "mixed_precision": "no"},
-                "sdt_h": {"batch": 1, "size": 224, "warmup": 0, "repeats": 1, "memory": False},
+                "sdt_h": {"models": ["sdt_h_tiny", "convnext_tiny"], "batch": 1, "size": 64, "warmup": 0,
+                          "repeats": 1, "memory": False},
                 "profile_steps": 1}
     sizes = ["S", "XL"] if mode == "quick" else ["S", "B", "L", "XL"]
     return {"device": "cuda", "sizes": sizes, "patch_size": 2, "batch": 32, "sample_batch": 64, "sample_steps": 250,
@@ -123,7 +124,8 @@ def mode_settings(mode: str) -> dict[str, Any]:
             "smoke": {"model_kwargs": None, "latent_side": 32, "vae_levels": 4, "samples": 1024, "classes": 10,
                       "batch": 32, "steps": 100, "sample_images": 256, "sample_batch": 64, "sample_steps": 50,
                       "compile": True, "mixed_precision": "bf16"},
-            "sdt_h": {"batch": 128, "size": 224, "warmup": 3, "repeats": 10, "memory": True},
+            "sdt_h": {"models": ["sdt_h_tiny", "convnext_tiny", "swin_tiny_patch4_window7_224"], "batch": 128,
+                      "size": 224, "warmup": 3, "repeats": 10, "memory": True},
             "profile_steps": 3}
 
 
@@ -305,7 +307,7 @@ def format_summary(results: dict[str, Any]) -> str:
     lines += ["## Steps", "", "| # | step | status | wall (s) | limit (s) | note |", "|---|---|---|---|---|---|"]
     for s in results["steps"]:
         lines.append(f"| {s['item']} | {s['name']} | {s['status']} | {_fmt(s.get('wall_s'), '.1f')} | "
-                     f"{_fmt(s.get('timeout_s'), '.0f')} | {s.get('reason') or ''} |")
+                     f"{_fmt(s.get('timeout_s'), '.3g')} | {s.get('reason') or ''} |")
     lines += ["", "## Targets", "", "| target | threshold | value | status | note |", "|---|---|---|---|---|"]
     for t in results["targets"]:
         thr = ("≤ " if t["at_most"] else "≥ ") + _fmt(t["threshold"])
@@ -461,7 +463,7 @@ def run_check(args: argparse.Namespace, commands: dict[str, list[str]] | None = 
             write_reports(results, out_dir)
             continue
         timeout = min(limits[step.name], budget - (time.perf_counter() - start))
-        entry.update(status="running", reason="", timeout_s=round(timeout, 1), started_utc=_now())
+        entry.update(status="running", reason="", timeout_s=round(timeout, 2), started_utc=_now())
         write_reports(results, out_dir)
         part = partial_path(out_dir, step.name)
         part.unlink(missing_ok=True)
@@ -479,7 +481,7 @@ def run_check(args: argparse.Namespace, commands: dict[str, list[str]] | None = 
                 entry["results"] = {}
             part.unlink()
         if rc is None:
-            entry.update(status="timeout", reason=f"killed after {timeout:.0f} s"
+            entry.update(status="timeout", reason=f"killed after {timeout:.3g} s"
                          + ("; results up to then kept" if entry.get("results") else ""))
         elif rc != 0:
             entry.update(status="failed", reason=f"exit code {rc}; see {LOG}")
@@ -641,16 +643,19 @@ def step_setup(ctx: argparse.Namespace, rec: Recorder) -> None:
         raise SystemExit(STEP_EXIT_FAILED)
 
 
-def parse_junit(path: Path) -> tuple[dict[str, int], list[str]]:
-    """Counts (collected, passed, failed, errors, skipped) and failing test ids from pytest's JUnit XML."""
+def parse_junit(path: Path) -> tuple[dict[str, int], list[str], list[str]]:
+    """Counts (collected, passed, failed, errors, skipped), failing test ids and all test ids from pytest's JUnit
+    XML (ids as ``module.path::test_name[params]``)."""
     import xml.etree.ElementTree as ET
 
     counts = {"collected": 0, "passed": 0, "failed": 0, "errors": 0, "skipped": 0}
     failing: list[str] = []
+    ids: list[str] = []
     for case in ET.parse(path).getroot().iter("testcase"):
         counts["collected"] += 1
         tags = {child.tag for child in case}
         test_id = f"{case.get('classname', '')}::{case.get('name', '')}"
+        ids.append(test_id)
         if "failure" in tags:
             counts["failed"] += 1
             failing.append(test_id)
@@ -661,7 +666,7 @@ def parse_junit(path: Path) -> tuple[dict[str, int], list[str]]:
             counts["skipped"] += 1
         else:
             counts["passed"] += 1
-    return counts, failing
+    return counts, failing, ids
 
 
 def step_cuda_tests(ctx: argparse.Namespace, rec: Recorder) -> None:
@@ -676,8 +681,8 @@ def step_cuda_tests(ctx: argparse.Namespace, rec: Recorder) -> None:
     rec.update(pytest_returncode=rc, device_type="cuda" if torch.cuda.is_available() else "cpu")
     if not junit.exists():  # pytest could not start (rc 2-4: usage or internal error)
         raise SystemExit(STEP_EXIT_FAILED)
-    counts, failing = parse_junit(junit)
-    rec.update(counts=counts, failing=failing,
+    counts, failing, ids = parse_junit(junit)
+    rec.update(counts=counts, failing=failing, tests=ids,
                note=f"{counts['passed']} passed, {counts['failed'] + counts['errors']} failed, "
                     f"{counts['skipped']} skipped")
 
@@ -860,8 +865,8 @@ def step_sdt_h(ctx: argparse.Namespace, rec: Recorder) -> None:
 
     sh = mode_settings(ctx.mode)["sdt_h"]
     cuda = torch.cuda.is_available()
-    argv = ["--device", "cuda" if cuda else "cpu", "--models", "sdt_h_tiny", "convnext_tiny",
-            "swin_tiny_patch4_window7_224", "--batch", str(sh["batch"]), "--size", str(sh["size"]),
+    argv = ["--device", "cuda" if cuda else "cpu", "--models", *sh["models"], "--batch", str(sh["batch"]),
+            "--size", str(sh["size"]),
             "--warmup", str(sh["warmup"]), "--repeats", str(sh["repeats"])]
     if cuda:
         argv.append("--amp")

@@ -131,7 +131,8 @@ def test_dry_run_measured_every_step_that_ran(dry_run):
     assert smoke["resume"] == {"from_step": 2, "losses_equal": True, "weights_identical": True,
                                "max_abs_weight_diff": 0.0, "exact": True}
     assert smoke["sampling"]["images"] == 4 and smoke["sampling"]["shape"] == [4, 16, 16, 3]
-    assert set(res["sdt_h"]["rows"]) == {"sdt_h_tiny", "convnext_tiny", "swin_tiny_patch4_window7_224"}
+    assert list(res["sdt_h"]["rows"]) == gc.mode_settings("dry-run")["sdt_h"]["models"]
+    assert gc.mode_settings("full")["sdt_h"]["models"] == ["sdt_h_tiny", "convnext_tiny", "swin_tiny_patch4_window7_224"]
     assert res["setup"]["packages"]["sdt-diffusion"] is not None
 
 
@@ -274,9 +275,9 @@ def test_parse_junit_counts_outcomes(tmp_path):
                    '<testcase classname="b" name="err"><error message="y"/></testcase>'
                    '<testcase classname="b" name="skip"><skipped message="no CUDA"/></testcase>'
                    '</testsuite></testsuites>')
-    counts, failing = gc.parse_junit(xml)
+    counts, failing, ids = gc.parse_junit(xml)
     assert counts == {"collected": 4, "passed": 1, "failed": 1, "errors": 1, "skipped": 1}
-    assert failing == ["a::bad", "b::err"]
+    assert failing == ["a::bad", "b::err"] and ids == ["a::ok", "a::bad", "b::err", "b::skip"]
 
 
 @pytest.mark.parametrize("name, value", [
@@ -293,15 +294,16 @@ def test_mfu_peak_is_the_datasheet_figure_with_its_source(name, value):
 
 # ---------------------------------------------------------------------------------------------- the cuda marker
 @pytest.mark.slow
-def test_cuda_marker_selects_the_cuda_only_tests():
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "cuda", "--collect-only", "-q", "-p",
-                           "no:cacheprovider", "tests"], cwd=REPO, capture_output=True, text=True, timeout=600)
-    ids = [line for line in proc.stdout.splitlines() if "::" in line]
-    assert proc.returncode == 0, proc.stdout[-2000:]
-    mine = [i for i in ids if i.startswith("tests/test_gpu_check.py::")]
-    assert len(ids) >= CUDA_TESTS_TODAY + len(mine) and len(mine) == 10
-    assert any(i.startswith("tests/test_fused_attention.py::test_cuda_") for i in ids)
-    assert any(i.startswith("tests/test_diffusers_conformance.py::") for i in ids)
+def test_cuda_marker_selects_the_cuda_only_tests(dry_run):
+    """Step 2 of the dry run ran ``pytest -m cuda tests``: the CUDA-only tests, all skipped on the CPU."""
+    _, _, results = dry_run
+    res = next(s for s in results["steps"] if s["name"] == "cuda_tests")["results"]
+    ids = res["tests"]
+    mine = [i for i in ids if i.startswith("tests.test_gpu_check::")]
+    assert len(mine) == 10 and len(ids) >= CUDA_TESTS_TODAY + len(mine)
+    assert res["counts"]["skipped"] == res["counts"]["collected"] == len(ids)
+    assert any(i.startswith("tests.test_fused_attention::test_cuda_") for i in ids)
+    assert any(i.startswith("tests.test_diffusers_conformance::") for i in ids)
     assert not any("test_auto_resolution_per_device" in i for i in ids)  # 'cuda' in a name is not enough
 
 
