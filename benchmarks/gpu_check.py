@@ -143,26 +143,27 @@ class Target:
 
 TARGETS: tuple[Target, ...] = (
     Target("setup_seconds", "set-up from the checkout (step 1)", 120.0, True, "s"),
-    Target("cuda_tests_green", "all CUDA tests pass (step 2): passed / collected", 1.0, False),
+    Target("cuda_tests_green", "all CUDA tests pass (step 2): passed / collected", 1.0, False, "all"),
     Target("train_time_ratio", "SDT-P/DiT training-step time at XL/2, eager, bf16, batch 32", 1.05, True),
     Target("train_time_ratio_compiled", "SDT-P/DiT training-step time at XL/2, compiled", 1.05, True),
     Target("train_memory_ratio", "SDT-P/DiT peak training memory at XL/2, eager", 1.05, True),
-    Target("mfu_compiled", "MFU of SDT-P-XL/2, compiled, against the device's dense bf16 peak", 0.50, False),
+    Target("mfu_compiled", "MFU of SDT-P-XL/2, compiled, against the device's dense bf16 peak", 0.50, False, "%"),
     Target("sampling_throughput_ratio", "SDT-P/DiT guided sampling throughput, worst size, eager", 0.95, False),
     Target("resume_exact", "training smoke: the resumed run ends with the uninterrupted run's weights and losses",
-           1.0, False),
+           1.0, False, "exact"),
 )
 
 
 def _not_run(target: Target, reason: str) -> dict[str, Any]:
     return {"name": target.name, "description": target.description, "threshold": target.threshold,
-            "at_most": target.at_most, "value": None, "status": "not-run", "reason": reason}
+            "at_most": target.at_most, "unit": target.unit, "value": None, "status": "not-run", "reason": reason}
 
 
 def _judged(target: Target, value: float, row: dict[str, Any] | None = None, note: str = "") -> dict[str, Any]:
     ok = value <= target.threshold if target.at_most else value >= target.threshold
     entry = {"name": target.name, "description": target.description, "threshold": target.threshold,
-             "at_most": target.at_most, "value": value, "status": "pass" if ok else "miss", "reason": note}
+             "at_most": target.at_most, "unit": target.unit, "value": value, "status": "pass" if ok else "miss",
+             "reason": note}
     if row is not None:
         entry["row"] = row
     return entry
@@ -261,7 +262,8 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     else:
         out.append(_judged(t, 1.0 if resume["exact"] else 0.0,
                            note=f"losses equal: {resume['losses_equal']}, weights identical: "
-                                f"{resume['weights_identical']}, max |Δw| {resume['max_abs_weight_diff']:.3g}"))
+                                f"{resume['weights_identical']}, largest weight difference "
+                                f"{resume['max_abs_weight_diff']:.3g}"))
     return out
 
 
@@ -288,6 +290,20 @@ def _fmt(v: Any, spec: str = ".3g") -> str:
     return format(v, spec) if isinstance(v, int | float) else str(v)
 
 
+def _fmt_target(t: dict[str, Any]) -> tuple[str, str]:
+    """The threshold and value of a target as the summary shows them."""
+    unit, v = t.get("unit", ""), t["value"]
+    sign = "≤ " if t["at_most"] else "≥ "
+    if unit == "all":
+        return "all pass", "—" if v is None else f"{v:.1%} passed"
+    if unit == "exact":
+        return "exact", "—" if v is None else ("exact" if v >= 1 else "not exact")
+    if unit == "%":
+        return sign + f"{t['threshold']:.0%}", "—" if v is None else f"{v:.1%}"
+    suffix = f" {unit}" if unit else ""
+    return sign + _fmt(t["threshold"]) + suffix, "—" if v is None else _fmt(v) + suffix
+
+
 def format_summary(results: dict[str, Any]) -> str:
     """The Markdown summary: environment, steps, targets, then each step's tables."""
     env = _step(results, "env").get("results", {})
@@ -298,20 +314,21 @@ def format_summary(results: dict[str, Any]) -> str:
         lines += ["**Dry run**: toy sizes on the CPU; it tests the script, its numbers say nothing about speed.", ""]
     if env:
         peak = env.get("peak_bf16_dense_tflops") or {}
+        matmul = env.get("matmul")
         lines += ["## Environment", "",
                   f"- device: {env.get('device', '—')}; driver {env.get('driver', '—')}; "
                   f"torch {env.get('torch', '—')}; CUDA {env.get('cuda', '—')}; python {env.get('python', '—')}",
                   f"- MFU peak: {_fmt(peak.get('value'))} TFLOP/s ({peak.get('source', 'none: MFU not computed')})",
-                  f"- measured bf16 matmul {env.get('matmul', {}).get('shape', '')}: "
-                  f"{_fmt(env.get('matmul', {}).get('tflops'), '.0f')} TFLOP/s", ""]
+                  f"- measured bf16 matrix product ({matmul['shape']}): {matmul['tflops']:.0f} TFLOP/s" if matmul
+                  else "- bf16 matrix product: not measured (no CUDA device)", ""]
     lines += ["## Steps", "", "| # | step | status | wall (s) | limit (s) | note |", "|---|---|---|---|---|---|"]
     for s in results["steps"]:
         lines.append(f"| {s['item']} | {s['name']} | {s['status']} | {_fmt(s.get('wall_s'), '.1f')} | "
                      f"{_fmt(s.get('timeout_s'), '.3g')} | {s.get('reason') or ''} |")
     lines += ["", "## Targets", "", "| target | threshold | value | status | note |", "|---|---|---|---|---|"]
     for t in results["targets"]:
-        thr = ("≤ " if t["at_most"] else "≥ ") + _fmt(t["threshold"])
-        lines.append(f"| {t['description']} | {thr} | {_fmt(t['value'])} | {t['status']} | {t.get('reason') or ''} |")
+        thr, value = _fmt_target(t)
+        lines.append(f"| {t['description']} | {thr} | {value} | {t['status']} | {t.get('reason') or ''} |")
     for s in results["steps"]:
         res = s.get("results") or {}
         body = _step_tables(s["name"], res)
