@@ -425,17 +425,22 @@ def run_subprocess(cmd: list[str], timeout: float, log: Path, env: dict[str, str
             rc: int | None = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             rc = None
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                try:
-                    os.killpg(proc.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    proc.wait(timeout=5)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
+            _stop_group(proc, signal.SIGTERM)
+        finally:  # also when this process is stopped itself (SIGTERM, Ctrl-C): leave no step running
+            _stop_group(proc, signal.SIGKILL)
     return rc, time.perf_counter() - start
+
+
+def _stop_group(proc: subprocess.Popen, sig: int) -> None:
+    """Send ``sig`` to the process group of ``proc`` (the step and all it started) and wait up to 5 s."""
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:  # the group is gone already
+        return
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
 
 
 def partial_path(out_dir: Path, name: str) -> Path:
@@ -992,12 +997,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.run_step:
         sys.path.insert(0, str(BENCHMARKS))
         STEP_FUNCTIONS[args.run_step](args, Recorder(partial_path(args.output_dir, args.run_step)))
         return 0
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # a stopped check stops its running step too
     results = run_check(args)
     print()
     print((args.output_dir / SUMMARY_MD).read_text())

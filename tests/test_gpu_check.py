@@ -182,6 +182,43 @@ def test_failing_and_hanging_steps_are_reported_and_later_steps_still_run(tmp_pa
     assert "| setup | failed |" in summary and "| cuda_tests | timeout |" in summary
 
 
+def test_a_stopped_check_stops_its_running_step(tmp_path):
+    """SIGTERM to the check (a session's time limit, say) ends the step it is running, grandchildren included."""
+    pid_file = tmp_path / "pid"
+    parent = f"""
+import signal, sys, time
+sys.path.insert(0, {str(REPO / "benchmarks")!r})
+import gpu_check as gc
+step = [sys.executable, "-c", "import os, subprocess, sys; p = subprocess.Popen([sys.executable, '-c', "
+        "'import time; time.sleep(120)']); open({str(pid_file)!r}, 'w').write(str(p.pid)); p.wait()"]
+signal.signal(signal.SIGTERM, gc._exit_on_sigterm)
+args = gc.parse_args(["--output-dir", {str(tmp_path / "out")!r}, "--assume-installed", "--steps", "setup"])
+gc.run_check(args, commands={{"env": [sys.executable, "-c", "pass"], "setup": step}})
+"""
+    proc = subprocess.Popen([sys.executable, "-c", parent], cwd=REPO)
+    deadline = time.time() + 120
+    while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
+        time.sleep(0.2)
+    grandchild = int(pid_file.read_text())
+    proc.terminate()
+    assert proc.wait(timeout=60) == 128 + 15
+
+    def alive(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().split(") ")[1][0] != "Z"  # a zombie has exited
+        except FileNotFoundError:
+            return False
+
+    for _ in range(50):
+        if not alive(grandchild):
+            break
+        time.sleep(0.1)
+    assert not alive(grandchild)
+    report = json.loads((tmp_path / "out" / gc.RESULTS_JSON).read_text())
+    assert next(s for s in report["steps"] if s["name"] == "setup")["status"] == "running"  # cut short, and says so
+
+
 def test_budget_and_step_selection_skip_with_a_reason(tmp_path):
     commands = {name: _fake("import time; time.sleep(0.3)") for name in gc.STEP_NAMES}
     args = gc.parse_args(["--quick", "--output-dir", str(tmp_path), "--assume-installed", "--budget", "5.5",
@@ -310,7 +347,9 @@ def test_cuda_marker_selects_the_cuda_only_tests(dry_run):
 # ---------------------------------------------------------------------------------------------- on CUDA
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 SIDE, HEADS, HEAD_DIM = 16, 4, 64
-REL_ERR = {torch.float32: 1e-3, torch.bfloat16: 3e-2}  # METHOD: float32 far under 1e-3; bf16 1e-3 .. 1e-2
+# ||err|| / ||ref||: float32 arithmetic lands far under 1e-3 (TF32 near 3e-4), bf16 operands between 1e-3 and
+# 1e-2 (on the CPU, checked 2026-12-04: 3e-3 to 8e-3 for augmented, dense and math, outputs and gradients)
+REL_ERR = {torch.float32: 1e-3, torch.bfloat16: 2e-2}
 
 
 def _rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
