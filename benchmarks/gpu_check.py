@@ -84,7 +84,7 @@ STEPS: tuple[Step, ...] = (
          ("sdt-diffusion", "diffusers"), ("full", "quick")),
     Step("attention", "3", "attention alone at 256 and 1024 tokens, per backend", ("sdt-diffusion", "diffusers")),
     Step("train_smoke", "4", "training smoke: accelerate launch, checkpoint, exact resume, eval/sample.py",
-         ("sdt-diffusion", "diffusers", "accelerate", "safetensors"), ("full", "dry-run")),
+         ("sdt-diffusion", "diffusers", "datasets", "accelerate", "safetensors"), ("full", "dry-run")),
     Step("sdt_h", "5", "SDT-H-T vs timm convnext_tiny and swin_tiny", ("sdt-diffusion", "timm"),
          ("full", "dry-run")),
     Step("profile", "-", "torch.profiler top 15 kernels of the worst missed row", ("sdt-diffusion", "diffusers")),
@@ -96,7 +96,7 @@ STEP_NAMES = tuple(s.name for s in STEPS)
 TIME_LIMITS: dict[str, dict[str, float]] = {
     "full": {"env": 45, "setup": 120, "cuda_tests": 100, "models_eager": 100, "models_compiled": 150,
              "attention": 30, "train_smoke": 180, "sdt_h": 60, "profile": 60},
-    "quick": {"env": 45, "setup": 120, "cuda_tests": 100, "models_eager": 45, "models_compiled": 90,
+    "quick": {"env": 30, "setup": 90, "cuda_tests": 90, "models_eager": 45, "models_compiled": 120,
               "attention": 20, "profile": 40},
     "dry-run": dict.fromkeys(STEP_NAMES, 180.0),
 }
