@@ -202,8 +202,8 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     setup = _step(results, "setup")
     seconds = setup.get("results", {}).get("install_seconds")
     t = by_name["setup_seconds"]
-    out.append(_judged(t, seconds) if seconds is not None else _not_run(t, setup.get("results", {}).get(
-        "install_note") or _why_missing(setup)))
+    note = setup.get("results", {}).get("install_note")
+    out.append(_judged(t, seconds, note=note or "") if seconds is not None else _not_run(t, note or _why_missing(setup)))
 
     tests = _step(results, "cuda_tests")
     counts = tests.get("results", {}).get("counts")
