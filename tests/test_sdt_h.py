@@ -68,7 +68,7 @@ def meta_preset(name: str, **overrides) -> SDTH:
         return SDTH.from_preset(name, attention_backend="math", **overrides).eval()
 
 
-@pytest.mark.parametrize("name", list(SDT_H_PRESETS))
+@pytest.mark.parametrize("name", list(PAPER))  # the RMT presets: tests/test_rmt.py
 def test_preset_parameters_and_flops_match_the_paper(name):
     model = meta_preset(name)
     params = count_parameters(model)
