@@ -89,9 +89,9 @@ class Row(NamedTuple):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     rows = p.add_mutually_exclusive_group()
-    rows.add_argument("--table", type=int, default=3, choices=TABLES,
+    rows.add_argument("--table", type=int, default=None, choices=TABLES,
                       help="the paper's table whose rows are trained: 3 (decay: none / RMT's fixed / SDT-H, and the "
-                           "RMT preset), 4 (2D fusion in the global stages), 5 (alpha)")
+                           "RMT preset), 4 (2D fusion in the global stages), 5 (alpha) (default: 3, unless --modes)")
     rows.add_argument("--modes", nargs="+", default=None, choices=DECAY_MODES,
                       help="instead of a table: one row per decay mode, that mode in --stages")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -211,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         stages = [int(s) for s in (args.stages or ("1,2,3,4" if args.data_dir is None else "3,4")).split(",")]
         rows = mode_rows(args.modes, stages, args.model)
     else:
+        args.table = 3 if args.table is None else args.table
         rows = table_rows(args.table, args.model)
     for row in rows:
         print(f"[ablation] {row.name} ({row.label}): {describe(row)}", flush=True)

@@ -8,6 +8,9 @@ The presets are built on the meta device (no weights); the numeric checks use ti
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -200,3 +203,38 @@ def test_transformers_config_preset_and_round_trip(tmp_path):
     assert again.config.rope_layout == "1d" and again.config.gate_rank == 0
     with torch.no_grad():
         torch.testing.assert_close(again(images()).logits, clf(images()).logits, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------- ablation rows
+def _ablation_module():
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "ablation_classification.py"
+    spec = importlib.util.spec_from_file_location("ablation_classification_rows", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ablation_rows_are_the_papers():
+    ablation = _ablation_module()
+    rows = {r.name: r for r in ablation.table_rows(3, "SDT-H-T")}
+    assert list(rows) == ["none", "fixed", "cdsf", "rmt"]
+    assert rows["none"].decay_modes == ("none",) * 4  # no decay in any stage, 1-2 included
+    assert rows["fixed"].decay_modes == ("fixed_decomposed", "fixed_decomposed", "fixed", "fixed")
+    assert rows["cdsf"].decay_modes == ("decomposed", "decomposed", "cdsf", "cdsf")
+    assert (rows["rmt"].model, rows["rmt"].decay_modes) == ("RMT-T", RMT_PRESETS["RMT-T"]["decay_modes"])
+    assert len({r.folder for r in rows.values()}) == 4
+    table4 = ablation.table_rows(4, "SDT-H-S")
+    assert [r.decay_modes for r in table4] == [("decomposed", "decomposed", m, m)
+                                              for m in ("1d", "bidirectional", "decomposed", "cdsf")]
+    table5 = ablation.table_rows(5, "SDT-H-T")
+    assert [r.alpha for r in table5] == [0.05, None, 0.15, 0.2]
+    assert table5[1].folder == rows["cdsf"].folder == table4[-1].folder.replace("SDT-H-S", "SDT-H-T")  # one run
+    assert ablation.describe(rows["fixed"]) == ("SDT-H-T: stage 1 fixed_decomposed, stage 2 fixed_decomposed, "
+                                                "stage 3 fixed, stage 4 fixed")
+    cmd = ablation.run_command(ablation.build_parser().parse_args([]), table5[0], 0, Path("out"), (Path("a"), Path("b")))
+    assert cmd[cmd.index("--alpha") + 1] == "0.05" and cmd[cmd.index("--decay-modes") + 1] == "decomposed,decomposed,cdsf,cdsf"
+    cmd = ablation.run_command(ablation.build_parser().parse_args([]), rows["rmt"], 0, Path("out"), (Path("a"), Path("b")))
+    assert cmd[cmd.index("--model") + 1] == "RMT-T" and "--alpha" not in cmd
+    assert ablation.main(["--table", "3", "--stages", "1,2"]) == 2  # --stages belongs to --modes
+    with pytest.raises(SystemExit):
+        ablation.build_parser().parse_args(["--table", "3", "--modes", "none"])
