@@ -7,18 +7,18 @@ d = head width.  Decay biases are additive logits of shape (B, N, L, L) or (N, L
 
 Variants (``decay_mode`` of :class:`~sdt_diffusion.SDTTransformer2DModel`):
 
-=================  ======================================================  ==========
-mode               bias M[i, j]                                             function
-=================  ======================================================  ==========
-``none``           0                                                        --
-``fixed``          d(i, j) * log(gamma_h)                     (RMT)          :func:`fixed_decay_bias`
-``1d``             sum of raster-order gates between i and j  (eq. 6)       :func:`raster_decay_bias`
-``bidirectional``  mean of forward- and backward-scan 1D decay (eq. 6)      :func:`bidirectional_decay_bias`
-``decomposed``     row then column attention with 1D decays   (eq. 11-12)  :func:`decomposed_attention`
-``fixed_decomposed``  row then column attention with gamma_h^|dw|, gamma_h^|dh|  :func:`fixed_decomposed_attention`
-                   (RMT's decomposed decay)
-``cdsf``           -|1/2 (G_i + G_j) d(i, j) alpha|           (eq. 7-9)     :func:`spatial_decay_bias`
-=================  ======================================================  ==========
+====================  ======================================================  ====================================
+mode                  bias M[i, j]                                             function
+====================  ======================================================  ====================================
+``none``              0                                                        --
+``fixed``             d(i, j) * log(gamma_h)                     (RMT)          :func:`fixed_decay_bias`
+``1d``                sum of raster-order gates between i and j  (eq. 6)       :func:`raster_decay_bias`
+``bidirectional``     mean of forward- and backward-scan 1D decay (eq. 6)      :func:`bidirectional_decay_bias`
+``decomposed``        row then column attention with 1D decays   (eq. 11-12)  :func:`decomposed_attention`
+``fixed_decomposed``  row then column attention, |dw| and |dh| * log(gamma_h)  :func:`fixed_decomposed_attention`
+                      (RMT's decomposed decay)
+``cdsf``              -|1/2 (G_i + G_j) d(i, j) alpha|           (eq. 7-9)     :func:`spatial_decay_bias`
+====================  ======================================================  ====================================
 
 Fused forms (no L x L tensor, used by the ``augmented`` and ``flex`` backends): the exact low-rank
 identity ``d(i, j) = K - 1/2 V_i . V_j`` (:func:`threshold_codes`) writes CDSF and the fixed decay as a
