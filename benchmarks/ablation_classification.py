@@ -94,23 +94,25 @@ def build_parser() -> argparse.ArgumentParser:
                            "RMT preset), 4 (2D fusion in the global stages), 5 (alpha) (default: 3, unless --modes)")
     rows.add_argument("--modes", nargs="+", default=None, choices=DECAY_MODES,
                       help="instead of a table: one row per decay mode, that mode in --stages")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds per row (default: 0 1 2)")
     p.add_argument("--stages", type=str, default=None,
                    help="with --modes: 1-based stages that take the mode under test, e.g. 3,4 (default: all on "
                         "digits, 3,4 with --data-dir); the other stages keep the preset's decay")
     p.add_argument("--epochs", type=int, default=30,
-                   help="digits: training epochs per run (the CPU example's budget; after 10 epochs the attention "
-                        "branch is still too small for the decay to change the predictions)")
-    p.add_argument("--data-root", type=str, default="outputs/digits32", help="digits: where the image folders go")
+                   help="digits: training epochs per run (default: 30, the CPU example's budget; after 10 epochs the "
+                        "attention branch is still too small for the decay to change the predictions)")
+    p.add_argument("--data-root", type=str, default="outputs/digits32",
+                   help="digits: where the image folders go (default: outputs/digits32)")
     p.add_argument("--data-dir", type=str, default=None, help="training image folder (ImageNet mode)")
     p.add_argument("--eval-data-dir", type=str, default=None, help="validation image folder (ImageNet mode)")
     p.add_argument("--model", type=str, default="SDT-H-T", choices=sorted(RMT_OF),
-                   help="the SDT-H preset the rows are built from")
+                   help="the SDT-H preset the rows are built from (default: SDT-H-T)")
     p.add_argument("--launcher", type=str, default=None,
                    help="command prefix that runs the training script (default: this Python)")
     p.add_argument("--train-args", type=str, default="",
                    help="more flags for train_classifier.py (appended last, so they override the defaults here)")
-    p.add_argument("--output-dir", type=str, default="outputs/ablation_classification")
+    p.add_argument("--output-dir", type=str, default="outputs/ablation_classification",
+                   help="folder of the runs and the results (default: outputs/ablation_classification)")
     return p
 
 
