@@ -608,7 +608,8 @@ class SDTH(nn.Module):
 def sdt_h_extra_parameters(embed_dims: Sequence[int], depths: Sequence[int], num_heads: Sequence[int],
                            decay_modes: Sequence[str], gate_rank: int) -> int:
     """Parameters SDT-H adds to RMT's architecture: W_g (with bias; two per head for ``decomposed``, none for
-    ``none``/``fixed``) and the low-rank output gate W_u1, W_u2 (2 D r, no bias)."""
+    ``none``/``fixed``/``fixed_decomposed``) and the low-rank output gate W_u1, W_u2 (2 D r, no bias; none for
+    ``gate_rank=0``)."""
     total = 0
     for dim, depth, heads, mode in zip(embed_dims, depths, num_heads, decay_modes):
         outputs = get_decay_mode(mode).gate_outputs * heads
