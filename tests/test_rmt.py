@@ -238,3 +238,18 @@ def test_ablation_rows_are_the_papers():
     assert ablation.main(["--table", "3", "--stages", "1,2"]) == 2  # --stages belongs to --modes
     with pytest.raises(SystemExit):
         ablation.build_parser().parse_args(["--table", "3", "--modes", "none"])
+
+
+def test_the_evaluator_tells_rmt_from_sdt_h_of_the_same_size():
+    """RMT-T and SDT-H-T share widths, depths and heads: the evaluator's row must still name the right model
+    and put the right paper row (Table 1) beside it."""
+    from sdt_diffusion.evaluation.classification import PAPER_TABLE1, markdown_rows, preset_of
+    from sdt_diffusion.models.sdt_h_transformers import SDTHConfig
+
+    assert preset_of(SDTHConfig.from_preset("RMT-T").to_dict()) == "RMT-T"
+    assert preset_of(SDTHConfig.from_preset("SDT-H-T").to_dict()) == "SDT-H-T"
+    assert preset_of({**SDTHConfig.from_preset("RMT-T").to_dict(), "gate_rank": 16}) is None  # neither model
+    assert PAPER_TABLE1["RMT-T"]["top1"] == 82.4 and PAPER_TABLE1["SDT-H-T"]["top1"] == 82.7
+    row = markdown_rows({"preset": "RMT-T", "top1": 50.0, "top5": 90.0, "images": 10, "resolution": 224,
+                         "params": 14_334_216, "model": "x"})
+    assert "RMT-T" in row and "82.4" in row

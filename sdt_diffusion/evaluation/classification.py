@@ -19,6 +19,7 @@ prints mean the same thing.  This module never imports training code.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -42,7 +43,7 @@ from ..data import (
     find_unreadable_images,
     open_labelled_images,
 )
-from ..models.sdt_h import IMAGENET_MEAN, IMAGENET_STD, PRESET_OF_TIMM_NAME, SDT_H_PRESETS
+from ..models.sdt_h import IMAGENET_MEAN, IMAGENET_STD, PRESET_OF_TIMM_NAME, SDT_H_PRESETS, SDTH
 from ..utils.files import atomic_write_text
 from ..utils.optional import import_optional
 from ..utils.runtime import default_device
@@ -75,6 +76,10 @@ PAPER_TABLE1: dict[str, dict[str, float]] = {
     "SDT-H-T": {"params_m": 14, "gflops": 2.7, "top1": 82.7},
     "SDT-H-S": {"params_m": 27, "gflops": 4.8, "top1": 84.2},
     "SDT-H-B": {"params_m": 54, "gflops": 10.8, "top1": 85.1},
+    # RMT (Fan et al. 2024) as the paper's Table 1 lists it (the baseline SDT-H is compared against)
+    "RMT-T": {"params_m": 14, "gflops": 2.5, "top1": 82.4},
+    "RMT-S": {"params_m": 27, "gflops": 4.5, "top1": 84.1},
+    "RMT-B": {"params_m": 54, "gflops": 9.7, "top1": 85.0},
 }
 
 
@@ -142,11 +147,24 @@ def summarise(sums: torch.Tensor) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------------------------ models
 def preset_of(sdt_h_kwargs: dict[str, Any]) -> str | None:
-    """The SDT-H preset whose architecture (widths, depths, heads, MLP ratios) the kwargs have, else ``None``."""
-    keys = ("embed_dims", "depths", "num_heads", "mlp_ratios")
+    """The preset (SDT-H or RMT) whose architecture the kwargs have, else ``None``.
+
+    Widths, depths, heads and MLP ratios fix the size; the decay modes, the output gate's rank and the RoPE layout
+    tell SDT-H-T from RMT-T (same size, different attention). A field the kwargs lack takes SDTH's default.
+    """
+    sizes = ("embed_dims", "depths", "num_heads", "mlp_ratios")
+    defaults = {name: p.default for name, p in inspect.signature(SDTH.__init__).parameters.items()}
+
+    def value(source: dict[str, Any], key: str) -> Any:
+        return source.get(key, defaults.get(key))
+
     for name, preset in SDT_H_PRESETS.items():
-        if all(k in sdt_h_kwargs and [float(v) for v in sdt_h_kwargs[k]] == [float(v) for v in preset[k]]
-               for k in keys):
+        if not all(k in sdt_h_kwargs and [float(v) for v in sdt_h_kwargs[k]] == [float(v) for v in preset[k]]
+                   for k in sizes):
+            continue
+        if (tuple(value(sdt_h_kwargs, "decay_modes") or ()) == tuple(value(preset, "decay_modes") or ())
+                and value(sdt_h_kwargs, "gate_rank") == value(preset, "gate_rank")
+                and value(sdt_h_kwargs, "rope_layout") == value(preset, "rope_layout")):
             return name
     return None
 
@@ -297,7 +315,7 @@ def check_classes(model: LoadedClassifier, images: LabelledImages) -> None:
 
 # ------------------------------------------------------------------------------------------------ report
 def markdown_rows(result: dict[str, Any]) -> str:
-    """A Markdown table: this evaluation's row, then the paper's Table 1 row for the same SDT-H size (if any)."""
+    """A Markdown table: this evaluation's row, then the paper's Table 1 row of the same preset (SDT-H or RMT, if any)."""
     head = "| model | resolution | images | top-1 (%) | top-5 (%) | params (M) | source |\n|---|---|---|---|---|---|---|\n"
     name = result.get("preset") or "custom"
     params = f"{result['params'] / 1e6:.2f}" if result.get("params") else "–"
