@@ -773,6 +773,7 @@ def _write_latent_cache(root: Path, sm: dict[str, Any]) -> tuple[Path, Path]:
     """A random latent cache in the extraction format and a tiny AutoencoderKL whose factor fits it."""
     import numpy as np
     from diffusers import AutoencoderKL
+
     from sdt_diffusion.data import CACHE_FORMAT, CACHE_VERSION
 
     levels, side = sm["vae_levels"], sm["latent_side"]
