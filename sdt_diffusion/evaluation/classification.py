@@ -149,22 +149,23 @@ def summarise(sums: torch.Tensor) -> dict[str, float]:
 def preset_of(sdt_h_kwargs: dict[str, Any]) -> str | None:
     """The preset (SDT-H or RMT) whose architecture the kwargs have, else ``None``.
 
-    Widths, depths, heads and MLP ratios fix the size; the decay modes, the output gate's rank and the RoPE layout
-    tell SDT-H-T from RMT-T (same size, different attention). A field the kwargs lack takes SDTH's default.
+    Widths, depths, heads and MLP ratios fix the size and must be given; the decay modes, the output gate's rank
+    and the RoPE layout tell SDT-H-T from RMT-T (same size, different attention) and are compared when the kwargs
+    give them (an SDT-H name comes first in the table, so size alone names the SDT-H preset).
     """
     sizes = ("embed_dims", "depths", "num_heads", "mlp_ratios")
+    attention = ("decay_modes", "gate_rank", "rope_layout")
     defaults = {name: p.default for name, p in inspect.signature(SDTH.__init__).parameters.items()}
 
-    def value(source: dict[str, Any], key: str) -> Any:
-        return source.get(key, defaults.get(key))
+    def same(a: Any, b: Any) -> bool:
+        if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+            return [str(x) if isinstance(x, str) else float(x) for x in a] == [
+                str(y) if isinstance(y, str) else float(y) for y in b]
+        return a == b
 
     for name, preset in SDT_H_PRESETS.items():
-        if not all(k in sdt_h_kwargs and [float(v) for v in sdt_h_kwargs[k]] == [float(v) for v in preset[k]]
-                   for k in sizes):
-            continue
-        if (tuple(value(sdt_h_kwargs, "decay_modes") or ()) == tuple(value(preset, "decay_modes") or ())
-                and value(sdt_h_kwargs, "gate_rank") == value(preset, "gate_rank")
-                and value(sdt_h_kwargs, "rope_layout") == value(preset, "rope_layout")):
+        if all(k in sdt_h_kwargs and same(sdt_h_kwargs[k], preset[k]) for k in sizes) and all(
+                same(sdt_h_kwargs[k], preset.get(k, defaults.get(k))) for k in attention if k in sdt_h_kwargs):
             return name
     return None
 
