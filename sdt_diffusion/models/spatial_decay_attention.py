@@ -43,6 +43,8 @@ class SpatialDecayAttention(nn.Module):
         use_rope: bool = True,
         fixed_decay_init: float = 2.0,
         fixed_decay_range: float = 4.0,
+        use_lpe: bool = True,
+        use_output_gate: bool = True,
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
@@ -60,9 +62,11 @@ class SpatialDecayAttention(nn.Module):
             self.register_buffer("log_gamma", self.fixed_log_gamma(), persistent=False)
         else:
             self.log_gamma = None
-        self.lpe = nn.Conv2d(dim, dim, lpe_kernel_size, padding=lpe_kernel_size // 2, groups=dim)
-        self.gate_down = nn.Linear(dim, gate_rank, bias=False)  # W_u1
-        self.gate_up = nn.Linear(gate_rank, dim, bias=False)  # W_u2
+        # LPE(V) (eq. 13) and the output gate U (eq. 13) can each be switched off: without them the layer is
+        # softmax(R(Q) R(K)^T / sqrt(d) + M) V followed by the output projection.
+        self.lpe = nn.Conv2d(dim, dim, lpe_kernel_size, padding=lpe_kernel_size // 2, groups=dim) if use_lpe else None
+        self.gate_down = nn.Linear(dim, gate_rank, bias=False) if use_output_gate else None  # W_u1
+        self.gate_up = nn.Linear(gate_rank, dim, bias=False) if use_output_gate else None  # W_u2
         self.proj = nn.Linear(dim, dim)
         self.reference_path = False  # True: the plain layer-by-layer forward (see the module docstring)
 
@@ -80,31 +84,37 @@ class SpatialDecayAttention(nn.Module):
         gate_logits = None if self.gate is None else self.gate(x)
         return self._decay_from_logits(gate_logits, height, width, codes, distance)
 
-    def _input_projections(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
-        """``(X W_qk, X W_v, X W_g, X W_u1)`` (B, L, .) views; one GEMM when the weights allow it.
+    def _input_projections(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """``(X W_qk, X W_v, X W_g, X W_u1)`` (B, L, .) views (``None`` for a part switched off); one GEMM when the
+        weights allow it.
 
         The weights are concatenated per call (state-dict keys unchanged); when they differ in dtype or device
         (e.g. ``enable_layerwise_casting`` stores some in another dtype and casts them in hooks around each
         layer), the layers are called one by one so that their hooks run.
         """
         dim = self.qkv.out_features // 3
-        layers = [self.qkv] + ([self.gate] if self.gate is not None else []) + [self.gate_down]
+        extra = [layer for layer in (self.gate, self.gate_down) if layer is not None]
+        layers = [self.qkv, *extra]
         weights = [layer.weight for layer in layers]
         dtype = weights[0].dtype
         same = all(w.dtype == dtype and w.device == x.device for w in weights) and not any(map(_hooked, layers))
-        if same and dtype.is_floating_point and dtype.itemsize >= 2 and (
+        if extra and same and dtype.is_floating_point and dtype.itemsize >= 2 and (
             dtype == x.dtype or torch.is_autocast_enabled(x.device.type)
         ):
             biases = [self.qkv.bias] + ([self.gate.bias] if self.gate is not None else [])
-            bias = torch.cat([*biases, biases[0].new_zeros(self.gate_down.out_features)])
+            if self.gate_down is not None:
+                biases.append(biases[0].new_zeros(self.gate_down.out_features))
+            bias = torch.cat(biases)
             sizes = [2 * dim, dim] + [w.shape[0] for w in weights[1:]]
             parts = F.linear(x, torch.cat(weights), bias).split(sizes, dim=-1)
         else:
-            parts = (*self.qkv(x).split([2 * dim, dim], dim=-1), *(layer(x) for layer in layers[1:]))
-        qk, v, *gate_logits, u = parts
+            parts = (*self.qkv(x).split([2 * dim, dim], dim=-1), *(layer(x) for layer in extra))
+        qk, v, *rest = parts
+        gate_logits = rest.pop(0) if self.gate is not None else None
+        u = rest.pop(0) if self.gate_down is not None else None
         # The gate logits are copied out of the projection's output: autograd keeps the input of log sigma for
         # the backward pass, and a view would keep the whole (B, L, 3D + ...) output alive.
-        return qk, v, (gate_logits[0].contiguous() if gate_logits else None), u
+        return qk, v, (gate_logits.contiguous() if gate_logits is not None else None), u
 
     def _decay_from_logits(self, gate_logits: Tensor | None, height: int, width: int, codes: Tensor | None,
                            distance: Tensor | None) -> DecayInputs:
@@ -118,9 +128,11 @@ class SpatialDecayAttention(nn.Module):
             decay.gates = eq.context_aware_gates(gate_logits)  # eq. 4-5
         return decay
 
-    def _lpe(self, v: Tensor, height: int, width: int) -> Tensor:
-        """LPE(V) of contiguous token-major V (B, L, C) (eq. 13)."""
+    def _lpe(self, v: Tensor, height: int, width: int) -> Tensor | None:
+        """LPE(V) of contiguous token-major V (B, L, C) (eq. 13); ``None`` with LPE switched off."""
         lpe = self.lpe
+        if lpe is None:
+            return None
         if lpe.weight.dtype == v.dtype and lpe.weight.device == v.device and lpe.padding_mode == "zeros" and not _hooked(lpe):
             return kernels.depthwise_conv_tokens(v, self.lpe.weight, self.lpe.bias, height, width)
         return eq.local_position_encoding_tokens(v, self.lpe, height, width)  # e.g. layerwise casting hooks
@@ -159,9 +171,9 @@ class SpatialDecayAttention(nn.Module):
         v = v.contiguous()  # (B, L, D): LPE's channels-last grid and, as a (B, N, L, d) view, the attention's V
         decay = self._decay_from_logits(gate_logits, height, width, context.codes, context.distance)
         attn = context.backend(q, k, v.view(b, seq, n, d).transpose(1, 2), decay)
-        gate_u = self.gate_up(torch.sigmoid(u))  # U = sigma(X W_u1) W_u2
+        gate_u = None if u is None else self.gate_up(torch.sigmoid(u))  # U = sigma(X W_u1) W_u2
         # SDPA writes its output token-major, so this reshape is a view
-        out = eq.spatial_decay_output(attn.transpose(1, 2).reshape(b, seq, dim), self._lpe(v, height, width), gate_u)
+        out = _output(attn.transpose(1, 2).reshape(b, seq, dim), self._lpe(v, height, width), gate_u)
         return self.proj(out)
 
     def _forward_reference(self, x: Tensor, context: GridContext) -> Tensor:
@@ -177,10 +189,19 @@ class SpatialDecayAttention(nn.Module):
         v_tokens = qkv[:, :, 2]  # (B, L, N, d)
         decay = self.decay_inputs(x, height, width, context.codes, context.distance)
         attn = context.backend(q, k, v_tokens.transpose(1, 2), decay)
-        lpe = eq.local_position_encoding_tokens(v_tokens.reshape(b, seq, dim), self.lpe, height, width)
-        gate_u = self.gate_up(torch.sigmoid(self.gate_down(x)))  # U = sigma(X W_u1) W_u2
-        out = eq.spatial_decay_output(attn.transpose(1, 2).reshape(b, seq, dim), lpe, gate_u)  # (B, L, D)
+        lpe = None if self.lpe is None else eq.local_position_encoding_tokens(
+            v_tokens.reshape(b, seq, dim), self.lpe, height, width)
+        gate_u = None if self.gate_down is None else self.gate_up(torch.sigmoid(self.gate_down(x)))  # U (eq. 13)
+        out = _output(attn.transpose(1, 2).reshape(b, seq, dim), lpe, gate_u)  # (B, L, D)
         return self.proj(out)
+
+
+def _output(attn: Tensor, lpe: Tensor | None, gate_u: Tensor | None) -> Tensor:
+    """``U * [attn + LPE(V)]`` (eq. 13) without the parts that are switched off (``None``)."""
+    if lpe is not None and gate_u is not None:
+        return eq.spatial_decay_output(attn, lpe, gate_u)
+    out = attn if lpe is None else attn + lpe
+    return out if gate_u is None else gate_u * out
 
 
 def _hooked(module: nn.Module) -> bool:
