@@ -52,6 +52,18 @@ def test_preset_parameter_counts_match_paper(size):
     assert abs(n - PAPER_COUNTS[size]) / PAPER_COUNTS[size] < 0.01, (size, n)
 
 
+# DiT's own code, trainable parameters (its pos_embed is a frozen buffer-like parameter, not counted)
+DIT_COUNTS = {"S": 32.87e6, "B": 130.32e6, "L": 457.84e6, "XL": 674.83e6}
+
+
+@pytest.mark.parametrize("size", list(DIT_COUNTS))
+def test_every_sda_part_off_has_dits_parameter_count(size):
+    with init_empty_weights():
+        model = SDTTransformer2DModel.from_preset(f"SDT-P-{size}/2", decay_mode="none", use_rope=False, use_lpe=False,
+                                                  use_output_gate=False, use_abs_pos_embed=True)
+    assert round(count_parameters(model) / 1e4) == round(DIT_COUNTS[size] / 1e4), size
+
+
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_preset_shapes(name):
     model = SDTTransformer2DModel.from_preset(name, num_layers=1).eval()
