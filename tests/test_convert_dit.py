@@ -3,6 +3,7 @@ on it starts inert; bad inputs are refused by name; the ``sdt-convert-dit`` comm
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -173,10 +174,13 @@ def test_the_command_converts_a_pipeline_folder(tmp_path):
                   down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
                   sample_size=8).save_pretrained(root / "vae")
     DDPMScheduler(variance_type="learned_range").save_pretrained(root / "scheduler")
+    names = {str(i): f"class {i}" for i in range(10)}
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "DiTPipeline", "id2label": names}))
     assert main([str(root), "--output-dir", str(tmp_path / "out"), "--decay-mode", "cdsf", "--lpe"]) == 0
     pipe = SDTPipeline.from_pretrained(tmp_path / "out")
     assert isinstance(pipe.transformer, SDTTransformer2DModel) and pipe.transformer.config.decay_mode == "cdsf"
     assert pipe.transformer.config.use_lpe and not pipe.transformer.config.use_output_gate
+    assert pipe.get_label_ids(["class 7"]) == [7]  # the DiT pipeline's class names are kept
     images = pipe(class_labels=[1], num_inference_steps=2, generator=torch.Generator().manual_seed(0),
                   output_type="np").images
     assert images.shape == (1, 8, 8, 3)

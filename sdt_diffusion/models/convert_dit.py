@@ -356,7 +356,11 @@ def _maybe_pipeline(model: SDTTransformer2DModel, vae: Any, scheduler: Any, root
         vae = AutoencoderKL.from_pretrained(vae)
     if isinstance(scheduler, (str, Path)) or (scheduler is None and root is not None and (root / "scheduler").is_dir()):
         scheduler = _load_scheduler(Path(scheduler) if scheduler is not None else root / "scheduler")
-    return SDTPipeline(transformer=model, vae=vae.to(model.dtype), scheduler=scheduler)
+    id2label = None  # facebook/DiT-XL-2-256's model_index.json carries the ImageNet class names
+    if root is not None and (root / "model_index.json").is_file():
+        id2label = json.loads((root / "model_index.json").read_text()).get("id2label")
+    return SDTPipeline(transformer=model, vae=vae.to(model.dtype), scheduler=scheduler,
+                       id2label=id2label if isinstance(id2label, dict) else None)
 
 
 def _load_scheduler(folder: Path) -> Any:
@@ -377,22 +381,22 @@ def _load_scheduler(folder: Path) -> Any:
 def build_parser() -> argparse.ArgumentParser:
     """``sdt-convert-dit``'s flags."""
     p = argparse.ArgumentParser(
-        prog="sdt-convert-dit", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="sdt-convert-dit",
         description="Convert DiT weights (a diffusers DiT folder or DiT's original .pt) into an SDT-P model folder, "
                     "or a full SDTPipeline when a VAE is given or found beside the DiT.")
     p.add_argument("source", help="diffusers DiT folder (model or pipeline) or DiT checkpoint file (.pt)")
     p.add_argument("--output-dir", required=True, help="folder to save the converted model or pipeline in")
     p.add_argument("--decay-mode", default="none", choices=CONVERTIBLE_DECAY_MODES,
-                   help="SDT-P decay; not 'none': starts at a decay of ~1e-7 per unit of distance")
+                   help="SDT-P decay; not 'none': starts at a decay of ~1e-7 per unit of distance (default: %(default)s)")
     p.add_argument("--lpe", action="store_true", help="switch LPE on, initialised to zero")
     p.add_argument("--output-gate", action="store_true", help="switch the output gate on, initialised to exactly 1")
     p.add_argument("--rope", action="store_true", help="switch 2D RoPE on (changes the function: fine-tune)")
     p.add_argument("--take-block0-embedder", action="store_true",
                    help="diffusers DiT whose per-block embedders differ: take block 0's instead of refusing")
     p.add_argument("--num-attention-heads", type=int, default=None,
-                   help="heads of an original checkpoint (default: from DiT's sizes)")
-    p.add_argument("--sample-size", type=int, default=None, help="latent size of a checkpoint without pos_embed")
-    p.add_argument("--vae", default=None, help="AutoencoderKL folder: save a full SDTPipeline")
+                   help="heads of an original checkpoint (default: from DiT's sizes by depth and width)")
+    p.add_argument("--sample-size", type=int, default=None, help="latent size of a checkpoint without pos_embed (default: from its pos_embed)")
+    p.add_argument("--vae", default=None, help="AutoencoderKL folder: save a full SDTPipeline (default: the source's vae/, else none)")
     p.add_argument("--scheduler", default=None, help="scheduler folder (default: the source's, else DiT's DDPM)")
     add_dtype_argument(p, "float32", "dtype of the saved weights")
     return p
