@@ -32,7 +32,7 @@ import torch
 
 from sdt_diffusion import SDTPipeline
 from sdt_diffusion.models.registry import num_classes_of
-from sdt_diffusion.models.vae import encode_latents, vae_scaling_factor
+from sdt_diffusion.models.vae import encode_latents, vae_downsampling_factor, vae_scaling_factor
 from sdt_diffusion.training.data import ImageClassDataset, LatentCacheDataset, load_image_folder
 from sdt_diffusion.utils.errors import ConfigError
 
@@ -62,12 +62,19 @@ def heldout_samples(pipe: SDTPipeline, args: argparse.Namespace) -> tuple[torch.
     generator = torch.Generator().manual_seed(args.seed)
     if args.latents_dir:
         data = LatentCacheDataset(args.latents_dir)
-        items = [data[i] for i in range(min(args.num_samples, len(data)))]
-        scale = vae_scaling_factor(pipe.vae) if pipe.vae is not None else 1.0
-        x0 = torch.stack([it["latent_mean"] for it in items]) * scale  # the posterior mean: no sampling noise
+        cfg = pipe.transformer.config
+        wanted = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        if tuple(data.latent_shape) != wanted:
+            raise ConfigError(f"--latents-dir {args.latents_dir}: latents of shape {tuple(data.latent_shape)}, the "
+                              f"model takes {wanted}")
+        items = [data[i] for i in evenly_spaced(len(data), args.num_samples)]
+        scale = data.meta.get("scaling_factor")  # the cache's VAE's; else the pipeline's
+        if scale is None:
+            scale = vae_scaling_factor(pipe.vae) if pipe.vae is not None else 1.0
+        x0 = torch.stack([it["latent_mean"] for it in items]) * float(scale)  # the posterior mean: no sampling noise
     else:
         cfg = pipe.transformer.config
-        factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1) if pipe.vae is not None else 1
+        factor = vae_downsampling_factor(pipe.vae) if pipe.vae is not None else 1
         data = ImageClassDataset(load_image_folder(args.data_dir), cfg.sample_size * factor)
         items = [data[i] for i in evenly_spaced(len(data), args.num_samples)]
         pixels = torch.stack([it["pixel_values"] for it in items])

@@ -25,9 +25,9 @@ def _load():
     return module
 
 
-def _pipeline(folder: Path, seed: int, label_blind: bool = False) -> None:
+def _pipeline(folder: Path, seed: int, label_blind: bool = False, channels: int = 3) -> None:
     torch.manual_seed(seed)
-    model = SDTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, num_layers=1, in_channels=3,
+    model = SDTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, num_layers=1, in_channels=channels,
                                   sample_size=8, patch_size=2, num_embeds_ada_norm=2, gate_rank=4, lpe_kernel_size=3)
     with torch.no_grad():
         for p in model.parameters():
@@ -97,3 +97,31 @@ def test_a_folder_without_pipelines_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         _load().main([str(tmp_path), "--data-dir", str(tmp_path)])
     assert "holds no pipeline" in capsys.readouterr().err
+
+
+def _latent_cache(cache: Path, n: int = 6) -> None:
+    """A tiny latent cache in the extraction format (``training/extract_latents.py``)."""
+    from sdt_diffusion.training.data import CACHE_FORMAT, CACHE_VERSION
+
+    shard = cache / "shard-00000-of-00001"
+    shard.mkdir(parents=True)
+    np.save(shard / "mean.npy", np.random.default_rng(0).normal(size=(n, 2, 4, 8, 8)).astype(np.float16))
+    np.save(shard / "std.npy", np.full((n, 2, 4, 8, 8), 0.01, np.float16))
+    np.save(shard / "labels.npy", np.arange(n) % 2)
+    np.save(shard / "indices.npy", np.arange(n))
+    meta = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "num_samples": n, "num_shards": 1,
+            "shards": [shard.name], "latent_shape": [4, 8, 8], "dtype": "float16", "scaling_factor": 0.5}
+    (cache / "metadata.json").write_text(json.dumps(meta))
+
+
+def test_held_out_latents_from_a_cache(tmp_path, capsys):
+    conditioning = _load()
+    _pipeline(tmp_path / "pipe", 0, channels=4)
+    _latent_cache(tmp_path / "cache")
+    result = conditioning.main([str(tmp_path / "pipe"), "--latents-dir", str(tmp_path / "cache"), "--timesteps", "250",
+                                "--output-dir", str(tmp_path / "out")])
+    assert result["runs"][0]["num_samples"] == 6 and result["runs"][0]["by_timestep"]["250"]["mse"] > 0
+    _pipeline(tmp_path / "pipe3", 0)  # 3 channels: the cache's 4-channel latents do not fit
+    with pytest.raises(SystemExit):
+        conditioning.main([str(tmp_path / "pipe3"), "--latents-dir", str(tmp_path / "cache")])
+    assert "latents of shape (4, 8, 8), the model takes (3, 8, 8)" in capsys.readouterr().err

@@ -93,9 +93,10 @@ def test_original_checkpoint_is_dit_exactly(tmp_path):
         assert (forward(dit, x, t, y) - forward(sdt, x, t, y)).abs().max().item() <= 1e-10
 
 
-def test_sda_parts_on_start_inert_and_learn():
+@pytest.mark.parametrize("decay_mode", ["cdsf", "1d", "bidirectional"])
+def test_sda_parts_on_start_inert_and_learn(decay_mode):
     dit = tiny_dit().double()
-    sdt = convert_dit(dit, decay_mode="cdsf", use_lpe=True, use_output_gate=True, dtype=torch.float64)
+    sdt = convert_dit(dit, decay_mode=decay_mode, use_lpe=True, use_output_gate=True, dtype=torch.float64)
     x, t, y = inputs()
     with torch.no_grad():
         ref = forward(dit, x, t, y)
