@@ -261,50 +261,11 @@ def convert_dit(
         seed: seed of the output gate's symmetry-breaking (``W_u2``'s column pairs).
         config_overrides: further ``SDTTransformer2DModel`` fields (e.g. ``class_dropout_prob``, ``alpha``).
     """
-    if decay_mode not in CONVERTIBLE_DECAY_MODES:
-        decay_mode_spec(decay_mode)  # an unknown name: the error lists every mode
-        raise ConfigError(f"decay_mode {decay_mode!r} cannot start from DiT's function; choose one of "
-                          f"{list(CONVERTIBLE_DECAY_MODES)} ('fixed' has no gate to make it inert, 'decomposed' "
-                          f"attends along rows then columns, not over the whole grid)")
-    for name, value in (("use_lpe", use_lpe), ("use_output_gate", use_output_gate), ("use_rope", use_rope),
-                        ("take_block0_embedder", take_block0_embedder)):
-        if not isinstance(value, bool):
-            raise ConfigError(f"{name} must be True or False, got {value!r}")
-    for name, value in (("num_attention_heads", num_attention_heads), ("sample_size", sample_size)):
-        if value is not None:
-            try:
-                check_int(name, value, minimum=1)
-            except ValueError as e:
-                raise ConfigError(str(e)) from None
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ConfigError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    fixed = {"decay_mode", "use_lpe", "use_output_gate", "use_rope", "use_abs_pos_embed", "freq_shift", "norm_eps"}
-    if fixed & set(config_overrides):
-        raise ConfigError(f"{sorted(fixed & set(config_overrides))} are set by the conversion, not by overrides")
-
-    pipeline_root = None
-    if isinstance(source, (str, Path)):
-        path = Path(source)
-        if path.is_file():
-            source = _load_original(path)
-        elif path.is_dir():
-            source, pipeline_root = _load_diffusers(path)
-        else:
-            raise ConfigError(f"DiT source {str(path)!r} does not exist")
-    if isinstance(source, DiTTransformer2DModel):
-        _check_diffusers_dit(source)
-        _shared_embedder(source, take_block0_embedder)
-        state = diffusers_to_dit_state_dict(source)
-        cfg = source.config
-        size = {"freq_shift": 1, "norm_eps": float(cfg.norm_eps)}
-        heads, sample_size = cfg.num_attention_heads, cfg.sample_size
-    elif isinstance(source, Mapping):
-        if "x_embedder.proj.weight" not in source:
-            raise ConfigError("the DiT state dict has no 'x_embedder.proj.weight': not DiT's key names")
-        state, size, heads = dict(source), {"freq_shift": 0, "norm_eps": 1e-6}, num_attention_heads
-    else:
-        raise ConfigError(f"source must be a diffusers DiTTransformer2DModel, a folder, a .pt file or a state dict, "
-                          f"got {type(source).__name__}")
+    _check_arguments(decay_mode, dtype, config_overrides, use_lpe=use_lpe, use_output_gate=use_output_gate,
+                     use_rope=use_rope, take_block0_embedder=take_block0_embedder,
+                     num_attention_heads=num_attention_heads, sample_size=sample_size)
+    state, size, heads, sample_size, pipeline_root = _read_source(source, take_block0_embedder,
+                                                                  num_attention_heads, sample_size)
     if use_rope:
         warnings.warn("use_rope=True rotates Q and K: the converted model is no longer DiT's function and needs "
                       "fine-tuning", stacklevel=2)
@@ -320,6 +281,54 @@ def convert_dit(
     _make_inert(model, torch.Generator().manual_seed(seed))
     model.eval()
     return _maybe_pipeline(model, vae, scheduler, pipeline_root)
+
+
+def _check_arguments(decay_mode: str, dtype: Any, overrides: Mapping[str, Any], **values: Any) -> None:
+    """Refuse bad :func:`convert_dit` arguments by name, before anything is read or built."""
+    if decay_mode not in CONVERTIBLE_DECAY_MODES:
+        decay_mode_spec(decay_mode)  # an unknown name: the error lists every mode
+        raise ConfigError(f"decay_mode {decay_mode!r} cannot start from DiT's function; choose one of "
+                          f"{list(CONVERTIBLE_DECAY_MODES)} ('fixed' has no gate to make it inert, 'decomposed' "
+                          f"attends along rows then columns, not over the whole grid)")
+    for name in ("use_lpe", "use_output_gate", "use_rope", "take_block0_embedder"):
+        if not isinstance(values[name], bool):
+            raise ConfigError(f"{name} must be True or False, got {values[name]!r}")
+    for name in ("num_attention_heads", "sample_size"):
+        if values[name] is not None:
+            try:
+                check_int(name, values[name], minimum=1)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ConfigError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    fixed = {"decay_mode", "use_lpe", "use_output_gate", "use_rope", "use_abs_pos_embed", "freq_shift", "norm_eps"}
+    if fixed & set(overrides):
+        raise ConfigError(f"{sorted(fixed & set(overrides))} are set by the conversion, not by overrides")
+
+
+def _read_source(source: Any, take_block0: bool, heads: int | None, sample_size: int | None):
+    """``(state dict under DiT's key names, freq_shift/norm_eps fields, heads, sample_size, pipeline root)``."""
+    pipeline_root = None
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if path.is_file():
+            source = _load_original(path)
+        elif path.is_dir():
+            source, pipeline_root = _load_diffusers(path)
+        else:
+            raise ConfigError(f"DiT source {str(path)!r} does not exist")
+    if isinstance(source, DiTTransformer2DModel):
+        _check_diffusers_dit(source)
+        _shared_embedder(source, take_block0)
+        cfg = source.config
+        fields = {"freq_shift": 1, "norm_eps": float(cfg.norm_eps)}  # diffusers' k/127 and its pre-MLP eps
+        return diffusers_to_dit_state_dict(source), fields, cfg.num_attention_heads, cfg.sample_size, pipeline_root
+    if isinstance(source, Mapping):
+        if "x_embedder.proj.weight" not in source:
+            raise ConfigError("the DiT state dict has no 'x_embedder.proj.weight': not DiT's key names")
+        return dict(source), {"freq_shift": 0, "norm_eps": 1e-6}, heads, sample_size, pipeline_root
+    raise ConfigError(f"source must be a diffusers DiTTransformer2DModel, a folder, a .pt file or a state dict, "
+                      f"got {type(source).__name__}")
 
 
 def _load_weights(model: SDTTransformer2DModel, weights: dict[str, Tensor], pos_embed: Tensor | None) -> None:
