@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--output", default=None, help="JSON file for the rows")
     args = p.parse_args(argv)
     rows = []
-    for preset in SDT_H_PRESETS:
+    for preset in PAPER:  # the SDT-H presets (the RMT presets: tests/test_rmt.py, docs/sdt_h.md)
         for layout, modes in LAYOUTS.items():
             rows.append({**measure(preset, modes, args.size), "layout": layout,
                          "gate_rank": SDT_H_PRESETS[preset]["gate_rank"]})

@@ -21,7 +21,7 @@ from .models import (
     count_parameters,
 )
 from .models.convert_dit import convert_dit
-from .pipelines import SDTPipeline
+from .pipelines import SDTPipeline  # no circle: pipelines/ imports submodules, never this package
 from .schedulers import default_scheduler, make_scheduler
 from .utils.images import make_labelled_grid
 from .utils.labels import get_imagenet_id2label

@@ -39,7 +39,7 @@ from sdt_diffusion.models.spatial_decay_attention import use_reference_path
 
 TINY = dict(embed_dims=(16, 32, 32, 32), depths=(1, 1, 1, 1), num_heads=(2, 4, 4, 4), mlp_ratios=(2.0, 2.0, 2.0, 2.0),
             gate_rank=4, head_hidden_size=24, drop_path_rate=0.0)
-ALL_MODES = ("none", "fixed", "1d", "bidirectional", "decomposed", "cdsf")
+ALL_MODES = ("none", "fixed", "1d", "bidirectional", "decomposed", "fixed_decomposed", "cdsf")
 # Paper, Table 1; RMT's released models (RMT_T3, RMT_S, RMT_M2), exact trainable parameter counts.
 PAPER = {"SDT-H-T": (14e6, 2.7), "SDT-H-S": (27e6, 4.8), "SDT-H-B": (54e6, 10.8)}
 RMT_PARAMS = {"SDT-H-T": 14_334_216, "SDT-H-S": 26_967_240, "SDT-H-B": 54_154_896}
@@ -68,7 +68,7 @@ def meta_preset(name: str, **overrides) -> SDTH:
         return SDTH.from_preset(name, attention_backend="math", **overrides).eval()
 
 
-@pytest.mark.parametrize("name", list(SDT_H_PRESETS))
+@pytest.mark.parametrize("name", list(PAPER))  # the RMT presets: tests/test_rmt.py
 def test_preset_parameters_and_flops_match_the_paper(name):
     model = meta_preset(name)
     params = count_parameters(model)

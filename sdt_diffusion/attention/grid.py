@@ -36,7 +36,7 @@ class GridContext:
         decay_mode: the decay variant the backend was chosen for (a layer with another variant refuses it).
         backend_name: the backend the request resolved to (never ``"auto"``).
         backend: the backend function ``(q, k, v, decay) -> out``.
-        rope: ``spatial_decay.rope_tables`` (cos, sin), each (L, d), or None without RoPE.
+        rope: ``spatial_decay.rope_tables`` (cos, sin), each (L, d), of the requested layout, or None without RoPE.
         codes: ``spatial_decay.threshold_codes`` (L, H + W - 2) when the backend reads them, else None.
         distance: ``spatial_decay.manhattan_distance`` (L, L) when the backend reads it, else None.
     """
@@ -68,6 +68,7 @@ class GridContext:
         dtype: torch.dtype = torch.float32,
         use_rope: bool = True,
         rope_base: float = 10000.0,
+        rope_layout: str = "2d",
     ) -> GridContext:
         """The context of an ``height`` x ``width`` grid for layers of head width ``head_dim`` and ``decay_mode``.
 
@@ -76,11 +77,14 @@ class GridContext:
                 (``backends.auto_backend_name``).
             device: where the tables live (the activations' device).
             dtype: the activations' dtype; the RoPE tables are float32, or float64 in a float64 model.
-            use_rope: build the 2D RoPE tables (eq. 13) with frequency base ``rope_base``.
+            use_rope: build the RoPE tables (eq. 13) with frequency base ``rope_base``.
+            rope_layout: ``"2d"`` (axial 2D RoPE, SDT's) or ``"1d"`` (RMT's RoPE on the raster index);
+                ``spatial_decay.rope_angles``.
         """
         if not all(isinstance(n, (int, torch.SymInt)) and n > 0 for n in (height, width)):
             raise ValueError(f"the token grid must have positive integer sides, got {height!r} x {width!r}")
         decay_mode_spec(decay_mode)  # a ValueError naming the choices
+        eq.check_rope_layout(rope_layout)
         backends.check_backend_name(backend)
         device = torch.device("cpu") if device is None else torch.device(device)
         name = backends.resolve_backend_name(backend, device, decay_mode, height * width)
@@ -88,7 +92,7 @@ class GridContext:
         grid = {need: GRID_TENSORS[need](height, width, device) for need in backends.grid_needs(name, decay_mode)}
         rope = None
         if use_rope:
-            angles = eq.rope_2d_angles(height, width, head_dim, rope_base, device)
+            angles = eq.rope_angles(rope_layout, height, width, head_dim, rope_base, device)
             rope = eq.rope_tables(angles.to(torch.promote_types(dtype, torch.float32)))  # float64 in a float64 model
         return cls(height, width, decay_mode, name, fn, rope, **grid)
 

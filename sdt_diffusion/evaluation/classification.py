@@ -8,9 +8,10 @@ transformers folder (``save_pretrained``; SDT-H's or any ``AutoModelForImageClas
 (``timm.models.save_for_hf``: ``config.json`` with ``architecture``) or a timm weight file with its
 architecture named.
 
-The training loop (``sdt_diffusion.training.classifier_trainer``) evaluates with the same transform, reader and
-top-k counts, so a number it logs and a number ``eval/classify.py`` prints mean the same thing.  This module never
-imports training code.
+The data reader is :mod:`sdt_diffusion.data`'s (re-exported here: :func:`open_labelled_images`,
+:class:`LabelledImages`, :func:`check_labels`, ...).  The training loop (``sdt_diffusion.training.classifier_trainer``)
+evaluates with the same transform, reader and top-k counts, so a number it logs and a number ``eval/classify.py``
+prints mean the same thing.  This module never imports training code.
 
     python eval/classify.py runs/sdt-h-t/model /data/imagenet/val --output top1.json
 """
@@ -18,7 +19,7 @@ imports training code.
 from __future__ import annotations
 
 import argparse
-import io
+import inspect
 import json
 import math
 import os
@@ -28,17 +29,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import datasets
-import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
-from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 from tqdm.auto import tqdm
 from transformers import AutoModelForImageClassification
 
-from ..models.sdt_h import IMAGENET_MEAN, IMAGENET_STD, PRESET_OF_TIMM_NAME, SDT_H_PRESETS
+from ..data import (
+    DataInputError,
+    LabelledImages,
+    TransformedImages,
+    check_labels,
+    find_unreadable_images,
+    open_labelled_images,
+)
+from ..models.sdt_h import IMAGENET_MEAN, IMAGENET_STD, PRESET_OF_TIMM_NAME, SDT_H_PRESETS, SDTH
 from ..utils.files import atomic_write_text
 from ..utils.optional import import_optional
 from ..utils.runtime import default_device
@@ -71,11 +76,16 @@ PAPER_TABLE1: dict[str, dict[str, float]] = {
     "SDT-H-T": {"params_m": 14, "gflops": 2.7, "top1": 82.7},
     "SDT-H-S": {"params_m": 27, "gflops": 4.8, "top1": 84.2},
     "SDT-H-B": {"params_m": 54, "gflops": 10.8, "top1": 85.1},
+    # RMT (Fan et al. 2024) as the paper's Table 1 lists it (the baseline SDT-H is compared against)
+    "RMT-T": {"params_m": 14, "gflops": 2.5, "top1": 82.4},
+    "RMT-S": {"params_m": 27, "gflops": 4.5, "top1": 84.1},
+    "RMT-B": {"params_m": 54, "gflops": 9.7, "top1": 85.0},
 }
 
 
-class ClassificationInputError(ValueError):
-    """Unusable evaluation input (data folder, dataset, labels, image, model folder); the message names it."""
+# Unusable evaluation input (data folder, dataset, labels, image, model folder); the message names it.  The data
+# layer's error, so one ``except`` catches a bad model folder and bad data alike (a ConfigError: exit status 2).
+ClassificationInputError = DataInputError
 
 
 # ------------------------------------------------------------------------------------------- transform
@@ -93,175 +103,6 @@ def eval_transform(resolution: int = 224, crop_pct: float = DEFAULT_CROP_PCT,
         transforms.ToTensor(),
         transforms.Normalize(list(mean), list(std)),
     ])
-
-
-# ------------------------------------------------------------------------------------------------ data
-def _visible(name: str) -> bool:
-    return not name.startswith((".", "__"))
-
-
-@dataclass
-class LabelledImages:
-    """Images and integer labels from an image folder or a saved dataset; images are decoded on access."""
-
-    description: str
-    labels: np.ndarray
-    class_names: list[str] | None
-    num_classes: int
-    root: bytes | None = None  # image folder: file-system root, and paths relative to it (compact, any bytes)
-    paths: np.ndarray | None = None
-    dataset: Any = None  # saved dataset: its image column, undecoded
-    image_column: str = "image"
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def where(self, index: int) -> str:
-        """The file (or dataset row) of item ``index``, for messages."""
-        if self.paths is not None:
-            return os.fsdecode(os.path.join(self.root, bytes(self.paths[index])))
-        return f"row {index} of {self.description}"
-
-    def image(self, index: int) -> Image.Image:
-        """Item ``index`` as an RGB PIL image.
-
-        Raises:
-            ClassificationInputError: the image cannot be decoded (the file or row named).
-        """
-        try:
-            if self.paths is not None:
-                image = Image.open(self.where(index))
-            else:
-                cell = self.dataset[int(index)][self.image_column]
-                if isinstance(cell, Image.Image):
-                    image = cell
-                elif isinstance(cell, dict) and cell.get("bytes") is not None:
-                    image = Image.open(io.BytesIO(cell["bytes"]))
-                elif isinstance(cell, dict) and cell.get("path"):
-                    image = Image.open(cell["path"])
-                else:
-                    image = Image.fromarray(np.asarray(cell))
-            image.load()
-            return image.convert("RGB")
-        except Exception as e:  # noqa: BLE001 - any decoder error, re-raised with the image named
-            raise ClassificationInputError(f"cannot read image {self.where(index)}: {type(e).__name__}: {e}") from e
-
-
-def _open_folder(root: Path) -> LabelledImages:
-    """One sub-folder per class (sorted names are the class ids), images at any depth below it."""
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and _visible(p.name))
-    if not classes:
-        raise ClassificationInputError(f"image folder {root}: expected one sub-folder per class, found none")
-    class_to_idx = {name: i for i, name in enumerate(classes)}
-    try:
-        items = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
-    except OSError as e:
-        raise ClassificationInputError(f"image folder {root}: {e}") from None
-    items = [(p, c) for p, c in items if all(_visible(part) for part in Path(p).relative_to(root).parts)]
-    counts = np.bincount([c for _, c in items], minlength=len(classes))
-    empty = [classes[i] for i in np.flatnonzero(counts == 0)]
-    if empty:
-        shown = ", ".join(repr(n) for n in empty[:5]) + (" ..." if len(empty) > 5 else "")
-        raise ClassificationInputError(
-            f"image folder {root}: class folder(s) {shown} hold no images ({len(empty)} of {len(classes)}); class "
-            f"ids follow the folder listing, so remove the folder or add its images (extensions: "
-            f"{', '.join(IMG_EXTENSIONS)})")
-    rootb = os.fsencode(root)
-    paths = np.array([os.path.relpath(os.fsencode(p), rootb) for p, _ in items], dtype=np.bytes_)
-    labels = np.array([c for _, c in items], dtype=np.int64)
-    return LabelledImages(f"image folder {root}", labels, classes, len(classes), root=rootb, paths=paths)
-
-
-def _open_saved(path: Path, split: str | None, image_column: str, label_column: str) -> LabelledImages:
-    """A ``save_to_disk`` dataset (or one split of a ``DatasetDict``)."""
-    try:
-        ds = datasets.load_from_disk(str(path))
-    except Exception as e:  # noqa: BLE001 - re-raised with the folder named
-        raise ClassificationInputError(f"{path}: neither an image folder with class sub-folders nor a dataset "
-                                       f"saved with save_to_disk ({type(e).__name__}: {e})") from None
-    if isinstance(ds, datasets.DatasetDict):
-        if split is None:
-            raise ClassificationInputError(f"{path} holds the splits {list(ds)}; name one (--split)")
-        if split not in ds:
-            raise ClassificationInputError(f"{path}: no split {split!r} (splits: {list(ds)})")
-        ds = ds[split]
-    for col in (image_column, label_column):
-        if col not in ds.column_names:
-            raise ClassificationInputError(f"dataset {path}: no column {col!r}; columns: {ds.column_names}")
-    description = f"dataset {path}" + (f" split {split!r}" if split else "")
-    if len(ds) == 0:
-        raise ClassificationInputError(f"{description}: no rows")
-    feature = ds.features[label_column]
-    names = [str(n) for n in feature.names] if isinstance(feature, datasets.ClassLabel) else None
-    try:
-        labels = np.asarray(ds[label_column], dtype=np.int64)
-    except (TypeError, ValueError) as e:
-        raise ClassificationInputError(f"{description}: column {label_column!r} does not hold integer labels "
-                                       f"({e})") from None
-    num_classes = len(names) if names is not None else int(labels.max()) + 1
-    if isinstance(ds.features[image_column], datasets.Image):
-        ds = ds.cast_column(image_column, datasets.Image(decode=False))
-    images = LabelledImages(description, labels, names, num_classes, dataset=ds.select_columns([image_column]),
-                            image_column=image_column)
-    check_labels(images, num_classes, f"column {label_column!r}")
-    return images
-
-
-def open_labelled_images(path: str | os.PathLike, split: str | None = None, image_column: str = "image",
-                         label_column: str = "label") -> LabelledImages:
-    """An image folder (one sub-folder per class) or a ``save_to_disk`` dataset.
-
-    Raises:
-        ClassificationInputError: a missing folder, no class folders, an empty class, a missing split or column,
-            no rows, labels that are not integers in ``[0, classes)``.
-    """
-    path = Path(path)
-    if not path.is_dir():
-        raise ClassificationInputError(f"{path}: not a directory (an image folder or a saved dataset)")
-    if (path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file():
-        return _open_saved(path, split, image_column, label_column)
-    return _open_folder(path)
-
-
-def check_labels(images: LabelledImages, num_classes: int, what: str = "labels") -> None:
-    """Every label must lie in ``[0, num_classes)``.
-
-    Raises:
-        ClassificationInputError: naming the first offending label and where it is.
-    """
-    bad = np.flatnonzero((images.labels < 0) | (images.labels >= num_classes))
-    if len(bad):
-        i = int(bad[0])
-        raise ClassificationInputError(
-            f"{images.description}: {what} {int(images.labels[i])} at {images.where(i)} is out of range for "
-            f"{num_classes} classes ({len(bad)} label(s) outside [0, {num_classes}))")
-
-
-def find_unreadable_images(images: LabelledImages, indices: Sequence[int] | None = None,
-                           progress: bool = False) -> list[str]:
-    """Decode every image of ``indices`` (default all); returns one message per image that fails, naming it."""
-    indices = range(len(images)) if indices is None else indices
-    problems = []
-    for i in tqdm(indices, desc="checking images", disable=not progress, dynamic_ncols=True):
-        try:
-            images.image(int(i))
-        except ClassificationInputError as e:
-            problems.append(str(e))
-    return problems
-
-
-class TransformedImages(Dataset):
-    """``(pixel_values, label)`` items of a :class:`LabelledImages` through ``transform``."""
-
-    def __init__(self, images: LabelledImages, transform: Callable[[Image.Image], torch.Tensor]) -> None:
-        self.images = images
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.transform(self.images.image(index)), int(self.images.labels[index])
 
 
 # ------------------------------------------------------------------------------------------- counting
@@ -306,11 +147,24 @@ def summarise(sums: torch.Tensor) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------------------------ models
 def preset_of(sdt_h_kwargs: dict[str, Any]) -> str | None:
-    """The SDT-H preset whose architecture (widths, depths, heads, MLP ratios) the kwargs have, else ``None``."""
-    keys = ("embed_dims", "depths", "num_heads", "mlp_ratios")
+    """The preset (SDT-H or RMT) whose architecture the kwargs have, else ``None``.
+
+    Widths, depths, heads and MLP ratios fix the size; the decay modes, the output gate's rank and the RoPE layout
+    tell SDT-H-T from RMT-T (same size, different attention). A field the kwargs lack takes SDTH's default.
+    """
+    sizes = ("embed_dims", "depths", "num_heads", "mlp_ratios")
+    defaults = {name: p.default for name, p in inspect.signature(SDTH.__init__).parameters.items()}
+
+    def value(source: dict[str, Any], key: str) -> Any:
+        return source.get(key, defaults.get(key))
+
     for name, preset in SDT_H_PRESETS.items():
-        if all(k in sdt_h_kwargs and [float(v) for v in sdt_h_kwargs[k]] == [float(v) for v in preset[k]]
-               for k in keys):
+        if not all(k in sdt_h_kwargs and [float(v) for v in sdt_h_kwargs[k]] == [float(v) for v in preset[k]]
+                   for k in sizes):
+            continue
+        if (tuple(value(sdt_h_kwargs, "decay_modes") or ()) == tuple(value(preset, "decay_modes") or ())
+                and value(sdt_h_kwargs, "gate_rank") == value(preset, "gate_rank")
+                and value(sdt_h_kwargs, "rope_layout") == value(preset, "rope_layout")):
             return name
     return None
 
@@ -461,7 +315,7 @@ def check_classes(model: LoadedClassifier, images: LabelledImages) -> None:
 
 # ------------------------------------------------------------------------------------------------ report
 def markdown_rows(result: dict[str, Any]) -> str:
-    """A Markdown table: this evaluation's row, then the paper's Table 1 row for the same SDT-H size (if any)."""
+    """A Markdown table: this evaluation's row, then the paper's Table 1 row of the same preset (SDT-H or RMT, if any)."""
     head = "| model | resolution | images | top-1 (%) | top-5 (%) | params (M) | source |\n|---|---|---|---|---|---|---|\n"
     name = result.get("preset") or "custom"
     params = f"{result['params'] / 1e6:.2f}" if result.get("params") else "–"
@@ -475,28 +329,34 @@ def markdown_rows(result: dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Flags of ``sdt-classify`` (``eval/classify.py``, ``python -m sdt_diffusion.evaluation.classification``)."""
     p = argparse.ArgumentParser(
-        prog="classify.py",
+        prog="sdt-classify",
         description="Top-1 / top-5 of a saved classifier (transformers or timm) on an image folder or a saved "
                     "dataset, with the standard evaluation transform (resize 256 bicubic -> centre crop 224, "
                     "ImageNet mean/std; sizes scale with --resolution).",
+        epilog="example: sdt-classify runs/sdt-h-t/model /data/imagenet/val --output top1.json",
     )
     p.add_argument("model", help="transformers folder, timm folder, or timm weight file (with --arch)")
     p.add_argument("data", help="image folder (one sub-folder per class) or a save_to_disk dataset")
-    p.add_argument("--split", default=None, help="split of a saved DatasetDict (e.g. validation)")
-    p.add_argument("--image-column", default="image")
-    p.add_argument("--label-column", default="label")
+    p.add_argument("--split", default=None,
+                   help="split of a saved DatasetDict, e.g. validation (default: the dataset itself)")
+    p.add_argument("--image-column", default="image", help="image column of a saved dataset (default image)")
+    p.add_argument("--label-column", default="label", help="label column of a saved dataset (default label)")
     p.add_argument("--resolution", type=int, default=None,
                    help="centre-crop side (default: the model folder's, else 224); the resize is resolution/0.875")
     p.add_argument("--crop-pct", type=float, default=None, help="crop fraction (default: the model's, else 0.875)")
-    p.add_argument("--arch", default=None, help="timm architecture of a weight file (e.g. sdt_h_tiny)")
-    p.add_argument("--model-kwargs", default=None, help="JSON arguments of --arch (e.g. '{\"decay_modes\": ...}')")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--num-workers", type=int, default=4)
-    p.add_argument("--device", default=None, help="default: CUDA if available, else CPU")
+    p.add_argument("--arch", default=None,
+                   help="timm architecture of a weight file, e.g. sdt_h_tiny (default: read from the model folder)")
+    p.add_argument("--model-kwargs", default=None,
+                   help="JSON arguments of --arch, e.g. '{\"decay_modes\": ...}' (default: none)")
+    p.add_argument("--batch-size", type=int, default=128, help="images per forward (default 128)")
+    p.add_argument("--num-workers", type=int, default=4, help="image-decoding workers (default 4)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--check-images", action="store_true", help="decode every image before evaluating")
-    p.add_argument("--output", default=None, help="write the result as JSON here")
-    p.add_argument("--no-progress-bar", dest="progress_bar", action="store_false", default=True)
+    p.add_argument("--output", default=None, help="write the result as JSON to this file (default: print only)")
+    p.add_argument("--no-progress-bar", dest="progress_bar", action="store_false", default=True,
+                   help="no progress bar")
     return p
 
 
@@ -538,12 +398,13 @@ def classify(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def classify_main(argv: Sequence[str] | None = None) -> int:
-    """``eval/classify.py``: prints ``top-1`` / ``top-5`` and a Markdown row; exit 2 on bad input."""
-    args = build_parser().parse_args(argv)
+    """``sdt-classify``: prints ``top-1`` / ``top-5`` and a Markdown row; exit 2 on bad input."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         result = classify(args)
     except ClassificationInputError as e:
-        print(f"classify.py: error: {e}", file=sys.stderr, flush=True)
+        print(f"{parser.prog}: error: {e}", file=sys.stderr, flush=True)
         return 2
     print(f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  ({result['images']} images, "
           f"{result['resolution']}px, {result['kind']} model)")
@@ -551,3 +412,7 @@ def classify_main(argv: Sequence[str] | None = None) -> int:
     if args.output:
         atomic_write_text(args.output, json.dumps(result, indent=2) + "\n")
     return 0
+
+
+if __name__ == "__main__":  # python -m sdt_diffusion.evaluation.classification
+    sys.exit(classify_main())

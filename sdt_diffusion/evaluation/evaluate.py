@@ -3,7 +3,8 @@
 :func:`compute_metrics` opens the samples and the reference, checks that the requested metrics can be
 computed before any Inception forward is spent, extracts features (the reference's from its on-disk cache when
 possible) and applies the formulas of :mod:`.formulas`. :func:`evaluate_main` is the command line
-(``python eval/evaluate.py SAMPLES REFERENCE``): a JSON file and a Markdown table next to the SDT paper's rows.
+``sdt-fid SAMPLES REFERENCE`` (also ``python -m sdt_diffusion.evaluation.evaluate`` and ``eval/evaluate.py``):
+a JSON file and a Markdown table next to the SDT paper's rows.
 """
 
 from __future__ import annotations
@@ -247,33 +248,34 @@ def format_markdown_table(result: dict[str, Any], name: str, compare: str | None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Argument parser of ``eval/evaluate.py``."""
+    """Argument parser of ``sdt-fid`` (``eval/evaluate.py``)."""
     p = argparse.ArgumentParser(
-        prog="evaluate.py",
+        prog="sdt-fid",
         description="FID / sFID / Inception Score / precision / recall with the ADM evaluator's definitions "
         "(torch-fidelity inception-v3-compat features).",
+        epilog="example: sdt-fid samples.npz VIRTUAL_imagenet256_labeled.npz --output results.json --compare XL",
     )
     p.add_argument("samples", help="samples: ADM-style .npz (arr_0 uint8 N×H×W×3) or a folder of png/jpg images")
     p.add_argument("reference", help="reference: ADM reference batch .npz (e.g. VIRTUAL_imagenet256_labeled.npz), "
                    "an .npz with arr_0, or an image folder")
-    p.add_argument("--output", type=Path, default=None, help="write the results as JSON to this path")
+    p.add_argument("--output", type=Path, default=None, help="write the results as JSON to this file (default: print only)")
     p.add_argument("--inception-weights", type=Path, default=None,
                    help="local weights-inception-2015-12-05-6726825d.pth (default: download via torch hub)")
     p.add_argument("--batch-size", type=int, default=64, help="images per Inception forward (default 64)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help=f"reference feature cache (default {default_cache_dir()})")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the reference feature cache")
     p.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
-                   help="image-decoding workers for folders (default min(4, CPUs))")
+                   help=f"image-decoding workers for folders (default {min(4, os.cpu_count() or 1)}: min(4, CPUs))")
     p.add_argument("--compare", choices=sorted(PAPER_RESULTS), default=None,
-                   help="print the SDT paper's Table 2 numbers for this size next to ours")
+                   help="print the SDT paper's Table 2 numbers for this size next to ours (default: none)")
     p.add_argument("--name", default=None, help="model name for the table row (default: samples file name)")
     p.add_argument("--metrics", default=",".join(ALL_METRICS),
-                   help=f"comma-separated subset of {','.join(ALL_METRICS)} (default: all)")
+                   help=f"comma-separated subset of {','.join(ALL_METRICS)} (default {','.join(ALL_METRICS)}: all)")
     p.add_argument("--k", type=int, default=3, help="nearest neighbours for precision/recall (default 3)")
     p.add_argument("--is-splits", type=int, default=10, help="Inception Score splits (default 10, as ADM for 50K)")
-    p.add_argument("--pr-batch-size", type=int, default=5000, help="block size of the distance computations")
+    p.add_argument("--pr-batch-size", type=int, default=5000, help="block size of the distance computations (default 5000)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
     return p
 
@@ -321,3 +323,7 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
 def _printable(text: str) -> str:
     """``text`` with undecodable file-name bytes shown as ``\\xNN`` (printing them would fail)."""
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+if __name__ == "__main__":  # python -m sdt_diffusion.evaluation.evaluate
+    sys.exit(evaluate_main())

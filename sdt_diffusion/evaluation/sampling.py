@@ -1,4 +1,7 @@
-"""Distributed, resumable sampling of ADM-format sample batches for FID-50K (``eval/sample.py``).
+"""Distributed, resumable sampling of ADM-format sample batches for FID-50K.
+
+The command is ``sdt-fid-sample`` (also ``python -m sdt_diffusion.evaluation.sampling`` and the checkout script
+``eval/sample.py``), run under ``accelerate launch`` for several processes.
 
 Every sample index i is generated exactly once, from noise seeded by (seed, i) and a class label fixed
 by (seed, labels mode), so the result does not depend on the number of processes.  Work is cut into
@@ -40,11 +43,11 @@ from tqdm.auto import tqdm
 
 from ..pipelines import SDTPipeline
 from ..schedulers import SCHEDULER_NAMES, make_scheduler
+from ..utils.cli_args import DTYPE_ALIASES, DTYPE_CHOICES, add_dtype_argument, torch_dtype
 from ..utils.files import atomic_write, atomic_write_text, check_writable, sha256_file
 from ..utils.runtime import cpu_multiprocess
 from ..utils.seeding import index_generator
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_SEED = 2**63 - 1  # per-sample seeds are taken modulo 2**63 - 1 (utils.seeding)
 # The completeness marker of a training checkpoint folder (the trainer's file name; evaluation never reads the
 # checkpoint, it only recognises one to point at the export command).
@@ -200,7 +203,11 @@ class SamplingSettings:
     labels: str = "random"
     seed: int = 0
     guide_first_3_channels: bool = False
-    dtype: str = "fp32"
+    dtype: str = "float32"  # one of DTYPE_CHOICES; the old fp32 / fp16 / bf16 are mapped to them
+
+    def __post_init__(self) -> None:
+        # One name per dtype in settings.json, so a rerun given the old spelling still resumes.
+        object.__setattr__(self, "dtype", DTYPE_ALIASES.get(self.dtype, self.dtype))
 
     def check(self) -> None:
         """Raises :class:`SettingError` naming the first bad value."""
@@ -213,8 +220,8 @@ class SamplingSettings:
             raise SettingError("seed", f"must lie in [0, {MAX_SEED}], got {self.seed}")
         if not math.isfinite(self.guidance_scale):
             raise SettingError("guidance_scale", f"must be finite, got {self.guidance_scale}")
-        if self.dtype not in DTYPES:
-            raise SettingError("dtype", f"must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise SettingError("dtype", f"must be one of {DTYPE_CHOICES}, got {self.dtype!r}")
         if self.scheduler is not None and self.scheduler not in SCHEDULER_NAMES:
             raise SettingError("scheduler", f"must be one of {SCHEDULER_NAMES} (or None), got {self.scheduler!r}")
 
@@ -229,7 +236,7 @@ def settings_of(settings: SamplingSettings, num_classes: int, pipeline_hash: str
 
 def prepare_pipeline(settings: SamplingSettings, device: torch.device | str) -> SDTPipeline:
     """Load the pipeline, switch its scheduler only if asked, and check that it produces RGB images."""
-    pipe = load_pipeline(settings.pipeline, DTYPES[settings.dtype])
+    pipe = load_pipeline(settings.pipeline, torch_dtype(settings.dtype))
     if settings.scheduler is not None:
         pipe.scheduler = make_scheduler(settings.scheduler, pipe.scheduler.config)
     check_image_output(pipe)
@@ -257,6 +264,8 @@ def claim_shards(state: PartialState, output: Path, settings: dict) -> None:
                                         f"matched to settings: delete {shards}") from None
         if not isinstance(previous, dict):
             previous = {}
+        if isinstance(previous.get("dtype"), str):  # shards of the last release name dtypes fp32 / fp16 / bf16
+            previous["dtype"] = DTYPE_ALIASES.get(previous["dtype"], previous["dtype"])
         same = {k: v for k, v in settings.items() if k != "pipeline"}
         changed = sorted(k for k in same if previous.get(k) != same[k])
         if changed:
@@ -398,31 +407,40 @@ def assemble(output: Path, num_chunks: int, sizes: list[int], labels: np.ndarray
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Flags of ``eval/sample.py``."""
-    p = argparse.ArgumentParser(prog="sample.py",
-                                description="Sample an ADM-format npz from an SDTPipeline (run with accelerate launch).")
+    """Flags of ``sdt-fid-sample`` (``eval/sample.py``)."""
+    p = argparse.ArgumentParser(
+        prog="sdt-fid-sample",
+        description="Sample an ADM-format npz from an SDTPipeline for FID-50K (several processes: run it with "
+                    "accelerate launch). Resumable: rerun the same command after a crash.",
+        epilog="example: sdt-fid-sample --pipeline runs/sdt-p-xl2/pipeline --guidance-scale 1.5 --output samples.npz "
+               "(8 GPUs: accelerate launch --multi_gpu --num_processes 8 -m sdt_diffusion.evaluation.sampling ...)",
+    )
     p.add_argument("--pipeline", required=True,
                    help="an SDTPipeline folder (save_pretrained, the trainer's <output-dir>/pipeline, or sdt-export "
                         "of a checkpoint)")
-    p.add_argument("--num-samples", type=int, default=50_000)
-    p.add_argument("--per-device-batch", type=int, default=32)
-    p.add_argument("--guidance-scale", type=float, default=1.5)
-    p.add_argument("--steps", type=int, default=250)
+    p.add_argument("--num-samples", type=int, default=50_000, help="images to sample (default 50000)")
+    p.add_argument("--per-device-batch", type=int, default=32,
+                   help="images per process and pipeline call; also the chunk size of the shards (default 32)")
+    p.add_argument("--guidance-scale", type=float, default=1.5,
+                   help="classifier-free guidance scale; <= 1 disables guidance (default 1.5)")
+    p.add_argument("--steps", type=int, default=250, help="denoising steps (default 250, DiT's sampler)")
     p.add_argument("--scheduler", choices=SCHEDULER_NAMES, default=None,
                    help="switch the pipeline's scheduler (ddpm: DDPM keeping the pipeline's variance type, ddim, "
                         "dpm: DPM-Solver++); default: the scheduler saved with the pipeline (the trainer exports "
                         "DiT's DDPM sampler)")
-    p.add_argument("--labels", choices=("random", "balanced"), default="random")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--labels", choices=("random", "balanced"), default="random",
+                   help="class labels: uniform random, or every class equally often (default random)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the labels and of every sample's noise, in [0, 2**63 - 1] (default 0)")
     p.add_argument("--output", required=True, help="PATH.npz; shards go to PATH.npz.shards/")
     p.add_argument("--guide-first-3-channels", action="store_true",
                    help="guide only latent channels 0-2, exactly like DiT's published sampler")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
+    add_dtype_argument(p, default="float32", help="dtype the pipeline is loaded and run in")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``eval/sample.py``; returns the exit code (0 ok, 2 bad flags or input, 1 a damaged chunk)."""
+    """Entry point of ``sdt-fid-sample``; returns the exit code (0 ok, 2 bad flags or input, 1 a damaged chunk)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     settings = SamplingSettings(**vars(args))

@@ -12,7 +12,13 @@ classification code, which the paper says it is aligned with):
 
 The attention is :class:`~sdt_diffusion.models.SpatialDecayAttention`, the same module SDT-P uses
 (eq. 4-13), with one decay mode per stage (default: decomposed, eq. 11-12, in stages 1-2 and CDSF,
-eq. 8-9, in stages 3-4).  Each stage's :class:`~sdt_diffusion.attention.grid.GridContext` (RoPE tables, the
+eq. 8-9, in stages 3-4).
+
+The same class builds RMT (Fan et al., "RMT: Retentive Networks Meet Vision Transformers"), the paper's baseline,
+from RMT's own choices where they differ: the presets ``RMT-T`` / ``RMT-S`` / ``RMT-B`` (RMT's released
+``RMT_T3`` / ``RMT_S`` / ``RMT_M2``) have the data-independent decay in every stage (``fixed_decomposed`` where
+RMT decomposes, ``fixed`` elsewhere), RoPE on the raster index (``rope_layout="1d"``) and no output gate
+(``gate_rank=0``); their parameter counts equal those of RMT's code.  Each stage's :class:`~sdt_diffusion.attention.grid.GridContext` (RoPE tables, the
 attention backend and the grid tensors it reads) is built once per stage and forward from the actual
 feature-map size, so any input whose sides are multiples of 32 works.
 
@@ -36,6 +42,7 @@ from torch.utils.checkpoint import checkpoint
 from ..attention.backends import check_backend_name
 from ..attention.grid import GridContext
 from ..attention.modes import decay_mode as get_decay_mode
+from ..attention.spatial_decay import ROPE_HEAD_MULTIPLE, check_rope_layout
 from .spatial_decay_attention import SpatialDecayAttention
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -64,20 +71,45 @@ SDT_H_PRESETS: dict[str, dict[str, Any]] = {
         gate_rank=4, decay_modes=DEFAULT_DECAY_MODES,
     ),
 }
+# RMT's released classification models (qhfan/RMT, ``classfication_release/RMT.py``: RMT_T3, RMT_S, RMT_M2), built by
+# the same SDTH: widths, depths, heads, MLP ratios, drop path, layer scale and the gamma schedule (init 2, heads
+# ranges) as RMT's; the fixed decay in every stage, decomposed (``chunkwise_recurrent=True``) in stages 1-2 of RMT-T
+# and 1-3 of RMT-S / RMT-B; RoPE on the raster index; no output gate.  Their parameter counts equal RMT's code:
+# 14,334,216 / 26,967,240 / 54,154,896.
+RMT_PRESETS: dict[str, dict[str, Any]] = {
+    "RMT-T": dict(
+        embed_dims=(64, 128, 256, 512), depths=(2, 2, 8, 2), num_heads=(4, 4, 8, 16), mlp_ratios=(3.0, 3.0, 3.0, 3.0),
+        drop_path_rate=0.1, layer_scale_init_values=(None, None, None, None), fixed_decay_ranges=(4.0, 4.0, 6.0, 6.0),
+        gate_rank=0, decay_modes=("fixed_decomposed", "fixed_decomposed", "fixed", "fixed"), rope_layout="1d",
+    ),
+    "RMT-S": dict(
+        embed_dims=(64, 128, 256, 512), depths=(3, 4, 18, 4), num_heads=(4, 4, 8, 16), mlp_ratios=(4.0, 4.0, 3.0, 3.0),
+        drop_path_rate=0.15, layer_scale_init_values=(None, None, None, None), fixed_decay_ranges=(4.0, 4.0, 6.0, 6.0),
+        gate_rank=0, decay_modes=("fixed_decomposed",) * 3 + ("fixed",), rope_layout="1d",
+    ),
+    "RMT-B": dict(
+        embed_dims=(80, 160, 320, 512), depths=(4, 8, 25, 8), num_heads=(5, 5, 10, 16), mlp_ratios=(4.0, 4.0, 3.0, 3.0),
+        drop_path_rate=0.4, layer_scale_init_values=(None, None, 1e-6, 1e-6), fixed_decay_ranges=(5.0, 5.0, 6.0, 6.0),
+        gate_rank=0, decay_modes=("fixed_decomposed",) * 3 + ("fixed",), rope_layout="1d",
+    ),
+}
+SDT_H_PRESETS.update(RMT_PRESETS)  # one table for every caller (trainer --model, timm names, classifier)
 # Per-stage sequence fields: one entry per stage.
 STAGE_FIELDS = ("embed_dims", "depths", "num_heads", "mlp_ratios", "decay_modes", "layer_scale_init_values",
                 "fixed_decay_ranges")
 
 
 # timm's names of the presets (``timm.create_model("sdt_h_tiny")``), one table for every caller.
-TIMM_NAMES: dict[str, str] = {"SDT-H-T": "sdt_h_tiny", "SDT-H-S": "sdt_h_small", "SDT-H-B": "sdt_h_base"}
+TIMM_NAMES: dict[str, str] = {"SDT-H-T": "sdt_h_tiny", "SDT-H-S": "sdt_h_small", "SDT-H-B": "sdt_h_base",
+                              "RMT-T": "rmt_tiny", "RMT-S": "rmt_small", "RMT-B": "rmt_base"}
 PRESET_OF_TIMM_NAME: dict[str, str] = {timm_name: preset for preset, timm_name in TIMM_NAMES.items()}
 
 
 def sdt_h_preset(name: str) -> dict[str, Any]:
-    """The keyword arguments of preset ``name`` (``"SDT-H-T"``, ``"SDT-H-S"``, ``"SDT-H-B"``)."""
+    """The keyword arguments of preset ``name`` (``"SDT-H-T"``, ``"SDT-H-S"``, ``"SDT-H-B"``, or RMT's
+    ``"RMT-T"``, ``"RMT-S"``, ``"RMT-B"``)."""
     if name not in SDT_H_PRESETS:
-        raise ValueError(f"unknown SDT-H preset {name!r}; choose one of {sorted(SDT_H_PRESETS)}")
+        raise ValueError(f"unknown SDT-H preset {name!r}; choose one of {list(SDT_H_PRESETS)}")
     return dict(SDT_H_PRESETS[name])
 
 
@@ -162,6 +194,7 @@ class SDTHBlock(nn.Module):
         drop_path_rate: float, layer_scale_init_value: float | None, lpe_kernel_size: int, use_rope: bool,
         fixed_decay_init: float, fixed_decay_range: float, layer_norm_eps: float,
     ) -> None:
+        """One block; ``gate_rank=0`` builds the attention without an output gate (RMT's)."""
         super().__init__()
         self.cpe = DWConv3x3(dim)
         self.norm1 = nn.LayerNorm(dim, eps=layer_norm_eps)
@@ -254,18 +287,21 @@ def check_sdt_h_args(**args: Any) -> dict[str, Any]:
         except ValueError as err:
             raise ValueError(f"decay_modes[{i}]: {err}") from None
     use_rope = args.get("use_rope", True)
+    layout = check_rope_layout(args.get("rope_layout", "2d"))
+    multiple = ROPE_HEAD_MULTIPLE[layout]
     for i, (dim, heads, depth) in enumerate(zip(embed_dims, out["num_heads"], out["depths"])):
         if not isinstance(dim, int) or not isinstance(heads, int) or dim <= 0 or heads <= 0 or dim % heads:
             raise ValueError(f"embed_dims[{i}]={dim!r} must be a positive multiple of num_heads[{i}]={heads!r}")
-        if use_rope and (dim // heads) % 4:
-            raise ValueError(f"2D RoPE needs a head width divisible by 4; stage {i} has {dim}/{heads} = "
-                             f"{dim // heads} (embed_dims[{i}] / num_heads[{i}])")
+        if use_rope and (dim // heads) % multiple:
+            raise ValueError(f"{layout.upper()} RoPE needs a head width divisible by {multiple}; stage {i} has "
+                             f"{dim}/{heads} = {dim // heads} (embed_dims[{i}] / num_heads[{i}])")
         if not isinstance(depth, int) or depth < 0:
             raise ValueError(f"depths[{i}] must be an integer >= 0, got {depth!r}")
     if not 0.0 <= args.get("drop_path_rate", 0.0) < 1.0:
         raise ValueError(f"drop_path_rate must lie in [0, 1), got {args['drop_path_rate']}")
-    if args.get("gate_rank", 1) < 1:
-        raise ValueError(f"gate_rank must be >= 1, got {args['gate_rank']}")
+    gate_rank = args.get("gate_rank", 1)
+    if not isinstance(gate_rank, int) or isinstance(gate_rank, bool) or gate_rank < 0:
+        raise ValueError(f"gate_rank must be an integer >= 0 (0: no output gate, as RMT), got {gate_rank!r}")
     for name, low in (("num_labels", 0), ("num_channels", 1), ("head_hidden_size", 1)):
         if name in args and (not isinstance(args[name], int) or args[name] < low):
             raise ValueError(f"{name} must be an integer >= {low}, got {args[name]!r}")
@@ -280,20 +316,23 @@ class SDTH(nn.Module):
         embed_dims: width of each stage.
         depths: blocks per stage.
         num_heads: attention heads per stage (head width ``embed_dims[i] / num_heads[i]``, a multiple of 4
-            for 2D RoPE).
+            for 2D RoPE, of 2 for 1D RoPE).
         mlp_ratios: FFN hidden width / width, per stage.
         decay_modes: decay per stage: ``"decomposed"`` (eq. 11-12), ``"cdsf"`` (eq. 8-9), ``"none"``,
-            ``"fixed"`` (RMT), ``"1d"`` or ``"bidirectional"`` (eq. 6).
+            ``"fixed"`` (RMT), ``"fixed_decomposed"`` (RMT's decomposed decay), ``"1d"`` or ``"bidirectional"``
+            (eq. 6).
         alpha: CDSF scale (eq. 8), 0.1 as in the paper.
         drop_path_rate: stochastic depth of the last block; linear from 0 over all blocks.
         layer_scale_init_values: per stage, the initial layer-scale value, or None for no layer scale.
-        gate_rank: rank r of the low-rank output gate ``U = sigma(X W_u1) W_u2``.
+        gate_rank: rank r of the low-rank output gate ``U = sigma(X W_u1) W_u2``; 0: no output gate (RMT).
         head_hidden_size: width of the head's projection before pooling (1024 as in RMT).
         num_labels: classes of the classifier; 0 gives pooled features (``fc`` is Identity).
         num_channels: input channels.
         lpe_kernel_size: kernel of the depthwise LPE on V (5 as in RMT).
-        use_rope: 2D axial RoPE on Q and K.
+        use_rope: RoPE on Q and K.
         rope_base: RoPE frequency base.
+        rope_layout: ``"2d"`` (axial 2D RoPE: half the rotary slots carry the row, half the column; SDT's) or
+            ``"1d"`` (RMT's RoPE on the raster index ``h * W + w``); docs/sdt_h.md, "RoPE layout".
         fixed_decay_init, fixed_decay_ranges: RMT's gamma schedule for stages with ``decay_mode="fixed"``
             (one range per stage).
         layer_norm_eps: LayerNorm epsilon (1e-6 as in RMT).
@@ -319,6 +358,7 @@ class SDTH(nn.Module):
         lpe_kernel_size: int = 5,
         use_rope: bool = True,
         rope_base: float = 10000.0,
+        rope_layout: str = "2d",
         fixed_decay_init: float = 2.0,
         fixed_decay_ranges: Sequence[float] = (4.0, 4.0, 6.0, 6.0),
         layer_norm_eps: float = 1e-6,
@@ -329,8 +369,9 @@ class SDTH(nn.Module):
         args = check_sdt_h_args(
             embed_dims=embed_dims, depths=depths, num_heads=num_heads, mlp_ratios=mlp_ratios, decay_modes=decay_modes,
             layer_scale_init_values=layer_scale_init_values, fixed_decay_ranges=fixed_decay_ranges,
-            drop_path_rate=drop_path_rate, gate_rank=gate_rank, use_rope=use_rope, num_labels=num_labels,
-            num_channels=num_channels, head_hidden_size=head_hidden_size, attention_backend=attention_backend,
+            drop_path_rate=drop_path_rate, gate_rank=gate_rank, use_rope=use_rope, rope_layout=rope_layout,
+            num_labels=num_labels, num_channels=num_channels, head_hidden_size=head_hidden_size,
+            attention_backend=attention_backend,
         )
         embed_dims, depths, num_heads, mlp_ratios = (args[k] for k in ("embed_dims", "depths", "num_heads", "mlp_ratios"))
         decay_modes, layer_scale_init_values = args["decay_modes"], args["layer_scale_init_values"]
@@ -339,7 +380,7 @@ class SDTH(nn.Module):
 
         self.embed_dims, self.depths, self.num_heads = embed_dims, depths, num_heads
         self.decay_modes = decay_modes
-        self.use_rope, self.rope_base = use_rope, rope_base
+        self.use_rope, self.rope_base, self.rope_layout = use_rope, rope_base, rope_layout
         self.attention_backend = attention_backend
         self.num_channels = num_channels
         self.num_classes = num_labels
@@ -377,7 +418,7 @@ class SDTH(nn.Module):
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> SDTH:
-        """Build ``SDT-H-T``, ``SDT-H-S`` or ``SDT-H-B``; keyword arguments override the preset's."""
+        """Build a preset (``SDT-H-T/S/B`` or RMT's ``RMT-T/S/B``); keyword arguments override the preset's."""
         return cls(**{**sdt_h_preset(name), **overrides})
 
     # ---------------------------------------------------------------------------------- helpers
@@ -412,7 +453,7 @@ class SDTH(nn.Module):
         return GridContext.build(
             height, width, head_dim=self.embed_dims[i] // self.num_heads[i], decay_mode=self.decay_modes[i],
             backend=self.attention_backend, device=x.device, dtype=x.dtype, use_rope=self.use_rope,
-            rope_base=self.rope_base,
+            rope_base=self.rope_base, rope_layout=self.rope_layout,
         )
 
     def _run_stage(self, i: int, x: Tensor) -> Tensor:
@@ -567,7 +608,8 @@ class SDTH(nn.Module):
 def sdt_h_extra_parameters(embed_dims: Sequence[int], depths: Sequence[int], num_heads: Sequence[int],
                            decay_modes: Sequence[str], gate_rank: int) -> int:
     """Parameters SDT-H adds to RMT's architecture: W_g (with bias; two per head for ``decomposed``, none for
-    ``none``/``fixed``) and the low-rank output gate W_u1, W_u2 (2 D r, no bias)."""
+    ``none``/``fixed``/``fixed_decomposed``) and the low-rank output gate W_u1, W_u2 (2 D r, no bias; none for
+    ``gate_rank=0``)."""
     total = 0
     for dim, depth, heads, mode in zip(embed_dims, depths, num_heads, decay_modes):
         outputs = get_decay_mode(mode).gate_outputs * heads
@@ -581,6 +623,7 @@ __all__ = [
     "IMAGENET_STD",
     "SDTH",
     "PRESET_OF_TIMM_NAME",
+    "RMT_PRESETS",
     "SDT_H_PRESETS",
     "TIMM_NAMES",
     "init_sdt_h_module",

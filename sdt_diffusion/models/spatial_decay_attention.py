@@ -63,10 +63,14 @@ class SpatialDecayAttention(nn.Module):
         else:
             self.log_gamma = None
         # LPE(V) (eq. 13) and the output gate U (eq. 13) can each be switched off: without them the layer is
-        # softmax(R(Q) R(K)^T / sqrt(d) + M) V followed by the output projection.
+        # softmax(R(Q) R(K)^T / sqrt(d) + M) V followed by the output projection.  gate_rank=0 also builds no
+        # gate (RMT's attention).
+        if gate_rank < 0:
+            raise ValueError(f"gate_rank must be >= 0 (0: no output gate), got {gate_rank}")
         self.lpe = nn.Conv2d(dim, dim, lpe_kernel_size, padding=lpe_kernel_size // 2, groups=dim) if use_lpe else None
-        self.gate_down = nn.Linear(dim, gate_rank, bias=False) if use_output_gate else None  # W_u1
-        self.gate_up = nn.Linear(gate_rank, dim, bias=False) if use_output_gate else None  # W_u2
+        gated = use_output_gate and gate_rank > 0
+        self.gate_down = nn.Linear(dim, gate_rank, bias=False) if gated else None  # W_u1
+        self.gate_up = nn.Linear(gate_rank, dim, bias=False) if gated else None  # W_u2
         self.proj = nn.Linear(dim, dim)
         self.reference_path = False  # True: the plain layer-by-layer forward (see the module docstring)
 
@@ -173,7 +177,7 @@ class SpatialDecayAttention(nn.Module):
         attn = context.backend(q, k, v.view(b, seq, n, d).transpose(1, 2), decay)
         gate_u = None if u is None else self.gate_up(torch.sigmoid(u))  # U = sigma(X W_u1) W_u2
         # SDPA writes its output token-major, so this reshape is a view
-        out = _output(attn.transpose(1, 2).reshape(b, seq, dim), self._lpe(v, height, width), gate_u)
+        out = eq.spatial_decay_output(attn.transpose(1, 2).reshape(b, seq, dim), self._lpe(v, height, width), gate_u)
         return self.proj(out)
 
     def _forward_reference(self, x: Tensor, context: GridContext) -> Tensor:
@@ -192,16 +196,8 @@ class SpatialDecayAttention(nn.Module):
         lpe = None if self.lpe is None else eq.local_position_encoding_tokens(
             v_tokens.reshape(b, seq, dim), self.lpe, height, width)
         gate_u = None if self.gate_down is None else self.gate_up(torch.sigmoid(self.gate_down(x)))  # U (eq. 13)
-        out = _output(attn.transpose(1, 2).reshape(b, seq, dim), lpe, gate_u)  # (B, L, D)
+        out = eq.spatial_decay_output(attn.transpose(1, 2).reshape(b, seq, dim), lpe, gate_u)  # (B, L, D)
         return self.proj(out)
-
-
-def _output(attn: Tensor, lpe: Tensor | None, gate_u: Tensor | None) -> Tensor:
-    """``U * [attn + LPE(V)]`` (eq. 13) without the parts that are switched off (``None``)."""
-    if lpe is not None and gate_u is not None:
-        return eq.spatial_decay_output(attn, lpe, gate_u)
-    out = attn if lpe is None else attn + lpe
-    return out if gate_u is None else gate_u * out
 
 
 def _hooked(module: nn.Module) -> bool:

@@ -1,11 +1,11 @@
 """Training library behind ``training/train.py``, ``training/extract_latents.py`` and ``training/export_pipeline.py``
 (DiT's recipe for SDT-P).
 
-Modules (imported on demand, so ``import sdt_diffusion`` stays light), in the order a run uses them:
+Modules (imported on demand, so ``import sdt_diffusion`` stays light), in the order a run uses them; the data
+(image folders, saved datasets, the latent cache, the seeded ``EpochSampler``) comes from :mod:`sdt_diffusion.data`:
 
 * ``config``: flags, YAML configs (``parse_args``), static validation (``ConfigError``) and the explicit
   ``TrainSettings`` the steps below take;
-* ``data``: ADM centre crop, image folders / saved datasets, the latent cache, the seeded ``EpochSampler``;
 * ``plan``: the batch split, the data and its shapes, the model config and the resume point, checked
   before any compute (``plan_run``);
 * ``diffusion``: the noise schedule and the hybrid loss (``normal_kl``, ``discretized_gaussian_log_likelihood``,
@@ -31,7 +31,6 @@ __all__ = [
     "classifier_data",
     "classifier_trainer",
     "config",
-    "data",
     "diffusion",
     "ema",
     "export",

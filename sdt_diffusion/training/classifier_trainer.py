@@ -53,17 +53,17 @@ from accelerate.utils import gather_object, set_seed
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..evaluation.classification import (
-    ClassificationInputError,
+from ..data import (
+    DataInputError,
     LabelledImages,
     TransformedImages,
     check_labels,
-    eval_transform,
-    evaluate_classifier,
+    class_names_to_id2label,
     find_unreadable_images,
+    iterate_batches,
     open_labelled_images,
-    summarise,
 )
+from ..evaluation.classification import eval_transform, evaluate_classifier, summarise
 from ..models.sdt_h import (
     DEFAULT_DECAY_MODES,
     IMAGENET_MEAN,
@@ -108,7 +108,6 @@ from .classifier_data import (
     train_transform,
 )
 from .config import ConfigError
-from .data import class_names_to_id2label, iterate_batches
 from .ema import EMA
 from .plan import plan_batches
 from .signals import StopSignal
@@ -218,7 +217,7 @@ def _open(settings: ClassifierSettings, folder: str | None, saved: str | None, s
     try:
         return open_labelled_images(folder or saved, split if saved else None, settings.image_column,
                                     settings.label_column)
-    except ClassificationInputError as e:
+    except DataInputError as e:
         raise ConfigError(f"{what}: {e}") from None
 
 
@@ -244,7 +243,7 @@ def open_data(settings: ClassifierSettings, accelerator: Any) -> ClassifierData:
             raise ConfigError(f"{held.description} and {train.description} do not have the same classes ({detail})")
         try:
             check_labels(held, train.num_classes, "label")
-        except ClassificationInputError as e:
+        except DataInputError as e:
             raise ConfigError(f"evaluation data: {e} (the training data has {train.num_classes} classes)") from None
     id2label = class_names_to_id2label(train.class_names, train.num_classes) or {
         i: f"LABEL_{i}" for i in range(train.num_classes)}
@@ -883,7 +882,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"train_classifier.py: error: {e}. Try a lower --learning-rate, --max-grad-norm 5 or --mixed-precision "
               f"no.", file=sys.stderr, flush=True)
         return 1
-    except ClassificationInputError as e:  # an image that broke during training (see --verify-images)
+    except DataInputError as e:  # an image that broke during training (see --verify-images)
         print(f"train_classifier.py: error: {e}", file=sys.stderr, flush=True)
         return 1
     return 0

@@ -15,19 +15,19 @@ import numpy as np
 from accelerate.utils import gather_object
 from diffusers import AutoencoderKL
 
-from ..models.dit import DiTTransformer2DModel
-from ..models.registry import model_class_of, preset_config
-from ..models.vae import vae_downsampling_factor, vae_scaling_factor
-from ..utils.files import check_writable
-from .checkpointing import check_checkpoint, read_done, read_rng_states, read_training_state, resolve_resume
-from .config import ConfigError, DataSpec, ModelSpec, TrainSettings
-from .data import (
+from ..data import (
     EpochSampler,
     ImageClassDataset,
     LatentCacheDataset,
     class_names_to_id2label,
     load_image_source,
 )
+from ..models.dit import DiTTransformer2DModel
+from ..models.registry import model_class_of, preset_config
+from ..models.vae import vae_downsampling_factor, vae_scaling_factor
+from ..utils.files import check_writable
+from .checkpointing import check_checkpoint, read_done, read_rng_states, read_training_state, resolve_resume
+from .config import ConfigError, DataSpec, ModelSpec, TrainSettings
 from .export import default_sample_classes
 from .state_files import RngState
 

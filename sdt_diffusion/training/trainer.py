@@ -46,6 +46,7 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
+from ..data import iterate_batches
 from ..models import count_parameters
 from ..models.registry import build_transformer, learns_sigma
 from ..schedulers import default_scheduler
@@ -62,7 +63,6 @@ from .checkpointing import (
     write_state,
 )
 from .config import ConfigError, RuntimeSpec, TrainSettings, parse_args, settings_from_args
-from .data import iterate_batches
 from .diffusion import DiffusionSchedule
 from .ema import EMA
 from .export import ema_transformer, export_pipeline, load_vae, sample_grid
