@@ -431,7 +431,11 @@ def local_position_encoding_tokens(v: Tensor, conv: torch.nn.Conv2d, height: int
     return conv(grid).permute(0, 2, 3, 1).reshape(b, seq, channels)
 
 
-def spatial_decay_output(attn: Tensor, lpe: Tensor, gate_u: Tensor | None) -> Tensor:
-    """``O = U * [softmax(...) V + LPE(V)]`` (eq. 13) with the low-rank gate U = sigma(X W_u1) W_u2; without a gate
-    (``gate_u=None``, RMT's attention) ``O = softmax(...) V + LPE(V)``."""
-    return attn + lpe if gate_u is None else gate_u * (attn + lpe)
+def spatial_decay_output(attn: Tensor, lpe: Tensor | None, gate_u: Tensor | None) -> Tensor:
+    """``O = U * [softmax(...) V + LPE(V)]`` (eq. 13) with the low-rank gate U = sigma(X W_u1) W_u2.
+
+    A part switched off is ``None``: without a gate (RMT's attention) ``O = softmax(...) V + LPE(V)``; without
+    LPE ``O = U * softmax(...) V``; without both, plain attention (DiT's).
+    """
+    out = attn if lpe is None else attn + lpe
+    return out if gate_u is None else gate_u * out

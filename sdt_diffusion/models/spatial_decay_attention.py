@@ -43,6 +43,8 @@ class SpatialDecayAttention(nn.Module):
         use_rope: bool = True,
         fixed_decay_init: float = 2.0,
         fixed_decay_range: float = 4.0,
+        use_lpe: bool = True,
+        use_output_gate: bool = True,
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
@@ -60,12 +62,15 @@ class SpatialDecayAttention(nn.Module):
             self.register_buffer("log_gamma", self.fixed_log_gamma(), persistent=False)
         else:
             self.log_gamma = None
-        self.lpe = nn.Conv2d(dim, dim, lpe_kernel_size, padding=lpe_kernel_size // 2, groups=dim)
+        # LPE(V) (eq. 13) and the output gate U (eq. 13) can each be switched off: without them the layer is
+        # softmax(R(Q) R(K)^T / sqrt(d) + M) V followed by the output projection.  gate_rank=0 also builds no
+        # gate (RMT's attention).
         if gate_rank < 0:
             raise ValueError(f"gate_rank must be >= 0 (0: no output gate), got {gate_rank}")
-        # The low-rank output gate U = sigma(X W_u1) W_u2 (eq. 13); gate_rank=0 builds none (RMT's attention).
-        self.gate_down = nn.Linear(dim, gate_rank, bias=False) if gate_rank else None  # W_u1
-        self.gate_up = nn.Linear(gate_rank, dim, bias=False) if gate_rank else None  # W_u2
+        self.lpe = nn.Conv2d(dim, dim, lpe_kernel_size, padding=lpe_kernel_size // 2, groups=dim) if use_lpe else None
+        gated = use_output_gate and gate_rank > 0
+        self.gate_down = nn.Linear(dim, gate_rank, bias=False) if gated else None  # W_u1
+        self.gate_up = nn.Linear(gate_rank, dim, bias=False) if gated else None  # W_u2
         self.proj = nn.Linear(dim, dim)
         self.reference_path = False  # True: the plain layer-by-layer forward (see the module docstring)
 
@@ -84,7 +89,7 @@ class SpatialDecayAttention(nn.Module):
         return self._decay_from_logits(gate_logits, height, width, codes, distance)
 
     def _input_projections(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-        """``(X W_qk, X W_v, X W_g, X W_u1)`` (B, L, .) views (None for a layer not built); one GEMM when the
+        """``(X W_qk, X W_v, X W_g, X W_u1)`` (B, L, .) views (``None`` for a part switched off); one GEMM when the
         weights allow it.
 
         The weights are concatenated per call (state-dict keys unchanged); when they differ in dtype or device
@@ -92,21 +97,22 @@ class SpatialDecayAttention(nn.Module):
         layer), the layers are called one by one so that their hooks run.
         """
         dim = self.qkv.out_features // 3
-        gates = [layer for layer in (self.gate, self.gate_down) if layer is not None]
-        layers = [self.qkv, *gates]
+        extra = [layer for layer in (self.gate, self.gate_down) if layer is not None]
+        layers = [self.qkv, *extra]
         weights = [layer.weight for layer in layers]
         dtype = weights[0].dtype
         same = all(w.dtype == dtype and w.device == x.device for w in weights) and not any(map(_hooked, layers))
-        if same and dtype.is_floating_point and dtype.itemsize >= 2 and (
+        if extra and same and dtype.is_floating_point and dtype.itemsize >= 2 and (
             dtype == x.dtype or torch.is_autocast_enabled(x.device.type)
         ):
             biases = [self.qkv.bias] + ([self.gate.bias] if self.gate is not None else [])
-            rank = self.gate_down.out_features if self.gate_down is not None else 0
-            bias = torch.cat([*biases, biases[0].new_zeros(rank)])
+            if self.gate_down is not None:
+                biases.append(biases[0].new_zeros(self.gate_down.out_features))
+            bias = torch.cat(biases)
             sizes = [2 * dim, dim] + [w.shape[0] for w in weights[1:]]
             parts = F.linear(x, torch.cat(weights), bias).split(sizes, dim=-1)
         else:
-            parts = (*self.qkv(x).split([2 * dim, dim], dim=-1), *(layer(x) for layer in layers[1:]))
+            parts = (*self.qkv(x).split([2 * dim, dim], dim=-1), *(layer(x) for layer in extra))
         qk, v, *rest = parts
         gate_logits = rest.pop(0) if self.gate is not None else None
         u = rest.pop(0) if self.gate_down is not None else None
@@ -126,9 +132,11 @@ class SpatialDecayAttention(nn.Module):
             decay.gates = eq.context_aware_gates(gate_logits)  # eq. 4-5
         return decay
 
-    def _lpe(self, v: Tensor, height: int, width: int) -> Tensor:
-        """LPE(V) of contiguous token-major V (B, L, C) (eq. 13)."""
+    def _lpe(self, v: Tensor, height: int, width: int) -> Tensor | None:
+        """LPE(V) of contiguous token-major V (B, L, C) (eq. 13); ``None`` with LPE switched off."""
         lpe = self.lpe
+        if lpe is None:
+            return None
         if lpe.weight.dtype == v.dtype and lpe.weight.device == v.device and lpe.padding_mode == "zeros" and not _hooked(lpe):
             return kernels.depthwise_conv_tokens(v, self.lpe.weight, self.lpe.bias, height, width)
         return eq.local_position_encoding_tokens(v, self.lpe, height, width)  # e.g. layerwise casting hooks
@@ -185,7 +193,8 @@ class SpatialDecayAttention(nn.Module):
         v_tokens = qkv[:, :, 2]  # (B, L, N, d)
         decay = self.decay_inputs(x, height, width, context.codes, context.distance)
         attn = context.backend(q, k, v_tokens.transpose(1, 2), decay)
-        lpe = eq.local_position_encoding_tokens(v_tokens.reshape(b, seq, dim), self.lpe, height, width)
+        lpe = None if self.lpe is None else eq.local_position_encoding_tokens(
+            v_tokens.reshape(b, seq, dim), self.lpe, height, width)
         gate_u = None if self.gate_down is None else self.gate_up(torch.sigmoid(self.gate_down(x)))  # U (eq. 13)
         out = eq.spatial_decay_output(attn.transpose(1, 2).reshape(b, seq, dim), lpe, gate_u)  # (B, L, D)
         return self.proj(out)

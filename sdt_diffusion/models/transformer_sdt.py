@@ -50,12 +50,13 @@ def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 class TimestepClassEmbedding(nn.Module):
     """DiT's conditioning c = t_emb + y_emb, with label dropout to the null label for guidance."""
 
-    def __init__(self, num_classes: int, dim: int, class_dropout_prob: float) -> None:
+    def __init__(self, num_classes: int, dim: int, class_dropout_prob: float, freq_shift: int = 0) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.class_dropout_prob = class_dropout_prob
-        # DiT's frequency embedding: [cos, sin] of t * 10000^(-k / 128), k < 128.
-        self.time_proj = Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)
+        # DiT's frequency embedding: [cos, sin] of t * 10000^(-k / (128 - freq_shift)), k < 128; DiT's code has
+        # freq_shift 0, diffusers' DiT port (CombinedTimestepLabelEmbeddings) 1.
+        self.time_proj = Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=freq_shift)
         self.timestep_embedder = TimestepEmbedding(256, dim)
         self.class_embedder = nn.Embedding(num_classes + 1, dim)  # row num_classes = null label
 
@@ -72,11 +73,12 @@ class TimestepClassEmbedding(nn.Module):
 class SDTBlock(nn.Module):
     """DiT block with adaLN-Zero modulation; attention is Spatial Decay Attention."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, **attn_kwargs: Any) -> None:
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, norm_eps: float = 1e-6,
+                 **attn_kwargs: Any) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = SpatialDecayAttention(dim, num_heads, **attn_kwargs)
-        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=norm_eps)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
@@ -119,12 +121,14 @@ def _validate_config(**cfg) -> None:
     for name in ("num_attention_heads", "attention_head_dim", "in_channels", "num_layers", "sample_size",
                  "patch_size", "num_embeds_ada_norm", "gate_rank", "lpe_kernel_size"):
         check_int(name, cfg[name], minimum=1)
+    check_int("freq_shift", cfg["freq_shift"], minimum=0, maximum=1)
     if cfg["lpe_kernel_size"] % 2 == 0:
         raise ValueError(f"lpe_kernel_size must be odd (a centred depthwise kernel), got {cfg['lpe_kernel_size']}")
-    for name in ("learn_sigma", "use_rope", "use_abs_pos_embed"):
+    for name in ("learn_sigma", "use_rope", "use_abs_pos_embed", "use_lpe", "use_output_gate"):
         check_bool(name, cfg[name])
     check_finite("class_dropout_prob", cfg["class_dropout_prob"], minimum=0.0, maximum=1.0)
     check_finite("mlp_ratio", cfg["mlp_ratio"], minimum=0.0, strict_minimum=True)
+    check_finite("norm_eps", cfg["norm_eps"], minimum=0.0, maximum=1.0, strict_minimum=True)
     # the decay must stay a decay: the fused backends assume alpha >= 0 (eq. 8-9 hold for any alpha, but a
     # negative one turns the decay into a growth with distance)
     check_finite("alpha", cfg["alpha"], minimum=0.0)
@@ -147,7 +151,9 @@ class SDTTransformer2DModel(ModelMixin, ConfigMixin):
     A drop-in for diffusers' ``DiTTransformer2DModel``: same config names where the concept is the
     same and the same ``forward(hidden_states, timestep, class_labels)``.  Every block's attention is
     Spatial Decay Attention: context-aware gates, a decay bias (``decay_mode``), 2D RoPE, LPE on V and
-    a low-rank output gate.
+    a low-rank output gate, each a config switch.  With ``decay_mode="none"``, ``use_rope``, ``use_lpe`` and
+    ``use_output_gate`` off and ``use_abs_pos_embed`` on, the model is the original DiT (``convert_dit`` loads
+    its weights).
 
     Args:
         num_attention_heads: heads per block (N).
@@ -172,9 +178,16 @@ class SDTTransformer2DModel(ModelMixin, ConfigMixin):
         lpe_kernel_size: kernel of the depthwise LPE convolution (5 as in RMT).
         use_rope: apply 2D axial RoPE to Q and K.
         rope_base: RoPE frequency base.
-        use_abs_pos_embed: add DiT's fixed 2D sin-cos position embedding to the patch tokens.  Off by
-            default: the paper's SDA layer already carries position through RoPE, LPE and the decay.
+        use_abs_pos_embed: add DiT's fixed 2D sin-cos position embedding (positions 0..grid-1) to the patch
+            tokens.  Off by default: the paper's SDA layer already carries position through RoPE, LPE and the
+            decay.
         fixed_decay_init, fixed_decay_range: RMT's gamma schedule for ``decay_mode="fixed"``.
+        use_lpe: add the depthwise LPE convolution of V to the attention output (eq. 13).
+        use_output_gate: multiply the attention output by the low-rank gate U (eq. 13).
+        freq_shift: timestep frequencies ``10000^(-k / (128 - freq_shift))``: 0 as in DiT's code, 1 as in
+            diffusers' DiT port (``downscale_freq_shift=1``).
+        norm_eps: epsilon of each block's LayerNorm before the MLP: 1e-6 as in DiT's code; diffusers' DiT port
+            uses its ``norm_eps`` (1e-5 by default) there.
     """
 
     _supports_gradient_checkpointing = True
@@ -219,6 +232,10 @@ class SDTTransformer2DModel(ModelMixin, ConfigMixin):
         use_abs_pos_embed: bool = False,
         fixed_decay_init: float = 2.0,
         fixed_decay_range: float = 4.0,
+        use_lpe: bool = True,
+        use_output_gate: bool = True,
+        freq_shift: int = 0,
+        norm_eps: float = 1e-6,
     ) -> None:
         super().__init__()
         _validate_config(
@@ -227,7 +244,8 @@ class SDTTransformer2DModel(ModelMixin, ConfigMixin):
             num_embeds_ada_norm=num_embeds_ada_norm, class_dropout_prob=class_dropout_prob, learn_sigma=learn_sigma,
             mlp_ratio=mlp_ratio, alpha=alpha, gate_rank=gate_rank, lpe_kernel_size=lpe_kernel_size,
             use_rope=use_rope, rope_base=rope_base, use_abs_pos_embed=use_abs_pos_embed,
-            fixed_decay_init=fixed_decay_init, fixed_decay_range=fixed_decay_range,
+            fixed_decay_init=fixed_decay_init, fixed_decay_range=fixed_decay_range, use_lpe=use_lpe,
+            use_output_gate=use_output_gate, freq_shift=freq_shift, norm_eps=norm_eps,
         )
         get_decay_mode(decay_mode)  # a ValueError naming the choices for an unknown mode
         check_backend_name(attention_backend)
@@ -247,16 +265,17 @@ class SDTTransformer2DModel(ModelMixin, ConfigMixin):
         self.gradient_checkpointing = False
 
         self.x_embedder = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
-        self.emb = TimestepClassEmbedding(num_embeds_ada_norm, dim, class_dropout_prob)
+        self.emb = TimestepClassEmbedding(num_embeds_ada_norm, dim, class_dropout_prob, freq_shift)
         if use_abs_pos_embed:
+            # DiT's grid: positions 0..grid-1 on both axes (diffusers' default base_size=16 would scale them)
             grid = sample_size // patch_size
-            pos = get_2d_sincos_pos_embed(dim, grid, output_type="pt")
+            pos = get_2d_sincos_pos_embed(dim, grid, base_size=grid, interpolation_scale=1.0, output_type="pt")
             self.register_buffer("pos_embed", pos.float()[None], persistent=False)
         self.blocks = nn.ModuleList(
             SDTBlock(
-                dim, num_attention_heads, mlp_ratio, decay_mode=decay_mode, alpha=alpha, gate_rank=gate_rank,
+                dim, num_attention_heads, mlp_ratio, norm_eps, decay_mode=decay_mode, alpha=alpha, gate_rank=gate_rank,
                 lpe_kernel_size=lpe_kernel_size, use_rope=use_rope, fixed_decay_init=fixed_decay_init,
-                fixed_decay_range=fixed_decay_range,
+                fixed_decay_range=fixed_decay_range, use_lpe=use_lpe, use_output_gate=use_output_gate,
             )
             for _ in range(num_layers)
         )
