@@ -1,7 +1,9 @@
 """Image inputs of the evaluation: batches of uint8 N×H×W×3 images from an ADM ``.npz``, a folder or an array.
 
 ADM's evaluator reads sample and reference batches as ``arr_0`` (uint8 N×H×W×3) in an ``.npz``; a folder of
-equally sized ``.png``/``.jpg`` files and an in-memory array are read the same way. Every reader checks its
+equally sized ``.png``/``.jpg`` files and an in-memory array are read the same way.  Folder images are converted
+by the data layer's :func:`~sdt_diffusion.data.images.to_rgb` (16-bit images scaled to 8 bits, 32-bit integer and
+float images refused), the rule training and ``sdt-classify`` follow too. Every reader checks its
 input before any compute is spent and raises :class:`EvaluationInputError` naming the file.
 """
 
@@ -20,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ..data.images import image_mode_problem, to_rgb
 from ..utils.files import sha256_file
 
 __all__ = [
@@ -201,9 +204,6 @@ class ArrayImages(ImageSource):
         return h.hexdigest()
 
 
-_EIGHT_BIT_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "La", "RGBa"}
-
-
 class _FolderDataset(torch.utils.data.Dataset):
     """Decoded images of a folder; a file that cannot be decoded gives ``(None, message naming it)`` rather than an
     exception, so the message survives data-loader worker processes intact."""
@@ -220,7 +220,7 @@ class _FolderDataset(torch.utils.data.Dataset):
             with Image.open(path) as im:
                 if im.size != self.size:
                     return None, f"{path}: image size {im.size} differs from the folder's {self.size}"
-                return np.asarray(im.convert("RGB"), dtype=np.uint8), None
+                return np.asarray(to_rgb(im), dtype=np.uint8), None
         except Exception as e:  # noqa: BLE001 - truncated or corrupt image data: reported with the file named
             return None, f"{path}: cannot decode image ({type(e).__name__}: {e})"
 
@@ -249,8 +249,9 @@ class FolderImages(ImageSource):
                     mode, this = im.mode, im.size
             except (UnidentifiedImageError, OSError) as e:
                 raise EvaluationInputError(f"{f}: cannot read image ({e})") from e
-            if mode not in _EIGHT_BIT_MODES:
-                raise EvaluationInputError(f"{f}: image mode {mode!r} is not 8-bit; expected 8-bit RGB (uint8) images")
+            problem = image_mode_problem(mode)  # the data layer's rule: 16-bit images are scaled, I and F refused
+            if problem is not None:
+                raise EvaluationInputError(f"{f}: {problem}")
             if size is None:
                 size, first = this, f
             elif this != size:
