@@ -164,7 +164,8 @@ def test_32_bit_and_float_images_are_refused_by_file_name(tmp_path, mode):
 
 
 def test_8_bit_modes_with_alpha_palette_and_cmyk_keep_their_colours():
-    """LA, P with transparency and CMYK are 8-bit: converted as PIL does (alpha dropped), never refused."""
+    """LA, P with transparency and CMYK are 8-bit: converted as PIL does (alpha dropped), never refused.  This held
+    before (PIL's conversion is right for 8-bit modes); pinned so the one new conversion keeps it."""
     la = Image.fromarray(np.stack([np.full((4, 4), 200, np.uint8), np.zeros((4, 4), np.uint8)], -1), "LA")
     assert np.asarray(to_rgb(la)).max() == 200
     p = Image.new("P", (4, 4), 1)
@@ -327,7 +328,8 @@ def test_non_finite_samples_are_never_written(pipeline_dir, tmp_path, capsys):
     (["--per-device-batch", str(10**12)], "--per-device-batch must be at most 65536"),
 ])
 def test_fid_sample_bounds_sizes_before_allocating(pipeline_dir, tmp_path, capsys, flags, message):
-    """Probe: --num-samples 10^18. Before: a MemoryError traceback allocating 10^18 labels."""
+    """Probe: --num-samples 10^18, --per-device-batch 10^12. Before: a MemoryError traceback allocating 10^18
+    labels; and one 50,000-image pipeline call (all samples in one batch) that runs out of memory hours later."""
     with pytest.raises(SystemExit) as e:
         _sample_main(["--pipeline", str(pipeline_dir), "--output", str(tmp_path / "s.npz"), *flags])
     err = capsys.readouterr().err
@@ -467,3 +469,41 @@ def test_fid_refuses_samples_of_another_resolution(tmp_path, monkeypatch, capsys
     assert "--allow-resolution-mismatch" in capsys.readouterr().err
     with pytest.raises(AssertionError, match="Inception was loaded"):  # allowed: gets as far as the network
         compute_metrics(samples, ref, allow_resolution_mismatch=True, metrics=("fid",))
+
+
+# --------------------------------------------------------------------------------- probes of this round
+
+
+def test_fid_sample_never_replaces_files_it_did_not_make(pipeline_dir, tmp_path, capsys):
+    """Probe: sdt-fid-sample --output VIRTUAL_imagenet256_labeled.npz (the reference batch, by mistake), and an
+    --output whose .json sidecar name holds sdt-fid's results. Before: both replaced after sampling, exit 0."""
+    base = ["--pipeline", str(pipeline_dir), "--num-samples", "2", "--per-device-batch", "2", "--steps", "1"]
+    ref = _stats_npz(tmp_path / "VIRTUAL_imagenet256_labeled.npz")
+    before = ref.read_bytes()
+    assert _sample_main([*base, "--output", str(ref)]) == 2
+    err = capsys.readouterr().err
+    assert "exists and was not made by an earlier run" in err and "Traceback" not in err, err
+    assert ref.read_bytes() == before and not sampling.shard_dir(ref).exists()
+    results = tmp_path / "samples.json"
+    results.write_text(json.dumps({"fid": 3.0}))
+    assert _sample_main([*base, "--output", str(tmp_path / "samples.npz")]) == 2
+    assert "is not a sidecar of this command" in capsys.readouterr().err
+    assert json.loads(results.read_text()) == {"fid": 3.0}
+    ok = tmp_path / "ok.npz"  # its own files: a rerun after completion rewrites them
+    assert _sample_main([*base, "--output", str(ok)]) == 0
+    first = ok.read_bytes()
+    assert _sample_main([*base, "--output", str(ok)]) == 0 and ok.read_bytes() == first
+
+
+def test_classify_output_never_lands_in_the_model_or_the_data(tmp_path, monkeypatch, capsys):
+    """Probe: sdt-classify MODEL DATA --output MODEL/config.json (a tab-completion slip). Before: the model's
+    config was replaced by the result, exit 0."""
+    data = _colour_folder(tmp_path / "val", ["red", "green", "blue"])
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    monkeypatch.setattr(classification, "load_classifier", lambda *a, **k: _colour_model(None))
+    for out in (model_dir / "config.json", data / "red" / "r.json"):
+        assert classify_main([str(model_dir), str(data), "--num-workers", "0", "--output", str(out)]) == 2
+        assert "name another file for the result" in capsys.readouterr().err
+    assert (model_dir / "config.json").read_text() == "{}" and not (data / "red" / "r.json").exists()

@@ -462,6 +462,13 @@ def classify_main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.output:
+        output = Path(args.output).resolve()
+        for role, given in (("model", Path(args.model).resolve()), ("data", Path(args.data).resolve())):
+            if output == given or given in output.parents:
+                print(f"{parser.prog}: error: --output {args.output} is {'inside ' if output != given else ''}the "
+                      f"{role} {args.model if role == 'model' else args.data}; name another file for the result",
+                      file=sys.stderr, flush=True)
+                return 2
         try:
             check_writable(args.output)  # before any image is classified, not after
         except OSError as e:

@@ -262,6 +262,29 @@ def prepare_pipeline(settings: SamplingSettings, device: torch.device | str) -> 
     return pipe
 
 
+def check_output_files(output: Path) -> None:
+    """Refuse to replace files this sampler did not make: an existing ``output`` without the shards'
+    ``settings.json`` beside it (e.g. ADM's reference batch given as ``--output`` by mistake), or a ``.json``
+    beside it that is not a sampler's sidecar (e.g. ``sdt-fid``'s results for ``samples.npz``).
+
+    Raises:
+        ValueError: naming the file that would be replaced.
+    """
+    if output.exists() and not (shard_dir(output) / "settings.json").is_file():
+        raise ValueError(f"{output} exists and was not made by an earlier run of this command (no "
+                         f"{shard_dir(output).name}/settings.json beside it); refusing to replace it: choose another "
+                         f"--output or delete it")
+    sidecar = output.with_suffix(".json")
+    if sidecar.is_file():
+        try:
+            ours = "pipeline_sha256" in json.loads(sidecar.read_bytes())
+        except (ValueError, UnicodeDecodeError, TypeError):
+            ours = False
+        if not ours:
+            raise ValueError(f"{sidecar} (where the npz's sidecar goes) exists and is not a sidecar of this command; "
+                             f"refusing to replace it: choose another --output or move it")
+
+
 def claim_shards(state: PartialState, output: Path, settings: dict) -> None:
     """Create ``<output>.shards/`` with its ``settings.json``, or check that an earlier run used the same settings.
 
@@ -384,6 +407,7 @@ def run(settings: SamplingSettings, on_chunk: Callable[[int], None] | None = Non
     settings.check()
     output = Path(settings.output)
     check_writable(output)  # before anything is sampled (raises OSError naming the file)
+    check_output_files(output)
     # several processes without CUDA (``accelerate launch --multi_gpu`` on a CPU machine): gloo on the CPU
     state = PartialState(cpu=cpu_multiprocess())
     pipeline_hash = pipeline_sha256(settings.pipeline) if Path(settings.pipeline).is_dir() else ""
