@@ -263,17 +263,17 @@ def prepare_pipeline(settings: SamplingSettings, device: torch.device | str) -> 
 
 
 def check_output_files(output: Path) -> None:
-    """Refuse to replace files this sampler did not make: an existing ``output`` without the shards'
-    ``settings.json`` beside it (e.g. ADM's reference batch given as ``--output`` by mistake), or a ``.json``
+    """Refuse to replace files this sampler did not make: an existing ``output`` without its shard folder beside
+    it (e.g. ADM's reference batch given as ``--output`` by mistake), or a ``.json``
     beside it that is not a sampler's sidecar (e.g. ``sdt-fid``'s results for ``samples.npz``).
 
     Raises:
         ValueError: naming the file that would be replaced.
     """
-    if output.exists() and not (shard_dir(output) / "settings.json").is_file():
+    if output.exists() and not shard_dir(output).exists():  # shards of their own are matched by claim_shards
         raise ValueError(f"{output} exists and was not made by an earlier run of this command (no "
-                         f"{shard_dir(output).name}/settings.json beside it); refusing to replace it: choose another "
-                         f"--output or delete it")
+                         f"{shard_dir(output).name}/ beside it); refusing to replace it: choose another --output or "
+                         f"delete it")
     sidecar = output.with_suffix(".json")
     if sidecar.is_file():
         try:
