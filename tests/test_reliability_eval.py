@@ -507,3 +507,31 @@ def test_classify_output_never_lands_in_the_model_or_the_data(tmp_path, monkeypa
         assert classify_main([str(model_dir), str(data), "--num-workers", "0", "--output", str(out)]) == 2
         assert "name another file for the result" in capsys.readouterr().err
     assert (model_dir / "config.json").read_text() == "{}" and not (data / "red" / "r.json").exists()
+
+
+def test_fid_folder_reader_skips_hidden_files_and_refuses_unread_images(tmp_path):
+    """Probe: a samples folder with a Jupyter checkpoint copy (.ipynb_checkpoints/0-checkpoint.png) and a .webp
+    image. Before: the hidden copy was scored as a sample and the .webp silently left out (wrong counts, exit 0)."""
+    folder = tmp_path / "samples"
+    for i in range(3):
+        _solid(folder / f"{i}.png", (10 * i, 0, 0), size=8)
+    _solid(folder / ".ipynb_checkpoints" / "0-checkpoint.png", (0, 0, 0), size=8)
+    assert FolderImages(folder).count == 3
+    _solid(folder / "3.webp", (30, 0, 0), size=8)
+    with pytest.raises(EvaluationInputError, match=r"holds 1 image file\(s\) this reader does not take .*3.webp"):
+        FolderImages(folder)
+
+
+def test_fid_compare_warns_when_the_sample_count_is_not_the_papers(tmp_path, monkeypatch, capsys):
+    """Probe: sdt-fid on 5,000 samples with --compare XL. Before: FID-5K printed beside the paper's FID-50K rows
+    without a word (FID is biased upward for fewer samples)."""
+    ref, samples = _stats_npz(tmp_path / "ref.npz"), _samples_npz(tmp_path / "samples.npz")
+    out = tmp_path / "r.json"
+    for count, warned in ((5000, True), (50_000, False)):
+        result = {"fid": 9.0, "samples": str(samples), "reference": str(ref), "settings": {}, "num_samples": count,
+                  "warnings": []}
+        monkeypatch.setattr(evaluate_module, "compute_metrics", lambda *a, r=result, **k: dict(r))
+        assert evaluate_main([str(samples), str(ref), "--compare", "XL", "--output", str(out), "--quiet"]) == 0
+        err = capsys.readouterr().err
+        assert ("this row scores 5000 samples" in err) == warned, err
+        assert bool(json.loads(out.read_text())["warnings"]) == warned

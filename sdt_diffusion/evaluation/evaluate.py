@@ -47,6 +47,7 @@ __all__ = [
 ]
 
 ALL_METRICS = ("fid", "sfid", "is", "pr")
+PAPER_NUM_SAMPLES = 50_000  # the SDT paper's (and ADM's, DiT's) FID-50K
 
 # Paper numbers (ImageNet 256×256, FID-50K, Table 2 of the SDT paper). None = not reported.
 # Rows: (label, FID, sFID, IS, precision, recall).
@@ -405,6 +406,11 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
     name = _printable(args.name or Path(args.samples).name)
     result["name"] = name
     print(format_markdown_table(result, name, args.compare), flush=True)  # first: the numbers are never lost
+    if args.compare is not None and result.get("num_samples") != PAPER_NUM_SAMPLES:
+        note = (f"the paper's rows are FID-50K; this row scores {result.get('num_samples')} samples (FID is biased "
+                f"upward for fewer samples), so the two do not compare")
+        result.setdefault("warnings", []).append(note)
+        print(f"{parser.prog}: warning: {note}", file=sys.stderr, flush=True)
     if args.output is not None:
         try:
             atomic_write_text(args.output, json.dumps(result, indent=2) + "\n")

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ..data.images import image_mode_problem, to_rgb
+from ..data.images import IMAGE_EXTENSIONS as DATA_IMAGE_EXTENSIONS
+from ..data.images import image_mode_problem, is_visible, to_rgb
 from ..utils.files import sha256_file
 
 __all__ = [
@@ -231,15 +232,26 @@ def _stack_or_error(items: list[tuple[np.ndarray | None, str | None]]) -> tuple[
 
 
 class FolderImages(ImageSource):
-    """All ``.png``/``.jpg``/``.jpeg`` files below a folder (recursive, sorted by relative path); one size."""
+    """All ``.png``/``.jpg``/``.jpeg`` files below a folder (recursive, sorted by relative path); one size.
+
+    Hidden entries (names starting with ``.`` or ``__``, e.g. ``.ipynb_checkpoints``) are skipped, the data
+    layer's rule; other image files (``.webp``, ``.bmp`` ...) are refused rather than silently left out.
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.label = str(self.path)
-        self.files = sorted(
-            (p for p in self.path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
-            key=lambda p: p.relative_to(self.path).as_posix(),
-        )
+        visible = [p for p in self.path.rglob("*")
+                   if p.is_file() and all(is_visible(part) for part in p.relative_to(self.path).parts)]
+        self.files = sorted((p for p in visible if p.suffix.lower() in IMAGE_EXTENSIONS),
+                            key=lambda p: p.relative_to(self.path).as_posix())
+        others = sorted(p for p in visible if p.suffix.lower() not in IMAGE_EXTENSIONS
+                        and p.suffix.lower() in DATA_IMAGE_EXTENSIONS)
+        if others:  # silently leaving them out would score fewer images than the folder holds
+            raise EvaluationInputError(
+                f"{self.path}: holds {len(others)} image file(s) this reader does not take (e.g. {others[0]}); "
+                f"samples and references are {'/'.join(IMAGE_EXTENSIONS)} files: convert them (lossless .png) or "
+                f"move them out")
         if not self.files:
             raise EvaluationInputError(f"{self.path}: no {'/'.join(IMAGE_EXTENSIONS)} images found (searched recursively)")
         size: tuple[int, int] | None = None
