@@ -535,3 +535,27 @@ def test_fid_compare_warns_when_the_sample_count_is_not_the_papers(tmp_path, mon
         err = capsys.readouterr().err
         assert ("this row scores 5000 samples" in err) == warned, err
         assert bool(json.loads(out.read_text())["warnings"]) == warned
+
+
+def test_sdt_visualize_reads_its_image_like_every_reader(pipeline_dir, tmp_path, monkeypatch, capsys):
+    """Probe: sdt-visualize --image on a file that is not an image, and on a 16-bit PNG. Before: a PIL
+    UnidentifiedImageError traceback, and the 16-bit image clipped to white by the decay-map code."""
+    from sdt_diffusion.tools import cli
+
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    with pytest.raises(SystemExit) as e:
+        cli.visualize_main(["--pipeline", str(pipeline_dir), "--class", "0", "--image", str(bad)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"--image cannot read image {bad}" in err and "Traceback" not in err, err
+    seen = []
+
+    def capture(pipe, label, image=None, **kwargs):
+        seen.append(np.asarray(image))
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(cli, "pipeline_decay_maps", capture)
+    grey = _png16(tmp_path / "grey.png", np.full((16, 16), 257 * 60))
+    with pytest.raises(SystemExit):
+        cli.visualize_main(["--pipeline", str(pipeline_dir), "--class", "0", "--image", str(grey)])
+    assert seen[0].shape == (16, 16, 3) and (seen[0] == 60).all()

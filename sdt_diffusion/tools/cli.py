@@ -170,7 +170,15 @@ def visualize_main(argv: Sequence[str] | None = None) -> int:
     if args.image is not None:
         if not Path(args.image).is_file():
             parser.error(f"--image {args.image} does not exist")
-        image = Image.open(args.image)
+        from ..data.images import (  # imports datasets: only when an image is given
+            UnreadableImageError,
+            open_image,
+        )
+
+        try:
+            image = open_image(args.image, args.image)  # 16-bit images scaled as everywhere (data.to_rgb)
+        except UnreadableImageError as err:
+            parser.error(f"--image {err}")
     device = default_device(args.device)
     pipe = SDTPipeline.from_pretrained(folder).to(device)
     try:
