@@ -559,3 +559,20 @@ def test_sdt_visualize_reads_its_image_like_every_reader(pipeline_dir, tmp_path,
     with pytest.raises(SystemExit):
         cli.visualize_main(["--pipeline", str(pipeline_dir), "--class", "0", "--image", str(grey)])
     assert seen[0].shape == (16, 16, 3) and (seen[0] == 60).all()
+
+
+def test_classify_matches_wordnet_folders_to_either_kind_of_model_names():
+    """A full ImageNet folder (1000 WordNet-id folders) fits a model naming its classes by WordNet id (timm's
+    label_names) and one naming them as our exports do (ImageNet's names); a partial one is matched by id."""
+    from sdt_diffusion.data import LabelledImages, class_names_to_id2label
+    from sdt_diffusion.evaluation.classification import check_classes
+
+    wnids = [f"n{i:08d}" for i in range(1000)]
+    images = LabelledImages("val", np.array([0, 999]), wnids, 1000, None)
+    by_id = LoadedClassifier(_MeanColour(), "timm", 1000, dict(enumerate(wnids)), resolution=8)
+    by_name = LoadedClassifier(_MeanColour(), "timm", 1000, class_names_to_id2label(wnids, 1000), resolution=8)
+    assert check_classes(by_id, images) is images and check_classes(by_name, images) is images
+    partial = LabelledImages("val", np.array([0, 1]), [wnids[5], wnids[7]], 2, None)
+    assert check_classes(by_id, partial).labels.tolist() == [5, 7]
+    with pytest.raises(DataInputError, match="'n00000005'"):
+        check_classes(by_name, partial)

@@ -6,7 +6,8 @@ ImageNet's mean and std.  Data: an image folder with one sub-folder per class (I
 layout) or a ``datasets`` folder written by ``save_to_disk`` with an image and a label column.  Models: a
 transformers folder (``save_pretrained``; SDT-H's or any ``AutoModelForImageClassification``), a timm folder
 (``timm.models.save_for_hf``: ``config.json`` with ``architecture``) or a timm weight file with its
-architecture named.
+architecture named.  Data classes are matched to the model's by name (its ``id2label``; :func:`check_classes`),
+so a folder with only some of the model's classes is scored against the right ones.
 
 The data reader is :mod:`sdt_diffusion.data`'s (re-exported here: :func:`open_labelled_images`,
 :class:`LabelledImages`, :func:`check_labels`, ...).  The training loop (``sdt_diffusion.training.classifier_trainer``)
@@ -332,10 +333,11 @@ def check_classes(model: LoadedClassifier, images: LabelledImages) -> LabelledIm
     """
     model_names = _model_names(model)
     data_names = images.class_names
-    if data_names is not None:
-        data_names = list((class_names_to_id2label(data_names, len(data_names)) or {}).values()) or data_names
     if data_names is not None and model_names is not None:
-        if data_names == model_names:
+        # the folder names themselves, or as an export names them (a full ImageNet folder's WordNet ids: ImageNet's
+        # names), whichever the model knows
+        exported = list((class_names_to_id2label(data_names, len(data_names)) or {}).values()) or data_names
+        if model_names in (data_names, exported):
             check_labels(images, model.num_labels, "label")
             return images
         index: dict[str, int] = {}
@@ -344,6 +346,8 @@ def check_classes(model: LoadedClassifier, images: LabelledImages) -> LabelledIm
             if name in index:
                 twice.add(name)
             index[name] = i
+        if all(n in index for n in exported) and not all(n in index for n in data_names):
+            data_names = exported
         unknown = [n for n in data_names if n not in index]
         if unknown:
             shown = ", ".join(repr(n) for n in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
