@@ -34,6 +34,7 @@ from ..utils.errors import ConfigError
 from ..utils.labels import default_id2label
 
 __all__ = [
+    "EIGHT_BIT_MODES",
     "IMAGE_EXTENSIONS",
     "DataInputError",
     "FolderRows",
@@ -42,12 +43,14 @@ __all__ = [
     "check_labels",
     "class_names_to_id2label",
     "find_unreadable_images",
+    "image_mode_problem",
     "is_visible",
     "load_image_folder",
     "load_image_source",
     "load_saved_dataset",
     "open_image",
     "open_labelled_images",
+    "to_rgb",
 ]
 
 # Files PIL can open, matched case-insensitively (the set ``datasets``' ``imagefolder`` builder reads).
@@ -71,11 +74,52 @@ def is_visible(name: str) -> bool:
     return not name.startswith((".", "__"))
 
 
-def open_image(value: Any, where: str) -> Image.Image:
-    """Decode one image (a path, a PIL image, an array or a ``datasets`` cell ``{"bytes", "path"}``) to RGB.
+# Modes whose samples are 8-bit: PIL's ``convert("RGB")`` maps them to RGB without loss of range.
+EIGHT_BIT_MODES = frozenset({"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr",
+                             "LAB", "HSV"})
+
+
+def image_mode_problem(mode: str) -> str | None:
+    """Why an image of PIL ``mode`` cannot be turned into 8-bit RGB, or ``None`` when :func:`to_rgb` converts it.
+
+    8-bit modes and 16-bit integer modes (``I;16``, ``I;16B`` ...: 16-bit PNG and TIFF) convert; 32-bit integer
+    (``I``) and floating-point (``F``) images have no fixed white level, so any scaling would be a guess.
+    """
+    if mode in EIGHT_BIT_MODES or mode.startswith("I;16"):
+        return None
+    return (f"image mode {mode!r} ({'32-bit float' if mode == 'F' else '32-bit integer' if mode == 'I' else 'unusual'}"
+            f" samples) has no fixed white level; save it as 8-bit or 16-bit RGB or grayscale")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit RGB, the one conversion every reader uses (training, classifiers, FID).
+
+    16-bit images are scaled to 8 bits (``round(v / 257)``: 65535 becomes 255); PIL's own ``convert("RGB")``
+    clips them, turning almost every pixel white.  A palette image with transparency goes through RGBA (its
+    colours are kept, the alpha dropped, as for every image with alpha).
 
     Raises:
-        UnreadableImageError: any decoder error, with ``where`` (the file or row) named.
+        ValueError: a mode :func:`image_mode_problem` refuses (32-bit integer or float samples).
+    """
+    mode = image.mode
+    if mode.startswith("I;16"):
+        values = np.asarray(image).astype(np.uint32)
+        gray = ((values + 128) // 257).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    problem = image_mode_problem(mode)
+    if problem is not None:
+        raise ValueError(problem)
+    if mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return image if mode == "RGB" else image.convert("RGB")
+
+
+def open_image(value: Any, where: str) -> Image.Image:
+    """Decode one image (a path, a PIL image, an array or a ``datasets`` cell ``{"bytes", "path"}``) to 8-bit RGB
+    (:func:`to_rgb`: 16-bit images scaled, 32-bit and float images refused).
+
+    Raises:
+        UnreadableImageError: any decoder error or a refused mode, with ``where`` (the file or row) named.
     """
     try:
         if isinstance(value, Image.Image):
@@ -92,7 +136,7 @@ def open_image(value: Any, where: str) -> Image.Image:
         else:
             image = Image.fromarray(np.asarray(value))
         image.load()
-        return image.convert("RGB")
+        return to_rgb(image)
     except Exception as e:  # noqa: BLE001 - any decoder error, re-raised with the image named
         raise UnreadableImageError(f"cannot read image {where}: {type(e).__name__}: {e}") from e
 

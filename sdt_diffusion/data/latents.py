@@ -75,6 +75,7 @@ class LatentCacheDataset(Dataset):
                 raise DataInputError(f"{self.cache_dir / shard / 'indices.npy'}: expected a 1-d array, got shape {idx.shape}")
             indices.append(idx)
             labels.append(self._read(shard, "labels.npy", (len(idx),)))
+            self._check_label_range(shard, labels[-1])
             for name in ("mean.npy", "std.npy"):  # opened once here, so a truncated file is named before training
                 self._read(shard, name, (len(idx), 2, channels, height, width), mmap=True)
             shard_of.append(np.full(len(idx), s, dtype=np.int64))
@@ -108,6 +109,25 @@ class LatentCacheDataset(Dataset):
         if shape is not None and arr.shape != shape:
             raise DataInputError(f"{path}: shape {arr.shape}, the cache's metadata.json says {shape}; re-run the extraction")
         return arr
+
+    def _check_label_range(self, shard: str, labels: np.ndarray) -> None:
+        """Every label of ``shard`` must be an integer in ``[0, num_classes)`` of ``metadata.json``: a label equal to
+        the class count would train as the null label of guidance, a larger one crash at the first step.
+
+        Raises:
+            DataInputError: naming the shard file, the first bad label and the class count.
+        """
+        path = self.cache_dir / shard / "labels.npy"
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise DataInputError(f"{path}: labels of dtype {labels.dtype}, expected integers; re-run the extraction")
+        num_classes = self.meta.get("num_classes")
+        if num_classes is None:
+            return
+        bad = np.flatnonzero((labels < 0) | (labels >= int(num_classes)))
+        if len(bad):
+            raise DataInputError(
+                f"{path}: label {int(labels[bad[0]])} (entry {int(bad[0])}) is outside [0, {int(num_classes)}), the "
+                f"classes of the cache's metadata.json ({len(bad)} such label(s)); re-run the extraction")
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)

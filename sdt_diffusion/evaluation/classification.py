@@ -6,7 +6,8 @@ ImageNet's mean and std.  Data: an image folder with one sub-folder per class (I
 layout) or a ``datasets`` folder written by ``save_to_disk`` with an image and a label column.  Models: a
 transformers folder (``save_pretrained``; SDT-H's or any ``AutoModelForImageClassification``), a timm folder
 (``timm.models.save_for_hf``: ``config.json`` with ``architecture``) or a timm weight file with its
-architecture named.
+architecture named.  Data classes are matched to the model's by name (its ``id2label``; :func:`check_classes`),
+so a folder with only some of the model's classes is scored against the right ones.
 
 The data reader is :mod:`sdt_diffusion.data`'s (re-exported here: :func:`open_labelled_images`,
 :class:`LabelledImages`, :func:`check_labels`, ...).  The training loop (``sdt_diffusion.training.classifier_trainer``)
@@ -19,16 +20,19 @@ prints mean the same thing.  This module never imports training code.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
@@ -37,19 +41,22 @@ from transformers import AutoModelForImageClassification
 
 from ..data import (
     DataInputError,
+    FolderRows,
     LabelledImages,
     TransformedImages,
     check_labels,
+    class_names_to_id2label,
     find_unreadable_images,
     open_labelled_images,
 )
 from ..models.sdt_h import IMAGENET_MEAN, IMAGENET_STD, PRESET_OF_TIMM_NAME, SDT_H_PRESETS, SDTH
-from ..utils.files import atomic_write_text
+from ..utils.files import atomic_write_text, check_writable
 from ..utils.optional import import_optional
 from ..utils.runtime import default_device
 
 __all__ = [
     "DEFAULT_CROP_PCT",
+    "MAX_RESOLUTION",
     "PAPER_TABLE1",
     "ClassificationInputError",
     "LabelledImages",
@@ -71,6 +78,7 @@ __all__ = [
 ]
 
 DEFAULT_CROP_PCT = 0.875  # 224 / 256
+MAX_RESOLUTION = 4096  # --resolution above this is a typo: one such image batch would not fit in memory
 # Paper, Table 1 (ImageNet-1K, 224x224): parameters (M), GFLOPs, top-1 (%).
 PAPER_TABLE1: dict[str, dict[str, float]] = {
     "SDT-H-T": {"params_m": 14, "gflops": 2.7, "top1": 82.7},
@@ -273,10 +281,27 @@ def load_classifier(path: str | os.PathLike, arch: str | None = None,
         ClassificationInputError: nothing loadable at ``path``.
     """
     path = Path(path)
+    try:
+        return _load_classifier(path, arch, model_kwargs)
+    except ClassificationInputError:
+        raise
+    except Exception as e:  # noqa: BLE001 - unknown architectures, pickled or damaged weights: one line naming it
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        what = f" as timm's {arch!r}" if arch and path.is_file() else ""
+        raise ClassificationInputError(f"{path}: cannot load the model{what} ({type(e).__name__}: {first})") from None
+
+
+def _load_classifier(path: Path, arch: str | None, model_kwargs: dict[str, Any] | None) -> LoadedClassifier:
+    """:func:`load_classifier` without its error translation."""
     if path.is_file():
         if not arch:
             raise ClassificationInputError(f"{path} is a weight file: name its timm architecture (--arch, e.g. "
                                            f"sdt_h_tiny) and any --model-kwargs")
+        timm = import_optional("timm", "timm")
+        if not timm.is_model(arch):
+            close = [n for n in timm.list_models(f"*{arch.split('_')[0]}*")][:5]
+            raise ClassificationInputError(f"--arch {arch!r} is not a timm architecture"
+                                           + (f" (similar: {', '.join(close)})" if close else ""))
         loaded = _load_timm_file(path, arch, dict(model_kwargs or {}))
     elif (path / "config.json").is_file():
         config = _read_json(path / "config.json")
@@ -288,7 +313,7 @@ def load_classifier(path: str | os.PathLike, arch: str | None = None,
             raise ClassificationInputError(f"{path / 'config.json'}: neither a transformers config (model_type) nor "
                                            f"a timm config (architecture)")
     elif (path / "timm" / "config.json").is_file():
-        return load_classifier(path / "timm")
+        return _load_classifier(path / "timm", None, None)
     else:
         raise ClassificationInputError(f"{path}: no model here (expected a transformers or timm folder with "
                                        f"config.json, or a weight file)")
@@ -296,22 +321,75 @@ def load_classifier(path: str | os.PathLike, arch: str | None = None,
     return loaded
 
 
-def check_classes(model: LoadedClassifier, images: LabelledImages) -> None:
-    """The data's classes must fit the model's: labels below its class count and, where both name their classes
-    with the same names, in the same order.
+_GENERIC_NAME = re.compile(r"^(LABEL_|class )\d+$")  # transformers' and the label index's placeholder names
+
+
+def _model_names(model: LoadedClassifier) -> list[str] | None:
+    """The model's class names by id, or ``None`` when it has none, or only placeholders (``LABEL_0`` ...)."""
+    if not model.id2label:
+        return None
+    names = [model.id2label.get(i) for i in range(model.num_labels)]
+    if any(n is None for n in names) or all(_GENERIC_NAME.match(n) for n in names):
+        return None
+    return names
+
+
+def check_classes(model: LoadedClassifier, images: LabelledImages) -> LabelledImages:
+    """The data with its labels renumbered to the model's class ids, matched by class name.
+
+    A class folder numbers its classes by its own listing, so a folder with only some of the model's classes (or
+    a validation folder missing one) would score images against the wrong class.  Where both name their classes,
+    each data class becomes the model class of the same name (the data's names as the exported model records
+    them: :func:`~sdt_diffusion.data.class_names_to_id2label`, e.g. a full ImageNet folder's WordNet ids become
+    ImageNet's names).  Where either does not (a saved dataset without ``ClassLabel`` names, a model with only
+    ``LABEL_i`` placeholders), labels are taken as model ids and must cover the model's classes exactly or lie
+    below its class count (a saved dataset's stored ids).
 
     Raises:
-        ClassificationInputError: more data classes than model classes, or the same names in another order.
+        ClassificationInputError: a data class name the model does not know (named), a name the model uses for
+            two classes, a class folder whose classes cannot be matched by name and whose count differs from the
+            model's, or a label outside the model's classes.
     """
-    check_labels(images, model.num_labels, "label")
-    names = images.class_names
-    model_names = [model.id2label[i] for i in range(model.num_labels)] if model.id2label else None
-    if names and model_names and len(names) == len(model_names) and set(names) == set(model_names) \
-            and names != model_names:
-        moved = next(i for i, (a, b) in enumerate(zip(names, model_names)) if a != b)
+    model_names = _model_names(model)
+    data_names = images.class_names
+    if data_names is not None and model_names is not None:
+        # the folder names themselves, or as an export names them (a full ImageNet folder's WordNet ids: ImageNet's
+        # names), whichever the model knows
+        exported = list((class_names_to_id2label(data_names, len(data_names)) or {}).values()) or data_names
+        if model_names in (data_names, exported):
+            check_labels(images, model.num_labels, "label")
+            return images
+        index: dict[str, int] = {}
+        twice = set()
+        for i, name in enumerate(model_names):
+            if name in index:
+                twice.add(name)
+            index[name] = i
+        if all(n in index for n in exported) and not all(n in index for n in data_names):
+            data_names = exported
+        unknown = [n for n in data_names if n not in index]
+        if unknown:
+            shown = ", ".join(repr(n) for n in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+            raise ClassificationInputError(
+                f"{images.description}: {len(unknown)} of its {len(data_names)} class(es) are not classes of the "
+                f"model ({shown}); the model's classes are named by its id2label (e.g. {model_names[0]!r}), and "
+                f"data classes are matched to them by name")
+        ambiguous = sorted(twice.intersection(data_names))
+        if ambiguous:
+            raise ClassificationInputError(f"the model names several classes {ambiguous[0]!r}, so the data class of "
+                                           f"that name cannot be matched to one of them")
+        mapping = np.array([index[n] for n in data_names], dtype=np.int64)
+        check_labels(images, len(data_names), "label")
+        return dataclasses.replace(images, labels=mapping[images.labels], class_names=model_names,
+                                   num_classes=model.num_labels)
+    if isinstance(images.dataset, FolderRows) and images.num_classes != model.num_labels:
         raise ClassificationInputError(
-            f"{images.description} orders its classes differently from the model: class {moved} is "
-            f"{names[moved]!r} in the data and {model_names[moved]!r} in the model")
+            f"{images.description} has {images.num_classes} class folders and the model {model.num_labels} classes, "
+            f"and the model does not name its classes (id2label), so the folders cannot be matched to its classes "
+            f"(ids would follow the folder listing and score images against the wrong class); evaluate a folder "
+            f"with all {model.num_labels} classes, or a model whose id2label holds the folder names")
+    check_labels(images, model.num_labels, "label")
+    return images
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -370,19 +448,23 @@ def classify(args: argparse.Namespace) -> dict[str, Any]:
     if args.batch_size <= 0 or args.num_workers < 0:
         raise ClassificationInputError(f"--batch-size must be > 0 and --num-workers >= 0, got {args.batch_size} "
                                        f"and {args.num_workers}")
+    if args.resolution is not None and not 0 < args.resolution <= MAX_RESOLUTION:
+        raise ClassificationInputError(f"--resolution must lie in [1, {MAX_RESOLUTION}], got {args.resolution}")
+    if args.crop_pct is not None and not (math.isfinite(args.crop_pct) and 0 < args.crop_pct <= 1):
+        raise ClassificationInputError(f"--crop-pct must lie in (0, 1], got {args.crop_pct}")
     try:
         kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
     except json.JSONDecodeError as e:
         raise ClassificationInputError(f"--model-kwargs is not JSON: {e}") from None
     images = open_labelled_images(args.data, args.split, args.image_column, args.label_column)
     loaded = load_classifier(args.model, args.arch, kwargs)
-    check_classes(loaded, images)
+    images = check_classes(loaded, images)
     if args.check_images:
         problems = find_unreadable_images(images, progress=args.progress_bar)
         if problems:
             raise ClassificationInputError(f"{len(problems)} unreadable image(s): " + "; ".join(problems[:5]))
-    resolution = args.resolution or loaded.resolution or 224
-    crop_pct = args.crop_pct or loaded.crop_pct
+    resolution = args.resolution if args.resolution is not None else (loaded.resolution or 224)
+    crop_pct = args.crop_pct if args.crop_pct is not None else loaded.crop_pct
     transform = eval_transform(resolution, crop_pct, loaded.mean, loaded.std, loaded.interpolation)
     device = default_device(args.device)
     model = loaded.model.to(device)
@@ -402,6 +484,19 @@ def classify_main(argv: Sequence[str] | None = None) -> int:
     """``sdt-classify``: prints ``top-1`` / ``top-5`` and a Markdown row; exit 2 on bad input."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.output:
+        output = Path(args.output).resolve()
+        for role, given in (("model", Path(args.model).resolve()), ("data", Path(args.data).resolve())):
+            if output == given or given in output.parents:
+                print(f"{parser.prog}: error: --output {args.output} is {'inside ' if output != given else ''}the "
+                      f"{role} {args.model if role == 'model' else args.data}; name another file for the result",
+                      file=sys.stderr, flush=True)
+                return 2
+        try:
+            check_writable(args.output)  # before any image is classified, not after
+        except OSError as e:
+            print(f"{parser.prog}: error: --output {e}", file=sys.stderr, flush=True)
+            return 2
     try:
         result = classify(args)
     except ClassificationInputError as e:

@@ -27,6 +27,7 @@ import argparse
 import hashlib
 import json
 import math
+import shutil
 import sys
 import time
 import zipfile
@@ -49,6 +50,9 @@ from ..utils.runtime import cpu_multiprocess
 from ..utils.seeding import index_generator
 
 MAX_SEED = 2**63 - 1  # per-sample seeds are taken modulo 2**63 - 1 (utils.seeding)
+# Bounds checked before anything is allocated: 200 × FID-50K, and a batch far above any accelerator's memory.
+MAX_NUM_SAMPLES = 10_000_000
+MAX_PER_DEVICE_BATCH = 65_536
 # The completeness marker of a training checkpoint folder (the trainer's file name; evaluation never reads the
 # checkpoint, it only recognises one to point at the export command).
 CHECKPOINT_MARKER = "training_state.json"
@@ -61,6 +65,10 @@ class SettingsMismatchError(ValueError):
 class DamagedChunkError(RuntimeError):
     """A finished chunk of samples turned out unreadable or inconsistent; it has been deleted, so running the same
     command again samples it anew."""
+
+
+class NonFiniteSampleError(ValueError):
+    """The pipeline produced NaN or infinite values; nothing of that chunk is written."""
 
 
 class SettingError(ValueError):
@@ -216,6 +224,14 @@ class SamplingSettings:
         for name in ("num_samples", "per_device_batch", "steps"):
             if getattr(self, name) < 1:
                 raise SettingError(name, f"must be positive, got {getattr(self, name)}")
+        for name, bound in (("num_samples", MAX_NUM_SAMPLES), ("per_device_batch", MAX_PER_DEVICE_BATCH)):
+            if getattr(self, name) > bound:
+                raise SettingError(name, f"must be at most {bound}, got {getattr(self, name)}")
+        pipeline, output = Path(self.pipeline).resolve(), Path(self.output).resolve()
+        if pipeline in output.parents:
+            raise SettingError("output", f"{self.output} lies inside the pipeline folder {self.pipeline}: its shards "
+                                         f"would change the pipeline's sha256, so a rerun after a kill would be refused "
+                                         f"as another pipeline; write it outside the pipeline folder")
         if not 0 <= self.seed <= MAX_SEED:
             raise SettingError("seed", f"must lie in [0, {MAX_SEED}], got {self.seed}")
         if not math.isfinite(self.guidance_scale):
@@ -240,9 +256,33 @@ def prepare_pipeline(settings: SamplingSettings, device: torch.device | str) -> 
     if settings.scheduler is not None:
         pipe.scheduler = make_scheduler(settings.scheduler, pipe.scheduler.config)
     check_image_output(pipe)
+    check_finite_weights(pipe)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def check_output_files(output: Path) -> None:
+    """Refuse to replace files this sampler did not make: an existing ``output`` without its shard folder beside
+    it (e.g. ADM's reference batch given as ``--output`` by mistake), or a ``.json``
+    beside it that is not a sampler's sidecar (e.g. ``sdt-fid``'s results for ``samples.npz``).
+
+    Raises:
+        ValueError: naming the file that would be replaced.
+    """
+    if output.exists() and not shard_dir(output).exists():  # shards of their own are matched by claim_shards
+        raise ValueError(f"{output} exists and was not made by an earlier run of this command (no "
+                         f"{shard_dir(output).name}/ beside it); refusing to replace it: choose another --output or "
+                         f"delete it")
+    sidecar = output.with_suffix(".json")
+    if sidecar.is_file():
+        try:
+            ours = "pipeline_sha256" in json.loads(sidecar.read_bytes())
+        except (ValueError, UnicodeDecodeError, TypeError):
+            ours = False
+        if not ours:
+            raise ValueError(f"{sidecar} (where the npz's sidecar goes) exists and is not a sidecar of this command; "
+                             f"refusing to replace it: choose another --output or move it")
 
 
 def claim_shards(state: PartialState, output: Path, settings: dict) -> None:
@@ -295,7 +335,55 @@ def sample_chunk(pipe: SDTPipeline, settings: SamplingSettings, indices: np.ndar
     ).images  # [0, 1]
     if images.shape[1] != 3:  # check_image_output should have caught it; never write such a shard
         raise ValueError(f"the pipeline produced {images.shape[1]}-channel images, expected 3")
+    finite = torch.isfinite(images).flatten(1).all(dim=1)
+    if not bool(finite.all()):
+        first = int(indices[int((~finite).nonzero()[0, 0])])
+        raise NonFiniteSampleError(
+            f"sample {first} (class {int(labels[first])}) holds NaN or infinite values ({int((~finite).sum())} of "
+            f"the {len(indices)} samples of its chunk); nothing of the chunk was written. The pipeline's weights may "
+            f"be damaged or diverged, or --guidance-scale {settings.guidance_scale} is too large")
     return to_uint8(images * 2 - 1)
+
+
+def check_finite_weights(pipe: SDTPipeline) -> None:
+    """Refuse a pipeline whose transformer or VAE holds NaN or infinite weights (a diverged or damaged export).
+
+    Raises:
+        ValueError: naming the first such tensor.
+    """
+    for part in ("transformer", "vae"):
+        module = getattr(pipe, part, None)
+        if module is None:
+            continue
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"the pipeline's {part} holds NaN or infinite values in {name}: the export is "
+                                 f"damaged or the training diverged; sample from another checkpoint")
+
+
+def image_side(pipe: SDTPipeline) -> int:
+    """Side in pixels of the images the pipeline makes: the latent side times the VAE's downsampling factor."""
+    side = int(pipe.transformer.config.sample_size)
+    if pipe.vae is not None:
+        side *= 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    return side
+
+
+def check_disk_space(output: Path, num_samples: int, side: int) -> None:
+    """Refuse a run whose shards and npz (twice ``num_samples × side² × 3`` bytes) cannot fit on the output's disk.
+
+    Raises:
+        OSError: naming the bytes needed and free.
+    """
+    need = 2 * num_samples * side * side * 3
+    shards = shard_dir(output)
+    if shards.is_dir():
+        need -= sum(f.stat().st_size for f in shards.glob("chunk-*.npz"))
+    folder = next((p for p in [output.parent, *output.parents] if p.exists()), Path("."))
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise OSError(f"{num_samples} images of {side}×{side} need about {need / 1e9:.3g} GB for the shards and the "
+                      f"npz beside {output}, and {free / 1e9:.3g} GB are free")
 
 
 def run(settings: SamplingSettings, on_chunk: Callable[[int], None] | None = None) -> Path | None:
@@ -319,10 +407,12 @@ def run(settings: SamplingSettings, on_chunk: Callable[[int], None] | None = Non
     settings.check()
     output = Path(settings.output)
     check_writable(output)  # before anything is sampled (raises OSError naming the file)
+    check_output_files(output)
     # several processes without CUDA (``accelerate launch --multi_gpu`` on a CPU machine): gloo on the CPU
     state = PartialState(cpu=cpu_multiprocess())
     pipeline_hash = pipeline_sha256(settings.pipeline) if Path(settings.pipeline).is_dir() else ""
     pipe = prepare_pipeline(settings, state.device)
+    check_disk_space(output, settings.num_samples, image_side(pipe))
     num_classes = pipe.num_classes
     labels = sample_labels(settings.num_samples, num_classes, settings.labels, settings.seed)
     recorded = settings_of(settings, num_classes, pipeline_hash)

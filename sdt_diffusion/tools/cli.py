@@ -12,10 +12,12 @@ spellings ``--guidance`` and ``--out`` still work for one release, with a one-li
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from ..pipelines import SDTPipeline
@@ -26,6 +28,10 @@ from ..utils.images import make_labelled_grid
 from ..utils.runtime import default_device
 from ..utils.seeding import index_generator
 from .decay_maps import pipeline_decay_maps, plot_decay_maps
+
+MAX_SEED = 2**63 - 1  # per-image seeds are taken modulo 2**63 - 1 (utils.seeding)
+MAX_STEPS = 10_000  # DiT samples with 250; more is a typo, not a setting
+MAX_GRID_IMAGES = 1024  # one grid image; sdt-fid-sample makes sample sets
 
 
 def build_sample_parser() -> argparse.ArgumentParser:
@@ -67,8 +73,16 @@ def sample_main(argv: Sequence[str] | None = None) -> int:
     folder = Path(args.pipeline)
     if not (folder / "model_index.json").is_file():
         parser.error(f"--pipeline {folder} is not a saved pipeline folder (no model_index.json)")
-    if args.steps < 1:
-        parser.error(f"--steps must be >= 1, got {args.steps}")
+    if not 1 <= args.steps <= MAX_STEPS:
+        parser.error(f"--steps must lie in [1, {MAX_STEPS}], got {args.steps}")
+    if not math.isfinite(args.guidance_scale):
+        parser.error(f"--guidance-scale must be finite, got {args.guidance_scale}")
+    if not 0 <= args.seed <= MAX_SEED:
+        parser.error(f"--seed must lie in [0, {MAX_SEED}], got {args.seed}")
+    if len(args.classes) > MAX_GRID_IMAGES:
+        parser.error(f"--classes names {len(args.classes)} images; a grid holds at most {MAX_GRID_IMAGES}")
+    if args.ncols is not None and args.ncols < 1:
+        parser.error(f"--ncols must be >= 1, got {args.ncols}")
     out = Path(args.output)
     fmt = Image.registered_extensions().get(out.suffix.lower())
     if fmt is None or fmt not in Image.SAVE:
@@ -80,7 +94,12 @@ def sample_main(argv: Sequence[str] | None = None) -> int:
     device = default_device(args.device)
     dtype = torch_dtype(args.dtype)
 
-    pipe = SDTPipeline.from_pretrained(folder, dtype=dtype)
+    try:
+        pipe = SDTPipeline.from_pretrained(folder, dtype=dtype)
+    except Exception as err:  # noqa: BLE001 - truncated weights, bad configs: one line naming the folder
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        parser.exit(2, f"{parser.prog}: error: --pipeline {folder}: cannot load the pipeline "
+                       f"({type(err).__name__}: {first})\n")
     if args.scheduler is not None:
         pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
     pipe.to(device)
@@ -90,13 +109,20 @@ def sample_main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(err))
     # CPU generators: the same seed gives the same noise on every device.
     generators = [index_generator(args.seed, i) for i in range(len(ids))]
-    images = pipe(
+    arrays = pipe(
         class_labels=ids,
         guidance_scale=args.guidance_scale,
         num_inference_steps=args.steps,
         generator=generators,
         guide_first_3_channels=args.guide_first_3_channels,
+        output_type="np",
     ).images
+    bad = [i for i, image in enumerate(arrays) if not np.isfinite(image).all()]
+    if bad:  # NaN would be written as black images
+        parser.exit(1, f"{parser.prog}: error: image {bad[0]} (class {ids[bad[0]]}) holds NaN or infinite values "
+                       f"({len(bad)} of {len(ids)} images); nothing was written. The pipeline's weights may be "
+                       f"damaged or diverged, or --guidance-scale {args.guidance_scale} is too large\n")
+    images = pipe.numpy_to_pil(arrays)
     names = pipe.get_label_names(ids, short=not args.full_names)
     grid = make_labelled_grid(images, [f"{i}: {n}" for i, n in zip(ids, names)], ncols=args.ncols)
     atomic_write(out, lambda f: grid.save(f, format=fmt))
@@ -144,7 +170,15 @@ def visualize_main(argv: Sequence[str] | None = None) -> int:
     if args.image is not None:
         if not Path(args.image).is_file():
             parser.error(f"--image {args.image} does not exist")
-        image = Image.open(args.image)
+        from ..data.images import (  # imports datasets: only when an image is given
+            UnreadableImageError,
+            open_image,
+        )
+
+        try:
+            image = open_image(args.image, args.image)  # 16-bit images scaled as everywhere (data.to_rgb)
+        except UnreadableImageError as err:
+            parser.error(f"--image {err}")
     device = default_device(args.device)
     pipe = SDTPipeline.from_pretrained(folder).to(device)
     try:
