@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sdt_diffusion.training.data import ImageClassDataset, LatentCacheDataset, load_image_folder
 
 from sdt_diffusion import SDTPipeline
+from sdt_diffusion.data import ImageClassDataset, LatentCacheDataset, load_image_folder
 from sdt_diffusion.models.registry import num_classes_of
 from sdt_diffusion.models.vae import encode_latents, vae_downsampling_factor, vae_scaling_factor
 from sdt_diffusion.utils.errors import ConfigError

@@ -101,7 +101,7 @@ def test_a_folder_without_pipelines_is_refused(tmp_path, capsys):
 
 def _latent_cache(cache: Path, n: int = 6) -> None:
     """A tiny latent cache in the extraction format (``training/extract_latents.py``)."""
-    from sdt_diffusion.training.data import CACHE_FORMAT, CACHE_VERSION
+    from sdt_diffusion.data import CACHE_FORMAT, CACHE_VERSION
 
     shard = cache / "shard-00000-of-00001"
     shard.mkdir(parents=True)
