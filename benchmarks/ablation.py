@@ -11,6 +11,8 @@ of the demo's judge network (a small-scale proxy, NOT ImageNet FID).
     python benchmarks/ablation.py --variants dit none fixed cdsf --seeds 0 1 2 --steps 600 \\
         --output-dir outputs/ablation
     python benchmarks/ablation.py --variants cdsf --alphas 0.05 0.1 0.2 --seeds 0 1 2 --output-dir outputs/alpha
+    python benchmarks/ablation.py --variants dit-original +rope +lpe +gate +cdsf sdt-p --seeds 0 1 2 \\
+        --output-dir outputs/factorial    # each SDA part on its own on top of the original DiT
 
 On ImageNet (GPUs; the paper's Table 3-4 ablation with real FID through ``eval/``): point it at a latent
 cache and a model size, give the launcher, the reference batch and the number of samples; the defaults are
@@ -47,7 +49,24 @@ from sdt_diffusion.tools.demo import DEMO_MODEL_KWARGS, train_command
 from sdt_diffusion.tools.digits import DigitData, prepare_digits, train_judge
 from sdt_diffusion.utils.seeding import index_generator
 
-VARIANTS = ("dit", *DECAY_MODES)
+# The factorial over Spatial Decay Attention's parts: SDT-P with every part off and DiT's absolute sin-cos
+# position embedding is the original DiT (one shared embedder, the model the paper compares against; see
+# docs/model.md), then one part at a time on top of it, then the full SDT-P (the paper's eq. 13).
+DIT_ORIGINAL = {"decay_mode": "none", "use_rope": False, "use_lpe": False, "use_output_gate": False,
+                "use_abs_pos_embed": True}
+NAMED_VARIANTS: dict[str, dict] = {
+    "dit-original": DIT_ORIGINAL,
+    "+rope": {**DIT_ORIGINAL, "use_rope": True},
+    "+lpe": {**DIT_ORIGINAL, "use_lpe": True},
+    "+gate": {**DIT_ORIGINAL, "use_output_gate": True},
+    "+cdsf": {**DIT_ORIGINAL, "decay_mode": "cdsf"},
+    "sdt-p": {"decay_mode": "cdsf", "use_rope": True, "use_lpe": True, "use_output_gate": True,
+              "use_abs_pos_embed": False},
+}
+VARIANTS = ("dit", *DECAY_MODES, *NAMED_VARIANTS)
+# What runs without --variants: every variant except RMT's decomposed fixed decay, which is SDT-H's RMT baseline
+# (docs/sdt_h.md), not one of SDT-P's decay variants; it still runs when named.
+DEFAULT_VARIANTS = tuple(v for v in VARIANTS if v != "fixed_decomposed")
 # SDT-only config fields of the demo's model, dropped for DiT (which has no gates, LPE or output gate).
 SDT_ONLY_FIELDS = ("gate_rank", "lpe_kernel_size", "decay_mode", "alpha")
 
@@ -56,7 +75,7 @@ SDT_ONLY_FIELDS = ("gate_rank", "lpe_kernel_size", "decay_mode", "alpha")
 class Variant:
     """One row of the table: a model family, its decay mode and alpha."""
 
-    name: str  # "dit" or a decay mode
+    name: str  # "dit", a decay mode or a key of NAMED_VARIANTS
     alpha: float | None = None
 
     @property
@@ -71,7 +90,7 @@ class Variant:
         """The ``--model`` preset and ``--model-kwargs`` overrides for the digits model shape."""
         if self.name == "dit":
             return f"DiT-{size}/{patch}", {}
-        kwargs = {"decay_mode": self.name}
+        kwargs = dict(NAMED_VARIANTS.get(self.name, {"decay_mode": self.name}))
         if self.alpha is not None:
             kwargs["alpha"] = self.alpha
         return f"SDT-P-{size}/{patch}", kwargs
@@ -234,7 +253,8 @@ def json_object(text: str) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), help=f"any of {list(VARIANTS)}")
+    p.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS),
+                   help=f"any of {list(VARIANTS)} (default: all but fixed_decomposed)")
     p.add_argument("--alphas", nargs="+", type=float, help="CDSF alpha values (rows 'cdsf (alpha=...)')")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--steps", type=int, help="training steps per run (digits: 600; ImageNet: DiT's 400000)")

@@ -48,16 +48,25 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from sdt_diffusion.attention import spatial_decay as eq
 from sdt_diffusion.attention.backends import ATTENTION_BACKENDS, DecayInputs
+from sdt_diffusion.models import count_parameters
 from sdt_diffusion.models.spatial_decay_attention import use_reference_path
-from sdt_diffusion.models.transformer_sdt import MODEL_SIZES, SDTTransformer2DModel, count_parameters
+from sdt_diffusion.models.transformer_sdt import MODEL_SIZES, SDTTransformer2DModel
 
 H100_BF16_DENSE_TFLOPS = 989.0  # H100 SXM dense bf16 peak (H200: the same compute)
 
 
+# A toy size beside DiT's (depth, width, heads), for dry runs of the benchmark scripts on a CPU
+# (benchmarks/gpu_check.py --dry-run); never a measurement.
+TOY_SIZES: dict[str, tuple[int, int, int]] = {"toy": (2, 64, 2)}
+
+
 # ----------------------------------------------------------------------------------------------- models
 def model_shape(size: str) -> dict[str, int]:
-    """Heads, head width and layers of DiT size ``size`` (S, B, L, XL)."""
-    depth, width, heads = MODEL_SIZES[size]
+    """Heads, head width and layers of DiT size ``size`` (S, B, L, XL) or of a :data:`TOY_SIZES` entry."""
+    sizes = {**MODEL_SIZES, **TOY_SIZES}
+    if size not in sizes:
+        raise ValueError(f"unknown model size {size!r}; expected one of {', '.join(sizes)}")
+    depth, width, heads = sizes[size]
     return {"num_layers": depth, "num_attention_heads": heads, "attention_head_dim": width // heads}
 
 

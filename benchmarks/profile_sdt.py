@@ -18,11 +18,12 @@ from collections import defaultdict
 
 import harness as bm
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from sdt_diffusion.attention import kernels
 from sdt_diffusion.attention import spatial_decay as eq
-from sdt_diffusion.attention.backends import ATTENTION_BACKENDS
+from sdt_diffusion.attention.grid import GridContext
 
 
 def op_self_times(step) -> dict[str, float]:
@@ -30,6 +31,26 @@ def op_self_times(step) -> dict[str, float]:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
     return {event.key: event.self_cpu_time_total / 1e3 for event in prof.key_averages()}
+
+
+def top_ops(step, device: torch.device, top: int = 15, steps: int = 1) -> list[dict]:
+    """The ``top`` ops of ``steps`` calls of ``step`` by self time per call: CUDA kernels by self device time on
+    CUDA (``torch.profiler`` with CUDA activity), ops by self CPU time on CPU; name, ms and calls per step."""
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize(device)
+    rows = []
+    for event in prof.key_averages():
+        if cuda and event.device_type != DeviceType.CUDA:  # the kernels, not the CPU ops that launched them
+            continue
+        us = event.self_device_time_total if cuda else event.self_cpu_time_total
+        if us > 0:
+            rows.append({"name": event.key, "self_ms": us / 1e3 / steps, "calls": event.count / steps})
+    return sorted(rows, key=lambda r: -r["self_ms"])[:top]
 
 
 def profile_models(size: str, batch: int, backends: list[str], steps: int, warmup: int,
@@ -75,10 +96,8 @@ def time_pieces(size: str, batch: int, repeats: int) -> dict[str, dict[str, floa
     attn = model.blocks[0].attn
     with torch.no_grad():
         attn.gate.weight.normal_(std=0.02)
-    rope = eq.rope_tables(eq.rope_2d_angles(side, side, d))
-    cos, sin = rope[0][:, None, None], rope[1][:, None, None]
-    distance = eq.manhattan_distance(side, side)
-    backend = ATTENTION_BACKENDS["dense"]
+    context = GridContext.build(side, side, head_dim=d, decay_mode=attn.decay_mode, backend="dense")
+    cos, sin = context.rope[0][:, None, None], context.rope[1][:, None, None]
     x = torch.randn(batch, seq, dim, requires_grad=True)
     qk = torch.randn(batch, seq, 2, n, d, requires_grad=True)
     v = torch.randn(batch, seq, dim, requires_grad=True)
@@ -94,7 +113,7 @@ def time_pieces(size: str, batch: int, repeats: int) -> dict[str, dict[str, floa
     def layer(reference: bool):
         def run():
             attn.reference_path = reference
-            return attn(x, side, side, rope, backend, None, distance)
+            return attn(x, context)
         return run
 
     pairs = {

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from sdt_diffusion.models.sdt_h import SDT_H_PRESETS, SDTH, count_parameters
+from sdt_diffusion.models import count_parameters
+from sdt_diffusion.models.sdt_h import SDT_H_PRESETS, SDTH
 
 # Paper, Table 1 (params M, GFLOPs at 224^2); RMT's released models (exact counts; fvcore GFLOPs measured on
 # RMT's code: RMT_T3 2.65, RMT_S 4.80, RMT_M2 10.41; RMT's paper rounds them to 2.5 / 4.5 / 9.7).
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--output", default=None, help="JSON file for the rows")
     args = p.parse_args(argv)
     rows = []
-    for preset in SDT_H_PRESETS:
+    for preset in PAPER:  # the SDT-H presets (the RMT presets: tests/test_rmt.py, docs/sdt_h.md)
         for layout, modes in LAYOUTS.items():
             rows.append({**measure(preset, modes, args.size), "layout": layout,
                          "gate_rank": SDT_H_PRESETS[preset]["gate_rank"]})

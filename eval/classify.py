@@ -3,9 +3,10 @@
 
     python eval/classify.py runs/sdt-h-t/model /data/imagenet/val --output top1.json
 
-MODEL is a transformers folder, a timm folder or a timm weight file (``--arch``); DATA an image folder with one
-sub-folder per class or a ``save_to_disk`` dataset.  All logic lives in
-``sdt_diffusion.evaluation.classification`` (``--help`` lists the options).
+The checkout script of ``sdt-classify`` (also ``python -m sdt_diffusion.evaluation.classification``).  MODEL is
+a transformers folder, a timm folder or a timm weight file (``--arch``); DATA an image folder with one sub-folder
+per class or a ``save_to_disk`` dataset.  All logic lives in ``sdt_diffusion.evaluation.classification``
+(``--help`` lists the options).
 """
 
 import sys

@@ -2,12 +2,13 @@
 
     python eval/evaluate.py samples.npz VIRTUAL_imagenet256_labeled.npz --output results.json --compare XL
 
-All logic lives in ``sdt_diffusion.evaluation`` (see ``evaluate_main`` for the options, or ``--help``).
+The checkout script of ``sdt-fid`` (also ``python -m sdt_diffusion.evaluation.evaluate``).  All logic lives in
+``sdt_diffusion.evaluation.evaluate`` (``--help`` lists the options).
 """
 
 import sys
 
-from sdt_diffusion.evaluation import evaluate_main
+from sdt_diffusion.evaluation.evaluate import evaluate_main
 
 if __name__ == "__main__":
     sys.exit(evaluate_main())

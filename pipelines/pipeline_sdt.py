@@ -20,9 +20,8 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineO
 from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
-# The whole package, for its public names (read at call time). No new import cycle: importing any
-# ``sdt_diffusion.*`` module already runs ``sdt_diffusion/__init__``, which imports this module.
-import sdt_diffusion
+# Every name by its submodule, never the package as a whole: ``sdt_diffusion/__init__`` imports this module,
+# so reading the package's namespace from here would be an import circle.
 from sdt_diffusion.models import SDTTransformer2DModel
 from sdt_diffusion.models.dit import DiTTransformer2DModel
 from sdt_diffusion.models.registry import MODEL_CLASSES, learns_sigma, num_classes_of
@@ -34,6 +33,12 @@ from sdt_diffusion.utils.validation import check_finite
 __all__ = ["SDTPipeline", "default_scheduler", "make_scheduler", "SCHEDULER_NAMES"]
 
 logger = logging.get_logger(__name__)
+
+# The sdt-diffusion component classes, all exported by the top-level package (tests/test_packaging.py checks it),
+# so ``model_index.json`` can name them as ``["sdt_diffusion", Class]``.
+PUBLIC_COMPONENT_CLASSES = frozenset(
+    name for name, cls in MODEL_CLASSES.items() if cls.__module__.split(".")[0] == "sdt_diffusion"
+)
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # Image channel counts ``numpy_to_pil`` turns into images (grey, RGB).
@@ -107,7 +112,7 @@ class SDTPipeline(DiffusionPipeline):
         for key, value in self.config.items():
             if (
                 isinstance(value, (list, tuple)) and len(value) == 2 and isinstance(value[0], str)
-                and value[0].startswith("sdt_diffusion.") and getattr(sdt_diffusion, str(value[1]), None) is not None
+                and value[0].startswith("sdt_diffusion.") and value[1] in PUBLIC_COMPONENT_CLASSES
             ):
                 fixes[key] = ("sdt_diffusion", value[1])
         if fixes:

@@ -20,7 +20,8 @@ from .models import (
     SpatialDecayAttention,
     count_parameters,
 )
-from .pipelines import SDTPipeline
+from .models.convert_dit import convert_dit
+from .pipelines import SDTPipeline  # no circle: pipelines/ imports submodules, never this package
 from .schedulers import default_scheduler, make_scheduler
 from .utils.images import make_labelled_grid
 from .utils.labels import get_imagenet_id2label
@@ -41,6 +42,7 @@ __all__ = [
     "SDTPipeline",
     "SDTTransformer2DModel",
     "SpatialDecayAttention",
+    "convert_dit",
     "count_parameters",
     "default_scheduler",
     "get_imagenet_id2label",

@@ -14,6 +14,20 @@ TINY_TRANSFORMER = dict(num_attention_heads=2, attention_head_dim=8, num_layers=
                         num_embeds_ada_norm=10, gate_rank=4, lpe_kernel_size=3)
 
 
+def _needs_cuda(item: pytest.Item) -> bool:
+    """A test skipped for lack of a CUDA device: a ``skipif`` whose reason names CUDA, a GPU or an accelerator."""
+    words = ("cuda", "gpu", "accelerator")
+    return any(any(w in str(mark.kwargs.get("reason", "")).lower() for w in words)
+               for mark in item.iter_markers("skipif"))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every CUDA-only test ``cuda`` so that ``pytest -m cuda`` selects them (benchmarks/gpu_check.py)."""
+    for item in items:
+        if _needs_cuda(item) and not any(m.name == "cuda" for m in item.iter_markers()):
+            item.add_marker(pytest.mark.cuda)
+
+
 def make_tiny_transformer(seed: int = 0, randomise: bool = True, **overrides) -> SDTTransformer2DModel:
     """A 2-layer SDT on 8x8x4 latents with 10 classes; ``randomise`` un-zeros adaLN-Zero so outputs vary."""
     torch.manual_seed(seed)

@@ -137,3 +137,30 @@ def test_imagenet_path_trains_on_a_latent_cache_samples_and_scores_fid(tmp_path)
                         .read_text())["model_config"]
     assert config["_class_name"] == "DiTTransformer2DModel" and config["num_layers"] == 1
     assert "FID" in (tmp_path / "runs" / "ablation.md").read_text()
+
+
+def test_factorial_variants_switch_one_sda_part_at_a_time():
+    from sdt_diffusion import SDTTransformer2DModel, count_parameters
+
+    ablation = _load()
+    names = ["dit-original", "+rope", "+lpe", "+gate", "+cdsf", "sdt-p"]
+    assert set(names) <= set(ablation.VARIANTS) and {"dit", "none", "cdsf"} <= set(ablation.VARIANTS)
+    models = {}
+    for name in names:
+        preset, kwargs = ablation.digits_model_kwargs(ablation.Variant(name))
+        assert preset == "SDT-P-S/2"
+        models[name] = SDTTransformer2DModel(**kwargs)
+    base = models["dit-original"].config
+    assert (base.decay_mode, base.use_rope, base.use_lpe, base.use_output_gate, base.use_abs_pos_embed) == (
+        "none", False, False, False, True)
+    for name, field, value in (("+rope", "use_rope", True), ("+lpe", "use_lpe", True),
+                               ("+gate", "use_output_gate", True), ("+cdsf", "decay_mode", "cdsf")):
+        cfg = models[name].config
+        changed = [k for k in ("decay_mode", "use_rope", "use_lpe", "use_output_gate", "use_abs_pos_embed")
+                   if cfg[k] != base[k]]
+        assert changed == [field] and cfg[field] == value, name
+    full = models["sdt-p"].config
+    assert (full.decay_mode, full.use_rope, full.use_lpe, full.use_output_gate, full.use_abs_pos_embed) == (
+        "cdsf", True, True, True, False)
+    assert count_parameters(models["dit-original"]) < count_parameters(models["+lpe"]) < count_parameters(
+        models["sdt-p"])

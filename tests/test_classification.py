@@ -292,7 +292,7 @@ def _bad_case(case: str, data: dict[str, Path], tmp: Path) -> tuple[list[str], s
     if case == "empty class":
         _write_folder(tmp / "d", 2, 0)
         (tmp / "d" / "durian").mkdir()
-        return ["--data-dir", str(tmp / "d")], "'durian' hold no images"
+        return ["--data-dir", str(tmp / "d")], "'durian' holds no images"
     if case == "corrupt image":
         _write_folder(tmp / "d", 2, 0)
         (tmp / "d" / "apple" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
@@ -336,9 +336,10 @@ def test_classify_script_errors(data, tmp_path, capsys):
     _write_folder(tmp_path / "d", 1, 0)
     (tmp_path / "d" / "empty").mkdir()
     assert classify_main([str(tmp_path / "nothing"), str(data["val"])]) == 2
-    assert "no model here" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("sdt-classify: error:") and "no model here" in err, err
     assert classify_main([str(tmp_path), str(tmp_path / "d")]) == 2
-    assert "'empty' hold no images" in capsys.readouterr().err
+    assert "'empty' holds no images" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------ processes, ablation

@@ -46,7 +46,7 @@ def test_sdt_visualize_writes_png_of_expected_size(tmp_path, latent):
         pipe = SDTPipeline(transformer=make_tiny_transformer(in_channels=3, decay_mode="fixed"), vae=None, scheduler=None)
     pipe.save_pretrained(tmp_path / "pipe")
     out = tmp_path / "maps.png"
-    args = ["--pipeline", str(tmp_path / "pipe"), "--class", "3", "--steps", "2", "--out", str(out)]
+    args = ["--pipeline", str(tmp_path / "pipe"), "--class", "3", "--steps", "2", "--output", str(out)]
     assert visualize_main(args) == 0
     assert Image.open(out).size == figure_size_pixels(2, 2)
     size = 16 if latent else 8
@@ -54,3 +54,16 @@ def test_sdt_visualize_writes_png_of_expected_size(tmp_path, latent):
     assert visualize_main(args + ["--image", str(tmp_path / "in.png"), "--query", "0", "0"]) == 0
     with pytest.raises(SystemExit):
         visualize_main(args + ["--query", "9", "9"])
+
+
+def test_sdt_visualize_old_out_spelling_still_works_with_one_warning(tmp_path, capsys):
+    pipe = SDTPipeline(transformer=make_tiny_transformer(in_channels=3, decay_mode="fixed"), vae=None, scheduler=None)
+    pipe.save_pretrained(tmp_path / "pipe")
+    Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(tmp_path / "in.png")
+    out = tmp_path / "old.png"
+    argv = ["--pipeline", str(tmp_path / "pipe"), "--class", "class 3", "--image", str(tmp_path / "in.png"),
+            "--out", str(out)]
+    assert visualize_main(argv) == 0
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if "deprecated" in x]  # one line, no traceback
+    assert line.startswith("warning: --out is deprecated") and line.endswith("use --output")
+    assert Image.open(out).size == figure_size_pixels(2, 2)

@@ -132,3 +132,48 @@ def test_dit_refuses_sdt_only_flags(tmp_path):
         train(parse_args(["--model", "DiT-XS/2", *common, "--output-dir", str(tmp_path / "o3")]))
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+def test_dit_drops_each_label_once_per_forward_for_every_block():
+    """DiT drops a sample's label once; diffusers' port draws in each block's embedder and again for the final
+    layer, so nearly no sample would be fully unconditional.  Every embedder call must see the same labels."""
+    model = build_transformer({"_class_name": "DiTTransformer2DModel", **TINY, "num_layers": 4})
+    seen = []
+    for block in model.transformer_blocks:
+        block.norm1.emb.class_embedder.register_forward_hook(lambda m, args, out: seen.append(args[0].clone()))
+    torch.manual_seed(0)
+    labels = torch.arange(4000) % 10
+    x, t = torch.randn(4000, 3, 8, 8), torch.zeros(4000, dtype=torch.long)
+    model.train()
+    with torch.no_grad():
+        model(x, t, labels)
+    assert len(seen) == 5  # 4 blocks + the final layer's call of block 0's embedder
+    assert all(torch.equal(s, seen[0]) for s in seen)  # one draw, shared by every block
+    dropped = (seen[0] == 10).float().mean().item()
+    assert 0.08 < dropped < 0.12  # DiT's 0.1, per sample
+    assert torch.equal(seen[0][seen[0] != 10], labels[seen[0] != 10])
+    seen.clear()
+    with torch.no_grad():
+        model(x, t, class_labels=labels)  # labels given by keyword are dropped too
+    assert (seen[0] == 10).any() and all(torch.equal(s, seen[0]) for s in seen)
+    model.eval()
+    seen.clear()
+    with torch.no_grad():
+        model(x[:4], t[:4], labels[:4])
+    assert all(torch.equal(s, labels[:4]) for s in seen)  # no dropout in evaluation
+
+
+def test_single_label_dropout_refuses_a_bad_probability():
+    from sdt_diffusion.models.dit import single_label_dropout
+
+    model = build_transformer({"_class_name": "DiTTransformer2DModel", **TINY})
+    with pytest.raises(ValueError, match="prob must be <= 1"):
+        single_label_dropout(model, 1.5)
+    single_label_dropout(model, 1.0)  # idempotent: one hook, the new probability
+    model.train()
+    seen = []
+    model.transformer_blocks[1].norm1.emb.class_embedder.register_forward_hook(
+        lambda m, args, out: seen.append(args[0].clone()))
+    with torch.no_grad():
+        model(torch.randn(3, 3, 8, 8), torch.tensor([1, 2, 3]), torch.tensor([0, 1, 2]))
+    assert seen[0].tolist() == [10, 10, 10]

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 import torch
 from accelerate import init_empty_weights
 from conftest import forward_backward
 
 from sdt_diffusion import DECAY_MODES, PRESETS, SDTTransformer2DModel, count_parameters
+from sdt_diffusion.attention.grid import GridContext
+from sdt_diffusion.models.spatial_decay_attention import SpatialDecayAttention, use_reference_path
 
 TINY = dict(num_attention_heads=2, attention_head_dim=8, num_layers=2, sample_size=8, patch_size=2,
             num_embeds_ada_norm=10, gate_rank=4, lpe_kernel_size=3)
@@ -45,6 +50,18 @@ def test_preset_parameter_counts_match_paper(size):
         model = SDTTransformer2DModel.from_preset(f"SDT-P-{size}/2")
     n = count_parameters(model)
     assert abs(n - PAPER_COUNTS[size]) / PAPER_COUNTS[size] < 0.01, (size, n)
+
+
+# DiT's own code, trainable parameters (its pos_embed is a frozen buffer-like parameter, not counted)
+DIT_COUNTS = {"S": 32.87e6, "B": 130.32e6, "L": 457.84e6, "XL": 674.83e6}
+
+
+@pytest.mark.parametrize("size", list(DIT_COUNTS))
+def test_every_sda_part_off_has_dits_parameter_count(size):
+    with init_empty_weights():
+        model = SDTTransformer2DModel.from_preset(f"SDT-P-{size}/2", decay_mode="none", use_rope=False, use_lpe=False,
+                                                  use_output_gate=False, use_abs_pos_embed=True)
+    assert round(count_parameters(model) / 1e4) == round(DIT_COUNTS[size] / 1e4), size
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -102,10 +119,11 @@ def test_adaln_zero_init_block_is_identity():
     model = tiny()
     x = torch.randn(2, 16, model.inner_dim)
     c = torch.randn(2, model.inner_dim)
-    from sdt_diffusion.attention.backends import math_attention
+    context = GridContext.build(4, 4, head_dim=model.config.attention_head_dim, decay_mode=model.config.decay_mode,
+                                backend="math", use_rope=False)
 
     block = model.blocks[0]
-    torch.testing.assert_close(block(x, c, 4, 4, None, math_attention), x)
+    torch.testing.assert_close(block(x, c, context), x)
     out = model(*inputs()).sample
     assert torch.count_nonzero(out) == 0  # zero-initialised final layer
 
@@ -139,6 +157,90 @@ def test_abs_pos_embed_flag():
     assert "pos_embed" not in model.state_dict()  # fixed sin-cos, not a weight
     with pytest.raises(ValueError, match="fixes the grid"):
         model(torch.randn(1, 4, 12, 12), 1, 1)
+
+
+def dit_sincos_table(dim: int, grid: int) -> np.ndarray:
+    """DiT's fixed 2D sin-cos table (DiT ``models.py``, ``get_2d_sincos_pos_embed``): positions 0..grid-1, the
+    first half of the channels from the column index, the second from the row index, each [sin, cos]."""
+    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4))
+    rows, cols = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing="ij")
+
+    def axis(pos: np.ndarray) -> np.ndarray:
+        out = np.outer(pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    return np.concatenate([axis(cols), axis(rows)], axis=1)
+
+
+@pytest.mark.parametrize("sample_size, patch_size", [(8, 1), (8, 2), (32, 2)])  # grids 8, 4 and 16
+def test_abs_pos_embed_uses_dits_grid_positions(sample_size, patch_size):
+    # diffusers' default base_size=16 would put an 8x8 grid at positions 0, 2, ..., 14; DiT uses 0..7
+    model = tiny(use_abs_pos_embed=True, sample_size=sample_size, patch_size=patch_size)
+    grid = sample_size // patch_size
+    expected = torch.from_numpy(dit_sincos_table(model.inner_dim, grid)).float()
+    torch.testing.assert_close(model.pos_embed[0], expected, rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- SDA switches
+def test_every_sda_part_is_a_switch_saved_in_the_config(tmp_path):
+    model = tiny(use_lpe=False, use_output_gate=False, decay_mode="none", use_rope=False)
+    keys = set(model.state_dict())
+    assert not any(".lpe." in k or "gate_down" in k or "gate_up" in k or ".attn.gate." in k for k in keys)
+    assert {"blocks.0.attn.qkv.weight", "blocks.0.attn.proj.weight"} <= keys
+    randomise_zero_init(model)
+    model.save_pretrained(tmp_path)
+    loaded = SDTTransformer2DModel.from_pretrained(tmp_path)
+    assert not loaded.config.use_lpe and not loaded.config.use_output_gate
+    x, t, y = inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, t, y).sample, model(x, t, y).sample, rtol=0, atol=0)
+    full = tiny()
+    lpe, gate = full.config.lpe_kernel_size ** 2 * full.inner_dim + full.inner_dim, 2 * full.config.gate_rank * full.inner_dim
+    assert count_parameters(tiny(use_lpe=False)) == count_parameters(full) - 2 * lpe
+    assert count_parameters(tiny(use_output_gate=False)) == count_parameters(full) - 2 * gate
+
+
+@pytest.mark.parametrize("switches", [{"use_lpe": False}, {"use_output_gate": False},
+                                      {"use_lpe": False, "use_output_gate": False, "decay_mode": "none"}])
+def test_switched_off_parts_fast_path_equals_reference_path(switches):
+    model = tiny(**switches).double().eval()
+    randomise_zero_init(model)
+    x, t, y = inputs(dtype=torch.float64)
+    fast = model(x, t, y).sample
+    use_reference_path(model)
+    torch.testing.assert_close(model(x, t, y).sample, fast, rtol=1e-12, atol=1e-12)
+
+
+def test_a_switched_off_part_removes_exactly_its_term():
+    """Without LPE the attention output is U * attn; without the gate it is attn + LPE(V) (eq. 13)."""
+    torch.manual_seed(0)
+    full = SpatialDecayAttention(16, 2, decay_mode="none", gate_rank=4, lpe_kernel_size=3).double()
+    context = GridContext.build(4, 4, head_dim=8, decay_mode="none", backend="math", use_rope=True)
+    x = torch.randn(2, 16, 16, dtype=torch.float64)
+    for switch, module in (("use_lpe", "lpe"), ("use_output_gate", "gate_up")):
+        part = SpatialDecayAttention(16, 2, decay_mode="none", gate_rank=4, lpe_kernel_size=3, **{switch: False})
+        part = part.double()
+        part.load_state_dict(full.state_dict(), strict=False)
+        with torch.no_grad():  # the same layer with that term zeroed
+            reference = SpatialDecayAttention(16, 2, decay_mode="none", gate_rank=4, lpe_kernel_size=3).double()
+            reference.load_state_dict(full.state_dict())
+            if module == "lpe":
+                reference.lpe.weight.zero_()
+                reference.lpe.bias.zero_()
+            else:  # U = 1: W_u1 = 0, W_u2 = 2 / r
+                reference.gate_down.weight.zero_()
+                reference.gate_up.weight.fill_(0.5)
+            torch.testing.assert_close(part(x, context), reference(x, context), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("freq_shift, denominator", [(0, 128), (1, 127)])
+def test_freq_shift_selects_dits_or_diffusers_timestep_frequencies(freq_shift, denominator):
+    model = tiny(freq_shift=freq_shift)
+    t = torch.tensor([0.0, 250.0, 999.0])
+    freqs = torch.exp(-math.log(10000) * torch.arange(128, dtype=torch.float64) / denominator)
+    args = t.double()[:, None] * freqs[None]
+    expected = torch.cat([torch.cos(args), torch.sin(args)], dim=-1).float()
+    torch.testing.assert_close(model.emb.time_proj(t), expected, rtol=0, atol=2e-4)
 
 
 def test_other_resolution_without_abs_pos_embed():
@@ -326,6 +428,10 @@ def test_tiny_model_overfits_a_handful_of_latents():
         ("class_dropout_prob", 1.5, "class_dropout_prob must be <= 1"),
         ("lpe_kernel_size", 4, "lpe_kernel_size must be odd"),
         ("num_attention_heads", True, "num_attention_heads must be an integer"),
+        ("use_lpe", "no", "use_lpe must be true or false"),
+        ("use_output_gate", 1, "use_output_gate must be true or false"),
+        ("freq_shift", 2, "freq_shift must be <= 1"),
+        ("norm_eps", 0.0, "norm_eps must be > 0"),
     ],
 )
 def test_bad_config_values_are_refused_before_building(field, value, message):

@@ -56,7 +56,8 @@ def test_wheel_layout(build):
     assert expected <= names, f"missing from the wheel (add the package to pyproject.toml): {expected - names}"
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(build.wheel).read(entry_points).decode()
-    assert "sdt-sample" in text and "sdt-visualize" in text
+    for script in ("sdt-sample", "sdt-visualize", "sdt-fid-sample", "sdt-fid", "sdt-classify"):
+        assert f"{script} = " in text, f"{script} missing from the wheel's entry points:\n{text}"
     metadata = zipfile.ZipFile(build.wheel).read(next(n for n in names if n.endswith("METADATA"))).decode()
     assert "License-Expression: Apache-2.0" in metadata
 
@@ -108,3 +109,116 @@ def test_every_library_module_with_a_main_runs_under_python_m():
     silent = [str(path.relative_to(package)) for path in sorted(package.rglob("*.py"))
               if re.search(r"^def main\(", path.read_text(), re.M) and "__main__" not in path.read_text()]
     assert silent == []
+
+
+# ------------------------------------------------------------------------------------------ console scripts
+def _console_scripts() -> dict[str, str]:
+    """``[project.scripts]`` of pyproject.toml: script name -> ``module:function``."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        tomllib = pytest.importorskip("tomli")
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+
+
+def test_every_console_script_resolves_to_a_callable():
+    import importlib
+
+    scripts = _console_scripts()
+    for name in ("sdt-sample", "sdt-visualize", "sdt-fid-sample", "sdt-fid", "sdt-classify"):
+        assert name in scripts, f"{name} is not a console script in pyproject.toml"
+    for name, target in scripts.items():
+        module, _, function = target.partition(":")
+        assert function, f"{name} = {target!r} names no function"
+        entry = getattr(importlib.import_module(module), function, None)
+        assert callable(entry), f"{name} = {target!r} does not resolve to a callable"
+
+
+# Every command module of the sampling / evaluation / visualisation jobs, as run with ``python -m``, and the
+# program name its --help shows (the console script's).
+COMMAND_MODULES = {
+    ("sdt_diffusion.tools.cli", "sample"): "sdt-sample",
+    ("sdt_diffusion.tools.cli", "visualize"): "sdt-visualize",
+    ("sdt_diffusion.evaluation.sampling",): "sdt-fid-sample",
+    ("sdt_diffusion.evaluation.evaluate",): "sdt-fid",
+    ("sdt_diffusion.evaluation.classification",): "sdt-classify",
+}
+
+
+@pytest.mark.parametrize("command", list(COMMAND_MODULES), ids=" ".join)
+def test_python_m_help_of_every_command_module(command):
+    module, *sub = command
+    proc = subprocess.run([sys.executable, "-m", module, *sub, "--help"], capture_output=True, text=True,
+                          timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith(f"usage: {COMMAND_MODULES[command]} "), proc.stdout[:300]
+    assert "Warning" not in proc.stderr, proc.stderr  # e.g. runpy's "found in sys.modules" (a double import)
+
+
+def test_python_m_cli_names_its_commands():
+    from sdt_diffusion.tools import cli
+
+    proc = subprocess.run([sys.executable, "-m", "sdt_diffusion.tools.cli", "--help"], capture_output=True,
+                          text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0 and "{sample,visualize}" in proc.stdout, proc.stderr[-3000:]
+    assert cli.main(["draw"]) == 2 and cli.main([]) == 2
+
+
+def _command_parsers():
+    from sdt_diffusion.evaluation import classification, evaluate, sampling
+    from sdt_diffusion.tools import cli
+
+    return [cli.build_sample_parser(), cli.build_visualize_parser(), sampling.build_parser(), evaluate.build_parser(),
+            classification.build_parser()]
+
+
+@pytest.mark.parametrize("index", range(5))
+def test_every_flag_with_a_default_shows_it_in_help(index):
+    import argparse
+
+    parser = _command_parsers()[index]
+    for action in parser._actions:
+        if (not action.option_strings or action.help == argparse.SUPPRESS or action.default is None
+                or action.default is argparse.SUPPRESS or isinstance(action.default, bool)):
+            continue
+        assert f"default {action.default}" in (action.help or ""), (
+            f"{parser.prog} {action.option_strings[0]}: its help {action.help!r} does not show its default "
+            f"{action.default!r}")
+
+
+# ------------------------------------------------------------------------------------------ no import circle
+def test_pipelines_import_first_in_a_fresh_interpreter():
+    code = ("import sdt_diffusion.pipelines.pipeline_sdt as m, sdt_diffusion; "
+            "print(m.SDTPipeline is sdt_diffusion.SDTPipeline, sorted(m.PUBLIC_COMPONENT_CLASSES))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "True ['SDTTransformer2DModel']"
+
+
+def test_no_pipeline_module_imports_the_whole_package():
+    """``sdt_diffusion/__init__`` imports the pipelines, so they import what they need by name from submodules:
+    ``import sdt_diffusion`` or ``from sdt_diffusion import X`` there would read a half-initialised package."""
+    import ast
+
+    files = sorted((REPO / "pipelines").glob("*.py"))
+    assert files
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                whole = [a.name for a in node.names if a.name == "sdt_diffusion"]
+                assert not whole, f"{path.name}:{node.lineno} does `import sdt_diffusion`"
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                assert node.module != "sdt_diffusion", f"{path.name}:{node.lineno} imports from sdt_diffusion itself"
+            if isinstance(node, ast.ImportFrom) and node.level == 2 and not node.module:
+                raise AssertionError(f"{path.name}:{node.lineno} imports from the package itself (from .. import)")
+
+
+def test_component_classes_named_in_model_index_are_exported_by_the_package():
+    """``model_index.json`` names sdt-diffusion components as ``["sdt_diffusion", Class]``; diffusers loads them
+    with ``getattr(sdt_diffusion, Class)``."""
+    from sdt_diffusion.pipelines.pipeline_sdt import PUBLIC_COMPONENT_CLASSES
+
+    import sdt_diffusion
+
+    for name in PUBLIC_COMPONENT_CLASSES:
+        assert isinstance(getattr(sdt_diffusion, name, None), type), f"sdt_diffusion does not export {name}"

@@ -16,7 +16,7 @@ from conftest import forward_backward
 from sdt_diffusion import SDTTransformer2DModel
 from sdt_diffusion.attention import kernels
 from sdt_diffusion.attention import spatial_decay as eq
-from sdt_diffusion.attention.backends import ATTENTION_BACKENDS
+from sdt_diffusion.attention.grid import GridContext
 from sdt_diffusion.models.spatial_decay_attention import SpatialDecayAttention, use_reference_path
 
 TINY = dict(num_attention_heads=2, attention_head_dim=8, num_layers=2, sample_size=8, patch_size=2,
@@ -198,9 +198,9 @@ def test_fast_path_keeps_no_view_of_the_projection_output_alive():
         storages.append(t.untyped_storage().nbytes())
         return t
 
-    rope = eq.rope_tables(eq.rope_2d_angles(height, width, 8))
+    context = GridContext.build(height, width, head_dim=8, decay_mode=attn.decay_mode, backend="dense")
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        attn(x, height, width, rope, ATTENTION_BACKENDS["dense"])
+        attn(x, context)
     assert storages and projection_bytes not in storages
 
 

@@ -456,8 +456,8 @@ def test_make_labelled_grid():
 @pytest.mark.parametrize("scheduler", [None, "dpm"])
 def test_sample_cli_writes_png(saved_dir, tmp_path, capsys, scheduler):
     out = tmp_path / "sub" / "grid.png"
-    argv = ["--pipeline", str(saved_dir), "--classes", "1", "two", "Niner", "--guidance", "4", "--steps", "2",
-            "--seed", "0", "--out", str(out), "--device", "cpu"]
+    argv = ["--pipeline", str(saved_dir), "--classes", "1", "two", "Niner", "--guidance-scale", "4", "--steps", "2",
+            "--seed", "0", "--output", str(out), "--device", "cpu"]
     assert sample_main(argv + (["--scheduler", scheduler] if scheduler else [])) == 0
     assert str(out) in capsys.readouterr().out
     with Image.open(out) as grid:
@@ -466,9 +466,26 @@ def test_sample_cli_writes_png(saved_dir, tmp_path, capsys, scheduler):
 
 def test_sample_cli_reports_bad_class(saved_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
-        sample_main(["--pipeline", str(saved_dir), "--classes", "thre", "--out", str(tmp_path / "g.png")])
+        sample_main(["--pipeline", str(saved_dir), "--classes", "thre", "--output", str(tmp_path / "g.png")])
     assert exc.value.code == 2
     assert "Did you mean: 'three'" in capsys.readouterr().err
+
+
+def test_sample_cli_old_spellings_still_work_with_one_warning_each(saved_dir, tmp_path, capsys):
+    """--guidance, --out and --dtype fp32 (the last release's spellings) give the same grid as --guidance-scale,
+    --output and --dtype float32, and each prints one deprecation line naming the new spelling."""
+    common = ["--pipeline", str(saved_dir), "--classes", "1", "two", "--steps", "2", "--device", "cpu"]
+    new, old = tmp_path / "new.png", tmp_path / "old.png"
+    assert sample_main([*common, "--guidance-scale", "3", "--output", str(new), "--dtype", "float32"]) == 0
+    assert "deprecated" not in capsys.readouterr().err
+    assert sample_main([*common, "--guidance", "3", "--out", str(old), "--dtype", "fp32"]) == 0
+    lines = [x for x in capsys.readouterr().err.splitlines() if "deprecated" in x]
+    assert len(lines) == 3 and all(x.startswith("warning: ") for x in lines), lines
+    assert any("--guidance is deprecated" in x and "--guidance-scale" in x for x in lines)
+    assert any("--out is deprecated" in x and "--output" in x for x in lines)
+    assert any("--dtype fp32 is deprecated" in x and "--dtype float32" in x for x in lines)
+    with Image.open(new) as a, Image.open(old) as b:
+        assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_console_script_installed():

@@ -1,4 +1,4 @@
-"""eval/sample.py: ADM layout, independence of the number of processes, resume after a kill."""
+"""sdt-fid-sample (eval/sample.py): ADM layout, independence of the number of processes, resume after a kill."""
 
 from __future__ import annotations
 
@@ -244,16 +244,54 @@ def test_bad_sampling_flags_and_outputs_fail_before_sampling(pipeline_dir, tmp_p
     assert f"cannot load the pipeline in {broken}" in capsys.readouterr().err
 
 
+def test_dtype_flag_speaks_the_shared_vocabulary(capsys):
+    """--dtype takes float32 / float16 / bfloat16; the last release's fp32 / fp16 / bf16 still work, with one
+    deprecation line, and are recorded under the new name (so shards keep matching)."""
+    base = ["--pipeline", "p", "--output", "s.npz"]
+    assert sampling.build_parser().parse_args(base).dtype == "float32"
+    assert sampling.build_parser().parse_args([*base, "--dtype", "bfloat16"]).dtype == "bfloat16"
+    assert "deprecated" not in capsys.readouterr().err
+    args = sampling.build_parser().parse_args([*base, "--dtype", "fp16"])
+    assert args.dtype == "float16"
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "--dtype fp16 is deprecated" in line and "--dtype float16" in line
+    assert SamplingSettings(**vars(args)).dtype == "float16"
+    assert SamplingSettings(pipeline="p", output="s.npz", dtype="bf16").dtype == "bfloat16"
+    with pytest.raises(sampling.SettingError, match="dtype must be one of"):
+        SamplingSettings(pipeline="p", output="s.npz", dtype="float8").check()
+    with pytest.raises(SystemExit):
+        sampling.build_parser().parse_args([*base, "--dtype", "float8"])
+    assert "float8" in capsys.readouterr().err
+
+
+def test_shards_of_the_last_release_resume_under_the_new_dtype_name(pipeline_dir, tmp_path):
+    """Shards whose settings.json names the dtype fp32 (the last release) match a run with --dtype float32."""
+    out = tmp_path / "s.npz"
+    settings = SamplingSettings(pipeline=str(pipeline_dir), output=str(out), num_samples=2, per_device_batch=2,
+                                steps=1)
+    assert _in_process(settings) == out
+    first = out.read_bytes()
+    settings_file = sampling.shard_dir(out) / "settings.json"
+    recorded = json.loads(settings_file.read_text())
+    assert recorded["dtype"] == "float32"
+    settings_file.write_text(json.dumps({**recorded, "dtype": "fp32"}))
+    out.unlink()
+    assert _in_process(settings) == out and out.read_bytes() == first
+    settings_file.write_text(json.dumps({**recorded, "dtype": "bf16"}))  # another dtype is still refused
+    with pytest.raises(sampling.SettingsMismatchError, match="dtype"):
+        _in_process(settings)
+
+
 def test_sdt_sample_checks_its_output_before_sampling(pipeline_dir, tmp_path, monkeypatch, capsys):
     from sdt_diffusion.tools import cli
 
     def never(*args, **kwargs):
-        raise AssertionError("the pipeline was loaded before --out was checked")
+        raise AssertionError("the pipeline was loaded before --output was checked")
 
     (tmp_path / "file").write_text("x")
     monkeypatch.setattr(cli.SDTPipeline, "from_pretrained", never)
     for out, message in ((tmp_path / "file" / "grid.png", "is a file, not a folder"),
                          (tmp_path / "grid.xyz", "not an image file name")):
         with pytest.raises(SystemExit) as e:
-            cli.sample_main(["--pipeline", str(pipeline_dir), "--classes", "0", "--out", str(out)])
+            cli.sample_main(["--pipeline", str(pipeline_dir), "--classes", "0", "--output", str(out)])
         assert e.value.code == 2 and message in capsys.readouterr().err

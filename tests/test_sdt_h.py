@@ -20,12 +20,12 @@ from transformers import AutoBackbone, AutoConfig, AutoModelForImageClassificati
 
 import sdt_diffusion
 from sdt_diffusion.attention import backends as attention_backends
-from sdt_diffusion.models import sdt_h as sdt_h_module
+from sdt_diffusion.attention import spatial_decay as eq
+from sdt_diffusion.models import count_parameters
 from sdt_diffusion.models.sdt_h import (
     DEFAULT_DECAY_MODES,
     SDT_H_PRESETS,
     SDTH,
-    count_parameters,
     sdt_h_extra_parameters,
 )
 from sdt_diffusion.models.sdt_h_transformers import (
@@ -39,7 +39,7 @@ from sdt_diffusion.models.spatial_decay_attention import use_reference_path
 
 TINY = dict(embed_dims=(16, 32, 32, 32), depths=(1, 1, 1, 1), num_heads=(2, 4, 4, 4), mlp_ratios=(2.0, 2.0, 2.0, 2.0),
             gate_rank=4, head_hidden_size=24, drop_path_rate=0.0)
-ALL_MODES = ("none", "fixed", "1d", "bidirectional", "decomposed", "cdsf")
+ALL_MODES = ("none", "fixed", "1d", "bidirectional", "decomposed", "fixed_decomposed", "cdsf")
 # Paper, Table 1; RMT's released models (RMT_T3, RMT_S, RMT_M2), exact trainable parameter counts.
 PAPER = {"SDT-H-T": (14e6, 2.7), "SDT-H-S": (27e6, 4.8), "SDT-H-B": (54e6, 10.8)}
 RMT_PARAMS = {"SDT-H-T": 14_334_216, "SDT-H-S": 26_967_240, "SDT-H-B": 54_154_896}
@@ -68,7 +68,7 @@ def meta_preset(name: str, **overrides) -> SDTH:
         return SDTH.from_preset(name, attention_backend="math", **overrides).eval()
 
 
-@pytest.mark.parametrize("name", list(SDT_H_PRESETS))
+@pytest.mark.parametrize("name", list(PAPER))  # the RMT presets: tests/test_rmt.py
 def test_preset_parameters_and_flops_match_the_paper(name):
     model = meta_preset(name)
     params = count_parameters(model)
@@ -188,13 +188,13 @@ def test_backends_agree_with_math_on_outputs_and_gradients_float64(modes):
 
 def test_auto_runs_the_fused_backend_where_the_decay_allows(monkeypatch):
     picked = {}
-    resolve = sdt_h_module.resolve_backend_name
+    resolve = attention_backends.resolve_backend_name
 
     def spy(name, device, mode, tokens):
         picked[mode, tokens] = resolve(name, device, mode, tokens)
         return picked[mode, tokens]
 
-    monkeypatch.setattr(sdt_h_module, "resolve_backend_name", spy)
+    monkeypatch.setattr(attention_backends, "resolve_backend_name", spy)
     model = tiny(decay_modes=("decomposed", "1d", "cdsf", "fixed")).eval()
     with torch.no_grad():
         model(images(1, 64, 96))
@@ -209,13 +209,13 @@ def test_auto_runs_the_fused_backend_where_the_decay_allows(monkeypatch):
 
 def test_grids_and_rope_follow_the_feature_map(monkeypatch):
     seen = []
-    rope_2d_angles = sdt_h_module.eq.rope_2d_angles
+    rope_2d_angles = eq.rope_2d_angles
 
     def spy(height, width, head_dim, base, device):
         seen.append((height, width, head_dim))
         return rope_2d_angles(height, width, head_dim, base, device)
 
-    monkeypatch.setattr(sdt_h_module.eq, "rope_2d_angles", spy)
+    monkeypatch.setattr(eq, "rope_2d_angles", spy)
     model = tiny().eval()
     with torch.no_grad():
         model(images(1, 64, 96))

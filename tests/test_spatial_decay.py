@@ -120,6 +120,40 @@ def test_decomposed_attention_eq11_12_loops():
     torch.testing.assert_close(out, expected)
 
 
+def test_fixed_decomposed_attention_rmt_loops():
+    """RMT's decomposed decay (``VisionRetentionChunk``): along W with gamma_h^|dw|, then along H with gamma_h^|dh|
+    on the first pass's output; a float64 loop transcription."""
+    d = 3
+    q, k, v = (torch.randn(B, N, L, d) for _ in range(3))
+    log_gamma = eq.rmt_log_gamma(N, 2.0, 4.0).double()
+    out = eq.fixed_decomposed_attention(q, k, v, log_gamma, H, W)
+    expected = torch.zeros_like(v)
+    for b in range(B):
+        for n in range(N):
+            gamma = math.exp(log_gamma[n].item())
+            mid = torch.zeros(L, d)
+            for r in range(H):  # along W within each row
+                for c in range(W):
+                    i = r * W + c
+                    w = torch.tensor([math.exp(q[b, n, i] @ k[b, n, r * W + c2] / math.sqrt(d)) * gamma ** abs(c - c2)
+                                      for c2 in range(W)])
+                    mid[i] = sum(w[c2] * v[b, n, r * W + c2] for c2 in range(W)) / w.sum()
+            for c in range(W):  # along H within each column, on the row pass's output
+                for r in range(H):
+                    i = r * W + c
+                    w = torch.tensor([math.exp(q[b, n, i] @ k[b, n, r2 * W + c] / math.sqrt(d)) * gamma ** abs(r - r2)
+                                      for r2 in range(H)])
+                    expected[b, n, i] = sum(w[r2] * mid[r2 * W + c] for r2 in range(H)) / w.sum()
+    torch.testing.assert_close(out, expected)
+    # the two 1D masks are RMT's generate_1d_decay: |a - b| log gamma_h
+    m = eq.fixed_axial_decay_bias(log_gamma, W)
+    assert m.shape == (N, W, W)
+    for n in range(N):
+        for a in range(W):
+            for c in range(W):
+                assert m[n, a, c].item() == pytest.approx(abs(a - c) * log_gamma[n].item())
+
+
 def test_attention_with_bias_eq10():
     q, k, v = (torch.randn(B, N, L, 4) for _ in range(3))
     bias = -torch.rand(B, N, L, L)
@@ -153,7 +187,34 @@ def test_rope_2d_axial_halves():
         eq.rope_2d_angles(H, W, 6)
 
 
-@pytest.mark.parametrize("mode", ["none", "fixed", "1d", "bidirectional", "decomposed", "cdsf"])
+def test_rope_1d_is_rmts_raster_rope():
+    """RMT's RetNetRelPos2d: angle_k = 1 / 10000^linspace(0, 1, d/2)[k] at the raster index l = h * W + w, rotating
+    the interleaved pairs (2k, 2k + 1) (theta_shift); ours rotates (k, k + d/2) by the same angle, so it equals RMT's
+    after the fixed channel permutation that interleaves the two halves."""
+    d = 8
+    angles = eq.rope_1d_angles(H, W, d)
+    assert angles.shape == (L, d // 2)
+    for i in range(L):
+        for kk in range(d // 2):
+            theta = 1.0 / 10000.0 ** (kk / (d // 2 - 1))
+            assert math.isclose(angles[i, kk].item(), i * theta, rel_tol=1e-6, abs_tol=1e-7)
+    x = torch.randn(L, d)
+    ours = eq.apply_rope(x, angles.cos().double(), angles.sin().double())
+    perm = torch.stack([torch.arange(d // 2), torch.arange(d // 2) + d // 2], dim=-1).flatten()  # [0, 4, 1, 5, ...]
+    xi = x[:, perm]  # RMT's channel order: pair k is (2k, 2k + 1)
+    angle_rmt = angles.double().repeat_interleave(2, dim=-1)  # RMT's angle buffer, each slot twice
+    rotated = torch.stack([-xi[:, 1::2], xi[:, ::2]], dim=-1).flatten(-2)  # RMT's rotate_every_two
+    rmt = xi * angle_rmt.cos() + rotated * angle_rmt.sin()  # RMT's theta_shift
+    torch.testing.assert_close(ours[:, perm], rmt)
+    assert torch.equal(eq.rope_angles("1d", H, W, d), angles) and torch.equal(eq.rope_angles("2d", H, W, d),
+                                                                              eq.rope_2d_angles(H, W, d))
+    with pytest.raises(ValueError, match="even head width"):
+        eq.rope_1d_angles(H, W, 5)
+    with pytest.raises(ValueError, match="rope_layout must be one of"):
+        eq.rope_angles("3d", H, W, d)
+
+
+@pytest.mark.parametrize("mode", ["none", "fixed", "1d", "bidirectional", "decomposed", "fixed_decomposed", "cdsf"])
 def test_sdpa_equals_math_functional(mode):
     q, k, v = (torch.randn(B, N, L, 4, requires_grad=True) for _ in range(3))
     gl = torch.randn(B, L, 2 * N, requires_grad=True)

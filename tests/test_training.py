@@ -19,10 +19,7 @@ import torch
 from conftest import make_tiny_vae
 from PIL import Image
 
-from sdt_diffusion.training import diffusion as D
-from sdt_diffusion.training import export, plan, trainer
-from sdt_diffusion.training.checkpointing import latest_checkpoint, list_checkpoints
-from sdt_diffusion.training.data import (
+from sdt_diffusion.data import (
     EpochSampler,
     ImageClassDataset,
     LatentCacheDataset,
@@ -30,6 +27,9 @@ from sdt_diffusion.training.data import (
     iterate_batches,
     load_image_source,
 )
+from sdt_diffusion.training import diffusion as D
+from sdt_diffusion.training import export, plan, trainer
+from sdt_diffusion.training.checkpointing import latest_checkpoint, list_checkpoints
 from sdt_diffusion.training.diffusion_config import build_parser, parse_args
 from sdt_diffusion.training.flags import load_yaml_config
 from sdt_diffusion.training.state_files import load_ema_file
@@ -316,7 +316,7 @@ def test_yaml_config_defaults_cli_overrides_and_unknown_keys(tmp_path):
 @pytest.fixture(scope="module")
 def fake_cache(data) -> Path:
     """A tiny consistent latent cache (random latents) in the extraction format."""
-    from sdt_diffusion.training.data import CACHE_FORMAT, CACHE_VERSION
+    from sdt_diffusion.data import CACHE_FORMAT, CACHE_VERSION
 
     cache = data["root"] / "fake_cache"
     shard = cache / "shard-00000-of-00001"

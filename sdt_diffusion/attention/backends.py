@@ -3,7 +3,9 @@
 A backend is a function ``(q, k, v, decay) -> out`` with q, k, v of shape (B, N, L, d) (RoPE already
 applied) and a :class:`DecayInputs` that carries what the decay variant needs (gates, RMT gammas,
 grid size) rather than a materialised L x L bias, so that a fused backend can compute the decay on
-the fly.  ``"math"`` is the reference every other backend is tested against.
+the fly.  ``"math"`` is the reference every other backend is tested against.  Each backend declares what
+it reads of the token grid (:data:`BACKEND_GRID_NEEDS`: threshold codes, distance matrix, or nothing);
+``grid.GridContext.build`` computes exactly that once per grid and forward.
 
 ==============  ==========================================================================  ==========
 backend         how M is applied                                                            L x L bias
@@ -30,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import spatial_decay as eq
-from .modes import DecayInputs, decay_mode
+from .modes import DecayInputs, DecayMode, decay_mode
 
 
 def dense_decay_bias(decay: DecayInputs) -> Tensor | None:
@@ -318,14 +320,73 @@ ATTENTION_BACKENDS: dict[str, AttentionBackend] = {
 }
 
 
-def register_attention_backend(name: str, fn: AttentionBackend) -> None:
-    """Add a backend under ``name`` (the seam fused kernels plug into)."""
+# ------------------------------------------------------------------------------------- grid needs
+# What a backend reads of the token grid besides the decay inputs, for a given decay variant: names of the
+# :class:`DecayInputs` grid fields (``"codes"``: ``spatial_decay.threshold_codes``, ``"distance"``:
+# ``spatial_decay.manhattan_distance``).  ``attention.grid.GridContext.build`` computes exactly these, once per
+# grid and forward, and every layer of that forward shares them; a backend given none computes its own.
+GridNeeds = Callable[[DecayMode], frozenset[str]]
+GRID_FIELDS: tuple[str, ...] = ("codes", "distance")
+
+
+def no_grid_needs(spec: DecayMode) -> frozenset[str]:
+    """Nothing: the backend reads the grid through its size only (``math``, ``sdpa``, ``flex``)."""
+    return frozenset()
+
+
+def augmented_grid_needs(spec: DecayMode) -> frozenset[str]:
+    """The threshold codes V of the low-rank identity, for the variants that have that form (``cdsf``, ``fixed``)."""
+    return frozenset({"codes"}) if spec.low_rank else frozenset()
+
+
+def dense_grid_needs(spec: DecayMode) -> frozenset[str]:
+    """The distance matrix d(i, j), for variants whose bias is ``(a_i + a_j) d(i, j)`` (``cdsf``)."""
+    return frozenset({"distance"}) if spec.rates is not None else frozenset()
+
+
+BACKEND_GRID_NEEDS: dict[str, GridNeeds] = {
+    "math": no_grid_needs,
+    "sdpa": no_grid_needs,
+    "augmented": augmented_grid_needs,
+    "dense": dense_grid_needs,
+    "flex": no_grid_needs,
+}
+
+
+def register_attention_backend(name: str, fn: AttentionBackend, grid_needs: GridNeeds = no_grid_needs) -> None:
+    """Add a backend under ``name`` (the seam fused kernels plug into).
+
+    ``grid_needs(spec)`` names the grid tensors (of :data:`GRID_FIELDS`) the backend reads for decay variant
+    ``spec``; they reach it as the :class:`DecayInputs` fields of the same names, computed once per forward.
+    """
+    if not isinstance(name, str) or not name or name == "auto":
+        raise ValueError(f"a backend name must be a non-empty string other than 'auto', got {name!r}")
+    if not callable(fn) or not callable(grid_needs):
+        raise ValueError(f"backend {name!r}: fn and grid_needs must be callables")
     ATTENTION_BACKENDS[name] = fn
+    BACKEND_GRID_NEEDS[name] = grid_needs
+
+
+def grid_needs(name: str, mode: str) -> frozenset[str]:
+    """The grid tensors backend ``name`` (resolved, not ``"auto"``) reads for ``decay_mode`` ``mode``."""
+    needs = frozenset(BACKEND_GRID_NEEDS.get(name, no_grid_needs)(decay_mode(mode)))
+    unknown = needs - set(GRID_FIELDS)
+    if unknown:
+        raise ValueError(f"attention backend {name!r} needs unknown grid tensors {sorted(unknown)}; "
+                         f"the grid provides {GRID_FIELDS}")
+    return needs
 
 
 def available_backends() -> tuple[str, ...]:
     """Names accepted by the ``attention_backend`` config field."""
     return (*ATTENTION_BACKENDS, "auto")
+
+
+def check_backend_name(name: str, field: str = "attention_backend") -> str:
+    """``name`` if it is a backend or ``"auto"``; else a ``ValueError`` naming ``field`` and the choices."""
+    if not isinstance(name, str) or name not in available_backends():
+        raise ValueError(f"{field} must be one of {available_backends()}, got {name!r}")
+    return name
 
 
 # On CPU the ``dense`` backend beat ``augmented`` at every size measured (S/2 heads, fwd+bwd: 1.6x faster at

@@ -27,9 +27,10 @@ class DecayInputs:
         alpha: CDSF scale (eq. 8).
         gates: G = log sigma(X W_g), float32 (B, L, N), for modes whose gate has one output per head.
         gate_logits_h, gate_logits_w: F_H and F_W (B, L, N) for ``decomposed`` (eq. 11).
-        log_gamma: (N,) RMT decay for ``fixed``.
-        codes: optional ``threshold_codes(height, width)`` (L, H + W - 2), computed once per forward by
-            the model so that the ``augmented`` backend does not rebuild them in every layer.
+        log_gamma: (N,) RMT decay for ``fixed`` and ``fixed_decomposed``.
+        codes: optional ``threshold_codes(height, width)`` (L, H + W - 2), computed once per grid and forward
+            by ``grid.GridContext.build`` for the backends that declare them (``augmented``), so that no layer
+            rebuilds them.
         distance: optional ``manhattan_distance(height, width)`` (L, L), likewise shared by the layers of one
             forward (the ``dense`` backend's bias is the rates times this matrix).
     """
@@ -94,6 +95,10 @@ def _decomposed_attention(q: Tensor, k: Tensor, v: Tensor, decay: DecayInputs, a
                                    attend=attend)
 
 
+def _fixed_decomposed_attention(q: Tensor, k: Tensor, v: Tensor, decay: DecayInputs, attend) -> Tensor:
+    return eq.fixed_decomposed_attention(q, k, v, decay.log_gamma, decay.height, decay.width, attend=attend)
+
+
 # ------------------------------------------------------------------------------ the table
 @dataclass(frozen=True)
 class DecayMode:
@@ -111,7 +116,7 @@ class DecayMode:
         rates: per-token rates ``a`` (B, N, L) with ``M[i, j] = (a_i + a_j) d(i, j)``, the exact low-rank
             form the ``augmented`` backend uses; None otherwise.
         score_mod: the FlexAttention ``score_mod`` builder; None for modes FlexAttention does not run.
-        axial: attention itself is replaced (``decomposed``: row then column attention).
+        axial: attention itself is replaced (``decomposed``, ``fixed_decomposed``: row then column attention).
     """
 
     name: str
@@ -126,8 +131,8 @@ class DecayMode:
 
     @property
     def low_rank(self) -> bool:
-        """The decay has an exact low-rank form (Q/K augmentation, no L x L tensor)."""
-        return self.rates is not None or self.fixed_gamma
+        """The decay is one L x L bias with an exact low-rank form (Q/K augmentation, no L x L tensor)."""
+        return (self.rates is not None or self.fixed_gamma) and self.axial is None
 
     @property
     def content_dependent(self) -> bool:
@@ -151,6 +156,8 @@ DECAY_MODE_TABLE: dict[str, DecayMode] = {
         DecayMode("bidirectional", "eq. 6, forward and backward scans", gate_outputs=1,
                   dense_bias=_bidirectional_dense, score_mod=_bidirectional_score_mod),
         DecayMode("decomposed", "eq. 11-12", gate_outputs=2, axial=_decomposed_attention),
+        DecayMode("fixed_decomposed", "RMT's decomposed decay: along W with gamma_h^|dw|, then along H with "
+                  "gamma_h^|dh|", fixed_gamma=True, axial=_fixed_decomposed_attention),
         DecayMode("cdsf", "eq. 8-9", gate_outputs=1, uses_alpha=True, dense_bias=_cdsf_dense, rates=_cdsf_rates,
                   score_mod=_cdsf_score_mod),
     )

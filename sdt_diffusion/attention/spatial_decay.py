@@ -7,16 +7,18 @@ d = head width.  Decay biases are additive logits of shape (B, N, L, L) or (N, L
 
 Variants (``decay_mode`` of :class:`~sdt_diffusion.SDTTransformer2DModel`):
 
-=================  ======================================================  ==========
-mode               bias M[i, j]                                             function
-=================  ======================================================  ==========
-``none``           0                                                        --
-``fixed``          d(i, j) * log(gamma_h)                     (RMT)          :func:`fixed_decay_bias`
-``1d``             sum of raster-order gates between i and j  (eq. 6)       :func:`raster_decay_bias`
-``bidirectional``  mean of forward- and backward-scan 1D decay (eq. 6)      :func:`bidirectional_decay_bias`
-``decomposed``     row then column attention with 1D decays   (eq. 11-12)  :func:`decomposed_attention`
-``cdsf``           -|1/2 (G_i + G_j) d(i, j) alpha|           (eq. 7-9)     :func:`spatial_decay_bias`
-=================  ======================================================  ==========
+====================  ======================================================  ====================================
+mode                  bias M[i, j]                                             function
+====================  ======================================================  ====================================
+``none``              0                                                        --
+``fixed``             d(i, j) * log(gamma_h)                     (RMT)          :func:`fixed_decay_bias`
+``1d``                sum of raster-order gates between i and j  (eq. 6)       :func:`raster_decay_bias`
+``bidirectional``     mean of forward- and backward-scan 1D decay (eq. 6)      :func:`bidirectional_decay_bias`
+``decomposed``        row then column attention with 1D decays   (eq. 11-12)  :func:`decomposed_attention`
+``fixed_decomposed``  row then column attention, |dw| and |dh| * log(gamma_h)  :func:`fixed_decomposed_attention`
+                      (RMT's decomposed decay)
+``cdsf``              -|1/2 (G_i + G_j) d(i, j) alpha|           (eq. 7-9)     :func:`spatial_decay_bias`
+====================  ======================================================  ====================================
 
 Fused forms (no L x L tensor, used by the ``augmented`` and ``flex`` backends): the exact low-rank
 identity ``d(i, j) = K - 1/2 V_i . V_j`` (:func:`threshold_codes`) writes CDSF and the fixed decay as a
@@ -86,6 +88,16 @@ def rmt_log_gamma(num_heads: int, initial_value: float = 2.0, heads_range: float
     """RMT's per-head decay ``log gamma_h = log(1 - 2^(-init - range * h / N))``."""
     h = torch.arange(num_heads, dtype=torch.float64)
     return torch.log1p(-torch.pow(2.0, -initial_value - heads_range * h / num_heads)).float()
+
+
+def fixed_axial_decay_bias(log_gamma: Tensor, size: int) -> Tensor:
+    """RMT's 1D decay along one axis of ``size`` tokens: ``M[a, b] = |a - b| * log gamma_h``, shape (N, size, size).
+
+    Source: RMT's ``RetNetRelPos2d.generate_1d_decay`` (qhfan/RMT, ``classfication_release/RMT.py``).
+    """
+    log_gamma = upcast(log_gamma)
+    index = torch.arange(size, device=log_gamma.device, dtype=log_gamma.dtype)
+    return (index[:, None] - index[None, :]).abs()[None] * log_gamma[:, None, None]
 
 
 def fixed_decay_bias(log_gamma: Tensor, height: int, width: int) -> Tensor:
@@ -271,6 +283,27 @@ def attention_with_bias(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) ->
     return (scores.softmax(-1) @ upcast(v)).to(v.dtype)
 
 
+def axial_attention(q: Tensor, k: Tensor, v: Tensor, bias_w: Tensor, bias_h: Tensor, height: int, width: int,
+                    attend=attention_with_bias) -> Tensor:
+    """``O = Attn_H(Attn_W V)``: attention along W within each row, then along H within each column on its output.
+
+    q, k, v: (B, N, L, d) in row-major order; ``bias_w`` broadcastable to (B, N, H, W, W) (one W x W bias per
+    row), ``bias_h`` to (B, N, W, H, H) (one H x H bias per column).  ``attend(q, k, v, bias)`` computes one
+    biased attention (plain or SDPA).
+    """
+    b, n, _, d = q.shape
+
+    def rows(t: Tensor) -> Tensor:  # (B, N, L, d) -> (B, N, H, W, d)
+        return t.reshape(b, n, height, width, d)
+
+    def cols(t: Tensor) -> Tensor:  # (B, N, H, W, d) -> (B, N, W, H, d)
+        return t.transpose(2, 3)
+
+    out_w = attend(rows(q), rows(k), rows(v), bias_w)  # rows are independent sequences of length W
+    out_h = attend(cols(rows(q)), cols(rows(k)), cols(out_w), bias_h)  # columns: sequences of length H
+    return cols(out_h).reshape(b, n, height * width, d)
+
+
 def decomposed_attention(
     q: Tensor, k: Tensor, v: Tensor, gate_logits_h: Tensor, gate_logits_w: Tensor, height: int, width: int,
     attend=attention_with_bias,
@@ -281,24 +314,26 @@ def decomposed_attention(
     column with the column decay of ``F_H``.  q, k, v: (B, N, L, d); gate logits F_H, F_W: (B, L, N).
     ``attend(q, k, v, bias)`` computes one biased attention (plain or SDPA).
     """
-    b, n, _, d = q.shape
-
-    def rows(t: Tensor) -> Tensor:  # (B, N, L, d) -> (B, N, H, W, d)
-        return t.reshape(b, n, height, width, d)
-
-    # Attn_W: rows are independent sequences of length W.
+    b, n = q.shape[:2]
     f_w = gate_logits_w.reshape(b, height, width, n)  # (B, H, W, N)
     m_w = axial_decay_bias(f_w).transpose(1, 2)  # (B, H, N, W, W) -> (B, N, H, W, W)
-    out_w = attend(rows(q), rows(k), rows(v), m_w)  # (B, N, H, W, d)
-
-    # Attn_H: columns are independent sequences of length H.
-    def cols(t: Tensor) -> Tensor:  # (B, N, H, W, d) -> (B, N, W, H, d)
-        return t.transpose(2, 3)
-
     f_h = gate_logits_h.reshape(b, height, width, n).transpose(1, 2)  # (B, W, H, N)
     m_h = axial_decay_bias(f_h).transpose(1, 2)  # (B, N, W, H, H)
-    out_h = attend(cols(rows(q)), cols(rows(k)), cols(out_w), m_h)  # (B, N, W, H, d)
-    return cols(out_h).reshape(b, n, height * width, d)
+    return axial_attention(q, k, v, m_w, m_h, height, width, attend)
+
+
+def fixed_decomposed_attention(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor, height: int, width: int,
+                               attend=attention_with_bias) -> Tensor:
+    """RMT's decomposed decay: ``O = Attn_H(Attn_W V)`` with the data-independent biases ``|w_a - w_b| log gamma_h``
+    along each row and ``|h_a - h_b| log gamma_h`` along each column.
+
+    Source: RMT's ``VisionRetentionChunk`` (qhfan/RMT, ``classfication_release/RMT.py``): attention along W, then
+    along H on the first pass's output, with the masks of ``RetNetRelPos2d`` (``chunkwise_recurrent=True``).
+    q, k, v: (B, N, L, d); log_gamma: (N,) from :func:`rmt_log_gamma`.
+    """
+    m_w = fixed_axial_decay_bias(log_gamma, width)[:, None]  # (N, 1, W, W): the same bias for every row
+    m_h = fixed_axial_decay_bias(log_gamma, height)[:, None]  # (N, 1, H, H): the same bias for every column
+    return axial_attention(q, k, v, m_w, m_h, height, width, attend)
 
 
 # ----------------------------------------------------------------------------- position
@@ -316,6 +351,44 @@ def rope_2d_angles(height: int, width: int, head_dim: int, base: float = 10000.0
     theta = base ** (-torch.arange(quarter, dtype=torch.float64, device=device) / quarter)
     pos = grid_coordinates(height, width, device).double()
     return torch.cat([pos[:, :1] * theta, pos[:, 1:] * theta], dim=-1).float()
+
+
+def rope_1d_angles(height: int, width: int, head_dim: int, base: float = 10000.0,
+                   device: torch.device | str | None = None) -> Tensor:
+    """Rotation angles of RMT's 1D RoPE on the raster index, shape (L, head_dim / 2).
+
+    Token ``l = h * W + w`` (row-major) rotates slot k by ``l * theta_k`` with
+    ``theta_k = base^(-k / (head_dim/2 - 1))``, k = 0 .. head_dim/2 - 1 (``base^-linspace(0, 1, head_dim/2)``):
+    the ``angle`` buffer and ``sin``/``cos`` of RMT's ``RetNetRelPos2d`` (qhfan/RMT, ``classfication_release/RMT.py``).
+    RMT rotates the interleaved pairs (2k, 2k + 1) (``theta_shift``); :func:`apply_rope` rotates (k, k + d/2) with the
+    same angle, the same function up to one fixed permutation of each head's query and key channels.
+    """
+    if head_dim % 2 or head_dim < 2:
+        raise ValueError(f"1D RoPE needs an even head width, got {head_dim}")
+    half = head_dim // 2
+    theta = base ** -torch.linspace(0.0, 1.0, half, dtype=torch.float64, device=device)
+    index = torch.arange(height * width, dtype=torch.float64, device=device)
+    return (index[:, None] * theta[None, :]).float()
+
+
+# RoPE layouts (``rope_layout``): name -> the function of this module that gives its angles
+# ``(height, width, head_dim, base, device) -> (L, head_dim / 2)`` (looked up at call time), and the multiple the
+# head width must be of.
+ROPE_LAYOUTS: dict[str, str] = {"2d": "rope_2d_angles", "1d": "rope_1d_angles"}
+ROPE_HEAD_MULTIPLE: dict[str, int] = {"2d": 4, "1d": 2}
+
+
+def check_rope_layout(layout: str) -> str:
+    """``layout`` if it is a key of :data:`ROPE_LAYOUTS`; else a ``ValueError`` naming the choices."""
+    if not isinstance(layout, str) or layout not in ROPE_LAYOUTS:
+        raise ValueError(f"rope_layout must be one of {tuple(ROPE_LAYOUTS)}, got {layout!r}")
+    return layout
+
+
+def rope_angles(layout: str, height: int, width: int, head_dim: int, base: float = 10000.0,
+                device: torch.device | str | None = None) -> Tensor:
+    """Angles of RoPE layout ``layout``: ``"2d"`` (:func:`rope_2d_angles`) or ``"1d"`` (:func:`rope_1d_angles`)."""
+    return globals()[ROPE_LAYOUTS[check_rope_layout(layout)]](height, width, head_dim, base, device)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -358,6 +431,11 @@ def local_position_encoding_tokens(v: Tensor, conv: torch.nn.Conv2d, height: int
     return conv(grid).permute(0, 2, 3, 1).reshape(b, seq, channels)
 
 
-def spatial_decay_output(attn: Tensor, lpe: Tensor, gate_u: Tensor) -> Tensor:
-    """``O = U * [softmax(...) V + LPE(V)]`` (eq. 13) with the low-rank gate U = sigma(X W_u1) W_u2."""
-    return gate_u * (attn + lpe)
+def spatial_decay_output(attn: Tensor, lpe: Tensor | None, gate_u: Tensor | None) -> Tensor:
+    """``O = U * [softmax(...) V + LPE(V)]`` (eq. 13) with the low-rank gate U = sigma(X W_u1) W_u2.
+
+    A part switched off is ``None``: without a gate (RMT's attention) ``O = softmax(...) V + LPE(V)``; without
+    LPE ``O = U * softmax(...) V``; without both, plain attention (DiT's).
+    """
+    out = attn if lpe is None else attn + lpe
+    return out if gate_u is None else gate_u * out

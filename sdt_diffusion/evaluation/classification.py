@@ -6,11 +6,13 @@ ImageNet's mean and std.  Data: an image folder with one sub-folder per class (I
 layout) or a ``datasets`` folder written by ``save_to_disk`` with an image and a label column.  Models: a
 transformers folder (``save_pretrained``; SDT-H's or any ``AutoModelForImageClassification``), a timm folder
 (``timm.models.save_for_hf``: ``config.json`` with ``architecture``) or a timm weight file with its
-architecture named.
+architecture named.  Data classes are matched to the model's by name (its ``id2label``; :func:`check_classes`),
+so a folder with only some of the model's classes is scored against the right ones.
 
-The training loop (``sdt_diffusion.training.classifier_trainer``) evaluates with the same transform, reader and
-top-k counts, so a number it logs and a number ``eval/classify.py`` prints mean the same thing.  This module never
-imports training code.
+The data reader is :mod:`sdt_diffusion.data`'s (re-exported here: :func:`open_labelled_images`,
+:class:`LabelledImages`, :func:`check_labels`, ...).  The training loop (``sdt_diffusion.training.classifier_trainer``)
+evaluates with the same transform, reader and top-k counts, so a number it logs and a number ``eval/classify.py``
+prints mean the same thing.  This module never imports training code.
 
     python eval/classify.py runs/sdt-h-t/model /data/imagenet/val --output top1.json
 """
@@ -18,33 +20,43 @@ imports training code.
 from __future__ import annotations
 
 import argparse
-import io
+import dataclasses
+import inspect
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import datasets
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
-from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 from tqdm.auto import tqdm
 from transformers import AutoModelForImageClassification
 
-from ..models.sdt_h import IMAGENET_MEAN, IMAGENET_STD, PRESET_OF_TIMM_NAME, SDT_H_PRESETS
-from ..utils.files import atomic_write_text
+from ..data import (
+    DataInputError,
+    FolderRows,
+    LabelledImages,
+    TransformedImages,
+    check_labels,
+    class_names_to_id2label,
+    find_unreadable_images,
+    open_labelled_images,
+)
+from ..models.sdt_h import IMAGENET_MEAN, IMAGENET_STD, PRESET_OF_TIMM_NAME, SDT_H_PRESETS, SDTH
+from ..utils.files import atomic_write_text, check_writable
 from ..utils.optional import import_optional
 from ..utils.runtime import default_device
 
 __all__ = [
     "DEFAULT_CROP_PCT",
+    "MAX_RESOLUTION",
     "PAPER_TABLE1",
     "ClassificationInputError",
     "LabelledImages",
@@ -66,16 +78,22 @@ __all__ = [
 ]
 
 DEFAULT_CROP_PCT = 0.875  # 224 / 256
+MAX_RESOLUTION = 4096  # --resolution above this is a typo: one such image batch would not fit in memory
 # Paper, Table 1 (ImageNet-1K, 224x224): parameters (M), GFLOPs, top-1 (%).
 PAPER_TABLE1: dict[str, dict[str, float]] = {
     "SDT-H-T": {"params_m": 14, "gflops": 2.7, "top1": 82.7},
     "SDT-H-S": {"params_m": 27, "gflops": 4.8, "top1": 84.2},
     "SDT-H-B": {"params_m": 54, "gflops": 10.8, "top1": 85.1},
+    # RMT (Fan et al. 2024) as the paper's Table 1 lists it (the baseline SDT-H is compared against)
+    "RMT-T": {"params_m": 14, "gflops": 2.5, "top1": 82.4},
+    "RMT-S": {"params_m": 27, "gflops": 4.5, "top1": 84.1},
+    "RMT-B": {"params_m": 54, "gflops": 9.7, "top1": 85.0},
 }
 
 
-class ClassificationInputError(ValueError):
-    """Unusable evaluation input (data folder, dataset, labels, image, model folder); the message names it."""
+# Unusable evaluation input (data folder, dataset, labels, image, model folder); the message names it.  The data
+# layer's error, so one ``except`` catches a bad model folder and bad data alike (a ConfigError: exit status 2).
+ClassificationInputError = DataInputError
 
 
 # ------------------------------------------------------------------------------------------- transform
@@ -93,175 +111,6 @@ def eval_transform(resolution: int = 224, crop_pct: float = DEFAULT_CROP_PCT,
         transforms.ToTensor(),
         transforms.Normalize(list(mean), list(std)),
     ])
-
-
-# ------------------------------------------------------------------------------------------------ data
-def _visible(name: str) -> bool:
-    return not name.startswith((".", "__"))
-
-
-@dataclass
-class LabelledImages:
-    """Images and integer labels from an image folder or a saved dataset; images are decoded on access."""
-
-    description: str
-    labels: np.ndarray
-    class_names: list[str] | None
-    num_classes: int
-    root: bytes | None = None  # image folder: file-system root, and paths relative to it (compact, any bytes)
-    paths: np.ndarray | None = None
-    dataset: Any = None  # saved dataset: its image column, undecoded
-    image_column: str = "image"
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def where(self, index: int) -> str:
-        """The file (or dataset row) of item ``index``, for messages."""
-        if self.paths is not None:
-            return os.fsdecode(os.path.join(self.root, bytes(self.paths[index])))
-        return f"row {index} of {self.description}"
-
-    def image(self, index: int) -> Image.Image:
-        """Item ``index`` as an RGB PIL image.
-
-        Raises:
-            ClassificationInputError: the image cannot be decoded (the file or row named).
-        """
-        try:
-            if self.paths is not None:
-                image = Image.open(self.where(index))
-            else:
-                cell = self.dataset[int(index)][self.image_column]
-                if isinstance(cell, Image.Image):
-                    image = cell
-                elif isinstance(cell, dict) and cell.get("bytes") is not None:
-                    image = Image.open(io.BytesIO(cell["bytes"]))
-                elif isinstance(cell, dict) and cell.get("path"):
-                    image = Image.open(cell["path"])
-                else:
-                    image = Image.fromarray(np.asarray(cell))
-            image.load()
-            return image.convert("RGB")
-        except Exception as e:  # noqa: BLE001 - any decoder error, re-raised with the image named
-            raise ClassificationInputError(f"cannot read image {self.where(index)}: {type(e).__name__}: {e}") from e
-
-
-def _open_folder(root: Path) -> LabelledImages:
-    """One sub-folder per class (sorted names are the class ids), images at any depth below it."""
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and _visible(p.name))
-    if not classes:
-        raise ClassificationInputError(f"image folder {root}: expected one sub-folder per class, found none")
-    class_to_idx = {name: i for i, name in enumerate(classes)}
-    try:
-        items = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
-    except OSError as e:
-        raise ClassificationInputError(f"image folder {root}: {e}") from None
-    items = [(p, c) for p, c in items if all(_visible(part) for part in Path(p).relative_to(root).parts)]
-    counts = np.bincount([c for _, c in items], minlength=len(classes))
-    empty = [classes[i] for i in np.flatnonzero(counts == 0)]
-    if empty:
-        shown = ", ".join(repr(n) for n in empty[:5]) + (" ..." if len(empty) > 5 else "")
-        raise ClassificationInputError(
-            f"image folder {root}: class folder(s) {shown} hold no images ({len(empty)} of {len(classes)}); class "
-            f"ids follow the folder listing, so remove the folder or add its images (extensions: "
-            f"{', '.join(IMG_EXTENSIONS)})")
-    rootb = os.fsencode(root)
-    paths = np.array([os.path.relpath(os.fsencode(p), rootb) for p, _ in items], dtype=np.bytes_)
-    labels = np.array([c for _, c in items], dtype=np.int64)
-    return LabelledImages(f"image folder {root}", labels, classes, len(classes), root=rootb, paths=paths)
-
-
-def _open_saved(path: Path, split: str | None, image_column: str, label_column: str) -> LabelledImages:
-    """A ``save_to_disk`` dataset (or one split of a ``DatasetDict``)."""
-    try:
-        ds = datasets.load_from_disk(str(path))
-    except Exception as e:  # noqa: BLE001 - re-raised with the folder named
-        raise ClassificationInputError(f"{path}: neither an image folder with class sub-folders nor a dataset "
-                                       f"saved with save_to_disk ({type(e).__name__}: {e})") from None
-    if isinstance(ds, datasets.DatasetDict):
-        if split is None:
-            raise ClassificationInputError(f"{path} holds the splits {list(ds)}; name one (--split)")
-        if split not in ds:
-            raise ClassificationInputError(f"{path}: no split {split!r} (splits: {list(ds)})")
-        ds = ds[split]
-    for col in (image_column, label_column):
-        if col not in ds.column_names:
-            raise ClassificationInputError(f"dataset {path}: no column {col!r}; columns: {ds.column_names}")
-    description = f"dataset {path}" + (f" split {split!r}" if split else "")
-    if len(ds) == 0:
-        raise ClassificationInputError(f"{description}: no rows")
-    feature = ds.features[label_column]
-    names = [str(n) for n in feature.names] if isinstance(feature, datasets.ClassLabel) else None
-    try:
-        labels = np.asarray(ds[label_column], dtype=np.int64)
-    except (TypeError, ValueError) as e:
-        raise ClassificationInputError(f"{description}: column {label_column!r} does not hold integer labels "
-                                       f"({e})") from None
-    num_classes = len(names) if names is not None else int(labels.max()) + 1
-    if isinstance(ds.features[image_column], datasets.Image):
-        ds = ds.cast_column(image_column, datasets.Image(decode=False))
-    images = LabelledImages(description, labels, names, num_classes, dataset=ds.select_columns([image_column]),
-                            image_column=image_column)
-    check_labels(images, num_classes, f"column {label_column!r}")
-    return images
-
-
-def open_labelled_images(path: str | os.PathLike, split: str | None = None, image_column: str = "image",
-                         label_column: str = "label") -> LabelledImages:
-    """An image folder (one sub-folder per class) or a ``save_to_disk`` dataset.
-
-    Raises:
-        ClassificationInputError: a missing folder, no class folders, an empty class, a missing split or column,
-            no rows, labels that are not integers in ``[0, classes)``.
-    """
-    path = Path(path)
-    if not path.is_dir():
-        raise ClassificationInputError(f"{path}: not a directory (an image folder or a saved dataset)")
-    if (path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file():
-        return _open_saved(path, split, image_column, label_column)
-    return _open_folder(path)
-
-
-def check_labels(images: LabelledImages, num_classes: int, what: str = "labels") -> None:
-    """Every label must lie in ``[0, num_classes)``.
-
-    Raises:
-        ClassificationInputError: naming the first offending label and where it is.
-    """
-    bad = np.flatnonzero((images.labels < 0) | (images.labels >= num_classes))
-    if len(bad):
-        i = int(bad[0])
-        raise ClassificationInputError(
-            f"{images.description}: {what} {int(images.labels[i])} at {images.where(i)} is out of range for "
-            f"{num_classes} classes ({len(bad)} label(s) outside [0, {num_classes}))")
-
-
-def find_unreadable_images(images: LabelledImages, indices: Sequence[int] | None = None,
-                           progress: bool = False) -> list[str]:
-    """Decode every image of ``indices`` (default all); returns one message per image that fails, naming it."""
-    indices = range(len(images)) if indices is None else indices
-    problems = []
-    for i in tqdm(indices, desc="checking images", disable=not progress, dynamic_ncols=True):
-        try:
-            images.image(int(i))
-        except ClassificationInputError as e:
-            problems.append(str(e))
-    return problems
-
-
-class TransformedImages(Dataset):
-    """``(pixel_values, label)`` items of a :class:`LabelledImages` through ``transform``."""
-
-    def __init__(self, images: LabelledImages, transform: Callable[[Image.Image], torch.Tensor]) -> None:
-        self.images = images
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.transform(self.images.image(index)), int(self.images.labels[index])
 
 
 # ------------------------------------------------------------------------------------------- counting
@@ -306,11 +155,25 @@ def summarise(sums: torch.Tensor) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------------------------ models
 def preset_of(sdt_h_kwargs: dict[str, Any]) -> str | None:
-    """The SDT-H preset whose architecture (widths, depths, heads, MLP ratios) the kwargs have, else ``None``."""
-    keys = ("embed_dims", "depths", "num_heads", "mlp_ratios")
+    """The preset (SDT-H or RMT) whose architecture the kwargs have, else ``None``.
+
+    Widths, depths, heads and MLP ratios fix the size and must be given; the decay modes, the output gate's rank
+    and the RoPE layout tell SDT-H-T from RMT-T (same size, different attention) and are compared when the kwargs
+    give them (an SDT-H name comes first in the table, so size alone names the SDT-H preset).
+    """
+    sizes = ("embed_dims", "depths", "num_heads", "mlp_ratios")
+    attention = ("decay_modes", "gate_rank", "rope_layout")
+    defaults = {name: p.default for name, p in inspect.signature(SDTH.__init__).parameters.items()}
+
+    def same(a: Any, b: Any) -> bool:
+        if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+            return [str(x) if isinstance(x, str) else float(x) for x in a] == [
+                str(y) if isinstance(y, str) else float(y) for y in b]
+        return a == b
+
     for name, preset in SDT_H_PRESETS.items():
-        if all(k in sdt_h_kwargs and [float(v) for v in sdt_h_kwargs[k]] == [float(v) for v in preset[k]]
-               for k in keys):
+        if all(k in sdt_h_kwargs and same(sdt_h_kwargs[k], preset[k]) for k in sizes) and all(
+                same(sdt_h_kwargs[k], preset.get(k, defaults.get(k))) for k in attention if k in sdt_h_kwargs):
             return name
     return None
 
@@ -418,10 +281,27 @@ def load_classifier(path: str | os.PathLike, arch: str | None = None,
         ClassificationInputError: nothing loadable at ``path``.
     """
     path = Path(path)
+    try:
+        return _load_classifier(path, arch, model_kwargs)
+    except ClassificationInputError:
+        raise
+    except Exception as e:  # noqa: BLE001 - unknown architectures, pickled or damaged weights: one line naming it
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        what = f" as timm's {arch!r}" if arch and path.is_file() else ""
+        raise ClassificationInputError(f"{path}: cannot load the model{what} ({type(e).__name__}: {first})") from None
+
+
+def _load_classifier(path: Path, arch: str | None, model_kwargs: dict[str, Any] | None) -> LoadedClassifier:
+    """:func:`load_classifier` without its error translation."""
     if path.is_file():
         if not arch:
             raise ClassificationInputError(f"{path} is a weight file: name its timm architecture (--arch, e.g. "
                                            f"sdt_h_tiny) and any --model-kwargs")
+        timm = import_optional("timm", "timm")
+        if not timm.is_model(arch):
+            close = [n for n in timm.list_models(f"*{arch.split('_')[0]}*")][:5]
+            raise ClassificationInputError(f"--arch {arch!r} is not a timm architecture"
+                                           + (f" (similar: {', '.join(close)})" if close else ""))
         loaded = _load_timm_file(path, arch, dict(model_kwargs or {}))
     elif (path / "config.json").is_file():
         config = _read_json(path / "config.json")
@@ -433,7 +313,7 @@ def load_classifier(path: str | os.PathLike, arch: str | None = None,
             raise ClassificationInputError(f"{path / 'config.json'}: neither a transformers config (model_type) nor "
                                            f"a timm config (architecture)")
     elif (path / "timm" / "config.json").is_file():
-        return load_classifier(path / "timm")
+        return _load_classifier(path / "timm", None, None)
     else:
         raise ClassificationInputError(f"{path}: no model here (expected a transformers or timm folder with "
                                        f"config.json, or a weight file)")
@@ -441,27 +321,80 @@ def load_classifier(path: str | os.PathLike, arch: str | None = None,
     return loaded
 
 
-def check_classes(model: LoadedClassifier, images: LabelledImages) -> None:
-    """The data's classes must fit the model's: labels below its class count and, where both name their classes
-    with the same names, in the same order.
+_GENERIC_NAME = re.compile(r"^(LABEL_|class )\d+$")  # transformers' and the label index's placeholder names
+
+
+def _model_names(model: LoadedClassifier) -> list[str] | None:
+    """The model's class names by id, or ``None`` when it has none, or only placeholders (``LABEL_0`` ...)."""
+    if not model.id2label:
+        return None
+    names = [model.id2label.get(i) for i in range(model.num_labels)]
+    if any(n is None for n in names) or all(_GENERIC_NAME.match(n) for n in names):
+        return None
+    return names
+
+
+def check_classes(model: LoadedClassifier, images: LabelledImages) -> LabelledImages:
+    """The data with its labels renumbered to the model's class ids, matched by class name.
+
+    A class folder numbers its classes by its own listing, so a folder with only some of the model's classes (or
+    a validation folder missing one) would score images against the wrong class.  Where both name their classes,
+    each data class becomes the model class of the same name (the data's names as the exported model records
+    them: :func:`~sdt_diffusion.data.class_names_to_id2label`, e.g. a full ImageNet folder's WordNet ids become
+    ImageNet's names).  Where either does not (a saved dataset without ``ClassLabel`` names, a model with only
+    ``LABEL_i`` placeholders), labels are taken as model ids and must cover the model's classes exactly or lie
+    below its class count (a saved dataset's stored ids).
 
     Raises:
-        ClassificationInputError: more data classes than model classes, or the same names in another order.
+        ClassificationInputError: a data class name the model does not know (named), a name the model uses for
+            two classes, a class folder whose classes cannot be matched by name and whose count differs from the
+            model's, or a label outside the model's classes.
     """
-    check_labels(images, model.num_labels, "label")
-    names = images.class_names
-    model_names = [model.id2label[i] for i in range(model.num_labels)] if model.id2label else None
-    if names and model_names and len(names) == len(model_names) and set(names) == set(model_names) \
-            and names != model_names:
-        moved = next(i for i, (a, b) in enumerate(zip(names, model_names)) if a != b)
+    model_names = _model_names(model)
+    data_names = images.class_names
+    if data_names is not None and model_names is not None:
+        # the folder names themselves, or as an export names them (a full ImageNet folder's WordNet ids: ImageNet's
+        # names), whichever the model knows
+        exported = list((class_names_to_id2label(data_names, len(data_names)) or {}).values()) or data_names
+        if model_names in (data_names, exported):
+            check_labels(images, model.num_labels, "label")
+            return images
+        index: dict[str, int] = {}
+        twice = set()
+        for i, name in enumerate(model_names):
+            if name in index:
+                twice.add(name)
+            index[name] = i
+        if all(n in index for n in exported) and not all(n in index for n in data_names):
+            data_names = exported
+        unknown = [n for n in data_names if n not in index]
+        if unknown:
+            shown = ", ".join(repr(n) for n in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+            raise ClassificationInputError(
+                f"{images.description}: {len(unknown)} of its {len(data_names)} class(es) are not classes of the "
+                f"model ({shown}); the model's classes are named by its id2label (e.g. {model_names[0]!r}), and "
+                f"data classes are matched to them by name")
+        ambiguous = sorted(twice.intersection(data_names))
+        if ambiguous:
+            raise ClassificationInputError(f"the model names several classes {ambiguous[0]!r}, so the data class of "
+                                           f"that name cannot be matched to one of them")
+        mapping = np.array([index[n] for n in data_names], dtype=np.int64)
+        check_labels(images, len(data_names), "label")
+        return dataclasses.replace(images, labels=mapping[images.labels], class_names=model_names,
+                                   num_classes=model.num_labels)
+    if isinstance(images.dataset, FolderRows) and images.num_classes != model.num_labels:
         raise ClassificationInputError(
-            f"{images.description} orders its classes differently from the model: class {moved} is "
-            f"{names[moved]!r} in the data and {model_names[moved]!r} in the model")
+            f"{images.description} has {images.num_classes} class folders and the model {model.num_labels} classes, "
+            f"and the model does not name its classes (id2label), so the folders cannot be matched to its classes "
+            f"(ids would follow the folder listing and score images against the wrong class); evaluate a folder "
+            f"with all {model.num_labels} classes, or a model whose id2label holds the folder names")
+    check_labels(images, model.num_labels, "label")
+    return images
 
 
 # ------------------------------------------------------------------------------------------------ report
 def markdown_rows(result: dict[str, Any]) -> str:
-    """A Markdown table: this evaluation's row, then the paper's Table 1 row for the same SDT-H size (if any)."""
+    """A Markdown table: this evaluation's row, then the paper's Table 1 row of the same preset (SDT-H or RMT, if any)."""
     head = "| model | resolution | images | top-1 (%) | top-5 (%) | params (M) | source |\n|---|---|---|---|---|---|---|\n"
     name = result.get("preset") or "custom"
     params = f"{result['params'] / 1e6:.2f}" if result.get("params") else "–"
@@ -475,28 +408,34 @@ def markdown_rows(result: dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Flags of ``sdt-classify`` (``eval/classify.py``, ``python -m sdt_diffusion.evaluation.classification``)."""
     p = argparse.ArgumentParser(
-        prog="classify.py",
+        prog="sdt-classify",
         description="Top-1 / top-5 of a saved classifier (transformers or timm) on an image folder or a saved "
                     "dataset, with the standard evaluation transform (resize 256 bicubic -> centre crop 224, "
                     "ImageNet mean/std; sizes scale with --resolution).",
+        epilog="example: sdt-classify runs/sdt-h-t/model /data/imagenet/val --output top1.json",
     )
     p.add_argument("model", help="transformers folder, timm folder, or timm weight file (with --arch)")
     p.add_argument("data", help="image folder (one sub-folder per class) or a save_to_disk dataset")
-    p.add_argument("--split", default=None, help="split of a saved DatasetDict (e.g. validation)")
-    p.add_argument("--image-column", default="image")
-    p.add_argument("--label-column", default="label")
+    p.add_argument("--split", default=None,
+                   help="split of a saved DatasetDict, e.g. validation (default: the dataset itself)")
+    p.add_argument("--image-column", default="image", help="image column of a saved dataset (default image)")
+    p.add_argument("--label-column", default="label", help="label column of a saved dataset (default label)")
     p.add_argument("--resolution", type=int, default=None,
                    help="centre-crop side (default: the model folder's, else 224); the resize is resolution/0.875")
     p.add_argument("--crop-pct", type=float, default=None, help="crop fraction (default: the model's, else 0.875)")
-    p.add_argument("--arch", default=None, help="timm architecture of a weight file (e.g. sdt_h_tiny)")
-    p.add_argument("--model-kwargs", default=None, help="JSON arguments of --arch (e.g. '{\"decay_modes\": ...}')")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--num-workers", type=int, default=4)
-    p.add_argument("--device", default=None, help="default: CUDA if available, else CPU")
+    p.add_argument("--arch", default=None,
+                   help="timm architecture of a weight file, e.g. sdt_h_tiny (default: read from the model folder)")
+    p.add_argument("--model-kwargs", default=None,
+                   help="JSON arguments of --arch, e.g. '{\"decay_modes\": ...}' (default: none)")
+    p.add_argument("--batch-size", type=int, default=128, help="images per forward (default 128)")
+    p.add_argument("--num-workers", type=int, default=4, help="image-decoding workers (default 4)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--check-images", action="store_true", help="decode every image before evaluating")
-    p.add_argument("--output", default=None, help="write the result as JSON here")
-    p.add_argument("--no-progress-bar", dest="progress_bar", action="store_false", default=True)
+    p.add_argument("--output", default=None, help="write the result as JSON to this file (default: print only)")
+    p.add_argument("--no-progress-bar", dest="progress_bar", action="store_false", default=True,
+                   help="no progress bar")
     return p
 
 
@@ -509,19 +448,23 @@ def classify(args: argparse.Namespace) -> dict[str, Any]:
     if args.batch_size <= 0 or args.num_workers < 0:
         raise ClassificationInputError(f"--batch-size must be > 0 and --num-workers >= 0, got {args.batch_size} "
                                        f"and {args.num_workers}")
+    if args.resolution is not None and not 0 < args.resolution <= MAX_RESOLUTION:
+        raise ClassificationInputError(f"--resolution must lie in [1, {MAX_RESOLUTION}], got {args.resolution}")
+    if args.crop_pct is not None and not (math.isfinite(args.crop_pct) and 0 < args.crop_pct <= 1):
+        raise ClassificationInputError(f"--crop-pct must lie in (0, 1], got {args.crop_pct}")
     try:
         kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
     except json.JSONDecodeError as e:
         raise ClassificationInputError(f"--model-kwargs is not JSON: {e}") from None
     images = open_labelled_images(args.data, args.split, args.image_column, args.label_column)
     loaded = load_classifier(args.model, args.arch, kwargs)
-    check_classes(loaded, images)
+    images = check_classes(loaded, images)
     if args.check_images:
         problems = find_unreadable_images(images, progress=args.progress_bar)
         if problems:
             raise ClassificationInputError(f"{len(problems)} unreadable image(s): " + "; ".join(problems[:5]))
-    resolution = args.resolution or loaded.resolution or 224
-    crop_pct = args.crop_pct or loaded.crop_pct
+    resolution = args.resolution if args.resolution is not None else (loaded.resolution or 224)
+    crop_pct = args.crop_pct if args.crop_pct is not None else loaded.crop_pct
     transform = eval_transform(resolution, crop_pct, loaded.mean, loaded.std, loaded.interpolation)
     device = default_device(args.device)
     model = loaded.model.to(device)
@@ -538,12 +481,26 @@ def classify(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def classify_main(argv: Sequence[str] | None = None) -> int:
-    """``eval/classify.py``: prints ``top-1`` / ``top-5`` and a Markdown row; exit 2 on bad input."""
-    args = build_parser().parse_args(argv)
+    """``sdt-classify``: prints ``top-1`` / ``top-5`` and a Markdown row; exit 2 on bad input."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.output:
+        output = Path(args.output).resolve()
+        for role, given in (("model", Path(args.model).resolve()), ("data", Path(args.data).resolve())):
+            if output == given or given in output.parents:
+                print(f"{parser.prog}: error: --output {args.output} is {'inside ' if output != given else ''}the "
+                      f"{role} {args.model if role == 'model' else args.data}; name another file for the result",
+                      file=sys.stderr, flush=True)
+                return 2
+        try:
+            check_writable(args.output)  # before any image is classified, not after
+        except OSError as e:
+            print(f"{parser.prog}: error: --output {e}", file=sys.stderr, flush=True)
+            return 2
     try:
         result = classify(args)
     except ClassificationInputError as e:
-        print(f"classify.py: error: {e}", file=sys.stderr, flush=True)
+        print(f"{parser.prog}: error: {e}", file=sys.stderr, flush=True)
         return 2
     print(f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  ({result['images']} images, "
           f"{result['resolution']}px, {result['kind']} model)")
@@ -551,3 +508,7 @@ def classify_main(argv: Sequence[str] | None = None) -> int:
     if args.output:
         atomic_write_text(args.output, json.dumps(result, indent=2) + "\n")
     return 0
+
+
+if __name__ == "__main__":  # python -m sdt_diffusion.evaluation.classification
+    sys.exit(classify_main())

@@ -1,7 +1,9 @@
 """Image inputs of the evaluation: batches of uint8 N×H×W×3 images from an ADM ``.npz``, a folder or an array.
 
 ADM's evaluator reads sample and reference batches as ``arr_0`` (uint8 N×H×W×3) in an ``.npz``; a folder of
-equally sized ``.png``/``.jpg`` files and an in-memory array are read the same way. Every reader checks its
+equally sized ``.png``/``.jpg`` files and an in-memory array are read the same way.  Folder images are converted
+by the data layer's :func:`~sdt_diffusion.data.images.to_rgb` (16-bit images scaled to 8 bits, 32-bit integer and
+float images refused), the rule training and ``sdt-classify`` follow too. Every reader checks its
 input before any compute is spent and raises :class:`EvaluationInputError` naming the file.
 """
 
@@ -20,6 +22,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ..data.images import IMAGE_EXTENSIONS as DATA_IMAGE_EXTENSIONS
+from ..data.images import image_mode_problem, is_visible, to_rgb
 from ..utils.files import sha256_file
 
 __all__ = [
@@ -201,9 +205,6 @@ class ArrayImages(ImageSource):
         return h.hexdigest()
 
 
-_EIGHT_BIT_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "La", "RGBa"}
-
-
 class _FolderDataset(torch.utils.data.Dataset):
     """Decoded images of a folder; a file that cannot be decoded gives ``(None, message naming it)`` rather than an
     exception, so the message survives data-loader worker processes intact."""
@@ -220,7 +221,7 @@ class _FolderDataset(torch.utils.data.Dataset):
             with Image.open(path) as im:
                 if im.size != self.size:
                     return None, f"{path}: image size {im.size} differs from the folder's {self.size}"
-                return np.asarray(im.convert("RGB"), dtype=np.uint8), None
+                return np.asarray(to_rgb(im), dtype=np.uint8), None
         except Exception as e:  # noqa: BLE001 - truncated or corrupt image data: reported with the file named
             return None, f"{path}: cannot decode image ({type(e).__name__}: {e})"
 
@@ -231,15 +232,26 @@ def _stack_or_error(items: list[tuple[np.ndarray | None, str | None]]) -> tuple[
 
 
 class FolderImages(ImageSource):
-    """All ``.png``/``.jpg``/``.jpeg`` files below a folder (recursive, sorted by relative path); one size."""
+    """All ``.png``/``.jpg``/``.jpeg`` files below a folder (recursive, sorted by relative path); one size.
+
+    Hidden entries (names starting with ``.`` or ``__``, e.g. ``.ipynb_checkpoints``) are skipped, the data
+    layer's rule; other image files (``.webp``, ``.bmp`` ...) are refused rather than silently left out.
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.label = str(self.path)
-        self.files = sorted(
-            (p for p in self.path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
-            key=lambda p: p.relative_to(self.path).as_posix(),
-        )
+        visible = [p for p in self.path.rglob("*")
+                   if p.is_file() and all(is_visible(part) for part in p.relative_to(self.path).parts)]
+        self.files = sorted((p for p in visible if p.suffix.lower() in IMAGE_EXTENSIONS),
+                            key=lambda p: p.relative_to(self.path).as_posix())
+        others = sorted(p for p in visible if p.suffix.lower() not in IMAGE_EXTENSIONS
+                        and p.suffix.lower() in DATA_IMAGE_EXTENSIONS)
+        if others:  # silently leaving them out would score fewer images than the folder holds
+            raise EvaluationInputError(
+                f"{self.path}: holds {len(others)} image file(s) this reader does not take (e.g. {others[0]}); "
+                f"samples and references are {'/'.join(IMAGE_EXTENSIONS)} files: convert them (lossless .png) or "
+                f"move them out")
         if not self.files:
             raise EvaluationInputError(f"{self.path}: no {'/'.join(IMAGE_EXTENSIONS)} images found (searched recursively)")
         size: tuple[int, int] | None = None
@@ -249,8 +261,9 @@ class FolderImages(ImageSource):
                     mode, this = im.mode, im.size
             except (UnidentifiedImageError, OSError) as e:
                 raise EvaluationInputError(f"{f}: cannot read image ({e})") from e
-            if mode not in _EIGHT_BIT_MODES:
-                raise EvaluationInputError(f"{f}: image mode {mode!r} is not 8-bit; expected 8-bit RGB (uint8) images")
+            problem = image_mode_problem(mode)  # the data layer's rule: 16-bit images are scaled, I and F refused
+            if problem is not None:
+                raise EvaluationInputError(f"{f}: {problem}")
             if size is None:
                 size, first = this, f
             elif this != size:

@@ -1,4 +1,7 @@
-"""Distributed, resumable sampling of ADM-format sample batches for FID-50K (``eval/sample.py``).
+"""Distributed, resumable sampling of ADM-format sample batches for FID-50K.
+
+The command is ``sdt-fid-sample`` (also ``python -m sdt_diffusion.evaluation.sampling`` and the checkout script
+``eval/sample.py``), run under ``accelerate launch`` for several processes.
 
 Every sample index i is generated exactly once, from noise seeded by (seed, i) and a class label fixed
 by (seed, labels mode), so the result does not depend on the number of processes.  Work is cut into
@@ -24,6 +27,7 @@ import argparse
 import hashlib
 import json
 import math
+import shutil
 import sys
 import time
 import zipfile
@@ -40,12 +44,15 @@ from tqdm.auto import tqdm
 
 from ..pipelines import SDTPipeline
 from ..schedulers import SCHEDULER_NAMES, make_scheduler
+from ..utils.cli_args import DTYPE_ALIASES, DTYPE_CHOICES, add_dtype_argument, torch_dtype
 from ..utils.files import atomic_write, atomic_write_text, check_writable, sha256_file
 from ..utils.runtime import cpu_multiprocess
 from ..utils.seeding import index_generator
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_SEED = 2**63 - 1  # per-sample seeds are taken modulo 2**63 - 1 (utils.seeding)
+# Bounds checked before anything is allocated: 200 × FID-50K, and a batch far above any accelerator's memory.
+MAX_NUM_SAMPLES = 10_000_000
+MAX_PER_DEVICE_BATCH = 65_536
 # The completeness marker of a training checkpoint folder (the trainer's file name; evaluation never reads the
 # checkpoint, it only recognises one to point at the export command).
 CHECKPOINT_MARKER = "training_state.json"
@@ -58,6 +65,10 @@ class SettingsMismatchError(ValueError):
 class DamagedChunkError(RuntimeError):
     """A finished chunk of samples turned out unreadable or inconsistent; it has been deleted, so running the same
     command again samples it anew."""
+
+
+class NonFiniteSampleError(ValueError):
+    """The pipeline produced NaN or infinite values; nothing of that chunk is written."""
 
 
 class SettingError(ValueError):
@@ -105,7 +116,7 @@ def load_pipeline(folder: str | Path, dtype: torch.dtype = torch.float32) -> SDT
     if (folder / CHECKPOINT_MARKER).is_file():
         raise ValueError(
             f"{folder} is a training checkpoint, not a pipeline folder; export its EMA weights first with "
-            f"`sdt-export {folder} --output PIPELINE_DIR` (or `python training/export_pipeline.py ...`) and sample "
+            f"`sdt-export {folder} --output-dir PIPELINE_DIR` (or `python training/export_pipeline.py ...`) and sample "
             f"from PIPELINE_DIR"
         )
     if not (folder / "model_index.json").is_file():
@@ -200,7 +211,11 @@ class SamplingSettings:
     labels: str = "random"
     seed: int = 0
     guide_first_3_channels: bool = False
-    dtype: str = "fp32"
+    dtype: str = "float32"  # one of DTYPE_CHOICES; the old fp32 / fp16 / bf16 are mapped to them
+
+    def __post_init__(self) -> None:
+        # One name per dtype in settings.json, so a rerun given the old spelling still resumes.
+        object.__setattr__(self, "dtype", DTYPE_ALIASES.get(self.dtype, self.dtype))
 
     def check(self) -> None:
         """Raises :class:`SettingError` naming the first bad value."""
@@ -209,12 +224,20 @@ class SamplingSettings:
         for name in ("num_samples", "per_device_batch", "steps"):
             if getattr(self, name) < 1:
                 raise SettingError(name, f"must be positive, got {getattr(self, name)}")
+        for name, bound in (("num_samples", MAX_NUM_SAMPLES), ("per_device_batch", MAX_PER_DEVICE_BATCH)):
+            if getattr(self, name) > bound:
+                raise SettingError(name, f"must be at most {bound}, got {getattr(self, name)}")
+        pipeline, output = Path(self.pipeline).resolve(), Path(self.output).resolve()
+        if pipeline in output.parents:
+            raise SettingError("output", f"{self.output} lies inside the pipeline folder {self.pipeline}: its shards "
+                                         f"would change the pipeline's sha256, so a rerun after a kill would be refused "
+                                         f"as another pipeline; write it outside the pipeline folder")
         if not 0 <= self.seed <= MAX_SEED:
             raise SettingError("seed", f"must lie in [0, {MAX_SEED}], got {self.seed}")
         if not math.isfinite(self.guidance_scale):
             raise SettingError("guidance_scale", f"must be finite, got {self.guidance_scale}")
-        if self.dtype not in DTYPES:
-            raise SettingError("dtype", f"must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise SettingError("dtype", f"must be one of {DTYPE_CHOICES}, got {self.dtype!r}")
         if self.scheduler is not None and self.scheduler not in SCHEDULER_NAMES:
             raise SettingError("scheduler", f"must be one of {SCHEDULER_NAMES} (or None), got {self.scheduler!r}")
 
@@ -229,13 +252,37 @@ def settings_of(settings: SamplingSettings, num_classes: int, pipeline_hash: str
 
 def prepare_pipeline(settings: SamplingSettings, device: torch.device | str) -> SDTPipeline:
     """Load the pipeline, switch its scheduler only if asked, and check that it produces RGB images."""
-    pipe = load_pipeline(settings.pipeline, DTYPES[settings.dtype])
+    pipe = load_pipeline(settings.pipeline, torch_dtype(settings.dtype))
     if settings.scheduler is not None:
         pipe.scheduler = make_scheduler(settings.scheduler, pipe.scheduler.config)
     check_image_output(pipe)
+    check_finite_weights(pipe)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def check_output_files(output: Path) -> None:
+    """Refuse to replace files this sampler did not make: an existing ``output`` without its shard folder beside
+    it (e.g. ADM's reference batch given as ``--output`` by mistake), or a ``.json``
+    beside it that is not a sampler's sidecar (e.g. ``sdt-fid``'s results for ``samples.npz``).
+
+    Raises:
+        ValueError: naming the file that would be replaced.
+    """
+    if output.exists() and not shard_dir(output).exists():  # shards of their own are matched by claim_shards
+        raise ValueError(f"{output} exists and was not made by an earlier run of this command (no "
+                         f"{shard_dir(output).name}/ beside it); refusing to replace it: choose another --output or "
+                         f"delete it")
+    sidecar = output.with_suffix(".json")
+    if sidecar.is_file():
+        try:
+            ours = "pipeline_sha256" in json.loads(sidecar.read_bytes())
+        except (ValueError, UnicodeDecodeError, TypeError):
+            ours = False
+        if not ours:
+            raise ValueError(f"{sidecar} (where the npz's sidecar goes) exists and is not a sidecar of this command; "
+                             f"refusing to replace it: choose another --output or move it")
 
 
 def claim_shards(state: PartialState, output: Path, settings: dict) -> None:
@@ -257,6 +304,8 @@ def claim_shards(state: PartialState, output: Path, settings: dict) -> None:
                                         f"matched to settings: delete {shards}") from None
         if not isinstance(previous, dict):
             previous = {}
+        if isinstance(previous.get("dtype"), str):  # shards of the last release name dtypes fp32 / fp16 / bf16
+            previous["dtype"] = DTYPE_ALIASES.get(previous["dtype"], previous["dtype"])
         same = {k: v for k, v in settings.items() if k != "pipeline"}
         changed = sorted(k for k in same if previous.get(k) != same[k])
         if changed:
@@ -286,7 +335,55 @@ def sample_chunk(pipe: SDTPipeline, settings: SamplingSettings, indices: np.ndar
     ).images  # [0, 1]
     if images.shape[1] != 3:  # check_image_output should have caught it; never write such a shard
         raise ValueError(f"the pipeline produced {images.shape[1]}-channel images, expected 3")
+    finite = torch.isfinite(images).flatten(1).all(dim=1)
+    if not bool(finite.all()):
+        first = int(indices[int((~finite).nonzero()[0, 0])])
+        raise NonFiniteSampleError(
+            f"sample {first} (class {int(labels[first])}) holds NaN or infinite values ({int((~finite).sum())} of "
+            f"the {len(indices)} samples of its chunk); nothing of the chunk was written. The pipeline's weights may "
+            f"be damaged or diverged, or --guidance-scale {settings.guidance_scale} is too large")
     return to_uint8(images * 2 - 1)
+
+
+def check_finite_weights(pipe: SDTPipeline) -> None:
+    """Refuse a pipeline whose transformer or VAE holds NaN or infinite weights (a diverged or damaged export).
+
+    Raises:
+        ValueError: naming the first such tensor.
+    """
+    for part in ("transformer", "vae"):
+        module = getattr(pipe, part, None)
+        if module is None:
+            continue
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"the pipeline's {part} holds NaN or infinite values in {name}: the export is "
+                                 f"damaged or the training diverged; sample from another checkpoint")
+
+
+def image_side(pipe: SDTPipeline) -> int:
+    """Side in pixels of the images the pipeline makes: the latent side times the VAE's downsampling factor."""
+    side = int(pipe.transformer.config.sample_size)
+    if pipe.vae is not None:
+        side *= 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    return side
+
+
+def check_disk_space(output: Path, num_samples: int, side: int) -> None:
+    """Refuse a run whose shards and npz (twice ``num_samples × side² × 3`` bytes) cannot fit on the output's disk.
+
+    Raises:
+        OSError: naming the bytes needed and free.
+    """
+    need = 2 * num_samples * side * side * 3
+    shards = shard_dir(output)
+    if shards.is_dir():
+        need -= sum(f.stat().st_size for f in shards.glob("chunk-*.npz"))
+    folder = next((p for p in [output.parent, *output.parents] if p.exists()), Path("."))
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise OSError(f"{num_samples} images of {side}×{side} need about {need / 1e9:.3g} GB for the shards and the "
+                      f"npz beside {output}, and {free / 1e9:.3g} GB are free")
 
 
 def run(settings: SamplingSettings, on_chunk: Callable[[int], None] | None = None) -> Path | None:
@@ -310,10 +407,12 @@ def run(settings: SamplingSettings, on_chunk: Callable[[int], None] | None = Non
     settings.check()
     output = Path(settings.output)
     check_writable(output)  # before anything is sampled (raises OSError naming the file)
+    check_output_files(output)
     # several processes without CUDA (``accelerate launch --multi_gpu`` on a CPU machine): gloo on the CPU
     state = PartialState(cpu=cpu_multiprocess())
     pipeline_hash = pipeline_sha256(settings.pipeline) if Path(settings.pipeline).is_dir() else ""
     pipe = prepare_pipeline(settings, state.device)
+    check_disk_space(output, settings.num_samples, image_side(pipe))
     num_classes = pipe.num_classes
     labels = sample_labels(settings.num_samples, num_classes, settings.labels, settings.seed)
     recorded = settings_of(settings, num_classes, pipeline_hash)
@@ -398,31 +497,40 @@ def assemble(output: Path, num_chunks: int, sizes: list[int], labels: np.ndarray
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Flags of ``eval/sample.py``."""
-    p = argparse.ArgumentParser(prog="sample.py",
-                                description="Sample an ADM-format npz from an SDTPipeline (run with accelerate launch).")
+    """Flags of ``sdt-fid-sample`` (``eval/sample.py``)."""
+    p = argparse.ArgumentParser(
+        prog="sdt-fid-sample",
+        description="Sample an ADM-format npz from an SDTPipeline for FID-50K (several processes: run it with "
+                    "accelerate launch). Resumable: rerun the same command after a crash.",
+        epilog="example: sdt-fid-sample --pipeline runs/sdt-p-xl2/pipeline --guidance-scale 1.5 --output samples.npz "
+               "(8 GPUs: accelerate launch --multi_gpu --num_processes 8 -m sdt_diffusion.evaluation.sampling ...)",
+    )
     p.add_argument("--pipeline", required=True,
                    help="an SDTPipeline folder (save_pretrained, the trainer's <output-dir>/pipeline, or sdt-export "
                         "of a checkpoint)")
-    p.add_argument("--num-samples", type=int, default=50_000)
-    p.add_argument("--per-device-batch", type=int, default=32)
-    p.add_argument("--guidance-scale", type=float, default=1.5)
-    p.add_argument("--steps", type=int, default=250)
+    p.add_argument("--num-samples", type=int, default=50_000, help="images to sample (default 50000)")
+    p.add_argument("--per-device-batch", type=int, default=32,
+                   help="images per process and pipeline call; also the chunk size of the shards (default 32)")
+    p.add_argument("--guidance-scale", type=float, default=1.5,
+                   help="classifier-free guidance scale; <= 1 disables guidance (default 1.5)")
+    p.add_argument("--steps", type=int, default=250, help="denoising steps (default 250, DiT's sampler)")
     p.add_argument("--scheduler", choices=SCHEDULER_NAMES, default=None,
                    help="switch the pipeline's scheduler (ddpm: DDPM keeping the pipeline's variance type, ddim, "
                         "dpm: DPM-Solver++); default: the scheduler saved with the pipeline (the trainer exports "
                         "DiT's DDPM sampler)")
-    p.add_argument("--labels", choices=("random", "balanced"), default="random")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--labels", choices=("random", "balanced"), default="random",
+                   help="class labels: uniform random, or every class equally often (default random)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the labels and of every sample's noise, in [0, 2**63 - 1] (default 0)")
     p.add_argument("--output", required=True, help="PATH.npz; shards go to PATH.npz.shards/")
     p.add_argument("--guide-first-3-channels", action="store_true",
                    help="guide only latent channels 0-2, exactly like DiT's published sampler")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
+    add_dtype_argument(p, default="float32", help="dtype the pipeline is loaded and run in")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``eval/sample.py``; returns the exit code (0 ok, 2 bad flags or input, 1 a damaged chunk)."""
+    """Entry point of ``sdt-fid-sample``; returns the exit code (0 ok, 2 bad flags or input, 1 a damaged chunk)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     settings = SamplingSettings(**vars(args))

@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from .dit import DIT_PRESETS, DiTTransformer2DModel, dit_initialize
+from .dit import DIT_PRESETS, DiTTransformer2DModel, dit_initialize, single_label_dropout
 from .transformer_sdt import PRESETS, SDTTransformer2DModel
 
 __all__ = [
@@ -53,7 +53,10 @@ def all_presets() -> list[str]:
 
 def build_transformer(config: dict[str, Any]) -> nn.Module:
     """A freshly initialised model from ``config``; its ``_class_name`` (a key of :data:`MODEL_CLASSES`, as in
-    diffusers' saved configs) picks the class, ``SDTTransformer2DModel`` when absent."""
+    diffusers' saved configs) picks the class, ``SDTTransformer2DModel`` when absent.
+
+    Every model drops class labels once per sample and forward (DiT's label dropout): SDT-P by construction,
+    diffusers' DiT through :func:`~sdt_diffusion.models.dit.single_label_dropout`."""
     config = dict(config)
     model_class = config.pop("_class_name", "SDTTransformer2DModel")
     try:
@@ -61,7 +64,9 @@ def build_transformer(config: dict[str, Any]) -> nn.Module:
     except KeyError:
         raise ValueError(f"unknown model class {model_class!r}; choose one of {sorted(MODEL_CLASSES)}") from None
     model = cls(**{k: v for k, v in config.items() if not k.startswith("_")})
-    return dit_initialize(model) if cls is DiTTransformer2DModel else model
+    if cls is DiTTransformer2DModel:
+        return single_label_dropout(dit_initialize(model))
+    return model
 
 
 def num_classes_of(transformer: nn.Module) -> int:

@@ -12,8 +12,15 @@ classification code, which the paper says it is aligned with):
 
 The attention is :class:`~sdt_diffusion.models.SpatialDecayAttention`, the same module SDT-P uses
 (eq. 4-13), with one decay mode per stage (default: decomposed, eq. 11-12, in stages 1-2 and CDSF,
-eq. 8-9, in stages 3-4).  RoPE tables, threshold codes and the attention backend are built once per
-stage and forward from the actual feature-map size, so any input whose sides are multiples of 32 works.
+eq. 8-9, in stages 3-4).
+
+The same class builds RMT (Fan et al., "RMT: Retentive Networks Meet Vision Transformers"), the paper's baseline,
+from RMT's own choices where they differ: the presets ``RMT-T`` / ``RMT-S`` / ``RMT-B`` (RMT's released
+``RMT_T3`` / ``RMT_S`` / ``RMT_M2``) have the data-independent decay in every stage (``fixed_decomposed`` where
+RMT decomposes, ``fixed`` elsewhere), RoPE on the raster index (``rope_layout="1d"``) and no output gate
+(``gate_rank=0``); their parameter counts equal those of RMT's code.  Each stage's :class:`~sdt_diffusion.attention.grid.GridContext` (RoPE tables, the
+attention backend and the grid tensors it reads) is built once per stage and forward from the actual
+feature-map size, so any input whose sides are multiples of 32 works.
 
 :class:`SDTH` is the one implementation.  It carries timm's model API (``forward_features``,
 ``forward_head``, ``forward_intermediates``, ...) without importing timm; :mod:`.sdt_h_timm` registers it
@@ -26,15 +33,16 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ..attention import spatial_decay as eq
-from ..attention.backends import AttentionBackend, available_backends, resolve_backend, resolve_backend_name
+from ..attention.backends import check_backend_name
+from ..attention.grid import GridContext
 from ..attention.modes import decay_mode as get_decay_mode
+from ..attention.spatial_decay import ROPE_HEAD_MULTIPLE, check_rope_layout
 from .spatial_decay_attention import SpatialDecayAttention
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -63,20 +71,45 @@ SDT_H_PRESETS: dict[str, dict[str, Any]] = {
         gate_rank=4, decay_modes=DEFAULT_DECAY_MODES,
     ),
 }
+# RMT's released classification models (qhfan/RMT, ``classfication_release/RMT.py``: RMT_T3, RMT_S, RMT_M2), built by
+# the same SDTH: widths, depths, heads, MLP ratios, drop path, layer scale and the gamma schedule (init 2, heads
+# ranges) as RMT's; the fixed decay in every stage, decomposed (``chunkwise_recurrent=True``) in stages 1-2 of RMT-T
+# and 1-3 of RMT-S / RMT-B; RoPE on the raster index; no output gate.  Their parameter counts equal RMT's code:
+# 14,334,216 / 26,967,240 / 54,154,896.
+RMT_PRESETS: dict[str, dict[str, Any]] = {
+    "RMT-T": dict(
+        embed_dims=(64, 128, 256, 512), depths=(2, 2, 8, 2), num_heads=(4, 4, 8, 16), mlp_ratios=(3.0, 3.0, 3.0, 3.0),
+        drop_path_rate=0.1, layer_scale_init_values=(None, None, None, None), fixed_decay_ranges=(4.0, 4.0, 6.0, 6.0),
+        gate_rank=0, decay_modes=("fixed_decomposed", "fixed_decomposed", "fixed", "fixed"), rope_layout="1d",
+    ),
+    "RMT-S": dict(
+        embed_dims=(64, 128, 256, 512), depths=(3, 4, 18, 4), num_heads=(4, 4, 8, 16), mlp_ratios=(4.0, 4.0, 3.0, 3.0),
+        drop_path_rate=0.15, layer_scale_init_values=(None, None, None, None), fixed_decay_ranges=(4.0, 4.0, 6.0, 6.0),
+        gate_rank=0, decay_modes=("fixed_decomposed",) * 3 + ("fixed",), rope_layout="1d",
+    ),
+    "RMT-B": dict(
+        embed_dims=(80, 160, 320, 512), depths=(4, 8, 25, 8), num_heads=(5, 5, 10, 16), mlp_ratios=(4.0, 4.0, 3.0, 3.0),
+        drop_path_rate=0.4, layer_scale_init_values=(None, None, 1e-6, 1e-6), fixed_decay_ranges=(5.0, 5.0, 6.0, 6.0),
+        gate_rank=0, decay_modes=("fixed_decomposed",) * 3 + ("fixed",), rope_layout="1d",
+    ),
+}
+SDT_H_PRESETS.update(RMT_PRESETS)  # one table for every caller (trainer --model, timm names, classifier)
 # Per-stage sequence fields: one entry per stage.
 STAGE_FIELDS = ("embed_dims", "depths", "num_heads", "mlp_ratios", "decay_modes", "layer_scale_init_values",
                 "fixed_decay_ranges")
 
 
 # timm's names of the presets (``timm.create_model("sdt_h_tiny")``), one table for every caller.
-TIMM_NAMES: dict[str, str] = {"SDT-H-T": "sdt_h_tiny", "SDT-H-S": "sdt_h_small", "SDT-H-B": "sdt_h_base"}
+TIMM_NAMES: dict[str, str] = {"SDT-H-T": "sdt_h_tiny", "SDT-H-S": "sdt_h_small", "SDT-H-B": "sdt_h_base",
+                              "RMT-T": "rmt_tiny", "RMT-S": "rmt_small", "RMT-B": "rmt_base"}
 PRESET_OF_TIMM_NAME: dict[str, str] = {timm_name: preset for preset, timm_name in TIMM_NAMES.items()}
 
 
 def sdt_h_preset(name: str) -> dict[str, Any]:
-    """The keyword arguments of preset ``name`` (``"SDT-H-T"``, ``"SDT-H-S"``, ``"SDT-H-B"``)."""
+    """The keyword arguments of preset ``name`` (``"SDT-H-T"``, ``"SDT-H-S"``, ``"SDT-H-B"``, or RMT's
+    ``"RMT-T"``, ``"RMT-S"``, ``"RMT-B"``)."""
     if name not in SDT_H_PRESETS:
-        raise ValueError(f"unknown SDT-H preset {name!r}; choose one of {sorted(SDT_H_PRESETS)}")
+        raise ValueError(f"unknown SDT-H preset {name!r}; choose one of {list(SDT_H_PRESETS)}")
     return dict(SDT_H_PRESETS[name])
 
 
@@ -118,15 +151,6 @@ def init_sdt_h_module(module: nn.Module, std: float = 0.02) -> None:
 
 
 # ------------------------------------------------------------------------------------------ layers
-class StageContext(NamedTuple):
-    """Built once per stage and forward from the feature-map size, shared by the stage's blocks."""
-
-    rope: tuple[Tensor, Tensor] | None  # spatial_decay.rope_tables (cos, sin), each (L, d)
-    backend: AttentionBackend
-    codes: Tensor | None  # spatial_decay.threshold_codes, for the augmented backend
-    distance: Tensor | None  # spatial_decay.manhattan_distance, for the dense backend
-
-
 def drop_path(x: Tensor, rate: float, training: bool) -> Tensor:
     """Stochastic depth: zero whole samples of a residual branch with probability ``rate``, rescale the rest."""
     if rate == 0.0 or not training:
@@ -170,6 +194,7 @@ class SDTHBlock(nn.Module):
         drop_path_rate: float, layer_scale_init_value: float | None, lpe_kernel_size: int, use_rope: bool,
         fixed_decay_init: float, fixed_decay_range: float, layer_norm_eps: float,
     ) -> None:
+        """One block; ``gate_rank=0`` builds the attention without an output gate (RMT's)."""
         super().__init__()
         self.cpe = DWConv3x3(dim)
         self.norm1 = nn.LayerNorm(dim, eps=layer_norm_eps)
@@ -187,11 +212,11 @@ class SDTHBlock(nn.Module):
         else:
             self.gamma_1 = self.gamma_2 = None
 
-    def forward(self, x: Tensor, ctx: StageContext) -> Tensor:
-        """x: (B, H, W, C) channels-last; ctx: the stage's RoPE tables, backend and grid tensors."""
+    def forward(self, x: Tensor, context: GridContext) -> Tensor:
+        """x: (B, H, W, C) channels-last; context: the stage's grid context (RoPE tables, backend, grid tensors)."""
         b, h, w, c = x.shape
         x = x + self.cpe(x)
-        attn = self.attn(self.norm1(x).reshape(b, h * w, c), h, w, ctx.rope, ctx.backend, ctx.codes, ctx.distance)
+        attn = self.attn(self.norm1(x).reshape(b, h * w, c), context)
         attn = attn.reshape(b, h, w, c)
         if self.gamma_1 is not None:
             attn = self.gamma_1 * attn
@@ -262,24 +287,25 @@ def check_sdt_h_args(**args: Any) -> dict[str, Any]:
         except ValueError as err:
             raise ValueError(f"decay_modes[{i}]: {err}") from None
     use_rope = args.get("use_rope", True)
+    layout = check_rope_layout(args.get("rope_layout", "2d"))
+    multiple = ROPE_HEAD_MULTIPLE[layout]
     for i, (dim, heads, depth) in enumerate(zip(embed_dims, out["num_heads"], out["depths"])):
         if not isinstance(dim, int) or not isinstance(heads, int) or dim <= 0 or heads <= 0 or dim % heads:
             raise ValueError(f"embed_dims[{i}]={dim!r} must be a positive multiple of num_heads[{i}]={heads!r}")
-        if use_rope and (dim // heads) % 4:
-            raise ValueError(f"2D RoPE needs a head width divisible by 4; stage {i} has {dim}/{heads} = "
-                             f"{dim // heads} (embed_dims[{i}] / num_heads[{i}])")
+        if use_rope and (dim // heads) % multiple:
+            raise ValueError(f"{layout.upper()} RoPE needs a head width divisible by {multiple}; stage {i} has "
+                             f"{dim}/{heads} = {dim // heads} (embed_dims[{i}] / num_heads[{i}])")
         if not isinstance(depth, int) or depth < 0:
             raise ValueError(f"depths[{i}] must be an integer >= 0, got {depth!r}")
     if not 0.0 <= args.get("drop_path_rate", 0.0) < 1.0:
         raise ValueError(f"drop_path_rate must lie in [0, 1), got {args['drop_path_rate']}")
-    if args.get("gate_rank", 1) < 1:
-        raise ValueError(f"gate_rank must be >= 1, got {args['gate_rank']}")
+    gate_rank = args.get("gate_rank", 1)
+    if not isinstance(gate_rank, int) or isinstance(gate_rank, bool) or gate_rank < 0:
+        raise ValueError(f"gate_rank must be an integer >= 0 (0: no output gate, as RMT), got {gate_rank!r}")
     for name, low in (("num_labels", 0), ("num_channels", 1), ("head_hidden_size", 1)):
         if name in args and (not isinstance(args[name], int) or args[name] < low):
             raise ValueError(f"{name} must be an integer >= {low}, got {args[name]!r}")
-    backend = args.get("attention_backend", "auto")
-    if backend not in available_backends():
-        raise ValueError(f"attention_backend must be one of {available_backends()}, got {backend!r}")
+    check_backend_name(args.get("attention_backend", "auto"))
     return out
 
 
@@ -290,25 +316,28 @@ class SDTH(nn.Module):
         embed_dims: width of each stage.
         depths: blocks per stage.
         num_heads: attention heads per stage (head width ``embed_dims[i] / num_heads[i]``, a multiple of 4
-            for 2D RoPE).
+            for 2D RoPE, of 2 for 1D RoPE).
         mlp_ratios: FFN hidden width / width, per stage.
         decay_modes: decay per stage: ``"decomposed"`` (eq. 11-12), ``"cdsf"`` (eq. 8-9), ``"none"``,
-            ``"fixed"`` (RMT), ``"1d"`` or ``"bidirectional"`` (eq. 6).
+            ``"fixed"`` (RMT), ``"fixed_decomposed"`` (RMT's decomposed decay), ``"1d"`` or ``"bidirectional"``
+            (eq. 6).
         alpha: CDSF scale (eq. 8), 0.1 as in the paper.
         drop_path_rate: stochastic depth of the last block; linear from 0 over all blocks.
         layer_scale_init_values: per stage, the initial layer-scale value, or None for no layer scale.
-        gate_rank: rank r of the low-rank output gate ``U = sigma(X W_u1) W_u2``.
+        gate_rank: rank r of the low-rank output gate ``U = sigma(X W_u1) W_u2``; 0: no output gate (RMT).
         head_hidden_size: width of the head's projection before pooling (1024 as in RMT).
         num_labels: classes of the classifier; 0 gives pooled features (``fc`` is Identity).
         num_channels: input channels.
         lpe_kernel_size: kernel of the depthwise LPE on V (5 as in RMT).
-        use_rope: 2D axial RoPE on Q and K.
+        use_rope: RoPE on Q and K.
         rope_base: RoPE frequency base.
+        rope_layout: ``"2d"`` (axial 2D RoPE: half the rotary slots carry the row, half the column; SDT's) or
+            ``"1d"`` (RMT's RoPE on the raster index ``h * W + w``); docs/sdt_h.md, "RoPE layout".
         fixed_decay_init, fixed_decay_ranges: RMT's gamma schedule for stages with ``decay_mode="fixed"``
             (one range per stage).
         layer_norm_eps: LayerNorm epsilon (1e-6 as in RMT).
-        attention_backend: ``"auto"`` (fused exact backend where the decay allows), ``"math"``, ``"sdpa"``,
-            ``"augmented"``, ``"flex"`` or a registered backend.
+        attention_backend: ``"auto"`` (per stage, the fastest exact backend for the device, decay and grid) or a
+            name of ``sdt_diffusion.attention.available_backends()`` (docs/sdt_h.md, "Attention backends").
         initializer_range: std of the truncated-normal Linear init.
     """
 
@@ -329,6 +358,7 @@ class SDTH(nn.Module):
         lpe_kernel_size: int = 5,
         use_rope: bool = True,
         rope_base: float = 10000.0,
+        rope_layout: str = "2d",
         fixed_decay_init: float = 2.0,
         fixed_decay_ranges: Sequence[float] = (4.0, 4.0, 6.0, 6.0),
         layer_norm_eps: float = 1e-6,
@@ -339,8 +369,9 @@ class SDTH(nn.Module):
         args = check_sdt_h_args(
             embed_dims=embed_dims, depths=depths, num_heads=num_heads, mlp_ratios=mlp_ratios, decay_modes=decay_modes,
             layer_scale_init_values=layer_scale_init_values, fixed_decay_ranges=fixed_decay_ranges,
-            drop_path_rate=drop_path_rate, gate_rank=gate_rank, use_rope=use_rope, num_labels=num_labels,
-            num_channels=num_channels, head_hidden_size=head_hidden_size, attention_backend=attention_backend,
+            drop_path_rate=drop_path_rate, gate_rank=gate_rank, use_rope=use_rope, rope_layout=rope_layout,
+            num_labels=num_labels, num_channels=num_channels, head_hidden_size=head_hidden_size,
+            attention_backend=attention_backend,
         )
         embed_dims, depths, num_heads, mlp_ratios = (args[k] for k in ("embed_dims", "depths", "num_heads", "mlp_ratios"))
         decay_modes, layer_scale_init_values = args["decay_modes"], args["layer_scale_init_values"]
@@ -349,7 +380,7 @@ class SDTH(nn.Module):
 
         self.embed_dims, self.depths, self.num_heads = embed_dims, depths, num_heads
         self.decay_modes = decay_modes
-        self.use_rope, self.rope_base = use_rope, rope_base
+        self.use_rope, self.rope_base, self.rope_layout = use_rope, rope_base, rope_layout
         self.attention_backend = attention_backend
         self.num_channels = num_channels
         self.num_classes = num_labels
@@ -387,7 +418,7 @@ class SDTH(nn.Module):
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> SDTH:
-        """Build ``SDT-H-T``, ``SDT-H-S`` or ``SDT-H-B``; keyword arguments override the preset's."""
+        """Build a preset (``SDT-H-T/S/B`` or RMT's ``RMT-T/S/B``); keyword arguments override the preset's."""
         return cls(**{**sdt_h_preset(name), **overrides})
 
     # ---------------------------------------------------------------------------------- helpers
@@ -398,8 +429,7 @@ class SDTH(nn.Module):
 
     def set_attention_backend(self, backend: str) -> None:
         """Run every stage's attention with ``backend`` (``"auto"`` picks per stage and device)."""
-        if backend not in available_backends():
-            raise ValueError(f"backend must be one of {available_backends()}, got {backend!r}")
+        check_backend_name(backend, "backend")
         self.attention_backend = backend
 
     def check_pixel_values(self, x: Tensor) -> None:
@@ -417,22 +447,14 @@ class SDTH(nn.Module):
         if not x.is_floating_point():
             raise ValueError(f"pixel values must be floating point, got {x.dtype}")
 
-    def _stage_context(self, i: int, height: int, width: int, x: Tensor) -> StageContext:
-        """What every block of stage ``i`` shares on an ``height`` x ``width`` map of ``x``: RoPE tables, the
-        attention backend and what it reads of the grid (threshold codes for ``augmented``, the distance matrix
-        for ``dense``), built once per stage and forward."""
-        mode = self.decay_modes[i]
-        rope = None
-        if self.use_rope:
-            head_dim = self.embed_dims[i] // self.num_heads[i]
-            angles = eq.rope_2d_angles(height, width, head_dim, self.rope_base, x.device)
-            rope = eq.rope_tables(angles.to(torch.promote_types(x.dtype, torch.float32)))  # float64 in a float64 model
-        name = resolve_backend_name(self.attention_backend, x.device, mode, height * width)
-        backend = resolve_backend(name, x.device, mode)
-        low_rank = get_decay_mode(mode).low_rank
-        codes = eq.threshold_codes(height, width, x.device) if low_rank and name != "dense" else None
-        distance = eq.manhattan_distance(height, width, x.device) if low_rank and name == "dense" else None
-        return StageContext(rope, backend, codes, distance)
+    def _stage_context(self, i: int, height: int, width: int, x: Tensor) -> GridContext:
+        """What every block of stage ``i`` shares on an ``height`` x ``width`` map of ``x`` (RoPE tables, the
+        attention backend and what it reads of the grid), built once per stage and forward."""
+        return GridContext.build(
+            height, width, head_dim=self.embed_dims[i] // self.num_heads[i], decay_mode=self.decay_modes[i],
+            backend=self.attention_backend, device=x.device, dtype=x.dtype, use_rope=self.use_rope,
+            rope_base=self.rope_base, rope_layout=self.rope_layout,
+        )
 
     def _run_stage(self, i: int, x: Tensor) -> Tensor:
         """Stage ``i`` on NCHW ``x``: downsample (NCHW), blocks (NHWC); returns NCHW."""
@@ -440,13 +462,13 @@ class SDTH(nn.Module):
         if stage.downsample is not None:
             x = stage.downsample(x)
         _, _, h, w = x.shape
-        ctx = self._stage_context(i, h, w, x)
+        context = self._stage_context(i, h, w, x)
         x = x.permute(0, 2, 3, 1)
         for block in stage.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, ctx, use_reentrant=False)
+                x = checkpoint(block, x, context, use_reentrant=False)
             else:
-                x = block(x, ctx)
+                x = block(x, context)
         return x.permute(0, 3, 1, 2)
 
     def forward_stages(self, x: Tensor) -> list[Tensor]:
@@ -583,15 +605,11 @@ class SDTH(nn.Module):
         return dict(stem=r"^stem", blocks=[(r"^stages\.(\d+)\.downsample", (0,)), (r"^stages\.(\d+)\.blocks\.(\d+)", None)])
 
 
-def count_parameters(model: nn.Module) -> int:
-    """Trainable parameters of ``model``."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 def sdt_h_extra_parameters(embed_dims: Sequence[int], depths: Sequence[int], num_heads: Sequence[int],
                            decay_modes: Sequence[str], gate_rank: int) -> int:
     """Parameters SDT-H adds to RMT's architecture: W_g (with bias; two per head for ``decomposed``, none for
-    ``none``/``fixed``) and the low-rank output gate W_u1, W_u2 (2 D r, no bias)."""
+    ``none``/``fixed``/``fixed_decomposed``) and the low-rank output gate W_u1, W_u2 (2 D r, no bias; none for
+    ``gate_rank=0``)."""
     total = 0
     for dim, depth, heads, mode in zip(embed_dims, depths, num_heads, decay_modes):
         outputs = get_decay_mode(mode).gate_outputs * heads
@@ -605,9 +623,9 @@ __all__ = [
     "IMAGENET_STD",
     "SDTH",
     "PRESET_OF_TIMM_NAME",
+    "RMT_PRESETS",
     "SDT_H_PRESETS",
     "TIMM_NAMES",
-    "count_parameters",
     "init_sdt_h_module",
     "sdt_h_extra_parameters",
     "sdt_h_preset",

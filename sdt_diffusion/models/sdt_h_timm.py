@@ -1,6 +1,7 @@
-"""SDT-H in timm: ``sdt_h_tiny``, ``sdt_h_small`` and ``sdt_h_base`` for ``timm.create_model``.
+"""SDT-H in timm: ``sdt_h_tiny``, ``sdt_h_small`` and ``sdt_h_base`` for ``timm.create_model``, and the RMT
+baselines built by the same code: ``rmt_tiny``, ``rmt_small`` and ``rmt_base`` (RMT's RMT_T3 / RMT_S / RMT_M2).
 
-Importing this module (``import sdt_diffusion`` does it when timm is installed) registers the three models.
+Importing this module (``import sdt_diffusion`` does it when timm is installed) registers the six models.
 They are :class:`~sdt_diffusion.models.sdt_h.SDTH` built through timm's ``build_model_with_cfg``, so
 ``features_only=True`` (multi-scale NCHW maps through ``forward_intermediates``), ``pretrained_cfg`` and
 ``timm.data.resolve_data_config`` work as for timm's own models.  Architecture keyword arguments have the
@@ -80,4 +81,22 @@ def sdt_h_base(pretrained: bool = False, **kwargs: Any) -> SDTH:
     return _create("sdt_h_base", pretrained, **kwargs)
 
 
-__all__ = ["default_cfgs", "sdt_h_base", "sdt_h_small", "sdt_h_tiny"]
+@register_model
+def rmt_tiny(pretrained: bool = False, **kwargs: Any) -> SDTH:
+    """RMT-T (RMT's RMT_T3) built by SDT-H's code: 14,334,216 parameters, as RMT's own."""
+    return _create("rmt_tiny", pretrained, **kwargs)
+
+
+@register_model
+def rmt_small(pretrained: bool = False, **kwargs: Any) -> SDTH:
+    """RMT-S (RMT's RMT_S) built by SDT-H's code: 26,967,240 parameters, as RMT's own."""
+    return _create("rmt_small", pretrained, **kwargs)
+
+
+@register_model
+def rmt_base(pretrained: bool = False, **kwargs: Any) -> SDTH:
+    """RMT-B (RMT's RMT_M2) built by SDT-H's code: 54,154,896 parameters, as RMT's own."""
+    return _create("rmt_base", pretrained, **kwargs)
+
+
+__all__ = ["default_cfgs", "rmt_base", "rmt_small", "rmt_tiny", "sdt_h_base", "sdt_h_small", "sdt_h_tiny"]

@@ -56,7 +56,7 @@ class SDTHConfig(BackboneConfigMixin, PretrainedConfig):
     The architecture fields are the keyword arguments of :class:`~sdt_diffusion.models.sdt_h.SDTH` (see it
     for their meaning): ``embed_dims``, ``depths``, ``num_heads``, ``mlp_ratios``, ``decay_modes`` (one per
     stage), ``alpha``, ``drop_path_rate``, ``layer_scale_init_values``, ``gate_rank``, ``head_hidden_size``,
-    ``num_channels``, ``lpe_kernel_size``, ``use_rope``, ``rope_base``, ``fixed_decay_init``,
+    ``num_channels``, ``lpe_kernel_size``, ``use_rope``, ``rope_base``, ``rope_layout``, ``fixed_decay_init``,
     ``fixed_decay_ranges``, ``layer_norm_eps``, ``attention_backend``, ``initializer_range``; ``num_labels``
     (or ``id2label``) sets the classes.  For :class:`SDTHBackbone`, ``out_features`` / ``out_indices``
     select among ``stage_names = ["stem", "stage1", ..., "stage4"]`` (transformers' convention: index 0
@@ -81,6 +81,7 @@ class SDTHConfig(BackboneConfigMixin, PretrainedConfig):
         lpe_kernel_size: int = 5,
         use_rope: bool = True,
         rope_base: float = 10000.0,
+        rope_layout: str = "2d",
         fixed_decay_init: float = 2.0,
         fixed_decay_ranges: Sequence[float] = (4.0, 4.0, 6.0, 6.0),
         layer_norm_eps: float = 1e-6,
@@ -96,8 +97,8 @@ class SDTHConfig(BackboneConfigMixin, PretrainedConfig):
         args = check_sdt_h_args(
             embed_dims=embed_dims, depths=depths, num_heads=num_heads, mlp_ratios=mlp_ratios, decay_modes=decay_modes,
             layer_scale_init_values=layer_scale_init_values, fixed_decay_ranges=fixed_decay_ranges,
-            drop_path_rate=drop_path_rate, gate_rank=gate_rank, use_rope=use_rope, num_channels=num_channels,
-            head_hidden_size=head_hidden_size, attention_backend=attention_backend,
+            drop_path_rate=drop_path_rate, gate_rank=gate_rank, use_rope=use_rope, rope_layout=rope_layout,
+            num_channels=num_channels, head_hidden_size=head_hidden_size, attention_backend=attention_backend,
         )
         self.embed_dims = list(args["embed_dims"])
         self.depths = list(args["depths"])
@@ -113,6 +114,7 @@ class SDTHConfig(BackboneConfigMixin, PretrainedConfig):
         self.lpe_kernel_size = lpe_kernel_size
         self.use_rope = use_rope
         self.rope_base = rope_base
+        self.rope_layout = rope_layout
         self.fixed_decay_init = fixed_decay_init
         self.fixed_decay_ranges = list(args["fixed_decay_ranges"])
         self.layer_norm_eps = layer_norm_eps
@@ -124,7 +126,8 @@ class SDTHConfig(BackboneConfigMixin, PretrainedConfig):
 
     @classmethod
     def from_preset(cls, name: str, **kwargs: Any) -> SDTHConfig:
-        """The config of ``SDT-H-T``, ``SDT-H-S`` or ``SDT-H-B``; keyword arguments override the preset's."""
+        """The config of a preset (``SDT-H-T/S/B``, or RMT's ``RMT-T/S/B`` built by the same code); keyword arguments
+        override the preset's."""
         return cls(**{**sdt_h_preset(name), **kwargs})
 
     def sdt_h_kwargs(self) -> dict[str, Any]:
@@ -135,7 +138,7 @@ class SDTHConfig(BackboneConfigMixin, PretrainedConfig):
             layer_scale_init_values=self.layer_scale_init_values, gate_rank=self.gate_rank,
             head_hidden_size=self.head_hidden_size, num_channels=self.num_channels,
             lpe_kernel_size=self.lpe_kernel_size, use_rope=self.use_rope, rope_base=self.rope_base,
-            fixed_decay_init=self.fixed_decay_init, fixed_decay_ranges=self.fixed_decay_ranges,
+            rope_layout=self.rope_layout, fixed_decay_init=self.fixed_decay_init, fixed_decay_ranges=self.fixed_decay_ranges,
             layer_norm_eps=self.layer_norm_eps, attention_backend=self.attention_backend,
             initializer_range=self.initializer_range,
         )

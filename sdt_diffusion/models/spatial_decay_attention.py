@@ -1,8 +1,9 @@
 """Spatial Decay Attention (paper eq. 4-13): the one attention module every SDT model uses.
 
-SDT-P (``SDTTransformer2DModel``) runs it on a fixed token grid per forward; the module itself builds
-nothing that depends on the grid size except from the ``height``/``width`` it is given, so it runs on any
-grid, square or not.
+SDT-P (``SDTTransformer2DModel``) and SDT-H (``SDTH``) run it on the token grid of one
+:class:`~sdt_diffusion.attention.grid.GridContext`, built once per grid and forward by the model and passed to
+every block: the grid size, the RoPE tables, the attention backend and the grid tensors that backend reads.  The
+module builds nothing that depends on the grid size itself, so it runs on any grid, square or not.
 
 Two forward paths compute the same function (tests compare them in float64, outputs and gradients):
 
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 
 from ..attention import kernels
 from ..attention import spatial_decay as eq
-from ..attention.backends import AttentionBackend
+from ..attention.grid import GridContext
 from ..attention.modes import DecayInputs
 from ..attention.modes import decay_mode as decay_mode_spec
 
@@ -42,6 +43,8 @@ class SpatialDecayAttention(nn.Module):
         use_rope: bool = True,
         fixed_decay_init: float = 2.0,
         fixed_decay_range: float = 4.0,
+        use_lpe: bool = True,
+        use_output_gate: bool = True,
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
@@ -59,9 +62,15 @@ class SpatialDecayAttention(nn.Module):
             self.register_buffer("log_gamma", self.fixed_log_gamma(), persistent=False)
         else:
             self.log_gamma = None
-        self.lpe = nn.Conv2d(dim, dim, lpe_kernel_size, padding=lpe_kernel_size // 2, groups=dim)
-        self.gate_down = nn.Linear(dim, gate_rank, bias=False)  # W_u1
-        self.gate_up = nn.Linear(gate_rank, dim, bias=False)  # W_u2
+        # LPE(V) (eq. 13) and the output gate U (eq. 13) can each be switched off: without them the layer is
+        # softmax(R(Q) R(K)^T / sqrt(d) + M) V followed by the output projection.  gate_rank=0 also builds no
+        # gate (RMT's attention).
+        if gate_rank < 0:
+            raise ValueError(f"gate_rank must be >= 0 (0: no output gate), got {gate_rank}")
+        self.lpe = nn.Conv2d(dim, dim, lpe_kernel_size, padding=lpe_kernel_size // 2, groups=dim) if use_lpe else None
+        gated = use_output_gate and gate_rank > 0
+        self.gate_down = nn.Linear(dim, gate_rank, bias=False) if gated else None  # W_u1
+        self.gate_up = nn.Linear(gate_rank, dim, bias=False) if gated else None  # W_u2
         self.proj = nn.Linear(dim, dim)
         self.reference_path = False  # True: the plain layer-by-layer forward (see the module docstring)
 
@@ -69,38 +78,47 @@ class SpatialDecayAttention(nn.Module):
         """RMT's per-head ``log gamma_h`` for ``decay_mode="fixed"`` (the non-persistent ``log_gamma`` buffer's value)."""
         return eq.rmt_log_gamma(self.num_heads, self.fixed_decay_init, self.fixed_decay_range)
 
-    def decay_inputs(self, x: Tensor, height: int, width: int, codes: Tensor | None = None) -> DecayInputs:
+    def decay_inputs(self, x: Tensor, height: int, width: int, codes: Tensor | None = None,
+                     distance: Tensor | None = None) -> DecayInputs:
         """Gates and constants the decay variant needs for input ``x`` (B, L, D).
 
-        ``codes``: the grid's ``threshold_codes`` when already computed (the fused backend needs them).
+        ``codes``, ``distance``: the grid's ``threshold_codes`` / ``manhattan_distance`` when already computed
+        (a :class:`GridContext` carries those its backend reads); a backend given none builds its own.
         """
-        return self._decay_from_logits(None if self.gate is None else self.gate(x), height, width, codes, None)
+        gate_logits = None if self.gate is None else self.gate(x)
+        return self._decay_from_logits(gate_logits, height, width, codes, distance)
 
-    def _input_projections(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
-        """``(X W_qk, X W_v, X W_g, X W_u1)`` (B, L, .) views; one GEMM when the weights allow it.
+    def _input_projections(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """``(X W_qk, X W_v, X W_g, X W_u1)`` (B, L, .) views (``None`` for a part switched off); one GEMM when the
+        weights allow it.
 
         The weights are concatenated per call (state-dict keys unchanged); when they differ in dtype or device
         (e.g. ``enable_layerwise_casting`` stores some in another dtype and casts them in hooks around each
         layer), the layers are called one by one so that their hooks run.
         """
         dim = self.qkv.out_features // 3
-        layers = [self.qkv] + ([self.gate] if self.gate is not None else []) + [self.gate_down]
+        extra = [layer for layer in (self.gate, self.gate_down) if layer is not None]
+        layers = [self.qkv, *extra]
         weights = [layer.weight for layer in layers]
         dtype = weights[0].dtype
         same = all(w.dtype == dtype and w.device == x.device for w in weights) and not any(map(_hooked, layers))
-        if same and dtype.is_floating_point and dtype.itemsize >= 2 and (
+        if extra and same and dtype.is_floating_point and dtype.itemsize >= 2 and (
             dtype == x.dtype or torch.is_autocast_enabled(x.device.type)
         ):
             biases = [self.qkv.bias] + ([self.gate.bias] if self.gate is not None else [])
-            bias = torch.cat([*biases, biases[0].new_zeros(self.gate_down.out_features)])
+            if self.gate_down is not None:
+                biases.append(biases[0].new_zeros(self.gate_down.out_features))
+            bias = torch.cat(biases)
             sizes = [2 * dim, dim] + [w.shape[0] for w in weights[1:]]
             parts = F.linear(x, torch.cat(weights), bias).split(sizes, dim=-1)
         else:
-            parts = (*self.qkv(x).split([2 * dim, dim], dim=-1), *(layer(x) for layer in layers[1:]))
-        qk, v, *gate_logits, u = parts
+            parts = (*self.qkv(x).split([2 * dim, dim], dim=-1), *(layer(x) for layer in extra))
+        qk, v, *rest = parts
+        gate_logits = rest.pop(0) if self.gate is not None else None
+        u = rest.pop(0) if self.gate_down is not None else None
         # The gate logits are copied out of the projection's output: autograd keeps the input of log sigma for
         # the backward pass, and a view would keep the whole (B, L, 3D + ...) output alive.
-        return qk, v, (gate_logits[0].contiguous() if gate_logits else None), u
+        return qk, v, (gate_logits.contiguous() if gate_logits is not None else None), u
 
     def _decay_from_logits(self, gate_logits: Tensor | None, height: int, width: int, codes: Tensor | None,
                            distance: Tensor | None) -> DecayInputs:
@@ -114,59 +132,70 @@ class SpatialDecayAttention(nn.Module):
             decay.gates = eq.context_aware_gates(gate_logits)  # eq. 4-5
         return decay
 
-    def _lpe(self, v: Tensor, height: int, width: int) -> Tensor:
-        """LPE(V) of contiguous token-major V (B, L, C) (eq. 13)."""
+    def _lpe(self, v: Tensor, height: int, width: int) -> Tensor | None:
+        """LPE(V) of contiguous token-major V (B, L, C) (eq. 13); ``None`` with LPE switched off."""
         lpe = self.lpe
+        if lpe is None:
+            return None
         if lpe.weight.dtype == v.dtype and lpe.weight.device == v.device and lpe.padding_mode == "zeros" and not _hooked(lpe):
             return kernels.depthwise_conv_tokens(v, self.lpe.weight, self.lpe.bias, height, width)
         return eq.local_position_encoding_tokens(v, self.lpe, height, width)  # e.g. layerwise casting hooks
 
-    def forward(
-        self, x: Tensor, height: int, width: int, rope: tuple[Tensor, Tensor] | None, backend: AttentionBackend,
-        codes: Tensor | None = None, distance: Tensor | None = None,
-    ) -> Tensor:
-        """Spatial Decay Attention of tokens ``x`` (B, L, D) on an ``height`` x ``width`` grid (eq. 4-13).
+    def _check_context(self, x: Tensor, context: GridContext) -> None:
+        """A ``ValueError`` naming the mismatch when ``context`` was built for another grid, variant or head width."""
+        if not isinstance(context, GridContext):
+            raise ValueError(f"context must be a GridContext (GridContext.build), got {type(context).__name__}")
+        if context.decay_mode != self.decay_mode:
+            raise ValueError(f"the grid context was built for decay_mode {context.decay_mode!r}, but this layer's "
+                             f"decay_mode is {self.decay_mode!r}")
+        if x.shape[1] != context.tokens:
+            raise ValueError(f"x has {x.shape[1]} tokens but the grid context is {context.height} x {context.width}")
+        if self.use_rope and context.rope is not None and context.rope[0].shape[-1] != self.head_dim:
+            raise ValueError(f"the grid context's RoPE tables are {context.rope[0].shape[-1]} wide, but this layer's "
+                             f"head width is {self.head_dim}")
 
-        Args:
-            rope: ``spatial_decay.rope_tables`` (cos, sin), each (L, d), or None for no RoPE.
-            backend: an attention backend ``(q, k, v, decay) -> out``.
-            codes: optional ``spatial_decay.threshold_codes`` of the grid, shared by all layers.
-            distance: optional ``spatial_decay.manhattan_distance`` of the grid, shared by all layers.
+    def forward(self, x: Tensor, context: GridContext) -> Tensor:
+        """Spatial Decay Attention of tokens ``x`` (B, L, D) on the grid of ``context`` (eq. 4-13).
+
+        ``context`` (:meth:`GridContext.build`, once per grid and forward) carries the grid size, the RoPE
+        tables, the attention backend and the grid tensors that backend reads, shared by all layers.
         """
+        self._check_context(x, context)
         if self.reference_path:
-            return self._forward_reference(x, height, width, rope, backend, codes)
+            return self._forward_reference(x, context)
         b, seq, dim = x.shape
         n, d = self.num_heads, self.head_dim
+        height, width = context.height, context.width
         qk, v, gate_logits, u = self._input_projections(x)
         qk = qk.unflatten(-1, (2, n, d))  # token-major (B, L, 2, N, d)
-        if self.use_rope and rope is not None:  # R(Q), R(K) together (eq. 13)
-            cos, sin = rope
+        if self.use_rope and context.rope is not None:  # R(Q), R(K) together (eq. 13)
+            cos, sin = context.rope
             qk = kernels.rope_qk(qk, cos[:, None, None], sin[:, None, None])
         q, k = qk.permute(2, 0, 3, 1, 4).unbind(0)  # (B, N, L, d) views
         v = v.contiguous()  # (B, L, D): LPE's channels-last grid and, as a (B, N, L, d) view, the attention's V
-        decay = self._decay_from_logits(gate_logits, height, width, codes, distance)
-        attn = backend(q, k, v.view(b, seq, n, d).transpose(1, 2), decay)
-        gate_u = self.gate_up(torch.sigmoid(u))  # U = sigma(X W_u1) W_u2
+        decay = self._decay_from_logits(gate_logits, height, width, context.codes, context.distance)
+        attn = context.backend(q, k, v.view(b, seq, n, d).transpose(1, 2), decay)
+        gate_u = None if u is None else self.gate_up(torch.sigmoid(u))  # U = sigma(X W_u1) W_u2
         # SDPA writes its output token-major, so this reshape is a view
         out = eq.spatial_decay_output(attn.transpose(1, 2).reshape(b, seq, dim), self._lpe(v, height, width), gate_u)
         return self.proj(out)
 
-    def _forward_reference(
-        self, x: Tensor, height: int, width: int, rope: tuple[Tensor, Tensor] | None, backend: AttentionBackend,
-        codes: Tensor | None = None,
-    ) -> Tensor:
+    def _forward_reference(self, x: Tensor, context: GridContext) -> Tensor:
         """The same function layer by layer with the plain equations (``reference_path = True``)."""
         b, seq, dim = x.shape
+        height, width = context.height, context.width
         qkv = self.qkv(x).reshape(b, seq, 3, self.num_heads, self.head_dim)  # token-major (B, L, 3, N, d)
         qk = qkv[:, :, :2]
-        if self.use_rope and rope is not None:  # R(Q), R(K) together (eq. 13)
-            cos, sin = rope
+        if self.use_rope and context.rope is not None:  # R(Q), R(K) together (eq. 13)
+            cos, sin = context.rope
             qk = eq.apply_rope_tables(qk, cos[:, None, None], sin[:, None, None])
         q, k = qk.permute(2, 0, 3, 1, 4).unbind(0)  # (B, N, L, d) each
         v_tokens = qkv[:, :, 2]  # (B, L, N, d)
-        attn = backend(q, k, v_tokens.transpose(1, 2), self.decay_inputs(x, height, width, codes))
-        lpe = eq.local_position_encoding_tokens(v_tokens.reshape(b, seq, dim), self.lpe, height, width)
-        gate_u = self.gate_up(torch.sigmoid(self.gate_down(x)))  # U = sigma(X W_u1) W_u2
+        decay = self.decay_inputs(x, height, width, context.codes, context.distance)
+        attn = context.backend(q, k, v_tokens.transpose(1, 2), decay)
+        lpe = None if self.lpe is None else eq.local_position_encoding_tokens(
+            v_tokens.reshape(b, seq, dim), self.lpe, height, width)
+        gate_u = None if self.gate_down is None else self.gate_up(torch.sigmoid(self.gate_down(x)))  # U (eq. 13)
         out = eq.spatial_decay_output(attn.transpose(1, 2).reshape(b, seq, dim), lpe, gate_u)  # (B, L, D)
         return self.proj(out)
 

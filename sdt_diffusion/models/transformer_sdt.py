@@ -11,8 +11,8 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
 
-from ..attention import spatial_decay as eq
-from ..attention.backends import available_backends, resolve_backend, resolve_backend_name
+from ..attention.backends import check_backend_name
+from ..attention.grid import GridContext
 from ..attention.modes import decay_mode as get_decay_mode
 from ..utils.validation import check_bool, check_finite, check_int
 from .spatial_decay_attention import SpatialDecayAttention
@@ -50,12 +50,13 @@ def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 class TimestepClassEmbedding(nn.Module):
     """DiT's conditioning c = t_emb + y_emb, with label dropout to the null label for guidance."""
 
-    def __init__(self, num_classes: int, dim: int, class_dropout_prob: float) -> None:
+    def __init__(self, num_classes: int, dim: int, class_dropout_prob: float, freq_shift: int = 0) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.class_dropout_prob = class_dropout_prob
-        # DiT's frequency embedding: [cos, sin] of t * 10000^(-k / 128), k < 128.
-        self.time_proj = Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)
+        # DiT's frequency embedding: [cos, sin] of t * 10000^(-k / (128 - freq_shift)), k < 128; DiT's code has
+        # freq_shift 0, diffusers' DiT port (CombinedTimestepLabelEmbeddings) 1.
+        self.time_proj = Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=freq_shift)
         self.timestep_embedder = TimestepEmbedding(256, dim)
         self.class_embedder = nn.Embedding(num_classes + 1, dim)  # row num_classes = null label
 
@@ -72,21 +73,20 @@ class TimestepClassEmbedding(nn.Module):
 class SDTBlock(nn.Module):
     """DiT block with adaLN-Zero modulation; attention is Spatial Decay Attention."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, **attn_kwargs: Any) -> None:
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, norm_eps: float = 1e-6,
+                 **attn_kwargs: Any) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = SpatialDecayAttention(dim, num_heads, **attn_kwargs)
-        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=norm_eps)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(
-        self, x: Tensor, c: Tensor, height: int, width: int, rope, backend, codes: Tensor | None = None,
-        distance: Tensor | None = None,
-    ) -> Tensor:
+    def forward(self, x: Tensor, c: Tensor, context: GridContext) -> Tensor:
+        """x: tokens (B, L, D); c: conditioning (B, D); context: the forward's grid context (RoPE, backend, grid)."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
-        attn = self.attn(_modulate(self.norm1(x), shift_msa, scale_msa), height, width, rope, backend, codes, distance)
+        attn = self.attn(_modulate(self.norm1(x), shift_msa, scale_msa), context)
         x = x + gate_msa[:, None] * attn
         return x + gate_mlp[:, None] * self.mlp(_modulate(self.norm2(x), shift_mlp, scale_mlp))
 
@@ -121,12 +121,14 @@ def _validate_config(**cfg) -> None:
     for name in ("num_attention_heads", "attention_head_dim", "in_channels", "num_layers", "sample_size",
                  "patch_size", "num_embeds_ada_norm", "gate_rank", "lpe_kernel_size"):
         check_int(name, cfg[name], minimum=1)
+    check_int("freq_shift", cfg["freq_shift"], minimum=0, maximum=1)
     if cfg["lpe_kernel_size"] % 2 == 0:
         raise ValueError(f"lpe_kernel_size must be odd (a centred depthwise kernel), got {cfg['lpe_kernel_size']}")
-    for name in ("learn_sigma", "use_rope", "use_abs_pos_embed"):
+    for name in ("learn_sigma", "use_rope", "use_abs_pos_embed", "use_lpe", "use_output_gate"):
         check_bool(name, cfg[name])
     check_finite("class_dropout_prob", cfg["class_dropout_prob"], minimum=0.0, maximum=1.0)
     check_finite("mlp_ratio", cfg["mlp_ratio"], minimum=0.0, strict_minimum=True)
+    check_finite("norm_eps", cfg["norm_eps"], minimum=0.0, maximum=1.0, strict_minimum=True)
     # the decay must stay a decay: the fused backends assume alpha >= 0 (eq. 8-9 hold for any alpha, but a
     # negative one turns the decay into a growth with distance)
     check_finite("alpha", cfg["alpha"], minimum=0.0)
@@ -149,7 +151,9 @@ class SDTTransformer2DModel(ModelMixin, ConfigMixin):
     A drop-in for diffusers' ``DiTTransformer2DModel``: same config names where the concept is the
     same and the same ``forward(hidden_states, timestep, class_labels)``.  Every block's attention is
     Spatial Decay Attention: context-aware gates, a decay bias (``decay_mode``), 2D RoPE, LPE on V and
-    a low-rank output gate.
+    a low-rank output gate, each a config switch.  With ``decay_mode="none"``, ``use_rope``, ``use_lpe`` and
+    ``use_output_gate`` off and ``use_abs_pos_embed`` on, the model is the original DiT (``convert_dit`` loads
+    its weights).
 
     Args:
         num_attention_heads: heads per block (N).
@@ -168,14 +172,22 @@ class SDTTransformer2DModel(ModelMixin, ConfigMixin):
         decay_mode: ``"cdsf"`` (paper), ``"none"``, ``"fixed"`` (RMT), ``"1d"``, ``"bidirectional"``,
             ``"decomposed"``.
         alpha: CDSF scale (eq. 8), 0.1 as in the paper.
-        attention_backend: ``"auto"``, ``"math"``, ``"sdpa"`` or a registered fused backend.
+        attention_backend: ``"auto"`` (the fastest exact backend for the device, decay and grid) or a name of
+            ``sdt_diffusion.attention.available_backends()`` (docs/model.md, "Attention backends").
         gate_rank: rank r of the low-rank output gate ``U = sigma(X W_u1) W_u2``.
         lpe_kernel_size: kernel of the depthwise LPE convolution (5 as in RMT).
         use_rope: apply 2D axial RoPE to Q and K.
         rope_base: RoPE frequency base.
-        use_abs_pos_embed: add DiT's fixed 2D sin-cos position embedding to the patch tokens.  Off by
-            default: the paper's SDA layer already carries position through RoPE, LPE and the decay.
+        use_abs_pos_embed: add DiT's fixed 2D sin-cos position embedding (positions 0..grid-1) to the patch
+            tokens.  Off by default: the paper's SDA layer already carries position through RoPE, LPE and the
+            decay.
         fixed_decay_init, fixed_decay_range: RMT's gamma schedule for ``decay_mode="fixed"``.
+        use_lpe: add the depthwise LPE convolution of V to the attention output (eq. 13).
+        use_output_gate: multiply the attention output by the low-rank gate U (eq. 13).
+        freq_shift: timestep frequencies ``10000^(-k / (128 - freq_shift))``: 0 as in DiT's code, 1 as in
+            diffusers' DiT port (``downscale_freq_shift=1``).
+        norm_eps: epsilon of each block's LayerNorm before the MLP: 1e-6 as in DiT's code; diffusers' DiT port
+            uses its ``norm_eps`` (1e-5 by default) there.
     """
 
     _supports_gradient_checkpointing = True
@@ -220,6 +232,10 @@ class SDTTransformer2DModel(ModelMixin, ConfigMixin):
         use_abs_pos_embed: bool = False,
         fixed_decay_init: float = 2.0,
         fixed_decay_range: float = 4.0,
+        use_lpe: bool = True,
+        use_output_gate: bool = True,
+        freq_shift: int = 0,
+        norm_eps: float = 1e-6,
     ) -> None:
         super().__init__()
         _validate_config(
@@ -228,11 +244,11 @@ class SDTTransformer2DModel(ModelMixin, ConfigMixin):
             num_embeds_ada_norm=num_embeds_ada_norm, class_dropout_prob=class_dropout_prob, learn_sigma=learn_sigma,
             mlp_ratio=mlp_ratio, alpha=alpha, gate_rank=gate_rank, lpe_kernel_size=lpe_kernel_size,
             use_rope=use_rope, rope_base=rope_base, use_abs_pos_embed=use_abs_pos_embed,
-            fixed_decay_init=fixed_decay_init, fixed_decay_range=fixed_decay_range,
+            fixed_decay_init=fixed_decay_init, fixed_decay_range=fixed_decay_range, use_lpe=use_lpe,
+            use_output_gate=use_output_gate, freq_shift=freq_shift, norm_eps=norm_eps,
         )
         get_decay_mode(decay_mode)  # a ValueError naming the choices for an unknown mode
-        if attention_backend not in available_backends():
-            raise ValueError(f"attention_backend must be one of {available_backends()}, got {attention_backend!r}")
+        check_backend_name(attention_backend)
         if use_rope and attention_head_dim % 4:
             raise ValueError(f"2D RoPE needs attention_head_dim divisible by 4, got {attention_head_dim}")
         if sample_size % patch_size:
@@ -249,16 +265,17 @@ class SDTTransformer2DModel(ModelMixin, ConfigMixin):
         self.gradient_checkpointing = False
 
         self.x_embedder = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
-        self.emb = TimestepClassEmbedding(num_embeds_ada_norm, dim, class_dropout_prob)
+        self.emb = TimestepClassEmbedding(num_embeds_ada_norm, dim, class_dropout_prob, freq_shift)
         if use_abs_pos_embed:
+            # DiT's grid: positions 0..grid-1 on both axes (diffusers' default base_size=16 would scale them)
             grid = sample_size // patch_size
-            pos = get_2d_sincos_pos_embed(dim, grid, output_type="pt")
+            pos = get_2d_sincos_pos_embed(dim, grid, base_size=grid, interpolation_scale=1.0, output_type="pt")
             self.register_buffer("pos_embed", pos.float()[None], persistent=False)
         self.blocks = nn.ModuleList(
             SDTBlock(
-                dim, num_attention_heads, mlp_ratio, decay_mode=decay_mode, alpha=alpha, gate_rank=gate_rank,
+                dim, num_attention_heads, mlp_ratio, norm_eps, decay_mode=decay_mode, alpha=alpha, gate_rank=gate_rank,
                 lpe_kernel_size=lpe_kernel_size, use_rope=use_rope, fixed_decay_init=fixed_decay_init,
-                fixed_decay_range=fixed_decay_range,
+                fixed_decay_range=fixed_decay_range, use_lpe=use_lpe, use_output_gate=use_output_gate,
             )
             for _ in range(num_layers)
         )
@@ -274,14 +291,13 @@ class SDTTransformer2DModel(ModelMixin, ConfigMixin):
         return cls(**{**PRESETS[name], **overrides})
 
     def set_attention_backend(self, backend: str) -> None:
-        """Switch the spatial-decay attention backend (``"auto"``, ``"math"``, ``"sdpa"``, ``"augmented"``,
-        ``"flex"`` or a registered one); the choice is stored in the config, so it is saved with the model.
+        """Switch the spatial-decay attention backend (``"auto"`` or a name of ``attention.available_backends()``);
+        the choice is stored in the config, so it is saved with the model.
 
         Overrides diffusers' ``ModelMixin.set_attention_backend``, whose backend names (``"native"``,
         ``"flash"``, ...) address diffusers' own attention processors, which this model does not use.
         """
-        if backend not in available_backends():
-            raise ValueError(f"backend must be one of {available_backends()}, got {backend!r}")
+        check_backend_name(backend, "backend")
         self.register_to_config(attention_backend=backend)
 
     def reset_attention_backend(self) -> None:
@@ -386,25 +402,17 @@ class SDTTransformer2DModel(ModelMixin, ConfigMixin):
                 )
             x = x + self.pos_embed.to(x.dtype)
         c = self.emb(timestep, class_labels, x.dtype, force_drop_ids)
-        # Computed once here rather than in every layer: RoPE tables, the backend and what it reads of the grid
-        # (threshold codes for `augmented`, the distance matrix for `dense`).
-        rope = None
-        if self.config.use_rope:
-            angles = eq.rope_2d_angles(gh, gw, self.config.attention_head_dim, self.config.rope_base, x.device)
-            angles = angles.to(torch.promote_types(x.dtype, torch.float32))  # float64 tables in a float64 model
-            rope = eq.rope_tables(angles)
-        mode = self.config.decay_mode
-        backend_name = resolve_backend_name(self.config.attention_backend, x.device, mode, gh * gw)
-        backend = resolve_backend(backend_name, x.device, mode)
-        low_rank = get_decay_mode(mode).low_rank
-        codes = eq.threshold_codes(gh, gw, x.device) if low_rank and backend_name != "dense" else None
-        distance = eq.manhattan_distance(gh, gw, x.device) if low_rank and backend_name == "dense" else None
-
+        # Built once here, shared by every block: RoPE tables, the backend and what it reads of the grid.
+        context = GridContext.build(
+            gh, gw, head_dim=self.config.attention_head_dim, decay_mode=self.config.decay_mode,
+            backend=self.config.attention_backend, device=x.device, dtype=x.dtype, use_rope=self.config.use_rope,
+            rope_base=self.config.rope_base,
+        )
         for block in self.blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:
-                x = self._gradient_checkpointing_func(block, x, c, gh, gw, rope, backend, codes, distance)
+                x = self._gradient_checkpointing_func(block, x, c, context)
             else:
-                x = block(x, c, gh, gw, rope, backend, codes, distance)
+                x = block(x, c, context)
 
         x = self.final_layer(x, c)  # (B, L, p*p*C_out)
         x = x.reshape(b, gh, gw, p, p, self.out_channels)
@@ -414,9 +422,4 @@ class SDTTransformer2DModel(ModelMixin, ConfigMixin):
         return Transformer2DModelOutput(sample=out)
 
 
-def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
-    """Number of (trainable) parameters of ``model``."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
-__all__ = ["SDTTransformer2DModel", "PRESETS", "MODEL_SIZES", "count_parameters"]
+__all__ = ["SDTTransformer2DModel", "PRESETS", "MODEL_SIZES"]

@@ -13,13 +13,15 @@ Modules (imported on demand, so ``import sdt_diffusion`` stays light):
   ``config`` (the settings every task shares, declared once), ``recipes/`` (the packaged recipes: SDT-P with
   DiT's recipe and the paper's four sizes, SDT-H with the paper's recipe and its three sizes);
 * the diffusion task (SDT-P / DiT): ``diffusion_config`` (its flags), ``plan`` (data, VAE, model config),
-  ``data`` (ADM centre crop, image folders, the latent cache, the seeded ``EpochSampler``), ``diffusion`` (the
-  noise schedule and the hybrid loss), ``heldout`` (the held-out loss), ``export`` (the EMA ``SDTPipeline`` and
+  ``diffusion`` (the noise schedule and the hybrid loss), ``heldout`` (the held-out loss), ``export`` (the EMA ``SDTPipeline`` and
   sample grids; ``sdt-export``), ``trainer`` (the task, ``train(args)``, ``main(argv)``), ``extract`` (the
   latent cache);
 * the classification task (SDT-H): ``classifier_config`` (its flags), ``classifier_data`` (seeded timm
   augmentations, repeated augmentation, Mixup), ``classifier_trainer`` (the task, ``train_classifier(args)``,
   ``main(argv)``).
+
+The data every task reads (image folders, saved datasets, the latent cache, the seeded ``EpochSampler``) comes
+from :mod:`sdt_diffusion.data`, one floor below.
 """
 
 __all__ = [
@@ -28,7 +30,6 @@ __all__ = [
     "classifier_data",
     "classifier_trainer",
     "config",
-    "data",
     "diffusion",
     "diffusion_config",
     "ema",

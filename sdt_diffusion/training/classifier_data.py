@@ -1,13 +1,13 @@
 """Training data of the SDT-H classifier: timm's augmentations made a pure function of ``(seed, epoch, image)``.
 
-The images come from :mod:`sdt_diffusion.evaluation.classification` (image folders or ``save_to_disk``
-datasets, the same reader ``eval/classify.py`` uses).  Every random choice of the training transform (timm's
-random-resized crop, flip, RandAugment, random erasing) is drawn from generators seeded with ``(seed, epoch,
-copy, index)`` inside a fork of the global generators, so an image's augmentation does not depend on data-loader
-workers, processes or restarts; the order of the images comes from :class:`~.data.EpochSampler` (a pure function
-of ``(seed, epoch)``), extended here with repeated augmentation.  Mixup/CutMix act on whole batches in the
-training process with the global numpy generator, whose state every checkpoint saves; together this makes a
-resumed run see exactly the batches an uninterrupted run sees.
+The images come from :mod:`sdt_diffusion.data` (image folders or ``save_to_disk`` datasets, the same reader
+``eval/classify.py`` uses).  Every random choice of the training transform (timm's random-resized crop, flip,
+RandAugment, random erasing) is drawn from generators seeded with ``(seed, epoch, copy, index)`` inside a fork of
+the global generators, so an image's augmentation does not depend on data-loader workers, processes or restarts;
+the order of the images comes from :class:`~sdt_diffusion.data.EpochSampler` (a pure function of ``(seed,
+epoch)``), extended here with repeated augmentation.  Mixup/CutMix act on whole batches in the training process
+with the global numpy generator, whose state every checkpoint saves; together this makes a resumed run see
+exactly the batches an uninterrupted run sees.
 """
 
 from __future__ import annotations
@@ -22,11 +22,10 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
-from ..evaluation.classification import LabelledImages
+from ..data import EpochSampler, LabelledImages
 from ..models.sdt_h import IMAGENET_MEAN, IMAGENET_STD
 from ..utils.optional import import_optional
 from .classifier_config import AugmentSpec
-from .data import EpochSampler
 
 timm_data = import_optional("timm.data", "timm")
 timm_auto_augment = import_optional("timm.data.auto_augment", "timm")
@@ -110,7 +109,8 @@ class AugmentedImages(Dataset):
 
 
 class RepeatedAugmentSampler(EpochSampler):
-    """:class:`~.data.EpochSampler`'s seeded order with keys ``(index, epoch, copy)`` and repeated augmentation.
+    """:class:`~sdt_diffusion.data.EpochSampler`'s seeded order with keys ``(index, epoch, copy)`` and repeated
+    augmentation.
 
     With ``repeats = r > 1`` (DeiT's and RMT's repeated augmentation) each epoch's permutation has every index
     ``r`` times in a row, process ``rank`` takes every ``num_replicas``-th entry, and each process keeps its

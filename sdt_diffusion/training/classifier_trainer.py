@@ -36,17 +36,17 @@ import torch
 from accelerate.utils import gather_object, set_seed
 from safetensors.torch import load_file, save_file
 
-from ..evaluation.classification import (
-    ClassificationInputError,
+from ..data import (
+    DataInputError,
     LabelledImages,
     TransformedImages,
+    UnreadableImageError,
     check_labels,
-    eval_transform,
-    evaluate_classifier,
+    class_names_to_id2label,
     find_unreadable_images,
     open_labelled_images,
-    summarise,
 )
+from ..evaluation.classification import eval_transform, evaluate_classifier, summarise
 from ..models.sdt_h import (
     DEFAULT_DECAY_MODES,
     IMAGENET_MEAN,
@@ -78,7 +78,6 @@ from .classifier_data import (
     build_mixup,
     train_transform,
 )
-from .data import class_names_to_id2label
 from .ema import EMA
 from .engine import Run, RunPlan, TrainResult
 from .step import LossHook, TrainingCore
@@ -128,7 +127,7 @@ def _open(settings: ClassifierSettings, folder: str | None, saved: str | None, s
     try:
         return open_labelled_images(folder or saved, split if saved else None, settings.data.image_column,
                                     settings.data.label_column)
-    except ClassificationInputError as e:
+    except DataInputError as e:
         raise ConfigError(f"{what}: {e}") from None
 
 
@@ -155,7 +154,7 @@ def open_data(settings: ClassifierSettings, accelerator: Any) -> ClassifierData:
             raise ConfigError(f"{held.description} and {train.description} do not have the same classes ({detail})")
         try:
             check_labels(held, train.num_classes, "label")
-        except ClassificationInputError as e:
+        except DataInputError as e:
             raise ConfigError(f"evaluation data: {e} (the training data has {train.num_classes} classes)") from None
     id2label = class_names_to_id2label(train.class_names, train.num_classes) or {
         i: f"LABEL_{i}" for i in range(train.num_classes)}
@@ -442,7 +441,7 @@ class ClassifierTask(engine.Task):
     mutable_model_keys = ("attention_backend", "drop_path_rate")
     restored_hparams = (("weight_decay", "--weight-decay"),)  # the lr follows the schedule of the flags
     quiet_loggers = ("accelerate", "datasets", "timm", "torch", "transformers")
-    input_errors = (ClassificationInputError,)  # an image that broke during training (see --verify-images)
+    input_errors = (UnreadableImageError,)  # an image that broke during training (see --verify-images)
 
     def __init__(self) -> None:
         self.eval_set: TransformedImages | None = None

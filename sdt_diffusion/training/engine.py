@@ -41,6 +41,7 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, gather_object, set_seed
 from tqdm.auto import tqdm
 
+from ..data import iterate_batches
 from ..utils.errors import ConfigError
 from ..utils.files import check_writable
 from ..utils.runtime import cpu_multiprocess
@@ -60,7 +61,6 @@ from .checkpointing import (
     write_state,
 )
 from .config import Settings
-from .data import iterate_batches
 from .flags import plain
 from .signals import StopSignal
 from .state_files import RngState, restore_rng
@@ -521,15 +521,15 @@ def run_command(task: type[Task], run: Callable[[], Any]) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         run()
+    except task.input_errors as e:  # e.g. an image that broke during training (before ConfigError: may subclass it)
+        print(f"{task.prog}: error: {e}", file=sys.stderr, flush=True)
+        return 1
     except ConfigError as e:
         print(f"{task.prog}: error: {e}", file=sys.stderr, flush=True)
         return 2
     except NonFiniteLossError as e:
         print(f"{task.prog}: error: {e}. Try a lower --learning-rate, a --max-grad-norm (e.g. 5) or "
               f"--mixed-precision no.", file=sys.stderr, flush=True)
-        return 1
-    except task.input_errors as e:  # e.g. an image that broke during training
-        print(f"{task.prog}: error: {e}", file=sys.stderr, flush=True)
         return 1
     return 0
 

@@ -32,11 +32,11 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..data import CACHE_FORMAT, CACHE_VERSION, ImageClassDataset, class_names_to_id2label, load_image_source
 from ..models.vae import vae_downsampling_factor, vae_scaling_factor
 from ..utils.files import atomic_write_text, check_writable
 from ..utils.runtime import cpu_multiprocess, enable_tf32
 from .config import ConfigError
-from .data import CACHE_FORMAT, CACHE_VERSION, ImageClassDataset, class_names_to_id2label, load_image_source
 from .export import load_vae
 from .flags import HelpFormatter
 from .plan import DEFAULT_VAE, vae_config, vae_reference

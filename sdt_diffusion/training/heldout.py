@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from ..data import ImageClassDataset, LabelledImages, load_image_source
 from ..models.vae import posterior_sample
 from ..utils.errors import ConfigError
 from ..utils.seeding import index_generator
-from .data import ImageClassDataset, ImageSource, load_image_source
 from .diffusion import DiffusionSchedule, training_losses
 from .plan import DataPlan
 
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 __all__ = ["HeldOutSet", "evaluate_held_out"]
 
 
-def _label_map(source: ImageSource, plan: DataPlan, data_dir: str) -> np.ndarray | None:
+def _label_map(source: LabelledImages, plan: DataPlan, data_dir: str) -> np.ndarray | None:
     """Held-out class ids -> training class ids, matched by class name where both have names."""
     if plan.class_names is not None and source.class_names is not None:
         unknown = sorted(set(source.class_names) - set(plan.class_names))

@@ -15,19 +15,19 @@ from typing import Any
 import numpy as np
 from diffusers import AutoencoderKL
 
-from ..models.dit import DiTTransformer2DModel
-from ..models.registry import model_class_of, preset_config
-from ..models.vae import vae_downsampling_factor, vae_scaling_factor
-from ..utils.errors import ConfigError
-from ..utils.labels import LabelIndex
-from .config import parse_model_kwargs
-from .data import (
+from ..data import (
     EpochSampler,
     ImageClassDataset,
     LatentCacheDataset,
     class_names_to_id2label,
     load_image_source,
 )
+from ..models.dit import DiTTransformer2DModel
+from ..models.registry import model_class_of, preset_config
+from ..models.vae import vae_downsampling_factor, vae_scaling_factor
+from ..utils.errors import ConfigError
+from ..utils.labels import LabelIndex
+from .config import parse_model_kwargs
 from .diffusion_config import DiffusionSettings, sample_classes
 from .engine import RunPlan
 from .export import default_sample_classes

@@ -1,0 +1,383 @@
+"""The labelled-image reader: class folders and ``save_to_disk`` datasets, images decoded on access.
+
+One reader serves diffusion training, latent extraction, classifier training and ``eval/classify.py``:
+
+* **class folders**: one sub-folder per class; class ids follow the sorted sub-folder names; every image below a
+  class folder (at any depth, symbolic links followed once) belongs to that class; rows are ordered by their path
+  relative to the root (the order of ``datasets``' ``imagefolder`` builder).  Entries whose name starts with
+  ``.`` or ``__`` are hidden (:func:`is_visible`); an image is a file whose extension PIL opens
+  (:data:`IMAGE_EXTENSIONS`, case-insensitive).  An empty class folder is refused: it would shift every class id
+  after it.
+* **saved datasets**: a ``datasets.Dataset`` or one split of a ``DatasetDict`` written by ``save_to_disk``, with
+  an image column (left undecoded) and an integer label column (``ClassLabel`` names become the class names).
+
+Every error is a :class:`DataInputError` (a :class:`~sdt_diffusion.utils.errors.ConfigError`) that names the
+folder, file, split, column or row at fault.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ..utils.errors import ConfigError
+from ..utils.labels import default_id2label
+
+__all__ = [
+    "EIGHT_BIT_MODES",
+    "IMAGE_EXTENSIONS",
+    "DataInputError",
+    "FolderRows",
+    "LabelledImages",
+    "UnreadableImageError",
+    "check_labels",
+    "class_names_to_id2label",
+    "find_unreadable_images",
+    "image_mode_problem",
+    "is_visible",
+    "load_image_folder",
+    "load_image_source",
+    "load_saved_dataset",
+    "open_image",
+    "open_labelled_images",
+    "to_rgb",
+]
+
+# Files PIL can open, matched case-insensitively (the set ``datasets``' ``imagefolder`` builder reads).
+IMAGE_EXTENSIONS = frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+_SYNSET = re.compile(r"^n\d{8}$")
+
+
+class DataInputError(ConfigError):
+    """Unusable input data (folder, dataset, split, column, labels, image, latent cache); the message names it."""
+
+
+class UnreadableImageError(DataInputError, OSError):
+    """An image that cannot be decoded; the message names its file (or dataset row).
+
+    Also an :class:`OSError`, the error a failed file read raises, so code that guards reads keeps catching it.
+    """
+
+
+def is_visible(name: str) -> bool:
+    """Whether a file or folder name takes part in a class folder (names starting with ``.`` or ``__`` do not)."""
+    return not name.startswith((".", "__"))
+
+
+# Modes whose samples are 8-bit: PIL's ``convert("RGB")`` maps them to RGB without loss of range.
+EIGHT_BIT_MODES = frozenset({"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr",
+                             "LAB", "HSV"})
+
+
+def image_mode_problem(mode: str) -> str | None:
+    """Why an image of PIL ``mode`` cannot be turned into 8-bit RGB, or ``None`` when :func:`to_rgb` converts it.
+
+    8-bit modes and 16-bit integer modes (``I;16``, ``I;16B`` ...: 16-bit PNG and TIFF) convert; 32-bit integer
+    (``I``) and floating-point (``F``) images have no fixed white level, so any scaling would be a guess.
+    """
+    if mode in EIGHT_BIT_MODES or mode.startswith("I;16"):
+        return None
+    return (f"image mode {mode!r} ({'32-bit float' if mode == 'F' else '32-bit integer' if mode == 'I' else 'unusual'}"
+            f" samples) has no fixed white level; save it as 8-bit or 16-bit RGB or grayscale")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit RGB, the one conversion every reader uses (training, classifiers, FID).
+
+    16-bit images are scaled to 8 bits (``round(v / 257)``: 65535 becomes 255); PIL's own ``convert("RGB")``
+    clips them, turning almost every pixel white.  A palette image with transparency goes through RGBA (its
+    colours are kept, the alpha dropped, as for every image with alpha).
+
+    Raises:
+        ValueError: a mode :func:`image_mode_problem` refuses (32-bit integer or float samples).
+    """
+    mode = image.mode
+    if mode.startswith("I;16"):
+        values = np.asarray(image).astype(np.uint32)
+        gray = ((values + 128) // 257).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    problem = image_mode_problem(mode)
+    if problem is not None:
+        raise ValueError(problem)
+    if mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return image if mode == "RGB" else image.convert("RGB")
+
+
+def open_image(value: Any, where: str) -> Image.Image:
+    """Decode one image (a path, a PIL image, an array or a ``datasets`` cell ``{"bytes", "path"}``) to 8-bit RGB
+    (:func:`to_rgb`: 16-bit images scaled, 32-bit and float images refused).
+
+    Raises:
+        UnreadableImageError: any decoder error or a refused mode, with ``where`` (the file or row) named.
+    """
+    try:
+        if isinstance(value, Image.Image):
+            image = value
+        elif isinstance(value, dict):
+            if value.get("bytes") is not None:
+                image = Image.open(io.BytesIO(value["bytes"]))
+            elif value.get("path"):
+                image = Image.open(value["path"])
+            else:
+                raise ValueError("the image cell has neither bytes nor a path")
+        elif isinstance(value, (str, os.PathLike)):
+            image = Image.open(value)
+        else:
+            image = Image.fromarray(np.asarray(value))
+        image.load()
+        return to_rgb(image)
+    except Exception as e:  # noqa: BLE001 - any decoder error, re-raised with the image named
+        raise UnreadableImageError(f"cannot read image {where}: {type(e).__name__}: {e}") from e
+
+
+class FolderRows:
+    """The rows of a class folder, ``{"image": {"path", "bytes": None}}``, from a compact array of paths.
+
+    Paths are kept as file-system bytes in one numpy array (about 50 MB for ImageNet's 1.28M files, shared
+    with data-loader workers without per-object reference counts), so any file name, UTF-8 or not, works.
+    """
+
+    def __init__(self, root: str | os.PathLike, relative_paths: Sequence[bytes]) -> None:
+        self.root = os.fsencode(root)
+        self.paths = np.array(relative_paths, dtype=np.bytes_)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def path(self, index: int) -> str:
+        """The file of row ``index``."""
+        return os.fsdecode(os.path.join(self.root, bytes(self.paths[index])))
+
+    def __getitem__(self, index: int) -> dict[str, dict[str, Any]]:
+        return {"image": {"path": self.path(index), "bytes": None}}
+
+
+@dataclass
+class LabelledImages:
+    """Images with integer labels from a class folder or a saved dataset; images are decoded on access.
+
+    ``dataset`` holds the undecoded rows ``{image_column: cell}``: :class:`FolderRows` for a class folder, a
+    ``datasets.Dataset`` (its image column only) for a saved dataset.
+    """
+
+    description: str
+    labels: np.ndarray
+    class_names: list[str] | None
+    num_classes: int
+    dataset: Any
+    image_column: str = "image"
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def where(self, index: int) -> str:
+        """The file (or dataset row) of item ``index``, for messages."""
+        if isinstance(self.dataset, FolderRows):
+            return self.dataset.path(int(index))
+        return f"row {int(index)} of {self.description}"
+
+    def image(self, index: int) -> Image.Image:
+        """Item ``index`` as an RGB PIL image.
+
+        Raises:
+            UnreadableImageError: the image cannot be decoded (its file, or its row and stored name, named).
+        """
+        if isinstance(self.dataset, FolderRows):
+            path = self.dataset.path(int(index))
+            return open_image(path, path)
+        cell = self.dataset[int(index)][self.image_column]
+        where = self.where(index)
+        if isinstance(cell, dict) and cell.get("path"):
+            where += f" ({cell['path']})"
+        return open_image(cell, where)
+
+
+def _list_images(folder: Path, root: Path) -> list[bytes]:
+    """Image files below ``folder`` (any depth, hidden entries skipped, each linked folder once) as paths relative
+    to ``root``."""
+    found = []
+    rootb = os.fsencode(root)
+    seen = {os.path.realpath(os.fsencode(folder))}
+    for dirpath, dirnames, filenames in os.walk(os.fsencode(folder), followlinks=True):
+        keep = []
+        for d in dirnames:
+            real = os.path.realpath(os.path.join(dirpath, d))
+            if is_visible(os.fsdecode(d)) and real not in seen:  # a link loop is walked once
+                seen.add(real)
+                keep.append(d)
+        dirnames[:] = keep
+        for name in filenames:
+            decoded = os.fsdecode(name)
+            if is_visible(decoded) and os.path.splitext(decoded)[1].lower() in IMAGE_EXTENSIONS:
+                found.append(os.path.relpath(os.path.join(dirpath, name), rootb))
+    return found
+
+
+def _named(flag: str | None, kind: str, path: str | os.PathLike) -> str:
+    """How messages name an input: by the flag that gave it when known, else by its kind."""
+    return f"{flag} {path}" if flag else f"{kind} {path}"
+
+
+def load_image_folder(root: str | os.PathLike, flag: str | None = None) -> LabelledImages:
+    """A class folder (see the module docstring), read from the file system (no ``datasets`` cache).
+
+    Raises:
+        DataInputError: not a directory, no class folders, or a class folder without images; the message starts
+            with ``flag`` (the flag that named the folder) when given.
+    """
+    root = Path(root)
+    name = _named(flag, "image folder", root)
+    if not root.is_dir():
+        raise DataInputError(f"{name}: not a directory")
+    try:
+        classes = sorted(p.name for p in root.iterdir() if p.is_dir() and is_visible(p.name))
+    except OSError as e:
+        raise DataInputError(f"{name}: {e}") from None
+    if not classes:
+        raise DataInputError(f"{name}: expected an image folder with one sub-folder per class, found none")
+    files: list[tuple[bytes, int]] = []
+    empty = []
+    for label, class_name in enumerate(classes):
+        images = _list_images(root / class_name, root)
+        if not images:
+            empty.append(class_name)
+        files.extend((path, label) for path in images)
+    if empty:
+        shown = ", ".join(repr(n) for n in empty[:5]) + (" ..." if len(empty) > 5 else "")
+        which = f"class folder {shown} holds" if len(empty) == 1 else f"class folders {shown} hold"
+        raise DataInputError(
+            f"{name}: {which} no images ({len(empty)} of {len(classes)} classes); class ids follow the folder "
+            f"listing, so remove the folder or add its images (any file PIL opens, e.g. .jpeg, .png, .webp)")
+    files.sort()
+    labels = np.array([label for _, label in files], dtype=np.int64)
+    rows = FolderRows(root, [path for path, _ in files])
+    return LabelledImages(f"image folder {root}", labels, classes, len(classes), rows)
+
+
+def load_saved_dataset(path: str | os.PathLike, split: str | None = None, image_column: str = "image",
+                       label_column: str = "label", flag: str | None = None) -> LabelledImages:
+    """A ``save_to_disk`` dataset, or its ``split`` when it holds several (a ``DatasetDict``); images undecoded.
+
+    Raises:
+        DataInputError: not a saved dataset, a ``DatasetDict`` without ``split`` or without that split, a missing
+            column, no rows, labels that are not integers in ``[0, classes)``.
+    """
+    name = _named(flag, "dataset", path)
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:  # noqa: BLE001 - re-raised with the folder named
+        raise DataInputError(f"{name}: not a dataset saved with save_to_disk ({type(e).__name__}: {e})") from None
+    description = f"dataset {path}"
+    if isinstance(ds, datasets.DatasetDict):
+        if split is None:
+            raise DataInputError(f"{name} holds the splits {list(ds)}; name one (--split)")
+        if split not in ds:
+            raise DataInputError(f"{name}: no split {split!r} (splits: {list(ds)})")
+        ds = ds[split]
+        description += f" split {split!r}"
+    for column_flag, col in (("--image-column", image_column), ("--label-column", label_column)):
+        if col not in ds.column_names:
+            raise DataInputError(f"{name}: no column {col!r} ({column_flag}); columns: {ds.column_names}")
+    if len(ds) == 0:
+        raise DataInputError(f"{description}: no rows")
+    feature = ds.features[label_column]
+    names = [str(n) for n in feature.names] if isinstance(feature, datasets.ClassLabel) else None
+    try:
+        labels = np.asarray(ds[label_column], dtype=np.int64)
+    except (TypeError, ValueError) as e:
+        raise DataInputError(f"{description}: column {label_column!r} does not hold integer labels ({e})") from None
+    if labels.ndim != 1:
+        raise DataInputError(f"{description}: column {label_column!r} holds arrays of shape {labels.shape[1:]}, "
+                             f"expected one integer label per row")
+    num_classes = len(names) if names is not None else int(labels.max()) + 1
+    if isinstance(ds.features[image_column], datasets.Image):
+        ds = ds.cast_column(image_column, datasets.Image(decode=False))
+    images = LabelledImages(description, labels, names, num_classes, ds.select_columns([image_column]), image_column)
+    check_labels(images, num_classes, f"column {label_column!r}")
+    return images
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return (path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file()
+
+
+def open_labelled_images(path: str | os.PathLike, split: str | None = None, image_column: str = "image",
+                         label_column: str = "label", flag: str | None = None) -> LabelledImages:
+    """A saved dataset (a folder with ``dataset_dict.json`` or ``dataset_info.json``) or else a class folder.
+
+    Raises:
+        DataInputError: see :func:`load_saved_dataset` and :func:`load_image_folder`.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise DataInputError(f"{_named(flag, 'data', path)}: not a directory (an image folder or a saved dataset)")
+    if _is_saved_dataset(path):
+        return load_saved_dataset(path, split, image_column, label_column, flag)
+    return load_image_folder(path, flag)
+
+
+def load_image_source(
+    data_dir: str | os.PathLike | None = None,
+    dataset: str | os.PathLike | None = None,
+    split: str | None = "train",
+    image_column: str = "image",
+    label_column: str = "label",
+    folder_flag: str = "--data-dir",
+) -> LabelledImages:
+    """The training commands' two flags: a class folder (``data_dir``, errors naming ``folder_flag``) or a saved
+    dataset (``dataset``, errors naming ``--dataset``; ``split`` picks a ``DatasetDict``'s split).
+
+    Raises:
+        DataInputError: neither or both given, or the reader's errors.
+    """
+    if (data_dir is None) == (dataset is None):
+        raise DataInputError(f"pass exactly one of {folder_flag}, --dataset")
+    if data_dir is not None:
+        return load_image_folder(data_dir, folder_flag)
+    return load_saved_dataset(dataset, split, image_column, label_column, "--dataset")
+
+
+def check_labels(images: LabelledImages, num_classes: int, what: str = "labels") -> None:
+    """Every label must lie in ``[0, num_classes)``.
+
+    Raises:
+        DataInputError: naming the first offending label and where it is.
+    """
+    bad = np.flatnonzero((images.labels < 0) | (images.labels >= num_classes))
+    if len(bad):
+        i = int(bad[0])
+        raise DataInputError(
+            f"{images.description}: {what} {int(images.labels[i])} at {images.where(i)} is out of range for "
+            f"{num_classes} classes ({len(bad)} label(s) outside [0, {num_classes}))")
+
+
+def find_unreadable_images(images: LabelledImages, indices: Sequence[int] | None = None,
+                           progress: bool = False) -> list[str]:
+    """Decode every image of ``indices`` (default all); returns one message per image that fails, naming it."""
+    indices = range(len(images)) if indices is None else indices
+    problems = []
+    for i in tqdm(indices, desc="checking images", disable=not progress, dynamic_ncols=True):
+        try:
+            images.image(int(i))
+        except UnreadableImageError as e:
+            problems.append(str(e))
+    return problems
+
+
+def class_names_to_id2label(names: Sequence[str] | None, num_classes: int) -> dict[int, str] | None:
+    """id2label for an exported model: folder / ``ClassLabel`` names; WordNet ids of a 1000-class folder
+    (ImageNet's ``n01440764`` ...) and unnamed 1000-class data get the shipped ImageNet names (else ``None``)."""
+    if names is None or (len(names) == 1000 and all(_SYNSET.match(n) for n in names)):
+        return default_id2label(num_classes)
+    return {i: str(n) for i, n in enumerate(names)}
