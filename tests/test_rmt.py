@@ -232,7 +232,7 @@ def test_ablation_rows_are_the_papers():
     assert ablation.describe(rows["fixed"]) == ("SDT-H-T: stage 1 fixed_decomposed, stage 2 fixed_decomposed, "
                                                 "stage 3 fixed, stage 4 fixed")
     cmd = ablation.run_command(ablation.build_parser().parse_args([]), table5[0], 0, Path("out"), (Path("a"), Path("b")))
-    assert cmd[cmd.index("--alpha") + 1] == "0.05" and cmd[cmd.index("--decay-modes") + 1] == "decomposed,decomposed,cdsf,cdsf"
+    assert cmd[cmd.index("--alpha") + 1] == "0.05" and cmd[cmd.index("--decay-mode") + 1] == "decomposed,decomposed,cdsf,cdsf"
     cmd = ablation.run_command(ablation.build_parser().parse_args([]), rows["rmt"], 0, Path("out"), (Path("a"), Path("b")))
     assert cmd[cmd.index("--model") + 1] == "RMT-T" and "--alpha" not in cmd
     assert ablation.main(["--table", "3", "--stages", "1,2"]) == 2  # --stages belongs to --modes
