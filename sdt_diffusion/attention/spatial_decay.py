@@ -388,7 +388,10 @@ def check_rope_layout(layout: str) -> str:
 def rope_angles(layout: str, height: int, width: int, head_dim: int, base: float = 10000.0,
                 device: torch.device | str | None = None) -> Tensor:
     """Angles of RoPE layout ``layout``: ``"2d"`` (:func:`rope_2d_angles`) or ``"1d"`` (:func:`rope_1d_angles`)."""
-    return globals()[ROPE_LAYOUTS[check_rope_layout(layout)]](height, width, head_dim, base, device)
+    # Plain calls (not a table of functions): torch.compile traces them, and a patched module attribute is honoured.
+    if check_rope_layout(layout) == "1d":
+        return rope_1d_angles(height, width, head_dim, base, device)
+    return rope_2d_angles(height, width, head_dim, base, device)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
