@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
 import pytest
 import torch
 import torch_fidelity.feature_extractor_inceptionv3 as fe
@@ -90,3 +96,31 @@ def make_random_inception_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
         net((torch.rand(4, 3, 32, 32, generator=gen) * 255).to(torch.uint8))  # calibrate BN statistics
     net.eval()
     return net.state_dict()
+
+
+# ------------------------------------------------------------------------------ training runs inside pytest
+def reset_accelerate() -> None:
+    """Forget accelerate's process-wide state, so the next in-process run builds a fresh ``Accelerator``."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def call_and_reset(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` (a trainer's ``train`` or ``main``), then :func:`reset_accelerate` whatever happens."""
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        reset_accelerate()
+
+
+def read_metrics(out: Path) -> list[dict]:
+    """The records of a run's ``metrics.jsonl``."""
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every file below ``folder``, by relative path."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -20,7 +19,7 @@ import pytest
 import timm
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
+from conftest import call_and_reset, file_hashes, read_metrics, reset_accelerate
 from PIL import Image
 from transformers import pipeline
 
@@ -100,32 +99,16 @@ def _argv(data: dict[str, Path], out: Path, *extra: str) -> list[str]:
             "--no-progress-bar", "--output-dir", str(out), *extra]
 
 
-def _reset_accelerate() -> None:
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 def _train(argv: list[str], **kwargs) -> engine.TrainResult:
-    try:
-        return T.train_classifier(parse_args(argv), **kwargs)
-    finally:
-        _reset_accelerate()
+    return call_and_reset(T.train_classifier, parse_args(argv), **kwargs)
 
 
 def _main(argv: list[str]) -> int:
-    try:
-        return T.main(argv)
-    finally:
-        _reset_accelerate()
+    return call_and_reset(T.main, argv)
 
 
-def _metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def _hashes(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 # ------------------------------------------------------------------------------------------------ recipe
@@ -164,7 +147,7 @@ def test_built_run_uses_the_recipe(data, tmp_path):
         plan = engine.plan_run(task, settings, accelerator)
         core = task.build(settings, plan, accelerator)
     finally:
-        _reset_accelerate()
+        reset_accelerate()
     assert (plan.steps_per_epoch, plan.total_steps, plan.warmup_steps) == (6, 24, 6)
     assert plan.learning_rate == pytest.approx(1e-3)  # 2e-3 x 4 / 8
     names = {id(p): n for n, p in core.unwrapped.named_parameters()}
@@ -246,14 +229,14 @@ def test_resume_after_sigterm_matches_an_uninterrupted_run_and_the_export_loads(
     assert result.step == 8 and not result.stopped_by_signal
 
     def curve(out):
-        return [{k: v for k, v in r.items() if k not in ("time", "images_per_s")} for r in _metrics(out)]
+        return [{k: v for k, v in r.items() if k not in ("time", "images_per_s")} for r in read_metrics(out)]
 
     assert curve(part) == curve(straight)  # the same losses, lr and evaluations, step by step
-    evals = [r for r in _metrics(straight) if "eval_top1" in r]
+    evals = [r for r in read_metrics(straight) if "eval_top1" in r]
     assert [r["step"] for r in evals] == [6, 8]
     for name in ("model.safetensors", "ema.safetensors", "optimizer.safetensors"):
         assert (part / "checkpoint-8" / name).read_bytes() == (straight / "checkpoint-8" / name).read_bytes(), name
-    assert _hashes(part / "model") == _hashes(straight / "model") and _hashes(part / "best") == _hashes(straight / "best")
+    assert file_hashes(part / "model") == file_hashes(straight / "model") and file_hashes(part / "best") == file_hashes(straight / "best")
     assert _train(_argv(data, part, *common, "--resume", "latest")).step == 8  # finished: nothing to do
 
     # the export: transformers folder with the class names, pipeline, timm format; all the same weights
@@ -367,7 +350,7 @@ def test_two_cpu_processes_train_evaluate_and_export(data, tmp_path):
     assert (state["num_processes"], state["per_device_batch"], state["grad_accum"]) == (2, 2, 1)
     assert sorted(p.name for p in (out / "checkpoint-3").glob("rng_state_rank*")) == [
         "rng_state_rank00000.safetensors", "rng_state_rank00001.safetensors"]
-    final = [r for r in _metrics(out) if "eval_top1" in r][-1]
+    final = [r for r in read_metrics(out) if "eval_top1" in r][-1]
     assert final["step"] == 3 and final["eval_images"] == 9  # every validation image once, split over 2 processes
     assert (out / "model" / "model.safetensors").is_file() and (out / "model" / "timm" / "config.json").is_file()
 

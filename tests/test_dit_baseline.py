@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import call_and_reset, reset_accelerate
 
 from sdt_diffusion import SDTPipeline, default_scheduler
 from sdt_diffusion.models.dit import DIT_PRESETS, DiTTransformer2DModel
@@ -70,7 +71,6 @@ def test_pipeline_samples_and_round_trips_dit(tmp_path):
 
 def test_the_trainer_trains_resumes_exports_and_samples_dit(tmp_path):
     """DiT through the same trainer: same data, loss, EMA, checkpoints, export; the export samples like SDT-P's."""
-    from accelerate.state import AcceleratorState, GradientState
     from PIL import Image
 
     from sdt_diffusion.training.diffusion_config import parse_args
@@ -91,9 +91,8 @@ def test_the_trainer_trains_resumes_exports_and_samples_dit(tmp_path):
                 "--no-progress-bar", "--output-dir", str(out)]
 
     def run(argv):
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-        return train(parse_args(argv))
+        reset_accelerate()
+        return call_and_reset(train, parse_args(argv))
 
     full = run(flags(tmp_path / "full", 4))
     part = run(flags(tmp_path / "part", 2))
@@ -113,7 +112,6 @@ def test_the_trainer_trains_resumes_exports_and_samples_dit(tmp_path):
 
 
 def test_dit_refuses_sdt_only_flags(tmp_path):
-    from accelerate.state import AcceleratorState, GradientState
     from PIL import Image
 
     from sdt_diffusion.training.diffusion_config import parse_args
@@ -130,8 +128,7 @@ def test_dit_refuses_sdt_only_flags(tmp_path):
                           "--output-dir", str(tmp_path / "o2")]))
     with pytest.raises(ConfigError, match="not a preset"):
         train(parse_args(["--model", "DiT-XS/2", *common, "--output-dir", str(tmp_path / "o3")]))
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate()
 
 
 def test_dit_drops_each_label_once_per_forward_for_every_block():

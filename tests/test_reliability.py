@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
+from conftest import call_and_reset
 from PIL import Image
 
 from sdt_diffusion.training import engine, export, trainer
@@ -67,23 +67,14 @@ def _argv(data: dict[str, Path], out: Path, *extra: str) -> list[str]:
             "--sample-every", "3", "--sample-steps", "2", "--export-every", "3", "--output-dir", str(out), *extra]
 
 
-def _reset_accelerate() -> None:
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 def _train(argv: list[str], **kwargs) -> trainer.TrainResult:
-    try:
-        return trainer.train(parse_args(argv), **kwargs)
-    finally:
-        _reset_accelerate()
+    return call_and_reset(trainer.train, parse_args(argv), **kwargs)
 
 
 def _main(argv: list[str]) -> int:
-    try:
-        return trainer.main(argv)
-    finally:
-        _reset_accelerate()
+    return call_and_reset(trainer.main, argv)
 
 
 def _curve(out: Path) -> list[dict]:
@@ -92,7 +83,7 @@ def _curve(out: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in ("time", "images_per_s")} for r in lines]
 
 
-def _hashes(folder: Path) -> dict[str, str]:
+def _finished_file_hashes(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*"))
             # a kill -9 inside an atomic write can leave its hidden ".<name>.<pid>.tmp", which nothing reads
@@ -104,8 +95,8 @@ def _assert_same_run(out: Path, reference: Path) -> None:
     assert _curve(out) == _curve(reference)
     for name in STATE_FILES:
         assert (out / "checkpoint-6" / name).read_bytes() == (reference / "checkpoint-6" / name).read_bytes(), name
-    assert _hashes(out / "pipeline") == _hashes(reference / "pipeline")
-    assert _hashes(out / "samples") == _hashes(reference / "samples")
+    assert _finished_file_hashes(out / "pipeline") == _finished_file_hashes(reference / "pipeline")
+    assert _finished_file_hashes(out / "samples") == _finished_file_hashes(reference / "samples")
     assert json.loads((out / DONE_FILE).read_text())["step"] == 6
 
 
@@ -205,7 +196,7 @@ def test_the_end_of_run_window_finishes_on_resume(data, reference, tmp_path, mon
     result = _train(_argv(data, out), loss_hook=sigterm_in_step_6)
     assert result.stopped_by_signal and result.step == 6 and (out / "checkpoint-6").is_dir()
     assert not (out / DONE_FILE).exists() and not (out / "samples" / "step-0000006.png").exists()
-    assert _hashes(out / "pipeline") != _hashes(reference / "pipeline")  # the stale export of step 3
+    assert _finished_file_hashes(out / "pipeline") != _finished_file_hashes(reference / "pipeline")  # the stale export of step 3
     result = _train(_argv(data, out, "--resume", "latest"))  # at --max-steps: runs only the missing tail
     assert result.step == 6 and not result.stopped_by_signal and result.pipeline_dir == out / "pipeline"
     _assert_same_run(out, reference)
@@ -241,12 +232,12 @@ def test_the_end_of_run_window_finishes_on_resume(data, reference, tmp_path, mon
     _assert_same_run(out, reference)
 
     # a finished run: --resume latest / auto do nothing and succeed, however often
-    before = _hashes(out)
+    before = _finished_file_hashes(out)
     caplog.clear()
     for how in ("latest", "auto", "latest"):
         assert _main(_argv(data, out, "--resume", how)) == 0
     assert "the run finished at step 6" in caplog.text and "nothing to do" in caplog.text
-    assert _hashes(out) == before
+    assert _finished_file_hashes(out) == before
 
 
 # ------------------------------------------------------------------------------------ tampered checkpoints

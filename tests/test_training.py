@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import math
 import os
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_vae
+from conftest import call_and_reset, file_hashes, make_tiny_vae, read_metrics, reset_accelerate
 from PIL import Image
 
 from sdt_diffusion.data import (
@@ -77,34 +76,16 @@ def _argv(data: dict[str, Path], out: Path, *extra: str) -> list[str]:
             "--report-to", "none", "--no-progress-bar", "--output-dir", str(out), *extra]
 
 
-def _reset_accelerate() -> None:
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 def _train(argv: list[str], **kwargs) -> trainer.TrainResult:
-    try:
-        return trainer.train(parse_args(argv), **kwargs)
-    finally:
-        _reset_accelerate()
+    return call_and_reset(trainer.train, parse_args(argv), **kwargs)
 
 
 def _main(argv: list[str]) -> int:
-    try:
-        return trainer.main(argv)
-    finally:
-        _reset_accelerate()
+    return call_and_reset(trainer.main, argv)
 
 
-def _metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def _hashes(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def _free_port() -> int:
@@ -416,7 +397,7 @@ def test_accelerate_launch_one_process_trains_logs_and_exports(data, tmp_path):
     proc = _launch(args, 1)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert [p.name for _, p in list_checkpoints(out)] == ["checkpoint-4"]  # --keep-checkpoints 1
-    rows = _metrics(out)
+    rows = read_metrics(out)
     train_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
     for key in ("loss", "mse", "vb", "grad_norm", "lr", "images_per_s", "epoch"):
@@ -504,9 +485,9 @@ def test_loss_falls_on_a_tiny_dataset(data, tmp_path):
                  "--eval-data-dir", str(data["heldout"]), "--eval-every", "40")
     result = _train(argv)
     assert result.step == 40 and result.last_checkpoint == out / "checkpoint-40"
-    evals = {r["step"]: r["eval_loss"] for r in _metrics(out) if "eval_loss" in r}
+    evals = {r["step"]: r["eval_loss"] for r in read_metrics(out) if "eval_loss" in r}
     assert evals[40] < 0.8 * evals[0], evals  # fixed held-out set, timesteps and noise
-    losses = [r["loss"] for r in _metrics(out) if "loss" in r]
+    losses = [r["loss"] for r in read_metrics(out) if "loss" in r]
     assert np.mean(losses[-10:]) < np.mean(losses[:10])
 
 
@@ -538,18 +519,18 @@ def test_resume_after_sigterm_matches_an_uninterrupted_run(data, tmp_path):
     assert result.step == 6 and not (part / "checkpoint-5.tmp").exists()
 
     def curve(out):
-        return [(r["step"], r.get("loss"), r.get("eval_loss")) for r in _metrics(out)]
+        return [(r["step"], r.get("loss"), r.get("eval_loss")) for r in read_metrics(out)]
 
     assert curve(part) == curve(straight)  # identical losses and held-out losses, step by step
     for name in ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "rng_state_rank00000.safetensors"):
         assert (straight / "checkpoint-6" / name).read_bytes() == (part / "checkpoint-6" / name).read_bytes(), name
-    assert _hashes(straight / "pipeline") == _hashes(part / "pipeline")
+    assert file_hashes(straight / "pipeline") == file_hashes(part / "pipeline")
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(data, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     _train(_argv(data, out, "--max-steps", "2", "--checkpoint-every", "2"))
-    before = _hashes(out / "checkpoint-2")
+    before = file_hashes(out / "checkpoint-2")
 
     def nan_at_step_3(step, loss):
         return loss * float("nan") if step == 3 else loss
@@ -565,8 +546,8 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(data, tmp_path, mo
     assert code == 1
     assert "non-finite training loss nan at step 3" in err and "checkpoint-2" in err and "--learning-rate" in err, err
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-2"]  # nothing saved after the NaN
-    assert _hashes(out / "checkpoint-2") == before
-    assert max(r["step"] for r in _metrics(out)) == 2
+    assert file_hashes(out / "checkpoint-2") == before
+    assert max(r["step"] for r in read_metrics(out)) == 2
 
 
 def test_saved_dataset_with_custom_columns_trains_and_names_classes(tmp_path):
@@ -825,7 +806,7 @@ def test_the_engine_runs_any_task_and_resumes_it_exactly(data, tmp_path):
         try:
             return engine.train(task(), _toy_settings(out, **checkpoints), hook)
         finally:
-            _reset_accelerate()
+            reset_accelerate()
 
     straight = run(tmp_path / "straight")
     assert straight.step == 6 and straight.export_dir == tmp_path / "straight" / "export"
@@ -840,7 +821,7 @@ def test_the_engine_runs_any_task_and_resumes_it_exactly(data, tmp_path):
     assert run(part, resume="latest").step == 6
 
     def curve(out):
-        return [{k: v for k, v in r.items() if k not in ("time", "images_per_s")} for r in _metrics(out)]
+        return [{k: v for k, v in r.items() if k not in ("time", "images_per_s")} for r in read_metrics(out)]
 
     assert curve(part) == curve(tmp_path / "straight") and "abs" in curve(part)[0]
     for name in ("model.safetensors", "ema.safetensors", "optimizer.safetensors"):

@@ -9,7 +9,7 @@ on the number of processes.  Each process evaluates every ``num_processes``-th i
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,10 +21,7 @@ from ..utils.seeding import index_generator
 from .diffusion import DiffusionSchedule, training_losses
 from .plan import DataPlan
 
-if TYPE_CHECKING:
-    from .trainer import DiffusionCore
-
-__all__ = ["HeldOutSet", "evaluate_held_out"]
+__all__ = ["HeldOutSet"]
 
 
 def _label_map(source: LabelledImages, plan: DataPlan, data_dir: str) -> np.ndarray | None:
@@ -114,14 +111,3 @@ class HeldOutSet:
         sums = accelerator.reduce(sums, "sum")
         count = float(sums[3])
         return {k: float(sums[i]) / count for i, k in enumerate(("loss", "mse", "vb"))}
-
-
-def evaluate_held_out(held_out: HeldOutSet, core: DiffusionCore) -> tuple[dict[str, float], dict[str, float]]:
-    """``(online, ema)`` held-out losses of the training weights and of the EMA (all processes must call it);
-    the training RNG streams are left untouched."""
-    model = core.eval_model
-    with core.forked_rng():
-        online = held_out.evaluate(model, core.schedule, core.learn_sigma, core.accelerator)
-        with core.ema.swapped_into(core.model.parameters()):
-            averaged = held_out.evaluate(model, core.schedule, core.learn_sigma, core.accelerator)
-    return online, averaged

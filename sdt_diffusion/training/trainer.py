@@ -40,7 +40,7 @@ from .diffusion_config import DiffusionSettings, parse_args, settings_from_args
 from .ema import EMA
 from .engine import Run, TrainResult
 from .export import ema_transformer, export_pipeline, load_vae, sample_grid
-from .heldout import HeldOutSet, evaluate_held_out
+from .heldout import HeldOutSet
 from .plan import DiffusionPlan, plan_diffusion
 from .step import LossHook, NonFiniteLossError, TrainingCore
 from .tracking import log_images
@@ -90,6 +90,17 @@ class DiffusionCore(TrainingCore):
         out = self.model(x_t, t, labels).sample
         terms = training_losses(out, x0, x_t, t, noise, self.schedule, self.learn_sigma)
         return terms["loss"].mean(), {"mse": terms["mse"].detach().mean(), "vb": terms["vb"].detach().mean()}
+
+
+def evaluate_held_out(held_out: HeldOutSet, core: DiffusionCore) -> tuple[dict[str, float], dict[str, float]]:
+    """``(online, ema)`` held-out losses of the training weights and of the EMA (all processes must call it);
+    the training RNG streams are left untouched."""
+    model = core.eval_model
+    with core.forked_rng():
+        online = held_out.evaluate(model, core.schedule, core.learn_sigma, core.accelerator)
+        with core.ema.swapped_into(core.model.parameters()):
+            averaged = held_out.evaluate(model, core.schedule, core.learn_sigma, core.accelerator)
+    return online, averaged
 
 
 class DiffusionTask(engine.Task):
