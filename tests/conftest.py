@@ -124,3 +124,47 @@ def file_hashes(folder: Path) -> dict[str, str]:
     """sha256 of every file below ``folder``, by relative path."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ------------------------------------------------------------------------------ attention backends (SDT-H, RMT)
+ALL_BACKENDS = ("math", "sdpa", "augmented", "dense", "auto", "reference path")
+
+
+def backend_outputs_and_grads(model, x, backends=ALL_BACKENDS) -> dict[str, tuple[torch.Tensor, dict]]:
+    """``{backend: (output, parameter gradients of sum(out**2))}``; "reference path" is the attention's plain
+    layer-by-layer forward with the ``math`` backend."""
+    from sdt_diffusion.models.spatial_decay_attention import use_reference_path
+
+    results = {}
+    for backend in backends:
+        use_reference_path(model, backend == "reference path")
+        model.set_attention_backend("math" if backend == "reference path" else backend)
+        model.zero_grad(set_to_none=True)
+        out = model(x)
+        out.square().sum().backward()
+        results[backend] = out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    return results
+
+
+def assert_backends_agree_float64(results: dict[str, tuple[torch.Tensor, dict]]) -> None:
+    """Every backend's output and gradients equal ``math``'s to float64 rounding."""
+    ref_out, ref_grads = results["math"]
+    for backend, (out, grads) in results.items():
+        torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-12, msg=backend)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, ref_grads[name], rtol=1e-9, atol=1e-12, msg=f"{backend}: {name}")
+
+
+def spy_backend_choices(monkeypatch) -> dict[tuple[str, int], str]:
+    """Record which backend each ``(decay mode, tokens)`` grid resolves to (filled as the model runs)."""
+    from sdt_diffusion.attention import backends
+
+    picked: dict[tuple[str, int], str] = {}
+    resolve = backends.resolve_backend_name
+
+    def spy(name, device, mode, tokens):
+        picked[mode, tokens] = resolve(name, device, mode, tokens)
+        return picked[mode, tokens]
+
+    monkeypatch.setattr(backends, "resolve_backend_name", spy)
+    return picked

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_backends_agree_float64, backend_outputs_and_grads, spy_backend_choices
 from torch.utils.flop_counter import FlopCounterMode
 
 from sdt_diffusion.attention import backends as attention_backends
@@ -28,7 +29,6 @@ from sdt_diffusion.models.sdt_h import (
     sdt_h_preset,
 )
 from sdt_diffusion.models.sdt_h_transformers import SDTHConfig, SDTHForImageClassification
-from sdt_diffusion.models.spatial_decay_attention import use_reference_path
 
 # RMT's code: exact trainable parameters; fvcore GFLOPs at 224^2 (2.65 / 4.80 / 10.41, measured on RMT's code).
 RMT_PARAMS = {"RMT-T": 14_334_216, "RMT-S": 26_967_240, "RMT-B": 54_154_896}
@@ -98,31 +98,11 @@ def tiny_rmt(seed: int = 0, **overrides) -> SDTH:
 
 def test_backends_and_reference_path_agree_float64():
     model = tiny_rmt().double().train()
-    x = images(2, 64, 96, dtype=torch.float64)
-    results = {}
-    for backend in ("math", "sdpa", "augmented", "dense", "auto", "reference path"):
-        use_reference_path(model, backend == "reference path")
-        model.set_attention_backend("math" if backend == "reference path" else backend)
-        model.zero_grad(set_to_none=True)
-        out = model(x)
-        out.square().sum().backward()
-        results[backend] = out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-    ref_out, ref_grads = results["math"]
-    for backend, (out, grads) in results.items():
-        torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-12, msg=backend)
-        for name, grad in grads.items():
-            torch.testing.assert_close(grad, ref_grads[name], rtol=1e-9, atol=1e-12, msg=f"{backend}: {name}")
+    assert_backends_agree_float64(backend_outputs_and_grads(model, images(2, 64, 96, dtype=torch.float64)))
 
 
 def test_auto_never_augments_the_decomposed_fixed_decay(monkeypatch):
-    picked = {}
-    resolve = attention_backends.resolve_backend_name
-
-    def spy(name, device, mode, tokens):
-        picked[mode, tokens] = resolve(name, device, mode, tokens)
-        return picked[mode, tokens]
-
-    monkeypatch.setattr(attention_backends, "resolve_backend_name", spy)
+    picked = spy_backend_choices(monkeypatch)
     monkeypatch.setattr(attention_backends, "DENSE_MAX_TOKENS_CPU", 0)
     with torch.no_grad():
         tiny_rmt().eval()(images(1, 64, 96))

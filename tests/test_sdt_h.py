@@ -14,6 +14,7 @@ import sys
 
 import pytest
 import torch
+from conftest import assert_backends_agree_float64, backend_outputs_and_grads, spy_backend_choices
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoBackbone, AutoConfig, AutoModelForImageClassification, pipeline
@@ -35,7 +36,6 @@ from sdt_diffusion.models.sdt_h_transformers import (
     SDTHModel,
     sdt_h_image_processor,
 )
-from sdt_diffusion.models.spatial_decay_attention import use_reference_path
 
 TINY = dict(embed_dims=(16, 32, 32, 32), depths=(1, 1, 1, 1), num_heads=(2, 4, 4, 4), mlp_ratios=(2.0, 2.0, 2.0, 2.0),
             gate_rank=4, head_hidden_size=24, drop_path_rate=0.0)
@@ -168,33 +168,14 @@ def test_backends_agree_with_math_on_outputs_and_gradients_float64(modes):
     """Every backend (auto: the fused one where the decay allows) and the attention's reference path against the
     dense reference, float64."""
     model = tiny(decay_modes=modes).double().train()  # train: BatchNorm uses batch statistics (deterministic)
-    x = images(2, 64, 96, dtype=torch.float64)
-    results = {}
-    for backend in ("math", "sdpa", "augmented", "dense", "auto", "reference path"):
-        use_reference_path(model, backend == "reference path")  # the attention's plain layer-by-layer forward
-        model.set_attention_backend("math" if backend == "reference path" else backend)
-        model.zero_grad(set_to_none=True)
-        out = model(x)
-        out.square().sum().backward()
-        results[backend] = out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-    ref_out, ref_grads = results["math"]
-    gate_grads = [n for n in ref_grads if "attn.gate." in n]
-    assert gate_grads and all(ref_grads[n].abs().max() > 0 for n in gate_grads)  # gradients reach W_g
-    for backend, (out, grads) in results.items():
-        torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-12, msg=backend)
-        for name, grad in grads.items():
-            torch.testing.assert_close(grad, ref_grads[name], rtol=1e-9, atol=1e-12, msg=f"{backend}: {name}")
+    results = backend_outputs_and_grads(model, images(2, 64, 96, dtype=torch.float64))
+    gate_grads = [n for n in results["math"][1] if "attn.gate." in n]
+    assert gate_grads and all(results["math"][1][n].abs().max() > 0 for n in gate_grads)  # gradients reach W_g
+    assert_backends_agree_float64(results)
 
 
 def test_auto_runs_the_fused_backend_where_the_decay_allows(monkeypatch):
-    picked = {}
-    resolve = attention_backends.resolve_backend_name
-
-    def spy(name, device, mode, tokens):
-        picked[mode, tokens] = resolve(name, device, mode, tokens)
-        return picked[mode, tokens]
-
-    monkeypatch.setattr(attention_backends, "resolve_backend_name", spy)
+    picked = spy_backend_choices(monkeypatch)
     model = tiny(decay_modes=("decomposed", "1d", "cdsf", "fixed")).eval()
     with torch.no_grad():
         model(images(1, 64, 96))
