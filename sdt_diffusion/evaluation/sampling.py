@@ -13,6 +13,8 @@ or kill loses at most the chunks in flight.  The main process finally assembles 
 Input is always a pipeline folder (``save_pretrained``, a training run's ``pipeline/``, or a checkpoint
 exported with ``sdt-export``), sampled with the scheduler saved in it unless another one is asked for.  The
 pipeline is checked to decode to RGB images, and the output to be writable, before the first sample is drawn.
+A run holds ``<output>.lock`` (:mod:`~..utils.run_lock`) until it ends, so a second run on the same
+``--output`` (e.g. a requeued job while the first still runs) is refused with the holder's PID and host.
 
 The shards' ``settings.json`` identifies the pipeline by a sha256 of its files (weights, VAE, scheduler and
 configs), not by its path, so a pipeline re-exported between a crash and the rerun is refused instead of
@@ -46,6 +48,7 @@ from ..pipelines import SDTPipeline
 from ..schedulers import SCHEDULER_NAMES, make_scheduler
 from ..utils.cli_args import DTYPE_ALIASES, DTYPE_CHOICES, add_dtype_argument, torch_dtype
 from ..utils.files import atomic_write, atomic_write_text, check_writable, sha256_file
+from ..utils.run_lock import lock_run
 from ..utils.runtime import cpu_multiprocess
 from ..utils.seeding import index_generator
 
@@ -163,6 +166,11 @@ def check_image_output(pipe: SDTPipeline) -> None:
 
 def shard_dir(output: Path) -> Path:
     return output.with_name(output.name + ".shards")
+
+
+def lock_path(output: Path) -> Path:
+    """``<output>.lock``: held for the life of a run (:func:`~..utils.run_lock.lock_run`)."""
+    return output.with_name(output.name + ".lock")
 
 
 def chunk_path(output: Path, chunk: int) -> Path:
@@ -410,6 +418,17 @@ def run(settings: SamplingSettings, on_chunk: Callable[[int], None] | None = Non
     check_output_files(output)
     # several processes without CUDA (``accelerate launch --multi_gpu`` on a CPU machine): gloo on the CPU
     state = PartialState(cpu=cpu_multiprocess())
+    lock = lock_run(lock_path(output), f"--output {output}", is_main=state.is_main_process,
+                    num_processes=state.num_processes)
+    try:  # for the life of the run: a second run on the same --output is refused
+        return _sample(settings, output, state, on_chunk)
+    finally:
+        lock.release()
+
+
+def _sample(settings: SamplingSettings, output: Path, state: PartialState,
+            on_chunk: Callable[[int], None] | None) -> Path | None:
+    """The body of :func:`run`, under the output's lock."""
     pipeline_hash = pipeline_sha256(settings.pipeline) if Path(settings.pipeline).is_dir() else ""
     pipe = prepare_pipeline(settings, state.device)
     check_disk_space(output, settings.num_samples, image_side(pipe))

@@ -101,6 +101,8 @@ class CheckpointSettings:
     checkpoint_every: int | None = flag(help="steps between checkpoints")
     keep_checkpoints: int = flag(3, "newest checkpoints kept; 0 keeps all")
     resume: str | None = flag(None, RESUME_HELP)
+    overwrite: bool = flag(False, "start afresh in an --output-dir that holds an earlier run: its checkpoints and "
+                                  "metrics.jsonl are deleted, its export replaced")
     allow_inexact_resume: bool = flag(False, "resume even where the continuation cannot equal an uninterrupted run "
                                              "(another --seed or batch layout, a missing RNG state); the log and "
                                              "metrics.jsonl say so")
@@ -217,5 +219,7 @@ def check_settings(settings: Settings) -> None:
     if v["per_device_batch"] is not None and v["per_device_batch"] > v["global_batch_size"]:
         raise ConfigError(f"--per-device-batch {v['per_device_batch']} exceeds --global-batch-size "
                           f"{v['global_batch_size']}")
+    if v["overwrite"] and v["resume"] is not None:
+        raise ConfigError(f"--overwrite contradicts --resume {v['resume']}: pass one of them")
     if v["resume"] not in (None, "latest", "auto") and not Path(v["resume"]).is_dir():
         raise ConfigError(f"--resume {v['resume']}: not a checkpoint directory (or pass 'latest' / 'auto')")

@@ -3,7 +3,9 @@
 The diffusion trainer (:mod:`.trainer`, SDT-P / DiT) and the classification trainer (:mod:`.classifier_trainer`,
 SDT-H) are two implementations of :class:`Task`; everything else a run does is here, once:
 
-1. plan (:func:`plan_run`): the output folder, the resume point, the batch split, then the task's data and model
+0. lock the output folder for the life of the run (:func:`lock_output`): a second run on it is refused;
+1. plan (:func:`plan_run`): the output folder (an earlier run's records need ``--resume`` or ``--overwrite``,
+   :func:`check_fresh_output`), the resume point, the batch split, then the task's data and model
    (:meth:`Task.plan`), then the checkpoint's checks (format, files, task, model config) and whether the resume
    would be exact (:func:`check_exactness`): every ``ConfigError`` before any compute;
 2. build (:meth:`Task.build`) and :func:`restore`: weights, AdamW, EMA, grad scaler and every process's RNG
@@ -27,6 +29,7 @@ the tail or after the run has finished changes nothing.
 from __future__ import annotations
 
 import logging
+import shutil
 import signal
 import sys
 import time
@@ -44,12 +47,14 @@ from tqdm.auto import tqdm
 from ..data import iterate_batches
 from ..utils.errors import ConfigError
 from ..utils.files import check_writable
+from ..utils.run_lock import LOCK_FILE, RunLock, lock_run
 from ..utils.runtime import cpu_multiprocess
 from .checkpointing import (
     DONE_FILE,
     check_checkpoint,
     clear_done,
     latest_checkpoint,
+    list_checkpoints,
     load_state,
     prune_checkpoints,
     read_done,
@@ -68,7 +73,7 @@ from .step import LossHook, NonFiniteLossError, StepStats, TrainingCore, train_s
 from .tracking import METRICS_FILE, LossWindow, MetricsWriter, log_with, tracker_config
 
 __all__ = ["Run", "RunPlan", "Task", "TrainResult", "after_checkpoint", "check_exactness", "exit_process",
-           "make_accelerator", "plan_batches", "plan_run", "restore", "run_loop", "run_command",
+           "check_fresh_output", "lock_output", "make_accelerator", "plan_batches", "plan_run", "restore", "run_loop", "run_command",
            "save_run_checkpoint", "start_run", "train"]
 
 logger = logging.getLogger("sdt_diffusion.training")
@@ -251,6 +256,47 @@ def check_exactness(settings: Settings, plan: RunPlan) -> tuple[RngState | None,
     return rng_state, reasons
 
 
+RUN_RECORDS = (DONE_FILE, METRICS_FILE, "train_config.yaml")  # with checkpoint-<step>/: a run started here
+
+
+def check_fresh_output(out: Path, resume: str | None) -> None:
+    """Refuse to start a new run over an earlier one's records unless the flags say what to do: without
+    ``--resume`` any record (``training_done.json``, ``metrics.jsonl``, ``train_config.yaml``, checkpoints);
+    with ``--resume auto`` a finished run with no checkpoint left (pruned), whose export a fresh run would replace.
+
+    Raises:
+        ConfigError: naming the folder, what it holds, and ``--resume`` / ``--overwrite``.
+    """
+    found = [name for name in RUN_RECORDS if (out / name).exists()]
+    newest = latest_checkpoint(out)
+    if resume is None and newest is not None:
+        raise ConfigError(f"--output-dir {out} already holds checkpoints (newest: {newest.name}); pass --resume "
+                          f"latest to continue that run, --overwrite to replace it, or choose another --output-dir")
+    if resume is None and found:
+        raise ConfigError(f"--output-dir {out} already holds a run ({', '.join(found)}) with no checkpoint to resume "
+                          f"from; pass --overwrite to replace it, or choose another --output-dir")
+    if resume == "auto" and newest is None and DONE_FILE in found:
+        raise ConfigError(f"--output-dir {out} holds a finished run ({DONE_FILE}) with no checkpoint to resume from; "
+                          f"pass --overwrite to train it again from scratch, or choose another --output-dir")
+
+
+def lock_output(settings: Settings, accelerator: Any) -> RunLock:
+    """Lock ``--output-dir`` for the life of the run (:func:`~..utils.run_lock.lock_run`: taken by the main
+    process before any process writes the folder); every process raises if it is taken.
+
+    Raises:
+        OutputLockedError: another live run holds the folder (its PID and host named).
+        ConfigError: the lock file cannot be created (e.g. a read-only folder or a file in the way).
+    """
+    out = settings.output_dir
+    try:  # the same message as plan_run's for a file in the way or a read-only folder
+        check_writable(out / "train_config.yaml")
+    except OSError as e:
+        raise ConfigError(f"--output-dir {out}: {e}") from None
+    return lock_run(out / LOCK_FILE, f"--output-dir {out}", is_main=accelerator.is_main_process,
+                    num_processes=accelerator.num_processes)
+
+
 def plan_run(task: Task, settings: Settings, accelerator: Any) -> RunPlan:
     """Check every flag against the processes, the data and the checkpoint to resume from.
 
@@ -262,7 +308,11 @@ def plan_run(task: Task, settings: Settings, accelerator: Any) -> RunPlan:
         check_writable(out / "train_config.yaml")
     except OSError as e:
         raise ConfigError(f"--output-dir {out}: {e}") from None
-    resume_from = resolve_resume(settings.checkpoints.resume, out)
+    if settings.checkpoints.overwrite:
+        resume_from = None  # start_run deletes the earlier run's checkpoints and records
+    else:
+        check_fresh_output(out, settings.checkpoints.resume)
+        resume_from = resolve_resume(settings.checkpoints.resume, out)
     world, rank = accelerator.num_processes, accelerator.process_index
     per_device, accum = plan_batches(settings.run.global_batch_size, settings.run.per_device_batch, world)
     plan = task.plan(settings, accelerator, world=world, rank=rank, per_device=per_device, accum=accum,
@@ -357,6 +407,10 @@ def start_run(task: Task, settings: Settings, plan: RunPlan, core: TrainingCore,
                   **task.config_record(plan)}
         (out / "train_config.yaml").write_text(yaml.safe_dump(plain(config), sort_keys=False))
         clear_done(out)  # the run is not finished (a finished one never gets here)
+        if settings.checkpoints.overwrite:  # the earlier run's checkpoints would mix with this one's
+            for _, path in list_checkpoints(out):
+                shutil.rmtree(path)
+            (out / METRICS_FILE).unlink(missing_ok=True)
     metrics = MetricsWriter(out / METRICS_FILE, step, main)
     accelerator.init_trackers(settings.logging.tracker_project, config=tracker_config(settings.record()))
     history = list(plan.start_state.get("inexact_resumes", []))
@@ -487,29 +541,30 @@ def train(task: Task, settings: Settings, loss_hook: LossHook | None = None) -> 
     out = settings.output_dir
     with StopSignal() as stop:  # from the start: a signal before the first step stops after it; after the end, nothing
         accelerator = make_accelerator(settings)
-        plan = plan_run(task, settings, accelerator)
-        export = out / task.export_name
-        if plan.finished:
-            if accelerator.is_main_process:
-                logger.info("%s: the run finished at step %d (%s); nothing to do", plan.resume_from,
-                            plan.start_step, DONE_FILE)
-            return TrainResult(plan.start_step, out, plan.resume_from, export if export.is_dir() else None, False,
-                               task.best(None, out, plan.start_step))
-        core = task.build(settings, plan, accelerator)
-        step = restore(task, core, plan, settings)
-        run = start_run(task, settings, plan, core, step)
-        stopped = False
-        try:
-            if plan.resume_from is not None:
-                after_checkpoint(run, step)  # what the stopped run left undone after its checkpoint (or its tail)
-            if step < plan.total_steps:
-                step, stopped = run_loop(run, step, stop, loss_hook)
-        finally:
-            accelerator.end_training()
-        if run.is_main and not stopped:
-            logger.info("done at step %d", step)
-    return TrainResult(step, out, run.last_checkpoint, export if export.is_dir() else None, stopped,
-                       task.best(run, out, step))
+        with lock_output(settings, accelerator):  # for the life of the run: a second run on the folder is refused
+            plan = plan_run(task, settings, accelerator)
+            export = out / task.export_name
+            if plan.finished:
+                if accelerator.is_main_process:
+                    logger.info("%s: the run finished at step %d (%s); nothing to do", plan.resume_from,
+                                plan.start_step, DONE_FILE)
+                return TrainResult(plan.start_step, out, plan.resume_from, export if export.is_dir() else None,
+                                   False, task.best(None, out, plan.start_step))
+            core = task.build(settings, plan, accelerator)
+            step = restore(task, core, plan, settings)
+            run = start_run(task, settings, plan, core, step)
+            stopped = False
+            try:
+                if plan.resume_from is not None:
+                    after_checkpoint(run, step)  # what the stopped run left undone after its checkpoint (or its tail)
+                if step < plan.total_steps:
+                    step, stopped = run_loop(run, step, stop, loss_hook)
+            finally:
+                accelerator.end_training()
+            if run.is_main and not stopped:
+                logger.info("done at step %d", step)
+            return TrainResult(step, out, run.last_checkpoint, export if export.is_dir() else None, stopped,
+                               task.best(run, out, step))
 
 
 def run_command(task: type[Task], run: Callable[[], Any]) -> int:
