@@ -245,7 +245,9 @@ def test_a_started_run_without_checkpoints_needs_resume_auto_or_overwrite(tmp_pa
 def test_overwrite_starts_afresh_and_deletes_the_earlier_runs_checkpoints(tmp_path):
     out = tmp_path / "run"
     _train(_settings(out, max_steps=6))
+    (out / "export" / "stale.txt").write_text("of the earlier run")
     result = _train(_settings(out, max_steps=4, overwrite=True))
+    assert not (out / "export" / "stale.txt").exists()
     assert result.step == 4
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     assert [r["step"] for r in read_metrics(out) if "loss" in r] == [1, 2, 3, 4]

@@ -101,8 +101,8 @@ class CheckpointSettings:
     checkpoint_every: int | None = flag(help="steps between checkpoints")
     keep_checkpoints: int = flag(3, "newest checkpoints kept; 0 keeps all")
     resume: str | None = flag(None, RESUME_HELP)
-    overwrite: bool = flag(False, "start afresh in an --output-dir that holds an earlier run: its checkpoints and "
-                                  "metrics.jsonl are deleted, its export replaced")
+    overwrite: bool = flag(False, "start afresh in an --output-dir that holds an earlier run: its checkpoints, "
+                                  "metrics.jsonl and export are deleted first")
     allow_inexact_resume: bool = flag(False, "resume even where the continuation cannot equal an uninterrupted run "
                                              "(another --seed or batch layout, a missing RNG state); the log and "
                                              "metrics.jsonl say so")

@@ -407,10 +407,12 @@ def start_run(task: Task, settings: Settings, plan: RunPlan, core: TrainingCore,
                   **task.config_record(plan)}
         (out / "train_config.yaml").write_text(yaml.safe_dump(plain(config), sort_keys=False))
         clear_done(out)  # the run is not finished (a finished one never gets here)
-        if settings.checkpoints.overwrite:  # the earlier run's checkpoints would mix with this one's
+        if settings.checkpoints.overwrite:  # the earlier run's checkpoints, metrics and export would mix with these
             for _, path in list_checkpoints(out):
                 shutil.rmtree(path)
             (out / METRICS_FILE).unlink(missing_ok=True)
+            if (out / task.export_name).is_dir():
+                shutil.rmtree(out / task.export_name)
     metrics = MetricsWriter(out / METRICS_FILE, step, main)
     accelerator.init_trackers(settings.logging.tracker_project, config=tracker_config(settings.record()))
     history = list(plan.start_state.get("inexact_resumes", []))
