@@ -72,9 +72,9 @@ from .state_files import RngState, restore_rng
 from .step import LossHook, NonFiniteLossError, StepStats, TrainingCore, train_step
 from .tracking import METRICS_FILE, LossWindow, MetricsWriter, log_with, tracker_config
 
-__all__ = ["Run", "RunPlan", "Task", "TrainResult", "after_checkpoint", "check_exactness", "exit_process",
-           "check_fresh_output", "lock_output", "make_accelerator", "plan_batches", "plan_run", "restore", "run_loop", "run_command",
-           "save_run_checkpoint", "start_run", "train"]
+__all__ = ["Run", "RunPlan", "Task", "TrainResult", "after_checkpoint", "check_exactness", "check_fresh_output",
+           "exit_process", "lock_output", "make_accelerator", "plan_batches", "plan_run", "restore", "run_loop",
+           "run_command", "save_run_checkpoint", "start_run", "train"]
 
 logger = logging.getLogger("sdt_diffusion.training")
 
