@@ -252,3 +252,22 @@ def test_a_fitting_checkpoint_still_exports_the_ema_weights(reference, tmp_path)
 def test_no_temporary_name_is_shared_between_two_exports(tmp_path):
     names = {export.private_sibling(tmp_path / "pipeline", "tmp") for _ in range(50)}
     assert len(names) == 50 and all(n.name.startswith(f".pipeline.{os.getpid()}.") for n in names)
+
+
+def test_state_file_writes_name_the_file_on_io_errors_only(tmp_path, monkeypatch):
+    target = tmp_path / "ema.safetensors"
+    ema = type("E", (), {"shadow": [torch.zeros(2)], "decay": 0.9, "num_updates": 1})()
+    for raised, expected in [
+        (SafetensorError('Error while serializing: IoError(Os { code: 30, kind: ReadOnlyFilesystem, message: '
+                         '"Read-only file system" })'), OSError),
+        (SafetensorError("tensors share memory"), SafetensorError),  # not an I/O failure: unchanged
+    ]:
+        def failing(*args, error=raised, **kwargs):
+            raise error
+
+        monkeypatch.setattr(state_files, "save_file", failing)
+        with pytest.raises(expected) as info:
+            state_files.save_ema_file(ema, target)
+        assert type(info.value) is expected
+        if expected is OSError:
+            assert info.value.filename == str(target) and info.value.errno == errno.EIO

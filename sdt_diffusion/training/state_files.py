@@ -59,8 +59,11 @@ def _writing(path: str | Path) -> Iterator[None]:
         yield
     except SafetensorError as e:
         text = str(e)
-        code = errno.ENOSPC if ("No space left" in text or "code: 28" in text or "StorageFull" in text) else errno.EIO
-        raise OSError(code, f"{'No space left on device' if code == errno.ENOSPC else text}", str(path)) from None
+        if "IoError" not in text:  # not an I/O failure (e.g. tensors that cannot be serialised): as raised
+            raise
+        if "No space left" in text or "StorageFull" in text:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path)) from None
+        raise OSError(errno.EIO, text, str(path)) from None
     except OSError as e:
         if e.filename is None:
             raise OSError(e.errno, e.strerror or str(e), str(path)) from None
