@@ -24,6 +24,7 @@ and only it (not the step count) says that a run is finished.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -34,6 +35,7 @@ from typing import Any, Protocol
 
 import torch
 from accelerate.utils import load_fsdp_model, load_fsdp_optimizer, save_fsdp_model, save_fsdp_optimizer
+from safetensors import safe_open
 
 from ..utils.files import atomic_write_text, replace_dir, sha256_file
 from .config import ConfigError
@@ -59,6 +61,7 @@ __all__ = [
     "DONE_FILE",
     "STATE_FILE",
     "CheckpointError",
+    "CheckpointWriteError",
     "TrainingObjects",
     "check_checkpoint",
     "checkpoint_step",
@@ -70,6 +73,7 @@ __all__ = [
     "prune_checkpoints",
     "read_done",
     "read_ema_shadow",
+    "read_ema_shapes",
     "read_rng_states",
     "read_training_state",
     "resolve_resume",
@@ -110,6 +114,11 @@ class TrainingObjects(Protocol):
 class CheckpointError(ConfigError):
     """A checkpoint file is missing, truncated, altered or unreadable; the message names it and the checkpoint to
     fall back to."""
+
+
+class CheckpointWriteError(ConfigError):
+    """A checkpoint could not be written (e.g. the disk is full); the message names the file and the previous
+    checkpoint, which is intact.  Reported like bad input: one line, no traceback."""
 
 
 def rng_file(rank: int) -> str:
@@ -332,15 +341,34 @@ def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, state: 
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    write_files(tmp)
-    accelerator.wait_for_everyone()  # every rank has written its files
-    if accelerator.is_main_process:
-        record = {**state, "step": step, "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
-                  "files": _manifest(tmp)}
-        atomic_write_text(tmp / STATE_FILE, json.dumps(record, indent=2))
-        replace_dir(tmp, final)  # re-saving a step (e.g. after a resume) swaps, then drops the old copy
+    try:
+        write_files(tmp)
+        accelerator.wait_for_everyone()  # every rank has written its files
+        if accelerator.is_main_process:
+            record = {**state, "step": step, "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
+                      "files": _manifest(tmp)}
+            atomic_write_text(tmp / STATE_FILE, json.dumps(record, indent=2))
+            replace_dir(tmp, final)  # re-saving a step (e.g. after a resume) swaps, then drops the old copy
+    except OSError as e:
+        raise _write_failed(root, tmp, final, e) from None
     accelerator.wait_for_everyone()
     return final
+
+
+def _write_failed(root: Path, tmp: Path, final: Path, error: OSError) -> CheckpointWriteError:
+    """The error for a checkpoint save that failed with ``error``: the half-written ``tmp`` folder (never read) is
+    removed to give the space back, and the message names the file and the checkpoint to resume from."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    file = error.filename or tmp
+    why = ("the disk is full" if error.errno == errno.ENOSPC
+           else f"{error.strerror or error} ({type(error).__name__})")
+    previous = latest_checkpoint(root)
+    if previous is not None:
+        after = (f"the previous checkpoint {previous} is intact: free space, then resume exactly with "
+                 f"--resume latest")
+    else:
+        after = "no earlier checkpoint exists in this run"
+    return CheckpointWriteError(f"cannot write checkpoint {final.name}: {file}: {why}; {after}")
 
 
 def prune_checkpoints(output_dir: str | Path, keep: int) -> list[Path]:
@@ -425,6 +453,28 @@ def load_state(core: TrainingObjects, checkpoint: str | Path, state: dict[str, A
     except StateFileError as e:
         raise damaged(checkpoint, e.path, e.problem) from None
     return decay
+
+
+def read_ema_shapes(checkpoint: str | Path) -> list[tuple[int, ...]] | None:
+    """The shapes of the EMA tensors of a (non-FSDP) checkpoint, in parameter order, read from the safetensors header
+    of ``ema.safetensors`` alone (no tensor is loaded); ``None`` for a checkpoint without that file (an earlier
+    version's or an FSDP one: :func:`read_ema_shadow` says why).
+
+    Raises:
+        CheckpointError: the file is not a safetensors file of EMA tensors ``"0"`` .. ``"<n-1>"``.
+    """
+    checkpoint = Path(checkpoint)
+    f = checkpoint / EMA_FILE
+    if not f.is_file():
+        return None
+    try:
+        with safe_open(str(f), framework="pt", device="cpu") as reader:
+            shapes = {k: tuple(reader.get_slice(k).get_shape()) for k in reader.keys()}  # noqa: SIM118
+    except Exception as e:  # noqa: BLE001 - SafetensorError and OSError, re-raised with the file named
+        raise damaged(checkpoint, f, f"not a readable safetensors file ({type(e).__name__}: {e})") from None
+    if sorted(shapes) != sorted(str(i) for i in range(len(shapes))):
+        raise damaged(checkpoint, f, "not an EMA file (its tensors are not named 0 .. n-1)")
+    return [shapes[str(i)] for i in range(len(shapes))]
 
 
 def read_ema_shadow(checkpoint: str | Path) -> list[torch.Tensor]:

@@ -23,10 +23,10 @@ from ..models.registry import build_transformer, learns_sigma
 from ..pipelines import SDTPipeline
 from ..schedulers import default_scheduler
 from ..utils.cli_args import add_deprecated_alias
-from ..utils.files import replace_dir
+from ..utils.files import private_sibling, replace_dir
 from ..utils.images import make_labelled_grid
 from ..utils.labels import short_name
-from .checkpointing import STATE_FILE, read_ema_shadow, read_training_state
+from .checkpointing import STATE_FILE, read_ema_shadow, read_ema_shapes, read_training_state
 from .ema import EMA
 
 __all__ = [
@@ -85,8 +85,9 @@ def export_pipeline(
     """Save ``SDTPipeline(transformer, vae, DiT's DDPM scheduler, id2label)`` atomically to ``target``.
 
     The scheduler is :func:`~sdt_diffusion.schedulers.default_scheduler` for the model's ``learn_sigma``
-    (learned-range variance, or fixed-large without a learned variance).  The folder is written as
-    ``<target>.tmp`` and renamed, so a crash never leaves a half-written pipeline.
+    (learned-range variance, or fixed-large without a learned variance).  The folder is written under a
+    temporary name of its own (:func:`~sdt_diffusion.utils.files.private_sibling`) and renamed, so a crash never
+    leaves a half-written pipeline and no sibling folder of ``target`` is touched.
 
     Raises:
         ValueError: the pipeline would not produce images (latents without a VAE to decode them).
@@ -96,13 +97,16 @@ def export_pipeline(
         raise ValueError(f"the transformer denoises {channels}-channel latents: exporting it without a VAE "
                          f"would give {channels}-channel 'images'; pass the VAE it was trained with")
     target = Path(target)
-    tmp = target.with_name(target.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = private_sibling(target, "tmp")
     scheduler = default_scheduler(learn_sigma=learns_sigma(transformer))
     pipe = SDTPipeline(transformer=transformer, vae=vae, scheduler=scheduler, id2label=id2label)
-    pipe.save_pretrained(str(tmp))
-    return replace_dir(tmp, target)
+    try:
+        pipe.save_pretrained(str(tmp))
+        return replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # ours alone: the name is unique to this call
+        raise
 
 
 @torch.no_grad()
@@ -162,6 +166,37 @@ def checkpoint_vae(state: dict[str, Any], vae: str | None = None,
     return (None, None) if recorded.lower() == "none" else (recorded, None)
 
 
+def _check_ema_shapes(checkpoint: str | Path, state: dict[str, Any]) -> None:
+    """Compare the model config of ``training_state.json`` with the EMA file's header before building the model:
+    the config is built on the ``meta`` device (no memory) and each parameter's shape is checked against the
+    header's, so a config that does not fit the weights (say, far more layers) is refused by name, unallocated.
+
+    Raises:
+        ValueError: the config cannot be built, or it does not fit the EMA file (the parameter is named).
+    """
+    shapes = read_ema_shapes(checkpoint)
+    if shapes is None:  # an earlier version's or an FSDP checkpoint: read_ema_shadow reads or refuses it
+        return
+    config = state.get("model_config")
+    where = f"{Path(checkpoint) / STATE_FILE}"
+    if not isinstance(config, dict):
+        raise ValueError(f"{where}: no model_config mapping")
+    try:
+        with torch.device("meta"):
+            skeleton = build_transformer(config)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: model_config cannot be built ({e})") from None
+    params = list(skeleton.named_parameters())
+    ema = Path(checkpoint) / "ema.safetensors"
+    if len(params) != len(shapes):
+        raise ValueError(f"{where}: the model config has {len(params)} parameters, {ema} holds {len(shapes)} EMA "
+                         f"tensors; the config does not belong to these weights")
+    for (name, p), shape in zip(params, shapes):
+        if tuple(p.shape) != shape:
+            raise ValueError(f"{where}: parameter {name} has shape {tuple(p.shape)} in the model config, {ema} "
+                             f"holds {shape}; the config does not belong to these weights")
+
+
 def export_checkpoint(checkpoint: str | Path, output: str | Path, vae: str | None = None,
                       vae_subfolder: str | None = None) -> Path:
     """Export the EMA weights of a training checkpoint (``<run>/checkpoint-<step>``) as an ``SDTPipeline``.
@@ -188,6 +223,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, vae: str | Non
     if output.exists() and not (output / "model_index.json").is_file() and any(output.iterdir()):
         raise ValueError(f"{output} exists and is not a pipeline folder; choose a new or empty folder")
     state = read_training_state(checkpoint)
+    _check_ema_shapes(checkpoint, state)  # before anything the size of the model is allocated
     shadow = read_ema_shadow(checkpoint)
     with torch.random.fork_rng(devices=[]):  # the constructor's initialisation must not move the caller's RNG
         transformer = build_transformer(state["model_config"])

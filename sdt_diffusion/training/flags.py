@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 
 from ..utils.errors import ConfigError
+from ..utils.safe_yaml import load_yaml
 
 __all__ = ["HelpFormatter", "build_parser", "flag", "flag_groups", "flag_table", "load_yaml_config", "parse_flags", "plain", "recipe_names",
            "settings_from_namespace"]
@@ -191,9 +192,11 @@ def load_yaml_config(path: str | os.PathLike, parser: argparse.ArgumentParser) -
     if not path.is_file():
         raise ConfigError(f"--config {path}: no such file (nor a packaged recipe: {', '.join(recipe_names())})")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(path) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"--config {path}: invalid YAML: {e}") from None
+    except ValueError as e:  # too large to be a config
+        raise ConfigError(f"--config {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a mapping of flag names to values, got {type(data).__name__}")
     actions = {a.dest: a for a in parser._actions

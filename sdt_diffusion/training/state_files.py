@@ -12,15 +12,18 @@ parses a JSON header and raw tensor bytes.
 
 from __future__ import annotations
 
+import errno
 import json
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_file, save_model
 
 from .ema import EMA
@@ -48,6 +51,25 @@ _RNG_FORMAT = "sdt-diffusion-rng"
 _META_KEY = "sdt_diffusion"
 
 
+@contextmanager
+def _writing(path: str | Path) -> Iterator[None]:
+    """Turn a failed write of ``path`` into an ``OSError`` that names it: safetensors reports an I/O error (a full
+    disk, a read-only file system) as a ``SafetensorError`` whose text holds the OS error code."""
+    try:
+        yield
+    except SafetensorError as e:
+        text = str(e)
+        if "IoError" not in text:  # not an I/O failure (e.g. tensors that cannot be serialised): as raised
+            raise
+        if "No space left" in text or "StorageFull" in text:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path)) from None
+        raise OSError(errno.EIO, text, str(path)) from None
+    except OSError as e:
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+        raise
+
+
 class StateFileError(ValueError):
     """A state file is missing, truncated, not in its format, or does not fit the objects it should restore."""
 
@@ -59,7 +81,8 @@ class StateFileError(ValueError):
 def _save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, fields: dict[str, Any]) -> None:
     """``tensors`` with ``fields`` as one JSON metadata entry (safetensors keeps several metadata entries in a hash
     map, whose order, and so the file's bytes, would change from one process to the next)."""
-    save_file(tensors, str(path), metadata={_META_KEY: json.dumps(fields, sort_keys=True)})
+    with _writing(path):
+        save_file(tensors, str(path), metadata={_META_KEY: json.dumps(fields, sort_keys=True)})
 
 
 def _read_safetensors(path: Path, expected_format: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -86,7 +109,8 @@ def _read_safetensors(path: Path, expected_format: str) -> tuple[dict[str, torch
 # ------------------------------------------------------------------------------------------------ model
 def save_model_file(model: torch.nn.Module, path: str | Path) -> None:
     """The (unwrapped) model's weights as safetensors."""
-    save_model(model, str(path), metadata={"format": "pt"})
+    with _writing(path):
+        save_model(model, str(path), metadata={"format": "pt"})
 
 
 def load_model_file(model: torch.nn.Module, path: str | Path) -> None:
@@ -222,8 +246,9 @@ def restore_rng(state: RngState) -> None:
 # ------------------------------------------------------------------------------------------ grad scaler
 def save_scaler_file(scaler: Any, path: str | Path) -> None:
     """An fp16 ``GradScaler``'s state (a few numbers) as JSON."""
-    Path(path).write_text(json.dumps({k: v.item() if isinstance(v, torch.Tensor) else v
-                                      for k, v in scaler.state_dict().items()}))
+    with _writing(path):
+        Path(path).write_text(json.dumps({k: v.item() if isinstance(v, torch.Tensor) else v
+                                          for k, v in scaler.state_dict().items()}))
 
 
 def load_scaler_file(scaler: Any, path: str | Path) -> None:

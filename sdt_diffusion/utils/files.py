@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-__all__ = ["atomic_write", "atomic_write_text", "check_writable", "fsync_dir", "replace_dir", "sha256_file"]
+__all__ = ["atomic_write", "atomic_write_text", "check_writable", "fsync_dir", "private_sibling", "replace_dir",
+           "sha256_file"]
 
 
 def fsync_dir(path: str | Path) -> None:
@@ -52,21 +54,28 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
+def private_sibling(target: str | Path, suffix: str) -> Path:
+    """A hidden name beside ``target`` that no other process or user holds: ``.<name>.<pid>.<token>.<suffix>``
+    (the token is random), for a temporary file or folder that only this call may create and remove."""
+    target = Path(target)
+    return target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.{suffix}")
+
+
 def replace_dir(tmp: str | Path, target: str | Path) -> Path:
     """Move the finished folder ``tmp`` to ``target``, replacing an existing ``target`` safely.
 
-    The old ``target`` is first renamed to ``<target>.old`` and deleted only once the new one is in place,
-    so a crash at any point leaves either folder complete under one of the two names.
+    The old ``target`` is first renamed to a :func:`private_sibling` and deleted only once the new one is in
+    place, so a crash at any point leaves either folder complete under one of the two names.  Nothing else
+    beside ``target`` is touched (a user's ``<target>.old`` stays).
     """
     tmp, target = Path(tmp), Path(target)
-    old = target.with_name(target.name + ".old")
+    old = None
     if target.exists():
-        if old.exists():
-            shutil.rmtree(old)
+        old = private_sibling(target, "old")
         os.replace(target, old)
     os.replace(tmp, target)
     fsync_dir(target.parent)
-    if old.exists():
+    if old is not None:
         shutil.rmtree(old)
     return target
 

@@ -1,0 +1,273 @@
+"""Training-side fault tests (issue 25): exports that leave siblings alone, YAML alias bombs, a full disk during a
+checkpoint write, and a checkpoint config that does not fit its weights (CPU, offline, pixel space, 1 layer)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import call_and_reset
+from PIL import Image
+from safetensors import SafetensorError
+
+from sdt_diffusion.training import export, state_files, trainer
+from sdt_diffusion.training.checkpointing import STATE_FILE, list_checkpoints
+from sdt_diffusion.training.diffusion_config import parse_args
+from sdt_diffusion.utils.errors import ConfigError
+from sdt_diffusion.utils.files import replace_dir
+from sdt_diffusion.utils.safe_yaml import YamlAliasError, load_yaml
+
+TINY = json.dumps({"num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 8, "gate_rank": 4,
+                   "lpe_kernel_size": 3})
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+STATE_FILES = ("model.safetensors", "optimizer.safetensors", "ema.safetensors", "rng_state_rank00000.safetensors")
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    for k, v in OFFLINE.items():
+        monkeypatch.setenv(k, v)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """Two classes of noisy 8x8 images, 4 each."""
+    root = tmp_path_factory.mktemp("reliability_train_data")
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(("red", "blue")):
+        (root / name).mkdir(parents=True)
+        for i in range(4):
+            base = np.zeros((8, 8, 3))
+            base[..., 2 * c] = 200
+            Image.fromarray(np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8)).save(
+                root / name / f"{i:03d}.png")
+    return root
+
+
+def _argv(data: Path, out: Path, *extra: str) -> list[str]:
+    """4 steps of 4 images, a checkpoint every 2 steps, no sample grids or intermediate exports."""
+    return ["--model", "SDT-P-S/2", "--model-kwargs", TINY, "--data-dir", str(data), "--vae", "none",
+            "--resolution", "8", "--global-batch-size", "4", "--num-workers", "0", "--log-every", "1",
+            "--report-to", "none", "--no-progress-bar", "--max-steps", "4", "--checkpoint-every", "2",
+            "--keep-checkpoints", "0", "--output-dir", str(out), *extra]
+
+
+def _main(argv: list[str]) -> int:
+    return call_and_reset(trainer.main, argv)
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory) -> Path:
+    """An uninterrupted 4-step run: checkpoint-2, checkpoint-4 and its exported pipeline."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    assert _main(_argv(data, out)) == 0
+    assert [s for s, _ in list_checkpoints(out)] == [2, 4]
+    return out
+
+
+# ------------------------------------------------------------------- item 8: exports own only their own names
+def test_an_export_leaves_the_users_old_and_tmp_folders_alone(reference, tmp_path, capsys):
+    target = tmp_path / "pipeline"
+    kept = {}
+    for suffix in (".old", ".tmp"):  # e.g. `mv pipeline pipeline.old` to keep the last export
+        folder = tmp_path / f"pipeline{suffix}"
+        folder.mkdir()
+        (folder / "model_index.json").write_text(suffix)
+        kept[folder] = suffix
+    for _ in range(2):  # a new folder, then replacing an existing export
+        assert export.main([str(reference / "checkpoint-4"), "--output-dir", str(target)]) == 0, capsys.readouterr()
+        assert (target / "model_index.json").is_file()
+        for folder, suffix in kept.items():
+            assert (folder / "model_index.json").read_text() == suffix
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipeline", "pipeline.old", "pipeline.tmp"]
+
+
+def test_replace_dir_removes_only_the_folder_it_moved_aside(tmp_path):
+    old_user = tmp_path / "out.old"
+    old_user.mkdir()
+    (old_user / "keep").write_text("mine")
+    for content in ("first", "second"):
+        new = tmp_path / f"new-{content}"
+        new.mkdir()
+        (new / "f").write_text(content)
+        replace_dir(new, tmp_path / "out")
+    assert (tmp_path / "out" / "f").read_text() == "second"
+    assert (old_user / "keep").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out.old"]
+
+
+def test_a_failed_export_removes_its_own_temporary_folder_only(reference, tmp_path, monkeypatch):
+    (tmp_path / "pipeline.tmp").mkdir()  # a user's folder of that name
+    (tmp_path / "pipeline.tmp" / "keep").write_text("mine")
+
+    def broken(self, path, **kwargs):
+        Path(path).mkdir()
+        (Path(path) / "partial").write_text("x")
+        raise OSError(errno.ENOSPC, "No space left on device", str(Path(path) / "partial"))
+
+    monkeypatch.setattr(export.SDTPipeline, "save_pretrained", broken)
+    with pytest.raises(OSError):
+        export.export_checkpoint(reference / "checkpoint-4", tmp_path / "pipeline")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipeline.tmp"]
+    assert [p.name for p in (tmp_path / "pipeline.tmp").iterdir()] == ["keep"]
+
+
+# --------------------------------------------------------------------------- item 12: YAML alias bombs
+def _bomb(levels: int, width: int = 10) -> str:
+    """A "billion laughs" document: ``width ** levels`` strings from a few hundred bytes, as model_kwargs."""
+    lines = ['a0: &a0 "lol"']
+    for i in range(1, levels + 1):
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * width) + "]")
+    # the anchors live under model_kwargs, the one key whose value the trainer takes whole
+    return "model_kwargs:\n" + "\n".join("  " + line for line in lines) + "\n"
+
+
+def test_a_yaml_alias_bomb_is_refused_before_it_is_expanded(data, tmp_path):
+    config = tmp_path / "bomb.yaml"
+    config.write_text(_bomb(5))  # 10^5 strings: big enough to show, small enough to fail fast before the fix
+    assert config.stat().st_size < 1024
+    start = time.perf_counter()
+    with pytest.raises(ConfigError) as info:
+        parse_args(["--config", str(config), "--data-dir", str(data)])
+    message = str(info.value)
+    assert "alias" in message and str(config) in message and len(message) < 500, message[:500]
+    assert time.perf_counter() - start < 5
+
+
+def test_the_safe_loader_refuses_aliases_at_any_depth_and_oversized_files(tmp_path):
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(_bomb(9))  # a billion strings if expanded
+    start = time.perf_counter()
+    with pytest.raises(YamlAliasError, match=r"alias \*a0"):
+        load_yaml(bomb)
+    assert time.perf_counter() - start < 1
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("model_kwargs: {num_layers: 2}\nanchored: &x 3\n")  # an anchor without an alias is harmless
+    assert load_yaml(plain) == {"model_kwargs": {"num_layers": 2}, "anchored": 3}
+    big = tmp_path / "big.yaml"
+    big.write_text("a: " + "x" * 2000 + "\n")
+    with pytest.raises(ValueError, match="more than the 1000"):
+        load_yaml(big, max_bytes=1000)
+
+
+def test_every_yaml_read_of_the_project_goes_through_the_safe_loader():
+    root = Path(__file__).resolve().parent.parent
+    offenders = []
+    for folder in ("sdt_diffusion", "benchmarks", "training", "eval", "scripts"):
+        for f in (root / folder).rglob("*.py") if (root / folder).is_dir() else ():
+            text = f.read_text()
+            if any(call in text for call in ("yaml.safe_load", "yaml.load(", "yaml.full_load", "yaml.unsafe_load")):
+                if f.name != "safe_yaml.py":
+                    offenders.append(str(f.relative_to(root)))
+    assert offenders == []
+
+
+# ------------------------------------------------------------------ item 13: a full disk during a checkpoint
+def _full_disk_at(monkeypatch, n: int, error: Exception) -> None:
+    """Make the ``n``-th safetensors write of state_files (RNG, optimizer, EMA per checkpoint) fail with ``error``."""
+    real = state_files.save_file
+    calls = {"n": 0}
+
+    def writer(tensors, filename, metadata=None):
+        calls["n"] += 1
+        if calls["n"] == n:
+            Path(filename).write_bytes(b"\0" * 16)  # what a full disk leaves: a truncated file
+            raise error
+        return real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(state_files, "save_file", writer)
+
+
+@pytest.mark.parametrize("error", [
+    SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left '
+                    'on device" })'),
+    OSError(errno.ENOSPC, "No space left on device"),
+], ids=["SafetensorError", "OSError"])
+def test_a_full_disk_during_a_checkpoint_names_the_file_and_the_resume_is_exact(error, data, reference, tmp_path,
+                                                                                 monkeypatch, capsys):
+    out = tmp_path / "run"
+    _full_disk_at(monkeypatch, 6, error)  # RNG, optimizer, EMA per checkpoint: the second one's EMA file
+    assert _main(_argv(data, out)) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "SafetensorError" not in err, err
+    assert str(out / "checkpoint-4.tmp" / "ema.safetensors") in err, err
+    assert "disk is full" in err and f"previous checkpoint {out / 'checkpoint-2'} is intact" in err, err
+    assert [s for s, _ in list_checkpoints(out)] == [2]
+    assert not (out / "checkpoint-4.tmp").exists()  # the half-written folder is removed, giving the space back
+    monkeypatch.undo()  # space freed
+    for k, v in OFFLINE.items():
+        monkeypatch.setenv(k, v)
+    assert _main(_argv(data, out, "--resume", "latest")) == 0
+    for name in STATE_FILES:
+        assert (out / "checkpoint-4" / name).read_bytes() == (reference / "checkpoint-4" / name).read_bytes(), name
+
+
+# ----------------------------------------------- item 15: a checkpoint config is checked against the weights first
+def _forged(reference: Path, target: Path, **changes) -> Path:
+    shutil.copytree(reference / "checkpoint-4", target)
+    state = json.loads((target / STATE_FILE).read_text())
+    state["model_config"].update(changes)
+    (target / STATE_FILE).write_text(json.dumps(state))
+    return target
+
+
+@pytest.mark.parametrize("changes, named", [
+    ({"num_layers": 150}, "parameters"),
+    ({"attention_head_dim": 16}, "parameter "),
+], ids=["150-layers", "wider-heads"])
+def test_a_config_that_does_not_fit_the_weights_is_refused_before_the_model_is_allocated(
+        changes, named, reference, tmp_path, monkeypatch, capsys):
+    checkpoint = _forged(reference, tmp_path / "checkpoint-4", **changes)
+    built = []
+    real = export.build_transformer
+
+    def spy(config):
+        model = real(config)
+        built.append(next(model.parameters()).device.type)
+        return model
+
+    monkeypatch.setattr(export, "build_transformer", spy)
+    assert export.main([str(checkpoint), "--output-dir", str(tmp_path / "pipe")]) == 2
+    err = capsys.readouterr().err
+    assert built == ["meta"], built  # only the allocation-free skeleton was built
+    assert str(checkpoint / STATE_FILE) in err and named in err and "does not belong to these weights" in err, err
+    assert not (tmp_path / "pipe").exists()
+
+
+def test_a_fitting_checkpoint_still_exports_the_ema_weights(reference, tmp_path):
+    path = export.export_checkpoint(reference / "checkpoint-4", tmp_path / "pipe")
+    ema = state_files.load_ema_file(reference / "checkpoint-4" / "ema.safetensors")[0]
+    weights = export.SDTPipeline.from_pretrained(str(path)).transformer.parameters()
+    assert all(torch.equal(w, e) for w, e in zip(weights, ema, strict=True))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_no_temporary_name_is_shared_between_two_exports(tmp_path):
+    names = {export.private_sibling(tmp_path / "pipeline", "tmp") for _ in range(50)}
+    assert len(names) == 50 and all(n.name.startswith(f".pipeline.{os.getpid()}.") for n in names)
+
+
+def test_state_file_writes_name_the_file_on_io_errors_only(tmp_path, monkeypatch):
+    target = tmp_path / "ema.safetensors"
+    ema = type("E", (), {"shadow": [torch.zeros(2)], "decay": 0.9, "num_updates": 1})()
+    for raised, expected in [
+        (SafetensorError('Error while serializing: IoError(Os { code: 30, kind: ReadOnlyFilesystem, message: '
+                         '"Read-only file system" })'), OSError),
+        (SafetensorError("tensors share memory"), SafetensorError),  # not an I/O failure: unchanged
+    ]:
+        def failing(*args, error=raised, **kwargs):
+            raise error
+
+        monkeypatch.setattr(state_files, "save_file", failing)
+        with pytest.raises(expected) as info:
+            state_files.save_ema_file(ema, target)
+        assert type(info.value) is expected
+        if expected is OSError:
+            assert info.value.filename == str(target) and info.value.errno == errno.EIO
