@@ -51,6 +51,7 @@ from ..utils.run_lock import LOCK_FILE, RunLock, lock_run
 from ..utils.runtime import cpu_multiprocess
 from .checkpointing import (
     DONE_FILE,
+    CheckpointWriteError,
     check_checkpoint,
     clear_done,
     latest_checkpoint,
@@ -571,14 +572,15 @@ def train(task: Task, settings: Settings, loss_hook: LossHook | None = None) -> 
 
 def run_command(task: type[Task], run: Callable[[], Any]) -> int:
     """A training command: ``run()`` (parse the flags, train) with one-line errors; returns the exit code (0 ok,
-    1 non-finite loss or bad data found during training, 2 bad flags or input)."""
+    1 non-finite loss, bad data or a failed checkpoint write found during training, 2 bad flags or input)."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO,
                         datefmt="%H:%M:%S")
     for noisy in task.quiet_loggers:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         run()
-    except task.input_errors as e:  # e.g. an image that broke during training (before ConfigError: may subclass it)
+    except (*task.input_errors, CheckpointWriteError) as e:  # found during training (e.g. a broken image, a full
+        # disk); caught before ConfigError, which they may subclass: exit 1, not 2 (bad flags or input)
         print(f"{task.prog}: error: {e}", file=sys.stderr, flush=True)
         return 1
     except ConfigError as e:
