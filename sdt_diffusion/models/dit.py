@@ -24,6 +24,7 @@ from torch import nn
 
 from ..utils.validation import check_finite
 from .transformer_sdt import size_presets
+from .utils import dit_base_init
 
 __all__ = ["DIT_LABEL_DROPOUT", "DIT_PRESETS", "DiTTransformer2DModel", "dit_initialize", "single_label_dropout"]
 
@@ -35,14 +36,7 @@ DIT_PRESETS: dict[str, dict[str, int]] = size_presets("DiT")
 
 def dit_initialize(model: DiTTransformer2DModel) -> DiTTransformer2DModel:
     """DiT's initialisation on diffusers' module names (DiT ``models.py``, ``initialize_weights``)."""
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            nn.init.xavier_uniform_(module.weight)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-    proj = model.pos_embed.proj
-    nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
-    nn.init.zeros_(proj.bias)
+    dit_base_init(model, model.pos_embed.proj)
     for block in model.transformer_blocks:
         emb = block.norm1.emb
         nn.init.normal_(emb.class_embedder.embedding_table.weight, std=0.02)

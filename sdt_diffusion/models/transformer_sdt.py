@@ -16,6 +16,7 @@ from ..attention.grid import GridContext
 from ..attention.modes import decay_mode as get_decay_mode
 from ..utils.validation import check_bool, check_finite, check_int
 from .spatial_decay_attention import SpatialDecayAttention
+from .utils import dit_base_init
 
 # name -> (num_layers, hidden width, heads); DiT's sizes (DiT paper, Table 1).
 MODEL_SIZES: dict[str, tuple[int, int, int]] = {
@@ -306,14 +307,7 @@ class SDTTransformer2DModel(ModelMixin, ConfigMixin):
 
     def _init_weights(self) -> None:
         """DiT's initialisation: xavier linears, zero-initialised adaLN modulation and final layer."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-        w = self.x_embedder.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.bias)
+        dit_base_init(self, self.x_embedder)
         nn.init.normal_(self.emb.class_embedder.weight, std=0.02)
         nn.init.normal_(self.emb.timestep_embedder.linear_1.weight, std=0.02)
         nn.init.normal_(self.emb.timestep_embedder.linear_2.weight, std=0.02)
