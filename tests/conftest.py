@@ -16,6 +16,18 @@ from torch import nn
 
 from sdt_diffusion import SDTTransformer2DModel
 
+# The environment every test that trains, samples or launches a subprocess runs under: no hub access, one
+# thread per process (2-core CI machines).
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.fixture
+def offline_env(monkeypatch):
+    """Set :data:`OFFLINE` for one test (use ``pytestmark = pytest.mark.usefixtures("offline_env")``)."""
+    for key, value in OFFLINE.items():
+        monkeypatch.setenv(key, value)
+
+
 TINY_TRANSFORMER = dict(num_attention_heads=2, attention_head_dim=8, num_layers=2, sample_size=8, patch_size=2,
                         num_embeds_ada_norm=10, gate_rank=4, lpe_kernel_size=3)
 

@@ -19,7 +19,7 @@ import pytest
 import timm
 import torch
 from accelerate import Accelerator
-from conftest import call_and_reset, file_hashes, read_metrics, reset_accelerate
+from conftest import OFFLINE, call_and_reset, file_hashes, read_metrics, reset_accelerate
 from PIL import Image
 from transformers import pipeline
 
@@ -53,13 +53,9 @@ REPO = Path(__file__).resolve().parent.parent
 CLASSES = ("apple", "banana", "cherry")
 TINY = json.dumps({"embed_dims": [16, 32, 32, 32], "depths": [1, 1, 1, 1], "num_heads": [1, 2, 2, 2],
                    "mlp_ratios": [2, 2, 2, 2], "head_hidden_size": 32, "gate_rank": 2})
-OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    for k, v in OFFLINE.items():
-        monkeypatch.setenv(k, v)
+pytestmark = pytest.mark.usefixtures("offline_env")
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import call_and_reset
+from conftest import OFFLINE, call_and_reset
 from PIL import Image
 
 from sdt_diffusion.training import engine, export, trainer
@@ -31,14 +31,10 @@ from sdt_diffusion.utils.errors import ConfigError
 REPO = Path(__file__).resolve().parent.parent
 TINY = json.dumps({"num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 8, "gate_rank": 4,
                    "lpe_kernel_size": 3})
-OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 STATE_FILES = ("model.safetensors", "optimizer.safetensors", "ema.safetensors", "rng_state_rank00000.safetensors")
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    for k, v in OFFLINE.items():
-        monkeypatch.setenv(k, v)
+pytestmark = pytest.mark.usefixtures("offline_env")
 
 
 @pytest.fixture(scope="module")
