@@ -54,14 +54,20 @@ from sdt_diffusion.utils.seeding import index_generator
 # docs/model.md), then one part at a time on top of it, then the full SDT-P (the paper's eq. 13).
 DIT_ORIGINAL = {"decay_mode": "none", "use_rope": False, "use_lpe": False, "use_output_gate": False,
                 "use_abs_pos_embed": True}
+SDT_P = {"decay_mode": "cdsf", "use_rope": True, "use_lpe": True, "use_output_gate": True, "use_abs_pos_embed": False}
 NAMED_VARIANTS: dict[str, dict] = {
     "dit-original": DIT_ORIGINAL,
     "+rope": {**DIT_ORIGINAL, "use_rope": True},
     "+lpe": {**DIT_ORIGINAL, "use_lpe": True},
     "+gate": {**DIT_ORIGINAL, "use_output_gate": True},
     "+cdsf": {**DIT_ORIGINAL, "decay_mode": "cdsf"},
-    "sdt-p": {"decay_mode": "cdsf", "use_rope": True, "use_lpe": True, "use_output_gate": True,
-              "use_abs_pos_embed": False},
+    "sdt-p": SDT_P,
+    # the full SDT-P with DiT's absolute position embedding kept (the paper replaces DiT's attention and says
+    # nothing about its position embedding)
+    "sdt-p+abs": {**SDT_P, "use_abs_pos_embed": True},
+    # initialisations the paper leaves open (SDTTransformer2DModel's output_gate_init / decay_gate_init)
+    "sdt-p+unit-gate": {**SDT_P, "output_gate_init": "unit"},
+    "sdt-p+rmt-decay": {**SDT_P, "decay_gate_init": "rmt"},
 }
 VARIANTS = ("dit", *DECAY_MODES, *NAMED_VARIANTS)
 # What runs without --variants: every variant except RMT's decomposed fixed decay, which is SDT-H's RMT baseline
@@ -126,16 +132,22 @@ def digits_model_kwargs(variant: Variant, extra: dict | None = None) -> tuple[st
 
 def score_digits(pipeline_dir: Path, data: DigitData, judge, per_class: int, steps: int, guidance: float,
                  seed: int) -> dict:
-    """Class consistency and judge-feature Fréchet distance of guided samples of a trained digits pipeline."""
+    """Class consistency of guided and unguided samples and the judge-feature Fréchet distance of the guided ones."""
     pipe = SDTPipeline.from_pretrained(pipeline_dir)
     labels = [k for k in range(10) for _ in range(per_class)]
-    generators = [index_generator(seed, i) for i in range(len(labels))]
-    images = pipe(class_labels=labels, guidance_scale=guidance, num_inference_steps=steps, generator=generators,
-                  output_type="np").images
+
+    def draw(scale: float) -> np.ndarray:
+        generators = [index_generator(seed, i) for i in range(len(labels))]
+        return pipe(class_labels=labels, guidance_scale=scale, num_inference_steps=steps, generator=generators,
+                    output_type="np").images
+
+    images = draw(guidance)
+    unguided = draw(1.0)
     # The Fréchet distance needs full-rank covariances: more samples than judge features.
     enough = len(images) > judge.num_features and len(data.heldout_images) > judge.num_features
     return {
         "class_consistency": judge.class_consistency(images, np.array(labels)),
+        "class_consistency_unguided": judge.class_consistency(unguided, np.array(labels)),
         "frechet_distance_judge": judge.frechet_distance(images, data.heldout_images) if enough else None,
     }
 
@@ -313,6 +325,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"           {json.dumps({k: v for k, v in row.items() if isinstance(v, float)})}", flush=True)
             rows.append(row)
     names = {"heldout_loss_ema": "held-out loss (EMA)", "class_consistency": "class consistency (guided)",
+             "class_consistency_unguided": "class consistency (unguided)",
              "frechet_distance_judge": "Fréchet distance, judge features (proxy)", "fid": "FID", "sfid": "sFID",
              "inception_score": "IS", "precision": "precision", "recall": "recall", "train_seconds": "train s"}
     keys = [k for k in names if any(r.get(k) is not None for r in rows)]

@@ -90,6 +90,17 @@ def rmt_log_gamma(num_heads: int, initial_value: float = 2.0, heads_range: float
     return torch.log1p(-torch.pow(2.0, -initial_value - heads_range * h / num_heads)).float()
 
 
+def gate_logit_for_log_decay(log_decay: Tensor) -> Tensor:
+    """The gate logit ``F`` with ``log sigma(F) = log_decay`` (< 0): ``F = log p - log(1 - p)``, ``p = e^log_decay``.
+
+    Used to start the context-aware gates (eq. 4-5) at a chosen decay, e.g. RMT's per-head ``log gamma_h``.
+    """
+    log_decay = log_decay.double()
+    if not bool((log_decay < 0).all()):
+        raise ValueError(f"a gate's decay log sigma(F) is negative; got {log_decay.tolist()}")
+    return (log_decay - torch.log(-torch.expm1(log_decay))).float()
+
+
 def fixed_axial_decay_bias(log_gamma: Tensor, size: int) -> Tensor:
     """RMT's 1D decay along one axis of ``size`` tokens: ``M[a, b] = |a - b| * log gamma_h``, shape (N, size, size).
 

@@ -199,28 +199,9 @@ def _make_inert(model: SDTTransformer2DModel, generator: torch.Generator) -> Non
             if attn.lpe is not None:  # LPE(V) = 0
                 attn.lpe.weight.zero_()
                 attn.lpe.bias.zero_()
-            if attn.gate_down is not None:  # U = sigma(0) W_u2 1 = 1
-                attn.gate_down.weight.zero_()
-                attn.gate_up.weight.copy_(_unit_gate_up(attn.gate_up.weight.shape, generator))
+            attn.init_gates(output_gate="unit", decay_gate="zero", generator=generator)  # U = 1, W_g = 0
             if attn.gate is not None:  # G = logsigmoid(16): a decay of ~1e-7 per unit of distance
-                attn.gate.weight.zero_()
                 attn.gate.bias.fill_(INERT_GATE_LOGIT)
-
-
-def _unit_gate_up(shape: torch.Size, generator: torch.Generator) -> Tensor:
-    """``W_u2`` (D, r) whose rows sum to 2, so that ``sigma(0) W_u2 1 = 1``, with distinct columns.
-
-    Equal columns would get equal gradients forever (the gate would stay rank 1); columns are paired as
-    ``2/r + delta`` and ``2/r - delta`` with ``delta`` a multiple of 2^-12 below 2^-6, so for a power-of-two rank
-    every entry and partial sum is exact in float32 and the gate is exactly 1.
-    """
-    dim, rank = shape
-    weight = torch.full((dim, rank), 2.0 / rank, dtype=torch.float64)
-    pairs = rank // 2
-    delta = torch.randint(-64, 65, (dim, pairs), generator=generator, dtype=torch.float64) * 2.0**-12
-    weight[:, 0 : 2 * pairs : 2] += delta
-    weight[:, 1 : 2 * pairs : 2] -= delta
-    return weight
 
 
 # ------------------------------------------------------------------------------------------ convert

@@ -28,6 +28,26 @@ from ..attention.grid import GridContext
 from ..attention.modes import DecayInputs
 from ..attention.modes import decay_mode as decay_mode_spec
 
+# How the output gate U and the decay gates W_g start (SpatialDecayAttention.init_gates); the paper is silent.
+OUTPUT_GATE_INITS = ("xavier", "unit")
+DECAY_GATE_INITS = ("zero", "rmt")
+
+
+def unit_output_gate_weight(shape: torch.Size | tuple[int, int], generator: torch.Generator | None = None) -> Tensor:
+    """``W_u2`` (D, r) whose rows sum to 2, so that ``sigma(0) W_u2 1 = 1``, with distinct columns.
+
+    Equal columns would get equal gradients forever (the gate would stay rank 1); columns are paired as
+    ``2/r + delta`` and ``2/r - delta`` with ``delta`` a multiple of 2^-12 below 2^-6, so for a power-of-two rank
+    every entry and partial sum is exact in float32 and the gate is exactly 1.
+    """
+    dim, rank = shape
+    weight = torch.full((dim, rank), 2.0 / rank, dtype=torch.float64)
+    pairs = rank // 2
+    delta = torch.randint(-64, 65, (dim, pairs), generator=generator, dtype=torch.float64) * 2.0**-12
+    weight[:, 0 : 2 * pairs : 2] += delta
+    weight[:, 1 : 2 * pairs : 2] -= delta
+    return weight
+
 
 class SpatialDecayAttention(nn.Module):
     """Spatial Decay Attention (eq. 4-13) with a pluggable attention backend."""
@@ -73,6 +93,37 @@ class SpatialDecayAttention(nn.Module):
         self.gate_up = nn.Linear(gate_rank, dim, bias=False) if gated else None  # W_u2
         self.proj = nn.Linear(dim, dim)
         self.reference_path = False  # True: the plain layer-by-layer forward (see the module docstring)
+
+    def init_gates(self, output_gate: str = "xavier", decay_gate: str = "zero",
+                   generator: torch.Generator | None = None) -> None:
+        """Start the output gate U and the decay gates W_g as chosen (the paper gives no initialisation).
+
+        ``output_gate``: ``"xavier"`` leaves U's layers as the model initialised them (a small, random-signed
+        factor at start); ``"unit"`` makes ``U = sigma(X W_u1) W_u2`` exactly 1 at start (W_u1 = 0, rows of
+        W_u2 summing to 2; :func:`unit_output_gate_weight`).  ``decay_gate``: ``"zero"`` sets W_g = 0 and keeps
+        its bias, so every head starts with ``G = log sigma(b)``; ``"rmt"`` sets W_g = 0 and the bias so that
+        each head starts with RMT's decay per unit of distance, ``log gamma_h`` (``fixed_decay_init`` and
+        ``fixed_decay_range`` set the schedule; CDSF's ``alpha`` is divided out).
+        """
+        if output_gate not in OUTPUT_GATE_INITS:
+            raise ValueError(f"output_gate_init must be one of {list(OUTPUT_GATE_INITS)}, got {output_gate!r}")
+        if decay_gate not in DECAY_GATE_INITS:
+            raise ValueError(f"decay_gate_init must be one of {list(DECAY_GATE_INITS)}, got {decay_gate!r}")
+        with torch.no_grad():
+            if output_gate == "unit" and self.gate_down is not None:
+                self.gate_down.weight.zero_()
+                self.gate_up.weight.copy_(unit_output_gate_weight(self.gate_up.weight.shape, generator))
+            if self.gate is None:
+                return
+            self.gate.weight.zero_()
+            if decay_gate == "rmt":
+                per_unit = eq.rmt_log_gamma(self.num_heads, self.fixed_decay_init, self.fixed_decay_range)
+                if self.decay_mode == "cdsf":  # M = alpha * G * d for equal gates (eq. 8)
+                    if self.alpha <= 0:
+                        raise ValueError("decay_gate_init='rmt' needs alpha > 0 with decay_mode='cdsf'")
+                    per_unit = per_unit / self.alpha
+                logits = eq.gate_logit_for_log_decay(per_unit)
+                self.gate.bias.copy_(logits.repeat(self.gate.out_features // self.num_heads))
 
     def fixed_log_gamma(self) -> torch.Tensor:
         """RMT's per-head ``log gamma_h`` for ``decay_mode="fixed"`` (the non-persistent ``log_gamma`` buffer's value)."""

@@ -15,7 +15,7 @@ from ..attention.backends import check_backend_name
 from ..attention.grid import GridContext
 from ..attention.modes import decay_mode as get_decay_mode
 from ..utils.validation import check_bool, check_finite, check_int
-from .spatial_decay_attention import SpatialDecayAttention
+from .spatial_decay_attention import DECAY_GATE_INITS, OUTPUT_GATE_INITS, SpatialDecayAttention
 from .utils import dit_base_init
 
 # name -> (num_layers, hidden width, heads); DiT's sizes (DiT paper, Table 1).
@@ -189,6 +189,10 @@ class SDTTransformer2DModel(ModelMixin, ConfigMixin):
             diffusers' DiT port (``downscale_freq_shift=1``).
         norm_eps: epsilon of each block's LayerNorm before the MLP: 1e-6 as in DiT's code; diffusers' DiT port
             uses its ``norm_eps`` (1e-5 by default) there.
+        output_gate_init: ``"xavier"`` (DiT's linear init: U starts as a small random-signed factor) or
+            ``"unit"`` (U starts exactly 1).  The paper gives no initialisation (docs/model.md).
+        decay_gate_init: ``"zero"`` (W_g = 0 and bias 0: every head starts at G = log sigma(0)) or ``"rmt"``
+            (W_g = 0, the bias spread per head so the decay starts at RMT's gamma schedule).
     """
 
     _supports_gradient_checkpointing = True
@@ -237,8 +241,14 @@ class SDTTransformer2DModel(ModelMixin, ConfigMixin):
         use_output_gate: bool = True,
         freq_shift: int = 0,
         norm_eps: float = 1e-6,
+        output_gate_init: str = "xavier",
+        decay_gate_init: str = "zero",
     ) -> None:
         super().__init__()
+        for name, value, choices in (("output_gate_init", output_gate_init, OUTPUT_GATE_INITS),
+                                     ("decay_gate_init", decay_gate_init, DECAY_GATE_INITS)):
+            if value not in choices:
+                raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
         _validate_config(
             num_attention_heads=num_attention_heads, attention_head_dim=attention_head_dim, in_channels=in_channels,
             num_layers=num_layers, sample_size=sample_size, patch_size=patch_size,
@@ -314,8 +324,8 @@ class SDTTransformer2DModel(ModelMixin, ConfigMixin):
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
-            if block.attn.gate is not None:  # W_g = 0: G = log sigma(0) for every token at init
-                nn.init.zeros_(block.attn.gate.weight)
+            # W_g = 0, bias 0 (G = log sigma(0) for every head) or RMT's per-head gamma; U as chosen
+            block.attn.init_gates(self.config.output_gate_init, self.config.decay_gate_init)
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)
