@@ -181,6 +181,58 @@ def test_abs_pos_embed_uses_dits_grid_positions(sample_size, patch_size):
     torch.testing.assert_close(model.pos_embed[0], expected, rtol=0, atol=1e-6)
 
 
+# ---------------------------------------------------------------------------------------------- initialisation
+def test_unit_output_gate_init_starts_the_gate_at_exactly_one():
+    model = tiny(output_gate_init="unit")
+    x = torch.randn(2, 16, model.inner_dim)
+    for block in model.blocks:
+        attn = block.attn
+        gate = attn.gate_up(torch.sigmoid(attn.gate_down(x)))
+        assert torch.equal(gate, torch.ones_like(gate))
+        # distinct columns, so the gate does not stay rank 1 under training
+        assert torch.linalg.matrix_rank(attn.gate_up.weight.double()) > 1
+    default = tiny()
+    gate = default.blocks[0].attn.gate_up(torch.sigmoid(default.blocks[0].attn.gate_down(x)))
+    # DiT's xavier init: a small random-signed factor
+    assert (gate > 0).any() and (gate < 0).any() and gate.abs().mean() < 0.5
+
+
+@pytest.mark.parametrize("mode", ["cdsf", "bidirectional", "decomposed"])
+def test_rmt_decay_gate_init_starts_each_head_at_rmts_gamma(mode):
+    from sdt_diffusion.attention import spatial_decay as eq
+
+    model = tiny(decay_mode=mode, decay_gate_init="rmt", fixed_decay_init=2.0, fixed_decay_range=4.0)
+    attn = model.blocks[0].attn
+    heads = model.config.num_attention_heads
+    expected = eq.rmt_log_gamma(heads, 2.0, 4.0).double()  # log(1 - 2^(-2 - 4h/N))
+    x = torch.randn(2, 16, model.inner_dim)
+    g = eq.context_aware_gates(attn.gate(x)).double()  # (B, L, outputs)
+    per_unit = g * (model.config.alpha if mode == "cdsf" else 1.0)  # CDSF's M = alpha G d for equal gates (eq. 8)
+    for part in per_unit.split(heads, dim=-1):  # the decomposed decay has one gate per axis
+        torch.testing.assert_close(part, expected.expand_as(part), rtol=1e-5, atol=1e-7)
+    # the default: W_g = 0 and a zero bias, so every head starts at G = log sigma(0)
+    g0 = eq.context_aware_gates(tiny(decay_mode=mode).blocks[0].attn.gate(x))
+    torch.testing.assert_close(g0, torch.full_like(g0, math.log(0.5)))
+
+
+def test_init_switches_are_saved_and_leave_the_other_weights_alone(tmp_path):
+    default, changed = tiny(), tiny(output_gate_init="unit", decay_gate_init="rmt")
+    touched = ("gate_down", "gate_up", ".attn.gate.")
+    for (name, a), (_, b) in zip(default.state_dict().items(), changed.state_dict().items(), strict=True):
+        if not any(t in name for t in touched):
+            assert torch.equal(a, b), name
+    changed.save_pretrained(tmp_path)
+    loaded = SDTTransformer2DModel.from_pretrained(tmp_path)
+    assert (loaded.config.output_gate_init, loaded.config.decay_gate_init) == ("unit", "rmt")
+    for (name, a), (_, b) in zip(changed.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_rmt_decay_gate_init_needs_a_positive_alpha():
+    with pytest.raises(ValueError, match="alpha > 0"):
+        tiny(decay_gate_init="rmt", alpha=0.0)
+
+
 # ---------------------------------------------------------------------------------------------- SDA switches
 def test_every_sda_part_is_a_switch_saved_in_the_config(tmp_path):
     model = tiny(use_lpe=False, use_output_gate=False, decay_mode="none", use_rope=False)
@@ -432,6 +484,8 @@ def test_tiny_model_overfits_a_handful_of_latents():
         ("use_output_gate", 1, "use_output_gate must be true or false"),
         ("freq_shift", 2, "freq_shift must be <= 1"),
         ("norm_eps", 0.0, "norm_eps must be > 0"),
+        ("output_gate_init", "ones", "output_gate_init must be one of"),
+        ("decay_gate_init", "gamma", "decay_gate_init must be one of"),
     ],
 )
 def test_bad_config_values_are_refused_before_building(field, value, message):
