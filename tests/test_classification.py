@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -259,6 +260,21 @@ def test_resume_after_sigterm_matches_an_uninterrupted_run_and_the_export_loads(
         result = json.loads(out_json.read_text())
         assert result["top1"] == pytest.approx(best["top1"]) and result["top5"] == pytest.approx(best["top5"])
         assert result["resolution"] == 32 and result["images"] == 9 and "| custom" in result["markdown"]
+
+
+def test_a_renamed_class_folder_refuses_the_resume(data, tmp_path, capsys):
+    train, out = tmp_path / "train", tmp_path / "run"
+    shutil.copytree(data["train"], train)
+    argv = _argv({**data, "train": train}, out, "--max-steps", "2", "--checkpoint-every", "2")
+    i = argv.index("--eval-data-dir")
+    del argv[i:i + 2]  # validation folders would have to be renamed alike
+    assert _main(argv) == 0
+    (train / "banana").rename(train / "blueberry")  # the same files, ids and order: only the class name differs
+    assert _main([*argv, "--resume", "latest", "--max-steps", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "class folders renamed: 'banana' -> 'blueberry'" in err and "--allow-inexact-resume" in err, err
+    assert "training data changed" not in err, err
+    assert [s for s, _ in list_checkpoints(out)] == [2]
 
 
 # ------------------------------------------------------------------------------------------- bad input

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import shutil
 import time
@@ -267,3 +268,108 @@ def test_state_file_writes_name_the_file_on_io_errors_only(tmp_path, monkeypatch
         assert type(info.value) is expected
         if expected is OSError:
             assert info.value.filename == str(target) and info.value.errno == errno.EIO
+
+
+# ----------------------------------------------------------------------- item 2: resume after the data changed
+def _copy_run_and_data(reference: Path, data: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the reference run (finished at step 4) and of the folder it was trained on."""
+    out, folder = tmp_path / "run", tmp_path / "data"
+    shutil.copytree(reference, out)
+    shutil.copytree(data, folder)
+    return out, folder
+
+
+def test_images_added_to_the_folder_refuse_the_resume_unless_inexact_is_allowed(data, reference, tmp_path, capsys,
+                                                                                caplog):
+    out, folder = _copy_run_and_data(reference, data, tmp_path)
+    shutil.copy(folder / "red" / "000.png", folder / "red" / "extra.png")
+    argv = _argv(folder, out, "--resume", "latest", "--max-steps", "6")
+    assert _main(argv) == 2
+    err = capsys.readouterr().err
+    reason = "training data changed: 1 file added (8 -> 9)"
+    assert reason in err and "--allow-inexact-resume" in err, err
+    assert [s for s, _ in list_checkpoints(out)] == [2, 4]  # nothing was trained
+    assert _main([*argv, "--allow-inexact-resume"]) == 0
+    assert f"INEXACT RESUME (--allow-inexact-resume): {reason}" in caplog.text
+    state = json.loads((out / "checkpoint-6" / STATE_FILE).read_text())
+    assert state["inexact_resumes"] == [{"step": 4, "reasons": [reason]}]
+    assert state["data_stream"]["training data"]["count"] == 9  # the new data is the run's from here on
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {"step": 4, "inexact_resume": [reason]} in records
+
+
+def test_a_changed_flip_setting_or_a_replaced_image_refuses_the_resume(data, reference, tmp_path, capsys):
+    out, folder = _copy_run_and_data(reference, data, tmp_path)
+    config = tmp_path / "config.yaml"
+    config.write_text("random_flip: false\n")  # a changed --config: the same files, another stream
+    assert _main(_argv(folder, out, "--config", str(config), "--resume", "latest", "--max-steps", "6")) == 2
+    err = capsys.readouterr().err
+    assert "random_flip changed: True -> False" in err and "--allow-inexact-resume" in err, err
+    image = folder / "blue" / "001.png"  # replaced by another image: same name and count, another size
+    Image.fromarray(np.full((8, 8, 3), 7, np.uint8)).save(image)
+    assert _main(_argv(folder, out, "--resume", "latest", "--max-steps", "6")) == 2
+    assert "the same number of files (8), but files were renamed, replaced" in capsys.readouterr().err
+    shutil.copy(data / "blue" / "001.png", image)  # the data as it was, in another folder: exact again
+    assert _main(_argv(folder, out, "--resume", "latest", "--max-steps", "6")) == 0, capsys.readouterr().err
+    state = json.loads((out / "checkpoint-6" / STATE_FILE).read_text())
+    assert state["inexact_resumes"] == []
+
+
+def test_a_checkpoint_without_a_data_record_resumes_with_a_log_line(data, reference, tmp_path, caplog):
+    out, _ = _copy_run_and_data(reference, data, tmp_path)
+    state_file = out / "checkpoint-4" / STATE_FILE
+    state = json.loads(state_file.read_text())
+    del state["data_stream"], state["lineage"]  # as an earlier version wrote it
+    state_file.write_text(json.dumps(state))
+    caplog.set_level(logging.INFO, logger="sdt_diffusion.training")
+    assert _main(_argv(data, out, "--resume", "latest", "--max-steps", "6")) == 0
+    assert "holds no record of its data stream" in caplog.text and "INEXACT" not in caplog.text
+
+
+# ------------------------------------------------------------------ item 11: rolling back and then resuming
+def _lineage(out: Path, step: int) -> dict:
+    return json.loads((out / f"checkpoint-{step}" / STATE_FILE).read_text())["lineage"]
+
+
+def test_a_rollback_moves_the_newer_checkpoints_aside_and_latest_follows_the_new_trajectory(data, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="sdt_diffusion.training")
+    out = tmp_path / "run"
+    assert _main(_argv(data, out, "--max-steps", "10")) == 0
+    assert [s for s, _ in list_checkpoints(out)] == [2, 4, 6, 8, 10]
+    first = {s: (out / f"checkpoint-{s}" / "model.safetensors").read_bytes() for s in (8, 10)}
+    old = _lineage(out, 10)
+    assert _lineage(out, 2)["parent"] is None and old["parent"] == {"step": 8, "trajectory": old["trajectory"]}
+
+    # back to step 6 with a lower learning rate, up to step 8
+    assert _main(_argv(data, out, "--resume", str(out / "checkpoint-6"), "--learning-rate", "1e-5",
+                       "--max-steps", "8")) == 0
+    assert [s for s, _ in list_checkpoints(out)] == [2, 4, 6, 8]
+    (aside,) = (out / "abandoned").iterdir()
+    assert aside.name.endswith("-from-6")
+    assert sorted(p.name for p in aside.iterdir()) == ["checkpoint-10", "checkpoint-8", "metrics.jsonl"]
+    for s, weights in first.items():  # nothing finished is lost
+        assert (aside / f"checkpoint-{s}" / "model.safetensors").read_bytes() == weights
+    assert f"moved to {aside}" in caplog.text and "checkpoint-8, checkpoint-10" in caplog.text
+    new = _lineage(out, 8)
+    assert new["parent"] == {"step": 6, "trajectory": old["trajectory"]} and new["trajectory"] != old["trajectory"]
+
+    # a requeue with --resume latest continues the new trajectory from its step 8, not the abandoned step 10
+    caplog.clear()
+    assert _main(_argv(data, out, "--resume", "latest", "--learning-rate", "1e-5", "--max-steps", "10")) == 0
+    assert f"resumed from {out / 'checkpoint-8'} at step 8" in caplog.text and "abandons" not in caplog.text
+    assert _lineage(out, 10) == {"trajectory": new["trajectory"], "parent": {"step": 8, "trajectory": new["trajectory"]}}
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 11))
+    assert (out / "checkpoint-10" / "model.safetensors").read_bytes() != first[10]
+
+
+def test_pruning_after_a_rollback_keeps_the_new_trajectorys_newest_checkpoint(data, reference, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)  # checkpoint-2 and checkpoint-4
+    assert _main(_argv(data, out, "--resume", str(out / "checkpoint-2"), "--max-steps", "3",
+                       "--keep-checkpoints", "1")) == 0
+    assert [s for s, _ in list_checkpoints(out)] == [3]
+    assert [p.name for p in next((out / "abandoned").iterdir()).iterdir() if p.is_dir()] == ["checkpoint-4"]
+    assert _main(_argv(data, out, "--resume", "latest", "--max-steps", "3")) == 0  # finished at 3: nothing to do
+    assert _main(_argv(data, out, "--overwrite", "--max-steps", "1")) == 0  # replaces the whole earlier run
+    assert [s for s, _ in list_checkpoints(out)] == [1] and not (out / "abandoned").exists()

@@ -17,6 +17,7 @@ folder, file, split, column or row at fault.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import re
@@ -186,6 +187,41 @@ class LabelledImages:
         if isinstance(self.dataset, FolderRows):
             return self.dataset.path(int(index))
         return f"row {int(index)} of {self.description}"
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies these rows for a resumed run's data stream: ``{"source", "count", "bytes", "sha256"}``.
+
+        A class folder is hashed by every file's class id, path inside its class folder and size (one ``stat`` per
+        file; no image is read): an added, removed, renamed, resized or re-classed file changes the digest, a
+        renamed class folder that keeps its place in the sorted listing does not (the class names are recorded
+        beside it).  Modification times are left out on purpose: copying or restoring a dataset (``cp``,
+        ``rsync`` without ``-t``, a fresh checkout) changes them without changing a single image.  A saved
+        dataset is identified by ``datasets``' own fingerprint (kept by ``save_to_disk``, independent of the
+        folder's location), its labels and the size of its Arrow files.
+        """
+        digest = hashlib.sha256()
+        total = 0
+        if isinstance(self.dataset, FolderRows):
+            source = "image folder"
+            sep = os.sep.encode()
+            for label, rel in zip(self.labels, self.dataset.paths):
+                rel = bytes(rel)
+                try:
+                    size = os.stat(os.path.join(self.dataset.root, rel)).st_size
+                except OSError:  # a broken link: the image checks name it; here it only counts as changed
+                    size = -1
+                total += max(size, 0)
+                digest.update(b"%d\0%s\0%d\n" % (int(label), rel.split(sep, 1)[-1], size))
+        else:
+            source = "saved dataset"
+            digest.update(str(getattr(self.dataset, "_fingerprint", None)).encode() + b"\0")
+            digest.update(np.ascontiguousarray(self.labels, dtype=np.int64).tobytes())
+            for entry in getattr(self.dataset, "cache_files", None) or []:
+                try:
+                    total += os.stat(entry["filename"]).st_size
+                except (OSError, KeyError, TypeError):
+                    pass
+        return {"source": source, "count": len(self), "bytes": total, "sha256": digest.hexdigest()}
 
     def image(self, index: int) -> Image.Image:
         """Item ``index`` as an RGB PIL image.

@@ -9,6 +9,7 @@ entry), plain ``.npy`` arrays read with ``allow_pickle=False`` through memory ma
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,19 @@ class LatentCacheDataset(Dataset):
             raise DataInputError(
                 f"{path}: label {int(labels[bad[0]])} (entry {int(bad[0])}) is outside [0, {int(num_classes)}), the "
                 f"classes of the cache's metadata.json ({len(bad)} such label(s)); re-run the extraction")
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies the cache for a resumed run's data stream: ``{"source", "count", "bytes", "sha256"}``, a
+        digest of ``metadata.json`` and the size of every shard file (no array is read; a re-extraction from other
+        images or with other settings changes the metadata or the sizes)."""
+        digest = hashlib.sha256(json.dumps(self.meta, sort_keys=True).encode())
+        total = 0
+        for shard in self.shards:
+            for name in ("mean.npy", "std.npy", "labels.npy", "indices.npy"):
+                size = (self.cache_dir / shard / name).stat().st_size
+                total += size
+                digest.update(f"{shard}/{name}\0{size}\n".encode())
+        return {"source": "latent cache", "count": len(self), "bytes": total, "sha256": digest.hexdigest()}
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)

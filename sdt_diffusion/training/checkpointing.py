@@ -8,8 +8,9 @@ Layout of a checkpoint (every file in a format that cannot carry code, see :mod:
 * ``grad_scaler.json`` with fp16 mixed precision;
 * under FSDP instead of the first three: accelerate's sharded model and optimizer folders
   (``torch.distributed.checkpoint``) and one ``ema_shard_rank<r>.safetensors`` per process;
-* ``training_state.json``, written last: the step, the batch layout, the data position, the model config, the
-  resolved VAE, and a manifest (size and sha256) of every other file.  It is the completeness marker: after a
+* ``training_state.json``, written last: the step, the batch layout, the data position, the data stream's
+  fingerprint (``data_stream``), the lineage (``trajectory`` and ``parent``), the model config, the resolved VAE,
+  and a manifest (size and sha256) of every other file.  It is the completeness marker: after a
   barrier the main process writes it and renames the folder to ``checkpoint-<step>``.  A crash mid-save
   leaves only a ``.tmp`` folder, which is never resumed from and is cleaned up by a later save.
 
@@ -29,6 +30,7 @@ import json
 import os
 import re
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -57,6 +59,7 @@ from .state_files import (
 )
 
 __all__ = [
+    "ABANDONED_DIR",
     "CHECKPOINT_FORMAT",
     "DONE_FILE",
     "STATE_FILE",
@@ -79,6 +82,7 @@ __all__ = [
     "resolve_resume",
     "rng_file",
     "save_checkpoint",
+    "set_aside_newer",
     "verify_file",
     "write_done",
     "write_state",
@@ -86,6 +90,7 @@ __all__ = [
 
 STATE_FILE = "training_state.json"
 DONE_FILE = "training_done.json"
+ABANDONED_DIR = "abandoned"  # checkpoints of a trajectory a resume from an older checkpoint left behind
 CHECKPOINT_FORMAT = "sdt-diffusion-checkpoint"
 CHECKPOINT_VERSION = 2
 MODEL_FILE = "model.safetensors"
@@ -384,6 +389,30 @@ def prune_checkpoints(output_dir: str | Path, keep: int) -> list[Path]:
     for p in doomed:
         shutil.rmtree(p, ignore_errors=True)
     return doomed
+
+
+def set_aside_newer(output_dir: str | Path, step: int) -> tuple[Path | None, list[Path]]:
+    """Move every complete checkpoint of ``output_dir`` newer than ``step`` into
+    ``<output_dir>/abandoned/<YYYYmmdd-HHMMSS>-from-<step>/`` (a rename each, nothing copied or deleted); returns
+    ``(that folder, the checkpoints as they were named)``, ``(None, [])`` when there is none.  Main process only.
+
+    A resume from an older checkpoint starts another trajectory: left in place, the newer checkpoints of the old
+    one would be what ``--resume latest`` continues after a requeue, and what pruning keeps while it deletes the
+    new trajectory's.
+    """
+    root = Path(output_dir)
+    newer = [p for s, p in list_checkpoints(root) if s > step]
+    if not newer:
+        return None, []
+    stem = root / ABANDONED_DIR / f"{time.strftime('%Y%m%d-%H%M%S')}-from-{step}"
+    folder, n = stem, 1
+    while folder.exists():  # a second rollback to the same step within a second
+        n += 1
+        folder = stem.with_name(f"{stem.name}-{n}")
+    folder.mkdir(parents=True)
+    for p in newer:
+        os.replace(p, folder / p.name)
+    return folder, newer
 
 
 # --------------------------------------------------------------------------------------------- reading

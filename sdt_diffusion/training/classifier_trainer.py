@@ -28,7 +28,7 @@ import json
 import logging
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -78,6 +78,7 @@ from .classifier_data import (
     build_mixup,
     train_transform,
 )
+from .data_stream import DATA, class_key
 from .ema import EMA
 from .engine import Run, RunPlan, TrainResult
 from .step import LossHook, TrainingCore
@@ -452,6 +453,15 @@ class ClassifierTask(engine.Task):
 
     def check_plan(self, settings: ClassifierSettings, plan: ClassifierPlan, accelerator: Any) -> None:
         verify_images(settings, plan.data, accelerator)
+
+    def stream_fingerprint(self, settings: ClassifierSettings, plan: ClassifierPlan) -> dict[str, Any]:
+        """The training images (file list and sizes, or a saved dataset's fingerprint), the class names, the
+        resolution and every augmentation setting (crop, flip, RandAugment, erasing, Mixup/CutMix, smoothing,
+        repeated augmentation); the validation data decides no training batch."""
+        data = plan.data.train.fingerprint()
+        augment = {f.name: getattr(settings.augment, f.name) for f in fields(settings.augment)}
+        return {DATA: data, class_key(data): plan.data.class_names, "resolution": settings.data.resolution,
+                **augment}
 
     def build(self, settings: ClassifierSettings, plan: ClassifierPlan, accelerator: Any) -> ClassifierCore:
         return build_core(settings, plan, accelerator)

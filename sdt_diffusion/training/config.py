@@ -104,8 +104,8 @@ class CheckpointSettings:
     overwrite: bool = flag(False, "start afresh in an --output-dir that holds an earlier run: its checkpoints, "
                                   "metrics.jsonl and export are deleted first")
     allow_inexact_resume: bool = flag(False, "resume even where the continuation cannot equal an uninterrupted run "
-                                             "(another --seed or batch layout, a missing RNG state); the log and "
-                                             "metrics.jsonl say so")
+                                             "(another --seed, batch layout, training data or transform, a missing "
+                                             "RNG state); the log and metrics.jsonl say so")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -6,10 +6,12 @@ SDT-H) are two implementations of :class:`Task`; everything else a run does is h
 0. lock the output folder for the life of the run (:func:`lock_output`): a second run on it is refused;
 1. plan (:func:`plan_run`): the output folder (an earlier run's records need ``--resume`` or ``--overwrite``,
    :func:`check_fresh_output`), the resume point, the batch split, then the task's data and model
-   (:meth:`Task.plan`), then the checkpoint's checks (format, files, task, model config) and whether the resume
-   would be exact (:func:`check_exactness`): every ``ConfigError`` before any compute;
+   (:meth:`Task.plan`) and its data stream's fingerprint (:meth:`Task.stream_fingerprint`), then the checkpoint's
+   checks (format, files, task, model config) and whether the resume would be exact (:func:`check_exactness`: the
+   seed, the batch layout, the data stream, the RNG files): every ``ConfigError`` before any compute;
 2. build (:meth:`Task.build`) and :func:`restore`: weights, AdamW, EMA, grad scaler and every process's RNG
-   states from a code-free checkpoint, the flags' hyper-parameters winning over the checkpoint's;
+   states from a code-free checkpoint, the flags' hyper-parameters winning over the checkpoint's; a resume from
+   an older checkpoint than the newest moves the newer ones to ``abandoned/`` (:func:`start_lineage`);
 3. the loop (:func:`run_loop`): :func:`~.step.train_step`, logging (:mod:`.tracking`), checkpoints
    (:func:`save_run_checkpoint`), SIGTERM/SIGINT (:class:`~.signals.StopSignal`) and the NaN stop
    (:class:`~.step.NonFiniteLossError`);
@@ -29,6 +31,7 @@ the tail or after the run has finished changes nothing.
 from __future__ import annotations
 
 import logging
+import secrets
 import shutil
 import signal
 import sys
@@ -50,6 +53,7 @@ from ..utils.files import check_writable
 from ..utils.run_lock import LOCK_FILE, RunLock, lock_run
 from ..utils.runtime import cpu_multiprocess
 from .checkpointing import (
+    ABANDONED_DIR,
     DONE_FILE,
     CheckpointWriteError,
     check_checkpoint,
@@ -63,10 +67,12 @@ from .checkpointing import (
     read_training_state,
     resolve_resume,
     save_checkpoint,
+    set_aside_newer,
     write_done,
     write_state,
 )
 from .config import Settings
+from .data_stream import normalise, stream_changes
 from .flags import plain
 from .signals import StopSignal
 from .state_files import RngState, restore_rng
@@ -75,7 +81,7 @@ from .tracking import METRICS_FILE, LossWindow, MetricsWriter, log_with, tracker
 
 __all__ = ["Run", "RunPlan", "Task", "TrainResult", "after_checkpoint", "check_exactness", "check_fresh_output",
            "exit_process", "lock_output", "make_accelerator", "plan_batches", "plan_run", "restore", "run_loop",
-           "run_command", "save_run_checkpoint", "start_run", "train"]
+           "run_command", "save_run_checkpoint", "start_lineage", "start_run", "train"]
 
 logger = logging.getLogger("sdt_diffusion.training")
 
@@ -117,6 +123,7 @@ class RunPlan:
     start_state: dict[str, Any] = field(default_factory=dict)
     rng_state: RngState | None = None  # this process's RNG states from the checkpoint (None: fresh or inexact)
     inexact: list[str] = field(default_factory=list)  # why the resume is not exact (with --allow-inexact-resume)
+    data_stream: dict[str, Any] = field(default_factory=dict)  # Task.stream_fingerprint (main process only)
     finished: bool = False  # the checkpoint ends a finished run: nothing to do
 
     @property
@@ -149,6 +156,12 @@ class Task:
 
     def check_plan(self, settings: Any, plan: Any, accelerator: Any) -> None:
         """Checks after the resume point's (e.g. decoding every image)."""
+
+    def stream_fingerprint(self, settings: Any, plan: Any) -> dict[str, Any]:
+        """The named parts of the data stream besides the seed and the batch layout (:mod:`.data_stream`): the
+        training data's fingerprint, the class names, every transform setting.  Stored in each checkpoint; a resume
+        whose parts differ is not exact.  Called on the main process only (hashing a file list can take seconds)."""
+        return {}
 
     def exported(self, output_dir: Path) -> bool:
         """Whether a finished run's export is in place (a finished resume then has nothing to do)."""
@@ -232,7 +245,9 @@ def _check_resume_state(task: Task, plan: RunPlan) -> None:
 
 def check_exactness(settings: Settings, plan: RunPlan) -> tuple[RngState | None, list[str]]:
     """This process's RNG states and every reason (of any process) why the resume would not continue the run
-    exactly: a missing or unusable RNG state file, another ``--seed``, batch layout or training set.
+    exactly: a missing or unusable RNG state file, another ``--seed`` or batch layout, or a data stream that differs
+    from the checkpoint's (:mod:`.data_stream`: files added, removed or renamed, class folders renamed, another
+    transform); a checkpoint without a data-stream record (an earlier version's) is accepted with a log line.
 
     Raises:
         ConfigError: there is a reason and ``--allow-inexact-resume`` was not given (on every process alike).
@@ -246,11 +261,22 @@ def check_exactness(settings: Settings, plan: RunPlan) -> tuple[RngState | None,
         reasons.append(f"{plan.world} processes x {plan.per_device} per device x {plan.accum} accumulation differ "
                        f"from the checkpoint's {layout[0]} x {layout[1]} x {layout[2]} (the data order and the RNG "
                        f"streams change)")
-    if state.get("num_samples") not in (None, plan.num_samples):
-        reasons.append(f"the training data has {plan.num_samples} samples, the checkpoint's had "
-                       f"{state.get('num_samples')}")
+    saved_stream, mine = state.get("data_stream"), []
+    if not isinstance(saved_stream, dict):  # an earlier version's checkpoint: only the sample count was recorded
+        if state.get("num_samples") not in (None, plan.num_samples):
+            reasons.append(f"the training data has {plan.num_samples} samples, the checkpoint's had "
+                           f"{state.get('num_samples')}")
+        if plan.rank == 0:
+            logger.info("%s holds no record of its data stream (an earlier version's checkpoint): cannot check that "
+                        "the training files, classes and transforms are unchanged", plan.resume_from)
+    elif plan.rank == 0:  # the fingerprint is the main process's; the others learn its reasons below
+        mine, unchecked = stream_changes(saved_stream, plan.data_stream)
+        if unchecked:
+            logger.info("%s: cannot compare the data-stream parts %s (recorded by only one of this version and the "
+                        "checkpoint's)", plan.resume_from, unchecked)
     rng_state, why = read_rng_states(plan.resume_from, state, plan.rank)
-    reasons += [w for w in gather_object([why]) if w]  # every process learns every process's reason
+    mine += [why] if why else []
+    reasons += [w for part in gather_object([mine]) for w in part]  # every process learns every process's reasons
     if reasons and not settings.checkpoints.allow_inexact_resume:
         raise ConfigError(f"--resume {plan.resume_from} would not continue the run exactly: {'; '.join(reasons)}. "
                           f"Pass --allow-inexact-resume to continue anyway (the log and metrics.jsonl then say so)")
@@ -325,8 +351,10 @@ def plan_run(task: Task, settings: Settings, accelerator: Any) -> RunPlan:
         done = read_done(out)
         plan.finished = (done is not None and done["step"] == plan.start_step
                          and plan.start_step >= plan.total_steps and task.exported(out))
-        if not plan.finished:
-            plan.rng_state, plan.inexact = check_exactness(settings, plan)
+    if accelerator.is_main_process and not plan.finished:  # recorded in every checkpoint, compared on resume
+        plan.data_stream = normalise(task.stream_fingerprint(settings, plan))
+    if resume_from is not None and not plan.finished:
+        plan.rng_state, plan.inexact = check_exactness(settings, plan)
     task.check_plan(settings, plan, accelerator)
     return plan
 
@@ -379,6 +407,8 @@ class Run:
     epoch: int
     started: float
     inexact_resumes: list[dict[str, Any]] = field(default_factory=list)  # recorded in every later checkpoint
+    trajectory: str = ""  # the lineage id of this run's checkpoints (see start_lineage)
+    parent: dict[str, Any] | None = None  # the checkpoint the next one continues: {"step", "trajectory"}
 
     @property
     def accelerator(self) -> Accelerator:
@@ -397,10 +427,42 @@ class Run:
         return self.out / self.task.export_name
 
 
+def new_trajectory() -> str:
+    """A fresh lineage id: the start time and a random suffix."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
+def start_lineage(plan: RunPlan, out: Path, main: bool) -> tuple[str, dict[str, Any] | None]:
+    """The run's trajectory id and the parent of its first checkpoint.
+
+    A fresh run starts a trajectory; a resume from the newest checkpoint continues the checkpoint's; a resume from
+    an older one (e.g. to retry with a lower learning rate) starts a new one, and the main process moves the
+    newer checkpoints of the old trajectory to ``<output-dir>/abandoned/<time>-from-<step>/`` (with a copy of
+    ``metrics.jsonl`` as it was), so that ``--resume latest`` and pruning follow the new trajectory.
+    """
+    if plan.resume_from is None:
+        return new_trajectory(), None
+    saved = plan.start_state.get("lineage") or {}
+    parent = {"step": plan.start_step, "trajectory": saved.get("trajectory")}
+    if not main:  # only the main process writes training_state.json
+        return "", parent
+    folder, moved = set_aside_newer(out, plan.start_step)
+    if folder is not None and (out / METRICS_FILE).is_file():
+        shutil.copy2(out / METRICS_FILE, folder / METRICS_FILE)  # the resumed run drops the lines after its step
+    if moved:
+        logger.warning("resuming from step %d abandons the newer checkpoints %s of the earlier trajectory: moved to "
+                       "%s (nothing is deleted; --resume latest and pruning now follow this run)", plan.start_step,
+                       ", ".join(p.name for p in moved), folder)
+    trajectory = saved.get("trajectory") if not moved and saved.get("trajectory") else new_trajectory()
+    return trajectory, parent
+
+
 def start_run(task: Task, settings: Settings, plan: RunPlan, core: TrainingCore, step: int) -> Run:
-    """Files, metrics, trackers and the start-up log of a built (and possibly resumed) run; an inexact resume
-    (``--allow-inexact-resume``) is recorded in the log and in ``metrics.jsonl``."""
+    """Files, metrics, trackers and the start-up log of a built (and possibly resumed) run (a resume from an older
+    checkpoint moves the newer ones aside, :func:`start_lineage`); an inexact resume (``--allow-inexact-resume``)
+    is recorded in the log and in ``metrics.jsonl``."""
     accelerator, out, main = core.accelerator, settings.output_dir, core.accelerator.is_main_process
+    trajectory, parent = start_lineage(plan, out, main)
     if main:
         out.mkdir(parents=True, exist_ok=True)
         config = {**settings.record(), "resolved_model_config": plan.model_config,
@@ -411,6 +473,8 @@ def start_run(task: Task, settings: Settings, plan: RunPlan, core: TrainingCore,
         if settings.checkpoints.overwrite:  # the earlier run's checkpoints, metrics and export would mix with these
             for _, path in list_checkpoints(out):
                 shutil.rmtree(path)
+            if (out / ABANDONED_DIR).is_dir():  # the earlier run's rolled-back checkpoints
+                shutil.rmtree(out / ABANDONED_DIR)
             (out / METRICS_FILE).unlink(missing_ok=True)
             if (out / task.export_name).is_dir():
                 shutil.rmtree(out / task.export_name)
@@ -421,7 +485,8 @@ def start_run(task: Task, settings: Settings, plan: RunPlan, core: TrainingCore,
         history.append({"step": step, "reasons": plan.inexact})
         metrics.write({"step": step, "inexact_resume": plan.inexact})
     epoch = step * plan.accum // max(1, len(plan.sampler) // plan.per_device)
-    run = Run(task, settings, plan, core, metrics, latest_checkpoint(out), epoch, time.time(), history)
+    run = Run(task, settings, plan, core, metrics, latest_checkpoint(out), epoch, time.time(), history, trajectory,
+              parent)
     task.start(run)
     if main:
         if plan.resume_from is not None:
@@ -436,14 +501,16 @@ def start_run(task: Task, settings: Settings, plan: RunPlan, core: TrainingCore,
 
 # ------------------------------------------------------------------------------------------ checkpoints
 def training_state(run: Run, step: int) -> dict[str, Any]:
-    """``training_state.json`` of a checkpoint: the task, the batch layout, the data position and the model
-    (with the task's own values: classes, VAE, resolution), so an export needs nothing else."""
+    """``training_state.json`` of a checkpoint: the task, the batch layout, the data position, the data stream's
+    fingerprint (:mod:`.data_stream`), the lineage (the trajectory and the checkpoint this one continues) and the
+    model (with the task's own values: classes, VAE, resolution), so an export needs nothing else."""
     s, p = run.settings, run.plan
     return {"task": run.task.name, "global_batch_size": s.run.global_batch_size, "per_device_batch": p.per_device,
             "grad_accum": p.accum, "num_processes": p.world, "seed": s.run.seed, "epoch": run.epoch,
             "num_samples": p.num_samples, "consumed_samples": step * s.run.global_batch_size,
             "model": s.model.model, "model_config": p.model_config, **run.task.state_record(run),
-            "inexact_resumes": run.inexact_resumes}
+            "inexact_resumes": run.inexact_resumes, "data_stream": p.data_stream,
+            "lineage": {"trajectory": run.trajectory, "parent": run.parent}}
 
 
 def save_run_checkpoint(run: Run, step: int) -> Path:
@@ -454,6 +521,7 @@ def save_run_checkpoint(run: Run, step: int) -> Path:
         prune_checkpoints(run.out, run.settings.checkpoints.keep_checkpoints)
         logger.info("saved %s", path)
     run.last_checkpoint = path
+    run.parent = {"step": step, "trajectory": run.trajectory}
     return path
 
 

@@ -35,6 +35,7 @@ from ..utils.errors import ConfigError
 from ..utils.files import atomic_write
 from ..utils.runtime import enable_tf32
 from . import engine
+from .data_stream import DATA, class_key
 from .diffusion import DiffusionSchedule, training_losses
 from .diffusion_config import DiffusionSettings, parse_args, settings_from_args
 from .ema import EMA
@@ -120,6 +121,14 @@ class DiffusionTask(engine.Task):
 
     def exported(self, output_dir: Path) -> bool:
         return (output_dir / self.export_name / "model_index.json").is_file()
+
+    def stream_fingerprint(self, settings: DiffusionSettings, plan: DiffusionPlan) -> dict[str, Any]:
+        """The images (file list and sizes, a saved dataset's fingerprint, or the latent cache's metadata and shard
+        sizes), the class names, the resolution and ``random_flip`` (the sampler draws the flips)."""
+        d = plan.data
+        data = d.dataset.fingerprint() if d.kind == "latents" else d.dataset.source.fingerprint()
+        return {DATA: data, class_key(data): d.class_names, "resolution": d.resolution,
+                "random_flip": settings.latents.random_flip}
 
     def build(self, settings: DiffusionSettings, plan: DiffusionPlan, accelerator: Any) -> DiffusionCore:
         """The VAE, the model, AdamW and the EMA, seeded alike on every process (identical initial weights); the
