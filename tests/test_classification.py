@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+import yaml
 from accelerate import Accelerator
 from conftest import OFFLINE, call_and_reset, file_hashes, read_metrics, reset_accelerate
 from PIL import Image
@@ -34,6 +35,7 @@ from sdt_diffusion.evaluation.classification import (
     preset_of,
 )
 from sdt_diffusion.models.sdt_h import SDT_H_PRESETS
+from sdt_diffusion.tools.digits import per_class_subset
 from sdt_diffusion.training import classifier_trainer as T
 from sdt_diffusion.training import engine
 from sdt_diffusion.training.checkpointing import list_checkpoints
@@ -399,3 +401,54 @@ def test_ablation_script_at_a_tiny_budget(data, tmp_path):
     runs = [{"final_top1": v, "final_top1_ema": v - 1, "best_top1": v + 1} for v in (90.0, 94.0)]
     text = ablation.table({"fixed": {"runs": runs}}, [0, 1])
     assert "| fixed | 92.00 ± 2.83 | 91.00 ± 2.83 | 93.00 ± 2.83 | 82.4 |" in text
+
+
+@pytest.mark.slow
+def test_figure3_trains_the_rows_on_a_digits_subset_and_plots_the_loss_curves(tmp_path):
+    """--figure3 end to end on the digits (2 training images per class, 2 epochs, one seed, two rows): the subset,
+    the table with held-out losses, the plot, per-step training losses; a rerun reuses the runs, another budget
+    in the same folder is refused."""
+    out, root, figure = tmp_path / "figure3", tmp_path / "digits", tmp_path / "curves.png"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "ablation_classification.py"), "--figure3", "--rows", "rmt",
+           "sdt-h+unit-gate", "--seeds", "0", "--epochs", "2", "--train-per-class", "2", "--head-hidden-size", "32",
+           "--data-root", str(root), "--output-dir", str(out), "--figure", str(figure), "--train-args",
+           "--global-batch-size 4 --lr-base-batch 4 --warmup-epochs 0 --eval-batch-size 128"]
+    env = {**os.environ, **OFFLINE, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    subset = root / "train_2_per_class"
+    assert sorted(len(list(d.iterdir())) for d in subset.iterdir()) == [2] * 10
+    assert sum(len(list(d.iterdir())) for d in (root / "heldout").iterdir()) == 359  # the held-out set as always
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["modes"]) == ["rmt", "sdt-h+unit-gate"] and results["meta"]["train_per_class"] == 2
+    text = (out / "results.md").read_text()
+    assert text.startswith("| row | final top-1, online (%) | final top-1, EMA (%) | final held-out loss, online |")
+    for name, folder in (("rmt", "RMT-T_fixed_decomposed-fixed_decomposed-fixed-fixed_tpc2_head32"),
+                         ("sdt-h+unit-gate", "SDT-H-T_decomposed-decomposed-cdsf-cdsf_output_gate_init-unit_tpc2_head32")):
+        (run,) = results["modes"][name]["runs"]
+        assert run["steps"] == 10 and run["final_eval_loss"] > 0 and f"| {name} | " in text
+        config = yaml.safe_load((out / folder / "seed0" / "train_config.yaml").read_text())
+        assert config["data_dir"] == str(subset) and config["resolved_model_config"]["head_hidden_size"] == 32
+        metrics = [json.loads(line) for line in (out / folder / "seed0" / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in metrics if "loss" in r] == list(range(1, 11))  # every step's training loss
+        assert [r["step"] for r in metrics if "eval_loss" in r] == [5, 10]  # held-out loss and top-1 per epoch
+    assert results["modes"]["sdt-h+unit-gate"]["model_kwargs"] == {"output_gate_init": "unit"}
+    with Image.open(figure) as image:
+        assert image.format == "PNG" and image.width > 1000
+    # a rerun trains nothing; the same folder with another budget is refused
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert again.returncode == 0 and "train_classifier.py" not in again.stdout, again.stderr[-3000:]
+    longer = [part if part != "2" or cmd[i - 1] != "--epochs" else "3" for i, part in enumerate(cmd)]
+    refused = subprocess.run(longer, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert refused.returncode == 2 and "--epochs 2 (wanted 3)" in refused.stderr, refused.stderr[-3000:]
+
+
+def test_per_class_subset_is_fixed_nested_and_checked():
+    labels = np.repeat(np.arange(3), [5, 7, 6])
+    two, four = per_class_subset(labels, 2), per_class_subset(labels, 4)
+    assert np.bincount(labels[two]).tolist() == [2, 2, 2] and np.bincount(labels[four]).tolist() == [4, 4, 4]
+    assert set(two) <= set(four)  # the first N of one fixed shuffle: a larger N adds images
+    assert np.array_equal(per_class_subset(labels, 2), two) and not np.array_equal(per_class_subset(labels, 2, 1), two)
+    for bad in (0, 6):
+        with pytest.raises(ValueError, match="between 1 and 5"):
+            per_class_subset(labels, bad)

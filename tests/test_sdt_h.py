@@ -22,6 +22,7 @@ from transformers import AutoBackbone, AutoConfig, AutoModelForImageClassificati
 import sdt_diffusion
 from sdt_diffusion.attention import backends as attention_backends
 from sdt_diffusion.attention import spatial_decay as eq
+from sdt_diffusion.attention.modes import DecayInputs, decay_mode
 from sdt_diffusion.models import count_parameters
 from sdt_diffusion.models.sdt_h import (
     DEFAULT_DECAY_MODES,
@@ -36,6 +37,7 @@ from sdt_diffusion.models.sdt_h_transformers import (
     SDTHModel,
     sdt_h_image_processor,
 )
+from sdt_diffusion.models.spatial_decay_attention import SpatialDecayAttention
 
 TINY = dict(embed_dims=(16, 32, 32, 32), depths=(1, 1, 1, 1), num_heads=(2, 4, 4, 4), mlp_ratios=(2.0, 2.0, 2.0, 2.0),
             gate_rank=4, head_hidden_size=24, drop_path_rate=0.0)
@@ -248,6 +250,103 @@ def test_tiny_model_learns():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.4 * losses[0]
+
+
+# ---------------------------------------------------------------------------------------------- gate initialisation
+def _gate_tensors(model) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.state_dict().items() if ".attn.gate" in n}
+
+
+def _assert_unit_output_gates(model) -> None:
+    """U = sigma(X W_u1) W_u2 is exactly 1 on random tokens in every block."""
+    attns = [m for m in model.modules() if isinstance(m, SpatialDecayAttention)]
+    assert attns and all(a.gate_down is not None for a in attns)
+    for a in attns:
+        x = torch.randn(2, 9, a.qkv.in_features, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            assert torch.equal(a.gate_up(torch.sigmoid(a.gate_down(x))), torch.ones(2, 9, a.qkv.in_features))
+
+
+def test_output_gate_init_unit_makes_the_gate_exactly_one_in_every_face():
+    timm = pytest.importorskip("timm")
+    _assert_unit_output_gates(tiny(randomise_gates=False, output_gate_init="unit"))
+    _assert_unit_output_gates(timm.create_model("sdt_h_tiny", num_classes=5, output_gate_init="unit", **TINY))
+    _assert_unit_output_gates(SDTHForImageClassification(tiny_config(output_gate_init="unit")))
+    model = tiny(randomise_gates=False)  # the default: a small random-signed factor
+    attn = model.stages[0].blocks[0].attn
+    u = attn.gate_up(torch.sigmoid(attn.gate_down(torch.randn(4, attn.qkv.in_features))))
+    assert u.abs().max() < 0.5 and (u > 0).any() and (u < 0).any()
+
+
+def test_decay_gate_init_rmt_starts_each_stage_at_rmts_gamma():
+    """Each head's decay per unit of distance starts at RMT's log gamma_h with that stage's range (CDSF: alpha G)."""
+    ranges, init, alpha = (3.0, 4.0, 5.0, 6.0), 1.5, 0.2
+    arch = dict(decay_modes=("decomposed", "1d", "cdsf", "cdsf"), fixed_decay_ranges=ranges, fixed_decay_init=init,
+                alpha=alpha, decay_gate_init="rmt")
+    for model in (tiny(randomise_gates=False, **arch),
+                  SDTHForImageClassification(tiny_config(**arch)).sdt_h.encoder):
+        for i, stage in enumerate(model.stages):
+            attn = stage.blocks[0].attn
+            gamma = eq.rmt_log_gamma(attn.num_heads, init, ranges[i])
+            assert len(set(gamma.tolist())) == attn.num_heads  # distinct per head
+            x = torch.randn(2, 16, attn.qkv.in_features)
+            with torch.no_grad():
+                decay = attn.decay_inputs(x, 4, 4)
+            if attn.decay_mode == "decomposed":
+                for logits in (decay.gate_logits_h, decay.gate_logits_w):
+                    torch.testing.assert_close(torch.nn.functional.logsigmoid(logits), gamma.expand(2, 16, -1))
+                continue
+            scale = alpha if attn.decay_mode == "cdsf" else 1.0
+            torch.testing.assert_close(scale * decay.gates, gamma.expand(2, 16, -1))
+            if attn.decay_mode == "cdsf":  # the whole bias is RMT's fixed decay on the grid
+                fixed = decay_mode("fixed").dense_bias(DecayInputs("fixed", 4, 4, log_gamma=gamma))
+                torch.testing.assert_close(decay_mode("cdsf").dense_bias(decay), fixed.expand(2, -1, -1, -1))
+
+
+def test_gate_init_defaults_are_unchanged():
+    """The defaults write nothing and draw nothing: W_g = 0 with bias 0, U's layers truncated-normal; "rmt" only
+    changes the gate biases (no random draws), so the rest of the model is the same for a seed."""
+    torch.manual_seed(0)
+    default = SDTH(**TINY, num_labels=5)
+    after_default = torch.get_rng_state()
+    torch.manual_seed(0)
+    explicit = SDTH(**TINY, num_labels=5, output_gate_init="xavier", decay_gate_init="zero")
+    torch.manual_seed(0)
+    rmt = SDTH(**TINY, num_labels=5, decay_gate_init="rmt")
+    assert torch.equal(torch.get_rng_state(), after_default)
+    a, b, c = default.state_dict(), explicit.state_dict(), rmt.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    changed = {k for k in a if not torch.equal(a[k], c[k])}
+    assert changed == {k for k in a if k.endswith("attn.gate.bias")}
+    for name, p in _gate_tensors(default).items():
+        if ".attn.gate." in name:
+            assert not p.any()
+        else:
+            assert 0.01 < p.std() < 0.03
+    # transformers' own init (post_init) visits the attention too: W_g = 0 there as well
+    hf = SDTHForImageClassification(tiny_config())
+    gates = {n: p for n, p in hf.named_parameters() if ".attn.gate." in n}
+    assert gates and not any(p.any() for p in gates.values())
+
+
+def test_gate_init_is_validated_saved_and_never_touches_loaded_weights(tmp_path):
+    for face in (SDTH, SDTHConfig):
+        with pytest.raises(ValueError, match="output_gate_init must be one of"):
+            face(**TINY, output_gate_init="ones")
+        with pytest.raises(ValueError, match="decay_gate_init must be one of"):
+            face(**TINY, decay_gate_init="RMT")
+    with pytest.raises(ValueError, match="alpha > 0"):
+        SDTH(**TINY, decay_gate_init="rmt", alpha=0.0)
+    model = SDTHForImageClassification(tiny_config(output_gate_init="unit", decay_gate_init="rmt")).eval()
+    with torch.no_grad():  # trained gates: the loaded values must survive the gate init
+        for p in _gate_tensors(model).values():
+            p.normal_(0, 0.5)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["output_gate_init"] == "unit" and config["decay_gate_init"] == "rmt"
+    loaded = SDTHForImageClassification.from_pretrained(tmp_path)
+    state, loaded_state = model.state_dict(), loaded.state_dict()
+    assert all(torch.equal(state[k], loaded_state[k]) for k in state)
 
 
 # ---------------------------------------------------------------------------------------------- timm

@@ -43,7 +43,7 @@ from ..attention.backends import check_backend_name
 from ..attention.grid import GridContext
 from ..attention.modes import decay_mode as get_decay_mode
 from ..attention.spatial_decay import ROPE_HEAD_MULTIPLE, check_rope_layout
-from .spatial_decay_attention import SpatialDecayAttention
+from .spatial_decay_attention import DECAY_GATE_INITS, OUTPUT_GATE_INITS, SpatialDecayAttention
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -116,11 +116,12 @@ def sdt_h_preset(name: str) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ init
 def init_sdt_h_module(module: nn.Module, std: float = 0.02) -> None:
     """Initialise one module (not its children) as RMT does: Linear trunc-normal(std) with zero bias, norms at
-    identity, convolutions with PyTorch's default; W_g = 0 so that G = log sigma(0) at init (as SDT-P).
+    identity, convolutions with PyTorch's default; W_g = 0 so that G = log sigma(0) at init (as SDT-P); then each
+    block's gates as its ``output_gate_init`` / ``decay_gate_init`` say (:meth:`SpatialDecayAttention.init_gates`).
 
-    Applied children-first (``nn.Module.apply`` order), so the attention's W_g is zeroed after its Linear init.
-    Uses ``torch.nn.init`` looked up at call time, which transformers guards against re-initialising loaded
-    weights.
+    Applied children-first (``nn.Module.apply`` order), so the attention's W_g is zeroed after its Linear init and
+    the block's gate choices come last.  Uses ``torch.nn.init`` looked up at call time, which transformers guards
+    against re-initialising loaded weights; ``init_gates`` leaves tensors marked as loaded alone too.
     """
     if isinstance(module, nn.Linear):
         nn.init.trunc_normal_(module.weight, std=std)
@@ -145,9 +146,12 @@ def init_sdt_h_module(module: nn.Module, std: float = 0.02) -> None:
         if module.log_gamma is not None and not getattr(module.log_gamma, "_is_hf_initialized", False):
             with torch.no_grad():  # a non-persistent buffer: rebuilt after a meta-device construction
                 module.log_gamma.copy_(module.fixed_log_gamma())
-    elif isinstance(module, SDTHBlock) and module.gamma_1 is not None:
-        nn.init.constant_(module.gamma_1, module.layer_scale_init_value)
-        nn.init.constant_(module.gamma_2, module.layer_scale_init_value)
+    elif isinstance(module, SDTHBlock):
+        if module.gamma_1 is not None:
+            nn.init.constant_(module.gamma_1, module.layer_scale_init_value)
+            nn.init.constant_(module.gamma_2, module.layer_scale_init_value)
+        # the defaults ("xavier", "zero") change nothing here and draw no random numbers
+        module.attn.init_gates(module.output_gate_init, module.decay_gate_init)
 
 
 # ------------------------------------------------------------------------------------------ layers
@@ -193,9 +197,12 @@ class SDTHBlock(nn.Module):
         self, dim: int, num_heads: int, mlp_ratio: float, decay_mode: str, alpha: float, gate_rank: int,
         drop_path_rate: float, layer_scale_init_value: float | None, lpe_kernel_size: int, use_rope: bool,
         fixed_decay_init: float, fixed_decay_range: float, layer_norm_eps: float,
+        output_gate_init: str = "xavier", decay_gate_init: str = "zero",
     ) -> None:
-        """One block; ``gate_rank=0`` builds the attention without an output gate (RMT's)."""
+        """One block; ``gate_rank=0`` builds the attention without an output gate (RMT's).  ``output_gate_init`` /
+        ``decay_gate_init``: how :func:`init_sdt_h_module` starts the attention's gates (see :class:`SDTH`)."""
         super().__init__()
+        self.output_gate_init, self.decay_gate_init = output_gate_init, decay_gate_init
         self.cpe = DWConv3x3(dim)
         self.norm1 = nn.LayerNorm(dim, eps=layer_norm_eps)
         self.attn = SpatialDecayAttention(
@@ -302,6 +309,11 @@ def check_sdt_h_args(**args: Any) -> dict[str, Any]:
     gate_rank = args.get("gate_rank", 1)
     if not isinstance(gate_rank, int) or isinstance(gate_rank, bool) or gate_rank < 0:
         raise ValueError(f"gate_rank must be an integer >= 0 (0: no output gate, as RMT), got {gate_rank!r}")
+    for name, choices in (("output_gate_init", OUTPUT_GATE_INITS), ("decay_gate_init", DECAY_GATE_INITS)):
+        if args.get(name, choices[0]) not in choices:
+            raise ValueError(f"{name} must be one of {list(choices)}, got {args[name]!r}")
+    if args.get("decay_gate_init") == "rmt" and "cdsf" in out.get("decay_modes", ()) and args.get("alpha", 0.1) <= 0:
+        raise ValueError(f"decay_gate_init='rmt' needs alpha > 0 (CDSF's decay is alpha * G * d), got {args['alpha']}")
     for name, low in (("num_labels", 0), ("num_channels", 1), ("head_hidden_size", 1)):
         if name in args and (not isinstance(args[name], int) or args[name] < low):
             raise ValueError(f"{name} must be an integer >= {low}, got {args[name]!r}")
@@ -339,6 +351,13 @@ class SDTH(nn.Module):
         attention_backend: ``"auto"`` (per stage, the fastest exact backend for the device, decay and grid) or a
             name of ``sdt_diffusion.attention.available_backends()`` (docs/sdt_h.md, "Attention backends").
         initializer_range: std of the truncated-normal Linear init.
+        output_gate_init: how the output gate U starts (the paper gives no initialisation; docs/sdt_h.md,
+            "Initialisation"): ``"xavier"`` (default; W_u1, W_u2 truncated-normal like every Linear, so U starts as
+            a small random-signed factor) or ``"unit"`` (U exactly 1 at start).
+        decay_gate_init: how the decay gates W_g start: ``"zero"`` (default; W_g = 0 and bias 0, every head at
+            ``G = log sigma(0)``) or ``"rmt"`` (W_g = 0, the bias spread per head so that each stage's decay per
+            unit of distance starts at RMT's ``log gamma_h`` from ``fixed_decay_init`` and that stage's
+            ``fixed_decay_ranges``).
     """
 
     def __init__(
@@ -364,6 +383,8 @@ class SDTH(nn.Module):
         layer_norm_eps: float = 1e-6,
         attention_backend: str = "auto",
         initializer_range: float = 0.02,
+        output_gate_init: str = "xavier",
+        decay_gate_init: str = "zero",
     ) -> None:
         super().__init__()
         args = check_sdt_h_args(
@@ -371,7 +392,8 @@ class SDTH(nn.Module):
             layer_scale_init_values=layer_scale_init_values, fixed_decay_ranges=fixed_decay_ranges,
             drop_path_rate=drop_path_rate, gate_rank=gate_rank, use_rope=use_rope, rope_layout=rope_layout,
             num_labels=num_labels, num_channels=num_channels, head_hidden_size=head_hidden_size,
-            attention_backend=attention_backend,
+            attention_backend=attention_backend, alpha=alpha, output_gate_init=output_gate_init,
+            decay_gate_init=decay_gate_init,
         )
         embed_dims, depths, num_heads, mlp_ratios = (args[k] for k in ("embed_dims", "depths", "num_heads", "mlp_ratios"))
         decay_modes, layer_scale_init_values = args["decay_modes"], args["layer_scale_init_values"]
@@ -388,6 +410,7 @@ class SDTH(nn.Module):
         self.head_hidden_size = head_hidden_size
         self.gradient_checkpointing = False
         self.initializer_range = initializer_range
+        self.output_gate_init, self.decay_gate_init = output_gate_init, decay_gate_init
 
         c0 = embed_dims[0]
         self.stem = nn.Sequential(
@@ -406,7 +429,7 @@ class SDTH(nn.Module):
                 SDTHBlock(
                     embed_dims[i], num_heads[i], mlp_ratios[i], decay_modes[i], alpha, gate_rank, rates[first + j],
                     layer_scale_init_values[i], lpe_kernel_size, use_rope, fixed_decay_init, fixed_decay_ranges[i],
-                    layer_norm_eps,
+                    layer_norm_eps, output_gate_init, decay_gate_init,
                 )
                 for j in range(depths[i])
             ]

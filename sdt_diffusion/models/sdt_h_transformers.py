@@ -57,7 +57,9 @@ class SDTHConfig(BackboneConfigMixin, PretrainedConfig):
     for their meaning): ``embed_dims``, ``depths``, ``num_heads``, ``mlp_ratios``, ``decay_modes`` (one per
     stage), ``alpha``, ``drop_path_rate``, ``layer_scale_init_values``, ``gate_rank``, ``head_hidden_size``,
     ``num_channels``, ``lpe_kernel_size``, ``use_rope``, ``rope_base``, ``rope_layout``, ``fixed_decay_init``,
-    ``fixed_decay_ranges``, ``layer_norm_eps``, ``attention_backend``, ``initializer_range``; ``num_labels``
+    ``fixed_decay_ranges``, ``layer_norm_eps``, ``attention_backend``, ``initializer_range``,
+    ``output_gate_init``, ``decay_gate_init`` (how the gates start; they apply to freshly initialised weights only,
+    never to weights ``from_pretrained`` loads); ``num_labels``
     (or ``id2label``) sets the classes.  For :class:`SDTHBackbone`, ``out_features`` / ``out_indices``
     select among ``stage_names = ["stem", "stage1", ..., "stage4"]`` (transformers' convention: index 0
     is the stem, at stride 4 like stage 1).
@@ -87,6 +89,8 @@ class SDTHConfig(BackboneConfigMixin, PretrainedConfig):
         layer_norm_eps: float = 1e-6,
         attention_backend: str = "auto",
         initializer_range: float = 0.02,
+        output_gate_init: str = "xavier",
+        decay_gate_init: str = "zero",
         out_features: list[str] | None = None,
         out_indices: list[int] | None = None,
         **kwargs: Any,
@@ -99,6 +103,7 @@ class SDTHConfig(BackboneConfigMixin, PretrainedConfig):
             layer_scale_init_values=layer_scale_init_values, fixed_decay_ranges=fixed_decay_ranges,
             drop_path_rate=drop_path_rate, gate_rank=gate_rank, use_rope=use_rope, rope_layout=rope_layout,
             num_channels=num_channels, head_hidden_size=head_hidden_size, attention_backend=attention_backend,
+            alpha=alpha, output_gate_init=output_gate_init, decay_gate_init=decay_gate_init,
         )
         self.embed_dims = list(args["embed_dims"])
         self.depths = list(args["depths"])
@@ -120,6 +125,8 @@ class SDTHConfig(BackboneConfigMixin, PretrainedConfig):
         self.layer_norm_eps = layer_norm_eps
         self.attention_backend = attention_backend
         self.initializer_range = initializer_range
+        self.output_gate_init = output_gate_init
+        self.decay_gate_init = decay_gate_init
         self.hidden_sizes = list(self.embed_dims)  # transformers' name for the stage widths
         self.stage_names = ["stem"] + [f"stage{i}" for i in range(1, len(self.embed_dims) + 1)]
         self.set_output_features_output_indices(out_features=out_features, out_indices=out_indices)
@@ -140,7 +147,8 @@ class SDTHConfig(BackboneConfigMixin, PretrainedConfig):
             lpe_kernel_size=self.lpe_kernel_size, use_rope=self.use_rope, rope_base=self.rope_base,
             rope_layout=self.rope_layout, fixed_decay_init=self.fixed_decay_init, fixed_decay_ranges=self.fixed_decay_ranges,
             layer_norm_eps=self.layer_norm_eps, attention_backend=self.attention_backend,
-            initializer_range=self.initializer_range,
+            initializer_range=self.initializer_range, output_gate_init=self.output_gate_init,
+            decay_gate_init=self.decay_gate_init,
         )
 
 
@@ -166,6 +174,16 @@ class SDTHPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         init_sdt_h_module(module, self.config.initializer_range)
+
+    def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
+        """transformers' per-module init, also for modules without parameters of their own.
+
+        For code outside transformers, transformers 5 marks such a module initialised without calling
+        ``_init_weights``; SDT-H's attention and blocks set their children's gates (W_g = 0, ``output_gate_init``,
+        ``decay_gate_init``), so they must be visited.  :func:`init_sdt_h_module` leaves every tensor
+        ``from_pretrained`` loaded as it is (torch's init functions are guarded, the gate writes check the flag).
+        """
+        super()._initialize_weights(module, False)
 
     def set_attention_backend(self, backend: str) -> None:
         """Run every stage's attention with ``backend``; stored in the config, so it is saved with the model."""

@@ -104,18 +104,24 @@ class SpatialDecayAttention(nn.Module):
         its bias, so every head starts with ``G = log sigma(b)``; ``"rmt"`` sets W_g = 0 and the bias so that
         each head starts with RMT's decay per unit of distance, ``log gamma_h`` (``fixed_decay_init`` and
         ``fixed_decay_range`` set the schedule; CDSF's ``alpha`` is divided out).
+
+        A tensor marked as loaded from a checkpoint (transformers' ``_is_hf_initialized``, set while
+        ``from_pretrained`` runs a model's ``_init_weights``) is left as loaded.
         """
         if output_gate not in OUTPUT_GATE_INITS:
             raise ValueError(f"output_gate_init must be one of {list(OUTPUT_GATE_INITS)}, got {output_gate!r}")
         if decay_gate not in DECAY_GATE_INITS:
             raise ValueError(f"decay_gate_init must be one of {list(DECAY_GATE_INITS)}, got {decay_gate!r}")
-        with torch.no_grad():
+        # the start values are computed on the CPU (also inside a ``torch.device("meta")`` block) and copied in
+        with torch.no_grad(), torch.device("cpu"):
             if output_gate == "unit" and self.gate_down is not None:
-                self.gate_down.weight.zero_()
-                self.gate_up.weight.copy_(unit_output_gate_weight(self.gate_up.weight.shape, generator))
+                _set_unless_loaded(self.gate_down.weight, None)
+                weight = self.gate_up.weight
+                if not _loaded(weight):
+                    weight.copy_(unit_output_gate_weight(weight.shape, generator))
             if self.gate is None:
                 return
-            self.gate.weight.zero_()
+            _set_unless_loaded(self.gate.weight, None)
             if decay_gate == "rmt":
                 per_unit = eq.rmt_log_gamma(self.num_heads, self.fixed_decay_init, self.fixed_decay_range)
                 if self.decay_mode == "cdsf":  # M = alpha * G * d for equal gates (eq. 8)
@@ -123,7 +129,7 @@ class SpatialDecayAttention(nn.Module):
                         raise ValueError("decay_gate_init='rmt' needs alpha > 0 with decay_mode='cdsf'")
                     per_unit = per_unit / self.alpha
                 logits = eq.gate_logit_for_log_decay(per_unit)
-                self.gate.bias.copy_(logits.repeat(self.gate.out_features // self.num_heads))
+                _set_unless_loaded(self.gate.bias, logits.repeat(self.gate.out_features // self.num_heads))
 
     def fixed_log_gamma(self) -> torch.Tensor:
         """RMT's per-head ``log gamma_h`` for ``decay_mode="fixed"`` (the non-persistent ``log_gamma`` buffer's value)."""
@@ -249,6 +255,21 @@ class SpatialDecayAttention(nn.Module):
         gate_u = None if self.gate_down is None else self.gate_up(torch.sigmoid(self.gate_down(x)))  # U (eq. 13)
         out = eq.spatial_decay_output(attn.transpose(1, 2).reshape(b, seq, dim), lpe, gate_u)  # (B, L, D)
         return self.proj(out)
+
+
+def _loaded(tensor: Tensor) -> bool:
+    """``tensor`` holds weights read from a checkpoint (transformers marks them so while it initialises the rest)."""
+    return bool(getattr(tensor, "_is_hf_initialized", False))
+
+
+def _set_unless_loaded(tensor: Tensor, value: Tensor | None) -> None:
+    """Copy ``value`` into ``tensor`` (zeros for ``None``) unless it was loaded from a checkpoint."""
+    if _loaded(tensor):
+        return
+    if value is None:
+        tensor.zero_()
+    else:
+        tensor.copy_(value)
 
 
 def _hooked(module: nn.Module) -> bool:

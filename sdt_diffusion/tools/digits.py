@@ -12,6 +12,7 @@ Used by the CPU demo and by ``benchmarks/ablation.py``:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -80,6 +81,40 @@ def prepare_digits(data_root: Path, resolution: int = NATIVE_RESOLUTION, seed: i
         write_image_folder(images[held], labels[held], held_dir)
         stamp.write_text(json.dumps(info))
     return DigitData(train_dir, held_dir, images[train], labels[train], images[held], labels[held])
+
+
+def per_class_subset(labels: np.ndarray, per_class: int, seed: int = 0) -> np.ndarray:
+    """Indices of the first ``per_class`` items of each class after a seeded shuffle (sorted).
+
+    Raises:
+        ValueError: ``per_class`` below 1 or above the smallest class.
+    """
+    counts = np.bincount(labels)
+    if per_class < 1 or per_class > counts.min():
+        raise ValueError(f"images per class must be between 1 and {counts.min()} (the smallest class of the "
+                         f"{len(labels)} training images), got {per_class}")
+    order = np.random.default_rng(seed).permutation(len(labels))
+    return np.sort(np.concatenate([order[labels[order] == k][:per_class] for k in range(len(counts))]))
+
+
+def digits_train_subset(data: DigitData, data_root: Path, per_class: int, seed: int = 0) -> Path:
+    """A training folder ``<data_root>/train_<per_class>_per_class`` with the first ``per_class`` training images of
+    each class after a shuffle seeded by ``seed`` (the same images whatever the training seed); written again only
+    if missing or different.  The held-out folder of ``data`` is not touched.
+
+    Raises:
+        ValueError: ``per_class`` below 1 or above the smallest class.
+    """
+    keep = per_class_subset(data.train_labels, per_class, seed)
+    folder = data_root / f"train_{per_class}_per_class"
+    stamp = data_root / f"train_{per_class}_per_class.json"
+    images, labels = data.train_images[keep], data.train_labels[keep]
+    content = hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()
+    info = {"resolution": int(images.shape[-1]), "per_class": per_class, "seed": seed, "sha256": content}
+    if not stamp.exists() or json.loads(stamp.read_text()) != info:
+        write_image_folder(images, labels, folder)
+        stamp.write_text(json.dumps(info))
+    return folder
 
 
 # ----------------------------------------------------------------------------------------- judge
