@@ -11,6 +11,22 @@ from PIL import Image
 from sdt_diffusion.tools import demo, digits
 
 
+def test_two_scripts_preparing_one_data_root_at_once_both_get_the_whole_split(tmp_path):
+    """Two ablations started side by side on one --data-root: neither deletes the other's half-written folder."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda _: digits.prepare_digits(tmp_path, 8, seed=0), range(3)))
+    for data in results:
+        files = sorted((tmp_path / "train").rglob("*.png"))
+        assert len(files) == len(data.train_labels)
+    assert len(list((tmp_path / "heldout").rglob("*.png"))) == len(results[0].heldout_labels)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith((".tmp", ".old"))]
+    with ThreadPoolExecutor(2) as pool:
+        folders = list(pool.map(lambda _: digits.digits_train_subset(results[0], tmp_path, 5), range(2)))
+    assert len(list(folders[0].rglob("*.png"))) == 50
+
+
 def test_digits_split_is_fixed_and_disjoint(tmp_path):
     data = digits.prepare_digits(tmp_path, 8, seed=0)
     assert len(data.train_labels) + len(data.heldout_labels) == 1797

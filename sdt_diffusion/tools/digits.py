@@ -14,7 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,13 +52,47 @@ def split_indices(n: int, heldout_fraction: float = 0.2, seed: int = 0) -> tuple
 
 
 def write_image_folder(images: np.ndarray, labels: np.ndarray, root: Path) -> None:
-    """An image folder with one sub-folder per class (``digit 0`` ... ``digit 9``), RGB PNGs."""
-    if root.exists():
-        shutil.rmtree(root)
-    for name in DIGIT_NAMES:
-        (root / name).mkdir(parents=True)
-    for i, (im, y) in enumerate(zip(images, labels)):
-        Image.fromarray(im).convert("RGB").save(root / DIGIT_NAMES[y] / f"{i:04d}.png")
+    """An image folder with one sub-folder per class (``digit 0`` ... ``digit 9``), RGB PNGs.
+
+    Written under a name unique to this call and swapped in by renames, so a reader never sees a half-written
+    folder and an existing one is replaced only once the new one is complete.
+    """
+    root = Path(root)
+    tmp = root.with_name(f".{root.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        for name in DIGIT_NAMES:
+            (tmp / name).mkdir(parents=True)
+        for i, (im, y) in enumerate(zip(images, labels)):
+            Image.fromarray(im).convert("RGB").save(tmp / DIGIT_NAMES[y] / f"{i:04d}.png")
+        old = root.with_name(f".{root.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.old")
+        if root.exists():
+            root.rename(old)
+        tmp.rename(root)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def _preparing(data_root: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``data_root`` while its folders are checked and written: two scripts preparing
+    the same ``--data-root`` at once (e.g. two ablations started side by side) wait for each other instead of
+    deleting each other's half-written files."""
+    import fcntl
+
+    data_root.mkdir(parents=True, exist_ok=True)
+    with open(data_root / ".prepare.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _write_stamp(stamp: Path, info: dict) -> None:
+    tmp = stamp.with_name(f".{stamp.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(info))
+    tmp.replace(stamp)
 
 
 @dataclass
@@ -76,10 +114,11 @@ def prepare_digits(data_root: Path, resolution: int = NATIVE_RESOLUTION, seed: i
     train_dir, held_dir = data_root / "train", data_root / "heldout"
     stamp = data_root / "split.json"
     info = {"resolution": resolution, "seed": seed, "train": len(train), "heldout": len(held)}
-    if not stamp.exists() or json.loads(stamp.read_text()) != info:
-        write_image_folder(images[train], labels[train], train_dir)
-        write_image_folder(images[held], labels[held], held_dir)
-        stamp.write_text(json.dumps(info))
+    with _preparing(Path(data_root)):
+        if not stamp.exists() or json.loads(stamp.read_text()) != info:
+            write_image_folder(images[train], labels[train], train_dir)
+            write_image_folder(images[held], labels[held], held_dir)
+            _write_stamp(stamp, info)
     return DigitData(train_dir, held_dir, images[train], labels[train], images[held], labels[held])
 
 
@@ -111,9 +150,10 @@ def digits_train_subset(data: DigitData, data_root: Path, per_class: int, seed: 
     images, labels = data.train_images[keep], data.train_labels[keep]
     content = hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()
     info = {"resolution": int(images.shape[-1]), "per_class": per_class, "seed": seed, "sha256": content}
-    if not stamp.exists() or json.loads(stamp.read_text()) != info:
-        write_image_folder(images, labels, folder)
-        stamp.write_text(json.dumps(info))
+    with _preparing(Path(data_root)):
+        if not stamp.exists() or json.loads(stamp.read_text()) != info:
+            write_image_folder(images, labels, folder)
+            _write_stamp(stamp, info)
     return folder
 
 
