@@ -1,5 +1,6 @@
 """Training-side fault tests (issue 25): exports that leave siblings alone, YAML alias bombs, a full disk during a
-checkpoint write, and a checkpoint config that does not fit its weights (CPU, offline, pixel space, 1 layer)."""
+checkpoint write, a checkpoint config that does not fit its weights, unreadable training images, absurd sizes and
+hostile folder/flag combinations (CPU, offline, pixel space, 1 layer)."""
 
 from __future__ import annotations
 
@@ -18,9 +19,16 @@ from conftest import OFFLINE, call_and_reset
 from PIL import Image
 from safetensors import SafetensorError
 
-from sdt_diffusion.training import export, state_files, trainer
+from sdt_diffusion.training import (
+    classifier_config,
+    classifier_trainer,
+    export,
+    extract,
+    state_files,
+    trainer,
+)
 from sdt_diffusion.training.checkpointing import STATE_FILE, list_checkpoints
-from sdt_diffusion.training.diffusion_config import parse_args
+from sdt_diffusion.training.diffusion_config import parse_args, settings_from_args
 from sdt_diffusion.utils.errors import ConfigError
 from sdt_diffusion.utils.files import replace_dir
 from sdt_diffusion.utils.safe_yaml import YamlAliasError, load_yaml
@@ -373,3 +381,177 @@ def test_pruning_after_a_rollback_keeps_the_new_trajectorys_newest_checkpoint(da
     assert _main(_argv(data, out, "--resume", "latest", "--max-steps", "3")) == 0  # finished at 3: nothing to do
     assert _main(_argv(data, out, "--overwrite", "--max-steps", "1")) == 0  # replaces the whole earlier run
     assert [s for s, _ in list_checkpoints(out)] == [1] and not (out / "abandoned").exists()
+
+# ------------------------------------------------- item 16: unreadable images are found before training starts
+def _broken_copy(data: Path, target: Path) -> Path:
+    """``data`` plus a zero-byte .png and a text file named .jpg (what an interrupted copy or a stray file leaves)."""
+    shutil.copytree(data, target)
+    (target / "blue" / "zero.png").write_bytes(b"")
+    (target / "red" / "notes.jpg").write_text("not an image")
+    return target
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def _tiny_vae(folder: Path) -> Path:
+    from conftest import make_tiny_vae
+
+    make_tiny_vae().save_pretrained(str(folder))
+    return folder
+
+
+@pytest.mark.parametrize("command", ["sdt-train", "sdt-extract-latents"])
+def test_unreadable_training_images_are_refused_at_start_up_naming_them(command, data, tmp_path, capsys):
+    """Both the diffusion trainer and latent extraction decode every image first (``--verify-images auto``, the
+    classification trainer's check, one function in the data layer) and refuse the data naming each bad file."""
+    broken = _broken_copy(data, tmp_path / "data")
+    out = tmp_path / "out"
+    if command == "sdt-train":
+        code = _main(_argv(broken, out))
+    else:
+        code = call_and_reset(extract.main, ["--data-dir", str(broken), "--vae", str(_tiny_vae(tmp_path / "vae")),
+                                             "--resolution", "8", "--num-workers", "0", "--cpu", "--output-dir",
+                                             str(out)])
+    assert code == 2
+    err = _one_line(capsys)
+    assert "2 unreadable image(s)" in err and "zero.png" in err and "notes.jpg" in err and "--verify-images" in err
+    assert not list(out.glob("checkpoint-*")) and not (out / "train_config.yaml").exists()  # nothing trained
+    assert not list(out.glob("shard-*"))  # nothing encoded
+
+
+def test_an_image_that_breaks_during_training_stops_it_with_one_line_and_status_1(data, tmp_path, capsys):
+    """With the check off (``none``, or ``auto`` on more than 20,000 images) the data-loader worker that meets the
+    file stops the run: status 1 (found during training, as in the classification trainer), the file named in one
+    line instead of the worker's traceback."""
+    broken = _broken_copy(data, tmp_path / "data")
+    assert _main(_argv(broken, tmp_path / "out", "--verify-images", "none", "--num-workers", "1")) == 1
+    err = _one_line(capsys)
+    assert "cannot read image" in err and ("zero.png" in err or "notes.jpg" in err), err
+
+
+# ------------------------------------------------ item 16: sizes are bounded before anything is allocated
+DIFFUSION_SIZES = {
+    "resolution": (["--resolution", str(10**8)], "--resolution must lie in [1, 4096], got 100000000"),
+    "global batch": (["--global-batch-size", str(10**12), "--per-device-batch", "2"],  # a step that never ends
+                     "--global-batch-size must lie in [1, 1048576]"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DIFFUSION_SIZES))
+def test_absurd_diffusion_sizes_are_refused_with_the_flag_and_its_bound(case, data, tmp_path):
+    extra, expected = DIFFUSION_SIZES[case]
+    with pytest.raises(ConfigError) as info:
+        settings_from_args(parse_args(_argv(data, tmp_path / "out", *extra)))
+    assert expected in str(info.value)
+
+
+CLASSIFIER_TINY = json.dumps({"embed_dims": [16, 32, 32, 32], "depths": [1, 1, 1, 1], "num_heads": [1, 2, 2, 2],
+                              "mlp_ratios": [2, 2, 2, 2], "head_hidden_size": 32, "gate_rank": 2})
+
+
+def _classifier_argv(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["--model-kwargs", CLASSIFIER_TINY, "--data-dir", str(data), "--resolution", "32", "--global-batch-size",
+            "4", "--lr-base-batch", "4", "--repeated-aug", "1", "--num-workers", "0", "--report-to", "none",
+            "--no-progress-bar", "--max-steps", "2", "--output-dir", str(out), *extra]
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--resolution", str(10**8)], "--resolution must lie in [1, 4096], got 100000000"),  # MemoryError at the resize
+    (["--repeated-aug", str(10**9)], "--repeated-aug must lie in [1, 16]"),  # 60 GB of sampler keys per epoch
+    (["--recount", str(10**9)], "--recount must lie in [1, 100]"),  # 10^9 erasing boxes per image: a hang
+], ids=["resolution", "repeated-aug", "recount"])
+def test_absurd_classifier_sizes_are_refused_with_the_flag_and_its_bound(extra, expected, data, tmp_path):
+    with pytest.raises(ConfigError) as info:
+        classifier_config.settings_from_args(classifier_config.parse_args(_classifier_argv(data, tmp_path / "o",
+                                                                                           *extra)))
+    assert expected in str(info.value)
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--resolution", str(10**8)], "--resolution must lie in [1, 4096], got 100000000"),
+    (["--batch-size", str(10**12)], "--batch-size must lie in [1, 65536]"),  # the whole dataset in one batch
+], ids=["resolution", "batch-size"])
+def test_absurd_extraction_sizes_are_refused_with_the_flag_and_its_bound(extra, expected, data, tmp_path):
+    argv = ["--data-dir", str(data), "--vae", str(tmp_path / "no-vae-needed"), "--output-dir", str(tmp_path / "c"),
+            "--resolution", "8", *extra]
+    with pytest.raises(ConfigError) as info:
+        extract._check_args(extract.build_extract_parser().parse_args(argv))
+    assert expected in str(info.value)
+
+
+def test_a_refused_size_reaches_the_user_as_one_line_with_status_2(data, tmp_path, capsys):
+    assert _main(_argv(data, tmp_path / "out", "--resolution", str(10**8))) == 2
+    assert "--resolution must lie in [1, 4096]" in _one_line(capsys)
+    assert call_and_reset(classifier_trainer.main, _classifier_argv(data, tmp_path / "o", "--resolution",
+                                                                    str(10**8))) == 2
+    assert "--resolution must lie in [1, 4096]" in _one_line(capsys)
+
+
+# ---------------------------------------------------------------- new hostile probes of the training commands
+def test_sample_steps_beyond_the_training_timesteps_are_refused_before_training(data, tmp_path):
+    """Probe: ``--sample-steps 2000`` trained to the end, then the tail's sample grid raised diffusers' ValueError
+    (a traceback, status 1, no export; every resume failed the same way)."""
+    with pytest.raises(ConfigError, match=r"--sample-steps must lie in \[1, 1000\].*got 2000"):
+        settings_from_args(parse_args(_argv(data, tmp_path / "out", "--sample-steps", "2000", "--sample-every", "2")))
+    settings_from_args(parse_args(_argv(data, tmp_path / "out", "--sample-steps", "1000")))  # the bound itself is fine
+
+
+@pytest.mark.parametrize("model, kwargs", [
+    ("SDT-P-S/2", {**json.loads(TINY), "patch_size": 0}),
+    ("DiT-S/2", {"num_layers": 1, "patch_size": 0}),
+    ("DiT-S/2", {"num_layers": 1, "attention_head_dim": "8"}),
+], ids=["sdt-p-patch-0", "dit-patch-0", "dit-string-width"])
+def test_a_model_config_the_model_cannot_take_is_refused_naming_the_field(model, kwargs, data, tmp_path, capsys):
+    """Probe: ``--model-kwargs '{"patch_size": 0}'`` raised ZeroDivisionError (a traceback) while planning; DiT's
+    constructor checks nothing, so a string width failed later still."""
+    argv = _argv(data, tmp_path / "out", "--model", model, "--model-kwargs", json.dumps(kwargs))
+    assert _main(argv) == 2
+    err = _one_line(capsys)
+    field = "attention_head_dim" if "attention_head_dim" in kwargs and kwargs["attention_head_dim"] == "8" \
+        else "patch_size"
+    assert f"bad model configuration (--model {model}" in err and field in err, err
+
+
+@pytest.mark.parametrize("where", ["data", "class folder", "symlink"])
+def test_an_output_folder_inside_the_training_data_is_refused(where, data, tmp_path, capsys):
+    """Probe: ``--output-dir <data>/red/run`` trained (exit 0) and left its sample grid under the class folder: the
+    next run (``--overwrite``) trained on it as an image of class ``red``; ``--output-dir <data>/run`` was refused
+    with "class folder 'run' holds no images" after creating that folder in the user's data."""
+    own = tmp_path / "data"
+    shutil.copytree(data, own)
+    before = sorted(p.relative_to(own) for p in own.rglob("*"))
+    if where == "symlink":
+        (tmp_path / "link").symlink_to(own / "red")
+        out = tmp_path / "link" / "run"
+    else:
+        out = own / "run" if where == "data" else own / "red" / "run"
+    assert _main(_argv(own, out, "--sample-every", "2")) == 2
+    assert "lies inside --data-dir" in _one_line(capsys)
+    assert sorted(p.relative_to(own) for p in own.rglob("*")) == before  # nothing written into the data
+    assert call_and_reset(classifier_trainer.main, _classifier_argv(own, out)) == 2
+    assert "lies inside --data-dir" in _one_line(capsys)
+    with pytest.raises(ConfigError, match="lies inside --data-dir"):
+        extract._check_args(extract.build_extract_parser().parse_args(
+            ["--data-dir", str(own), "--vae", "unused", "--output-dir", str(out)]))
+    assert sorted(p.relative_to(own) for p in own.rglob("*")) == before
+    settings_from_args(parse_args(_argv(own, own / ".runs" / "a")))  # a hidden folder is no class: accepted
+
+
+@pytest.mark.parametrize("how", ["same", "symlink", "class folder"])
+def test_held_out_data_that_is_training_data_is_refused(how, data, tmp_path):
+    """Probe: ``--eval-data-dir`` equal to ``--data-dir`` trained with exit 0 and wrote a "held-out" loss measured
+    on the training images (the classification trainer likewise chose its best weights by training accuracy)."""
+    if how == "symlink":
+        (tmp_path / "alias").symlink_to(data)
+        held = tmp_path / "alias"
+    else:
+        held = data if how == "same" else data / "red"
+    with pytest.raises(ConfigError, match="--eval-data-dir .* holds training images"):
+        settings_from_args(parse_args(_argv(data, tmp_path / "out", "--eval-data-dir", str(held))))
+    with pytest.raises(ConfigError, match="--eval-data-dir .* holds training images"):
+        classifier_config.settings_from_args(classifier_config.parse_args(
+            _classifier_argv(data, tmp_path / "o", "--eval-data-dir", str(held))))

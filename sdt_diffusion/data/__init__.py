@@ -5,8 +5,9 @@ imports :mod:`sdt_diffusion.utils` only, never training or evaluation.
 
 - :mod:`.images`: class folders and ``save_to_disk`` datasets as :class:`LabelledImages` (one hidden-file rule,
   one image-extension rule, one way to open an image, :func:`to_rgb`: 16-bit images scaled
-  to 8 bits, 32-bit and float ones refused), the label-range check, the unreadable-image scan and the
-  input errors (:class:`DataInputError`, a :class:`~sdt_diffusion.utils.errors.ConfigError`);
+  to 8 bits, 32-bit and float ones refused), the label-range check, the unreadable-image scan
+  (:func:`verify_images`: ``--verify-images`` of both trainers and latent extraction) and the input errors
+  (:class:`DataInputError`, a :class:`~sdt_diffusion.utils.errors.ConfigError`);
 - :mod:`.transforms`: ADM's centre crop and :class:`ImageClassDataset` (diffusion), :class:`TransformedImages`
   (classifiers);
 - :mod:`.latents`: the latent cache (format constants, metadata reader, :class:`LatentCacheDataset`);
@@ -14,8 +15,11 @@ imports :mod:`sdt_diffusion.utils` only, never training or evaluation.
 """
 
 from .images import (
+    AUTO_VERIFY_LIMIT,
     EIGHT_BIT_MODES,
     IMAGE_EXTENSIONS,
+    MAX_RESOLUTION,
+    VERIFY_IMAGES,
     DataInputError,
     FolderRows,
     LabelledImages,
@@ -31,16 +35,20 @@ from .images import (
     open_image,
     open_labelled_images,
     to_rgb,
+    verify_images,
 )
 from .latents import CACHE_FORMAT, CACHE_VERSION, LatentCacheDataset, read_cache_metadata
 from .sampling import EpochSampler, iterate_batches
 from .transforms import ImageClassDataset, TransformedImages, center_crop_arr, pil_to_tensor
 
 __all__ = [
+    "AUTO_VERIFY_LIMIT",
     "CACHE_FORMAT",
     "CACHE_VERSION",
     "EIGHT_BIT_MODES",
     "IMAGE_EXTENSIONS",
+    "MAX_RESOLUTION",
+    "VERIFY_IMAGES",
     "DataInputError",
     "EpochSampler",
     "FolderRows",
@@ -64,4 +72,5 @@ __all__ = [
     "pil_to_tensor",
     "read_cache_metadata",
     "to_rgb",
+    "verify_images",
 ]

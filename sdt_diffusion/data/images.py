@@ -28,6 +28,7 @@ from typing import Any
 
 import datasets
 import numpy as np
+from accelerate.utils import gather_object
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -35,8 +36,11 @@ from ..utils.errors import ConfigError
 from ..utils.labels import default_id2label
 
 __all__ = [
+    "AUTO_VERIFY_LIMIT",
     "EIGHT_BIT_MODES",
     "IMAGE_EXTENSIONS",
+    "MAX_RESOLUTION",
+    "VERIFY_IMAGES",
     "DataInputError",
     "FolderRows",
     "LabelledImages",
@@ -52,11 +56,18 @@ __all__ = [
     "open_image",
     "open_labelled_images",
     "to_rgb",
+    "verify_images",
 ]
 
 # Files PIL can open, matched case-insensitively (the set ``datasets``' ``imagefolder`` builder reads).
 IMAGE_EXTENSIONS = frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
 _SYNSET = re.compile(r"^n\d{8}$")
+# The largest image side a command resizes to (training, extraction, classification): one 3 x 4096 x 4096 float
+# image is 200 MB, so anything above is a typo (``--resolution 100000000`` would try to allocate petabytes).
+MAX_RESOLUTION = 4096
+# ``--verify-images``: decode every image before the work starts ('auto': when there are at most this many).
+VERIFY_IMAGES = ("auto", "all", "none")
+AUTO_VERIFY_LIMIT = 20_000
 
 
 class DataInputError(ConfigError):
@@ -409,6 +420,42 @@ def find_unreadable_images(images: LabelledImages, indices: Sequence[int] | None
         except UnreadableImageError as e:
             problems.append(str(e))
     return problems
+
+
+def verify_images(sets: Sequence[LabelledImages], mode: str = "auto", accelerator: Any | None = None,
+                  progress: bool = False) -> int:
+    """The ``--verify-images`` check of every command that reads images for training (both trainers, latent
+    extraction): decode every image of ``sets`` before the work starts, split across the processes of
+    ``accelerator`` (``None``: this process alone), and refuse the data if any image fails.
+
+    ``mode`` is ``"all"``, ``"none"`` or ``"auto"`` (all when ``sets`` hold at most :data:`AUTO_VERIFY_LIMIT`
+    images together, else none).  A zero-byte file, a file that is not an image under an image extension or a
+    truncated image is refused here, naming it, rather than stopping the run when the data loader reaches it.
+
+    Returns:
+        the number of images this process decoded (0 when the check was skipped).
+
+    Raises:
+        DataInputError: naming up to 5 unreadable images and their count (on every process alike).
+    """
+    if mode not in VERIFY_IMAGES:
+        raise DataInputError(f"--verify-images must be one of {list(VERIFY_IMAGES)}, got {mode!r}")
+    total = sum(len(s) for s in sets)
+    if mode == "none" or (mode == "auto" and total > AUTO_VERIFY_LIMIT):
+        return 0
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    problems, checked = [], 0
+    for images in sets:
+        mine = range(rank, len(images), world)
+        problems += find_unreadable_images(images, mine, progress=progress)
+        checked += len(mine)
+    if world > 1:
+        problems = [p for part in gather_object([problems]) for p in part]
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise DataInputError(f"{len(problems)} unreadable image(s): {'; '.join(problems[:5])}{more}; remove or "
+                             f"replace them (--verify-images none skips this check)")
+    return checked
 
 
 def class_names_to_id2label(names: Sequence[str] | None, num_classes: int) -> dict[int, str] | None:

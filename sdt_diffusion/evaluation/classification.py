@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForImageClassification
 
 from ..data import (
+    MAX_RESOLUTION,
     DataInputError,
     FolderRows,
     LabelledImages,
@@ -78,7 +79,6 @@ __all__ = [
 ]
 
 DEFAULT_CROP_PCT = 0.875  # 224 / 256
-MAX_RESOLUTION = 4096  # --resolution above this is a typo: one such image batch would not fit in memory
 # Paper, Table 1 (ImageNet-1K, 224x224): parameters (M), GFLOPs, top-1 (%).
 PAPER_TABLE1: dict[str, dict[str, float]] = {
     "SDT-H-T": {"params_m": 14, "gflops": 2.7, "top1": 82.7},

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ..attention.modes import decay_mode as get_decay_mode
+from ..data import AUTO_VERIFY_LIMIT
 from ..models.sdt_h import SDT_H_PRESETS, SDTH
 from ..utils.cli_args import add_deprecated_alias
 from ..utils.errors import ConfigError
@@ -29,6 +30,8 @@ from .flags import flag, parse_flags
 __all__ = [
     "AUTO_VERIFY_LIMIT",
     "EXPORT_WEIGHTS",
+    "MAX_RECOUNT",
+    "MAX_REPEATED_AUG",
     "RECIPE",
     "AugmentSpec",
     "ClassifierSettings",
@@ -48,13 +51,16 @@ HELPS = {  # what the shared flags mean here
     "max_steps": "optimizer steps (default: --epochs of them)",
     "resolution": "training crop and evaluation centre crop",
     "eval_data_dir": "validation image folder (the training class folders)",
+    "verify_images": f"decode every training and validation image before training, naming the unreadable ones "
+                     f"('auto': when there are at most {AUTO_VERIFY_LIMIT})",
     "learning_rate": "peak lr at --lr-base-batch (scaled linearly with --global-batch-size)",
     "checkpoint_every": "steps between checkpoints (default: once per epoch)",
 }
 EXPORT_WEIGHTS = ("best", "ema", "online")
-VERIFY_IMAGES = ("auto", "all", "none")
-# ``--verify-images auto`` decodes every image before training when train + eval hold at most this many.
-AUTO_VERIFY_LIMIT = 20_000
+# Typo bounds, checked before anything is allocated: every epoch's key list holds --repeated-aug copies of the
+# data (DeiT and RMT use 3), and random erasing draws up to --recount boxes per image (timm's default is 1).
+MAX_REPEATED_AUG = 16
+MAX_RECOUNT = 100
 
 
 def parse_pair(flag_name: str, value: str) -> tuple[float, float]:
@@ -94,8 +100,6 @@ class ClassDataSettings:
     title: ClassVar[str] = "classification data"
     eval_dataset: str | None = flag(None, "validation dataset saved with save_to_disk (instead of --eval-data-dir)")
     eval_dataset_split: str = flag("validation", "split of a saved validation DatasetDict")
-    verify_images: str = flag("auto", f"decode every image before training ('auto': when there are at most "
-                                      f"{AUTO_VERIFY_LIMIT})", choices=VERIFY_IMAGES)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -249,6 +253,9 @@ def check_classifier(s: ClassifierSettings) -> None:
     if v["resolution"] is None:
         raise ConfigError("--resolution is required")
     check_positive(v, ("epochs", "lr_base_batch", "eval_batch_size", "repeated_aug", "recount"))
+    for name, bound in (("repeated_aug", MAX_REPEATED_AUG), ("recount", MAX_RECOUNT)):
+        if v[name] > bound:
+            raise ConfigError(f"--{name.replace('_', '-')} must lie in [1, {bound}], got {v[name]}")
     check_positive(v, ("eval_every_epochs", "warmup_epochs"), allow_zero=True)
     check_finite(v, ("min_lr", "warmup_lr", "adam_eps", "drop_path", "color_jitter", "mixup", "cutmix", "smoothing",
                      "warmup_epochs"))

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import set_seed
 from safetensors.torch import load_file, save_file
 
 from ..data import (
@@ -43,8 +43,8 @@ from ..data import (
     UnreadableImageError,
     check_labels,
     class_names_to_id2label,
-    find_unreadable_images,
     open_labelled_images,
+    verify_images,
 )
 from ..evaluation.classification import eval_transform, evaluate_classifier, summarise
 from ..models.sdt_h import (
@@ -64,7 +64,6 @@ from ..utils.optional import import_optional
 from ..utils.runtime import enable_tf32
 from . import engine
 from .classifier_config import (
-    AUTO_VERIFY_LIMIT,
     ClassifierSettings,
     model_overrides,
     parse_args,
@@ -160,28 +159,6 @@ def open_data(settings: ClassifierSettings, accelerator: Any) -> ClassifierData:
     id2label = class_names_to_id2label(train.class_names, train.num_classes) or {
         i: f"LABEL_{i}" for i in range(train.num_classes)}
     return ClassifierData(train, held, train.num_classes, train.class_names, id2label)
-
-
-def verify_images(settings: ClassifierSettings, data: ClassifierData, accelerator: Any) -> None:
-    """Decode every image (``--verify-images all``, or ``auto`` for small data), split across processes.
-
-    Raises:
-        ConfigError: naming the unreadable images (on every process alike).
-    """
-    sets = [data.train] + ([data.eval] if data.eval is not None else [])
-    total = sum(len(s) for s in sets)
-    verify = settings.classes.verify_images
-    if verify == "none" or (verify == "auto" and total > AUTO_VERIFY_LIMIT):
-        return
-    rank, world = accelerator.process_index, accelerator.num_processes
-    problems = []
-    for images in sets:
-        problems += find_unreadable_images(images, range(rank, len(images), world))
-    problems = [p for part in gather_object([problems]) for p in part]
-    if problems:
-        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise ConfigError(f"{len(problems)} unreadable image(s): {'; '.join(problems[:5])}{more}; remove or replace "
-                          f"them (--verify-images none skips this check)")
 
 
 def resolve_model_config(settings: ClassifierSettings, num_classes: int) -> dict[str, Any]:
@@ -452,7 +429,9 @@ class ClassifierTask(engine.Task):
         return plan_classification(settings, accelerator, **layout)
 
     def check_plan(self, settings: ClassifierSettings, plan: ClassifierPlan, accelerator: Any) -> None:
-        verify_images(settings, plan.data, accelerator)
+        """Every training and validation image decoded first (``--verify-images``, :func:`~..data.verify_images`)."""
+        sets = [plan.data.train] + ([plan.data.eval] if plan.data.eval is not None else [])
+        verify_images(sets, settings.data.verify_images, accelerator)
 
     def stream_fingerprint(self, settings: ClassifierSettings, plan: ClassifierPlan) -> dict[str, Any]:
         """The training images (file list and sizes, or a saved dataset's fingerprint), the class names, the

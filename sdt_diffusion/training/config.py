@@ -19,10 +19,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
+from ..data import AUTO_VERIFY_LIMIT, MAX_RESOLUTION, VERIFY_IMAGES, is_visible
 from ..utils.errors import ConfigError
 from .flags import flag, plain, settings_from_namespace
 
 __all__ = [
+    "MAX_GLOBAL_BATCH",
+    "MAX_RESOLUTION",
     "MAX_SEED",
     "MIXED_PRECISION",
     "REPORT_TO",
@@ -35,15 +38,20 @@ __all__ = [
     "RunSettings",
     "Settings",
     "check_finite",
+    "check_output_outside_data",
     "check_positive",
     "check_settings",
     "parse_model_kwargs",
+    "read_as_data",
     "settings_from_flags",
 ]
 
 REPORT_TO = ("tensorboard", "wandb", "all", "none")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 MAX_SEED = 2**31 - 1  # numpy's global seed must stay below 2**32 after accelerate adds the process index
+# A global batch above this is a typo: ImageNet has 1.28M images, DiT trains with 256; with a small
+# --per-device-batch a batch of 10**12 would make one optimizer step last forever (a stop signal waits for it).
+MAX_GLOBAL_BATCH = 1 << 20
 RESUME_HELP = "'latest' (newest checkpoint in --output-dir, error if none), 'auto' (latest if any) or a path"
 
 
@@ -80,6 +88,8 @@ class DataSettings:
     eval_data_dir: str | None = flag(None, "held-out image folder with the training classes")
     resolution: int | None = flag(help="image side")
     num_workers: int = flag(help="data-loader worker processes per process")
+    verify_images: str = flag("auto", f"decode every training image before training, naming the unreadable ones "
+                                      f"('auto': when there are at most {AUTO_VERIFY_LIMIT})", choices=VERIFY_IMAGES)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -186,6 +196,29 @@ def settings_from_flags(settings_class: type, args: Any, check: Callable[[Any], 
     return settings
 
 
+def read_as_data(path: str | Path, folder: str | Path) -> bool:
+    """Whether the image-folder reader of ``folder`` would read ``path``: ``path`` is ``folder`` or lies below it
+    through visible names only (links resolved; a hidden ``.runs/`` is skipped by the reader)."""
+    path, folder = Path(path).resolve(), Path(folder).resolve()
+    if path != folder and folder not in path.parents:
+        return False
+    return all(is_visible(part) for part in path.relative_to(folder).parts)
+
+
+def check_output_outside_data(output_flag: str, output: str | None, folders: dict[str, str | None]) -> None:
+    """The output folder must not be (or lie inside) an image folder the command reads: the next run would read
+    its files (sample grids, a lock folder, cache shards) as images of a class, or as a class of their own.
+
+    Raises:
+        ConfigError: naming both flags.
+    """
+    for flag_name, folder in folders.items():
+        if output and folder and read_as_data(output, folder):
+            raise ConfigError(f"{output_flag} {output} lies inside {flag_name} {folder}: what is written there "
+                              f"(sample grids, checkpoints, cache shards) would be read as images or classes of the "
+                              f"data by the next run; choose an {output_flag} outside the data")
+
+
 def check_settings(settings: Settings) -> None:
     """Check the shared flags and their combinations without touching data, models or devices.
 
@@ -199,10 +232,20 @@ def check_settings(settings: Settings) -> None:
                              ("--eval-data-dir", v["eval_data_dir"])):
         if value and not Path(value).is_dir():
             raise ConfigError(f"{flag_name} {value}: not a directory")
+    check_output_outside_data("--output-dir", v["output_dir"], {"--data-dir": v["data_dir"],
+                                                               "--eval-data-dir": v["eval_data_dir"]})
+    if v["data_dir"] and v["eval_data_dir"] and read_as_data(v["eval_data_dir"], v["data_dir"]):
+        raise ConfigError(f"--eval-data-dir {v['eval_data_dir']} holds training images (it is, or lies inside, "
+                          f"--data-dir {v['data_dir']}): the held-out numbers would be measured on images the model "
+                          f"trains on; give a folder of other images (or no --eval-data-dir)")
     parse_model_kwargs(v["model_kwargs"])
     check_positive(v, ("max_steps", "global_batch_size", "per_device_batch", "resolution", "checkpoint_every",
                        "log_every"))
     check_positive(v, ("keep_checkpoints", "num_workers"), allow_zero=True)
+    if v["resolution"] is not None and v["resolution"] > MAX_RESOLUTION:
+        raise ConfigError(f"--resolution must lie in [1, {MAX_RESOLUTION}], got {v['resolution']}")
+    if v["global_batch_size"] > MAX_GLOBAL_BATCH:
+        raise ConfigError(f"--global-batch-size must lie in [1, {MAX_GLOBAL_BATCH}], got {v['global_batch_size']}")
     check_finite(v, ("learning_rate", "weight_decay", "ema_decay", "max_grad_norm", "alpha"))
     if v["learning_rate"] <= 0:
         raise ConfigError(f"--learning-rate must be > 0, got {v['learning_rate']}")

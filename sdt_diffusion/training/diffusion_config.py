@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from ..models.registry import all_presets, model_class_of
+from ..schedulers import NUM_TRAIN_TIMESTEPS
 from ..utils.cli_args import add_deprecated_alias, class_arg
 from ..utils.errors import ConfigError
 from .config import Settings, check_positive, parse_model_kwargs, settings_from_flags
@@ -66,7 +67,8 @@ class SampleSettings:
     title: ClassVar[str] = "samples and export"
     export_every: int = flag(0, "steps between pipeline exports (0: only at the end)")
     sample_every: int = flag(0, "steps between EMA sample grids (0: off)")
-    sample_steps: int = flag(50, "DDPM steps for the sample grids")
+    sample_steps: int = flag(50, f"DDPM steps for the sample grids (at most the {NUM_TRAIN_TIMESTEPS} training "
+                                 f"timesteps)")
     guidance_scale: float = flag(help="classifier-free guidance scale of the sample grids")
     sample_classes: str | None = flag(None, "comma-separated class ids or names for the grids (default: DiT's 8 "
                                             "ImageNet classes, or all of up to 16)")
@@ -139,6 +141,9 @@ def check_diffusion(s: DiffusionSettings) -> None:
     values = s.values()
     check_positive(values, ("sample_steps", "eval_every", "eval_max_samples"))
     check_positive(values, ("export_every", "sample_every"), allow_zero=True)
+    if s.samples.sample_steps > NUM_TRAIN_TIMESTEPS:  # the sample grid of the run's tail would fail after training
+        raise ConfigError(f"--sample-steps must lie in [1, {NUM_TRAIN_TIMESTEPS}] (the DDPM scheduler's training "
+                          f"timesteps), got {s.samples.sample_steps}")
     if not math.isfinite(s.samples.guidance_scale):
         raise ConfigError(f"--guidance-scale must be finite, got {s.samples.guidance_scale}")
     sample_classes(s)

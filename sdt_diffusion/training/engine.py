@@ -48,7 +48,7 @@ from accelerate.utils import ProjectConfiguration, gather_object, set_seed
 from tqdm.auto import tqdm
 
 from ..data import iterate_batches
-from ..utils.errors import ConfigError
+from ..utils.errors import ConfigError, error_line
 from ..utils.files import check_writable
 from ..utils.run_lock import LOCK_FILE, RunLock, lock_run
 from ..utils.runtime import cpu_multiprocess
@@ -648,11 +648,12 @@ def run_command(task: type[Task], run: Callable[[], Any]) -> int:
     try:
         run()
     except (*task.input_errors, CheckpointWriteError) as e:  # found during training (e.g. a broken image, a full
-        # disk); caught before ConfigError, which they may subclass: exit 1, not 2 (bad flags or input)
-        print(f"{task.prog}: error: {e}", file=sys.stderr, flush=True)
+        # disk); caught before ConfigError, which they may subclass: exit 1, not 2 (bad flags or input). A data-loader
+        # worker's error carries the worker's traceback in its message: error_line prints its last line only
+        print(f"{task.prog}: error: {error_line(e)}", file=sys.stderr, flush=True)
         return 1
     except ConfigError as e:
-        print(f"{task.prog}: error: {e}", file=sys.stderr, flush=True)
+        print(f"{task.prog}: error: {error_line(e)}", file=sys.stderr, flush=True)
         return 2
     except NonFiniteLossError as e:
         print(f"{task.prog}: error: {e}. Try a lower --learning-rate, a --max-grad-norm (e.g. 5) or "

@@ -32,11 +32,24 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..data import CACHE_FORMAT, CACHE_VERSION, ImageClassDataset, class_names_to_id2label, load_image_source
+from ..data import (
+    AUTO_VERIFY_LIMIT,
+    CACHE_FORMAT,
+    CACHE_VERSION,
+    MAX_RESOLUTION,
+    VERIFY_IMAGES,
+    ImageClassDataset,
+    UnreadableImageError,
+    class_names_to_id2label,
+    load_image_source,
+    verify_images,
+)
+from ..evaluation.sampling import MAX_PER_DEVICE_BATCH
 from ..models.vae import vae_downsampling_factor, vae_scaling_factor
+from ..utils.errors import error_line
 from ..utils.files import atomic_write_text, check_writable
 from ..utils.runtime import cpu_multiprocess, enable_tf32
-from .config import ConfigError
+from .config import ConfigError, check_output_outside_data
 from .export import load_vae
 from .flags import HelpFormatter
 from .plan import DEFAULT_VAE, vae_config, vae_reference
@@ -64,6 +77,9 @@ def build_extract_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="storage dtype")
     p.add_argument("--allow-tf32", action="store_true")
     p.add_argument("--overwrite", action="store_true", help="replace an existing cache in --output-dir")
+    p.add_argument("--verify-images", choices=VERIFY_IMAGES, default="auto",
+                   help=f"decode every image before encoding, naming the unreadable ones ('auto': when there are at "
+                        f"most {AUTO_VERIFY_LIMIT})")
     p.add_argument("--cpu", action="store_true")
     return p
 
@@ -85,9 +101,15 @@ def _check_args(args: argparse.Namespace) -> dict[str, Any]:
             raise ConfigError(f"{flag} {value}: not a directory")
     if args.batch_size <= 0 or args.resolution <= 0:
         raise ConfigError("--batch-size and --resolution must be > 0")
+    if args.resolution > MAX_RESOLUTION:
+        raise ConfigError(f"--resolution must lie in [1, {MAX_RESOLUTION}], got {args.resolution}")
+    if args.batch_size > MAX_PER_DEVICE_BATCH:
+        raise ConfigError(f"--batch-size must lie in [1, {MAX_PER_DEVICE_BATCH}], got {args.batch_size}")
     if args.num_workers < 0:
         raise ConfigError(f"--num-workers must be >= 0, got {args.num_workers}")
     out = Path(args.output_dir)
+    # before check_writable creates the folder: shard folders inside a class folder tree would become a class
+    check_output_outside_data("--output-dir", args.output_dir, {"--data-dir": args.data_dir})
     try:
         check_writable(out / "metadata.json")
     except OSError as e:
@@ -161,6 +183,7 @@ def extract_latents(args: argparse.Namespace) -> Path:
     rank, world = accelerator.process_index, accelerator.num_processes
     with accelerator.local_main_process_first():
         source = load_image_source(args.data_dir, args.dataset, args.dataset_split, args.image_column, args.label_column)
+    verify_images([source], args.verify_images, accelerator)  # as the trainers do, before any file is written
     dataset = ImageClassDataset(source, args.resolution)
     n = len(dataset)
     if accelerator.is_main_process:
@@ -208,12 +231,16 @@ def extract_latents(args: argparse.Namespace) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit code (2 on bad flags)."""
+    """Command-line entry point; returns the exit code (0 ok, 1 an image that broke during encoding, 2 bad flags or
+    input)."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, datefmt="%H:%M:%S")
     try:
         extract_latents(build_extract_parser().parse_args(argv))
+    except UnreadableImageError as e:  # found while encoding (--verify-images none, or more images than 'auto' checks)
+        print(f"extract_latents.py: error: {error_line(e)}", file=sys.stderr, flush=True)
+        return 1
     except ConfigError as e:
-        print(f"extract_latents.py: error: {e}", file=sys.stderr, flush=True)
+        print(f"extract_latents.py: error: {error_line(e)}", file=sys.stderr, flush=True)
         return 2
     return 0
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from diffusers import AutoencoderKL
 
 from ..data import (
@@ -23,10 +24,11 @@ from ..data import (
     load_image_source,
 )
 from ..models.dit import DiTTransformer2DModel
-from ..models.registry import model_class_of, preset_config
+from ..models.registry import build_transformer, model_class_of, preset_config
 from ..models.vae import vae_downsampling_factor, vae_scaling_factor
 from ..utils.errors import ConfigError
 from ..utils.labels import LabelIndex
+from ..utils.validation import check_int
 from .config import parse_model_kwargs
 from .diffusion_config import DiffusionSettings, sample_classes
 from .engine import RunPlan
@@ -37,6 +39,7 @@ __all__ = [
     "DEFAULT_VAE",
     "DataPlan",
     "DiffusionPlan",
+    "check_model_config",
     "plan_data",
     "plan_diffusion",
     "resolve_model_config",
@@ -85,6 +88,36 @@ def resolve_model_config(settings: DiffusionSettings, in_channels: int, sample_s
                       "sample_size": "--resolution / the VAE's downsampling factor"}[key]
             raise ConfigError(f"--model-kwargs {key}={given} contradicts the data: {source} gives {value}")
     return {"_class_name": model_class.__name__, **preset_config(preset), **derived, **overrides}
+
+
+_SIZES = ("patch_size", "sample_size", "in_channels", "out_channels", "num_layers", "num_attention_heads",
+          "attention_head_dim", "num_embeds_ada_norm")
+
+
+def _check_sizes(config: dict[str, Any], preset: str) -> None:
+    """The config's sizes are positive integers (diffusers' DiT checks none of them: a ``patch_size`` of 0
+    divides by zero)."""
+    for key in _SIZES:
+        if config.get(key) is not None:
+            try:
+                check_int(key, config[key], minimum=1)
+            except ValueError as e:
+                raise ConfigError(f"bad model configuration (--model {preset} with --model-kwargs): {e}") from None
+
+
+def check_model_config(config: dict[str, Any], preset: str) -> None:
+    """Refuse a config the model cannot take, with the field named, before anything uses it: its sizes must be
+    positive integers, then it is built on the ``meta`` device (no memory; well under a second for XL).
+
+    Raises:
+        ConfigError: a size that is not a positive integer, or the model's constructor refuses the config.
+    """
+    _check_sizes(config, preset)
+    try:
+        with torch.device("meta"):
+            build_transformer(config)
+    except (TypeError, ValueError, ArithmeticError, RuntimeError) as e:
+        raise ConfigError(f"bad model configuration (--model {preset} with --model-kwargs): {e}") from None
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -197,12 +230,14 @@ def plan_diffusion(settings: DiffusionSettings, accelerator: Any, **layout: Any)
     world, rank, per_device = layout["world"], layout["rank"], layout["per_device"]
     data = plan_data(settings, accelerator)
     model_config = resolve_model_config(settings, data.latent_channels, data.latent_size, data.num_classes)
+    _check_sizes(model_config, settings.model.model)
     patch = model_config["patch_size"]
     if data.latent_size % patch:
         raise ConfigError(
             f"--resolution {data.resolution} is not divisible by the VAE factor {data.vae_factor} x patch size "
             f"{patch} = {data.vae_factor * patch}"
         )
+    check_model_config(model_config, settings.model.model)
     sampler = EpochSampler(len(data.labels), world, rank, settings.run.seed, shuffle=True,
                            random_flip=settings.latents.random_flip)
     if len(sampler) < per_device:

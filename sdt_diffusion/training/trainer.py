@@ -6,7 +6,7 @@ and :func:`train` (parsed flags or :class:`~.diffusion_config.DiffusionSettings`
 (:mod:`.engine`); this module supplies what is particular to diffusion (:class:`DiffusionTask`):
 
 * plan (:func:`~.plan.plan_diffusion`): the data (image folder, saved dataset or latent cache), the VAE, the
-  model config (SDT-P or DiT), the sample classes;
+  model config (SDT-P or DiT), the sample classes; then every image decoded (``--verify-images``);
 * build: the VAE, the model, AdamW (constant lr), the EMA, the noise schedule, the held-out set;
 * the loss (:meth:`DiffusionCore.loss`): a posterior draw of the latents, a timestep and noise per image, the
   hybrid loss ``mse + vb`` (:mod:`.diffusion`);
@@ -27,6 +27,7 @@ from typing import Any, NoReturn
 import torch
 from accelerate.utils import set_seed
 
+from ..data import UnreadableImageError, verify_images
 from ..models import count_parameters
 from ..models.registry import build_transformer, learns_sigma
 from ..models.vae import posterior_sample
@@ -112,12 +113,19 @@ class DiffusionTask(engine.Task):
     export_name = "pipeline"
     legacy_model_defaults = {"_class_name": "SDTTransformer2DModel"}  # checkpoints from before DiT could be trained
     quiet_loggers = ("accelerate", "diffusers", "datasets", "torch")
+    input_errors = (UnreadableImageError,)  # an image that broke during training (see --verify-images)
 
     def __init__(self) -> None:
         self.held_out: HeldOutSet | None = None
 
     def plan(self, settings: DiffusionSettings, accelerator: Any, **layout: Any) -> DiffusionPlan:
         return plan_diffusion(settings, accelerator, **layout)
+
+    def check_plan(self, settings: DiffusionSettings, plan: DiffusionPlan, accelerator: Any) -> None:
+        """Every training image decoded first (``--verify-images``, :func:`~..data.verify_images`), as the
+        classification trainer does; a latent cache holds no images."""
+        if plan.data.kind == "images":
+            verify_images([plan.data.dataset.source], settings.data.verify_images, accelerator)
 
     def exported(self, output_dir: Path) -> bool:
         return (output_dir / self.export_name / "model_index.json").is_file()
@@ -237,7 +245,8 @@ def train(args: argparse.Namespace | DiffusionSettings, *, loss_hook: LossHook |
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit code (0 ok, 1 non-finite loss, 2 bad flags)."""
+    """Command-line entry point; returns the exit code (0 ok, 1 non-finite loss or unreadable image found during
+    training, 2 bad flags or input)."""
     return engine.run_command(DiffusionTask, lambda: train(parse_args(argv)))
 
 
