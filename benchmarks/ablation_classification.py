@@ -72,6 +72,7 @@ from sdt_diffusion.training.classifier_config import parse_args as parse_trainer
 from sdt_diffusion.training.flags import plain
 from sdt_diffusion.utils.errors import ConfigError
 from sdt_diffusion.utils.optional import import_optional
+from sdt_diffusion.utils.safe_yaml import load_yaml
 
 REPO = Path(__file__).resolve().parent.parent
 # The paper's ImageNet-1K top-1 (%) of each row, for the reader's comparison: Tables 3-5 (SDT-H-T) and, for the
@@ -241,8 +242,8 @@ def other_run_flags(out: Path, cmd: list[str]) -> list[str]:
     """The flags in which the finished run in ``out`` differs from training command ``cmd`` (what it computes:
     data, model, budget, recipe, seed), read from its ``train_config.yaml``; empty if none differ or no record."""
     try:
-        recorded = yaml.safe_load((out / "train_config.yaml").read_text())
-    except (OSError, yaml.YAMLError):
+        recorded = load_yaml(out / "train_config.yaml")
+    except (OSError, ValueError, yaml.YAMLError):
         return []
     script = next(i for i, part in enumerate(cmd) if part.endswith("train_classifier.py"))
     wanted = plain(vars(parse_trainer_args(cmd[script + 1:])))
@@ -283,7 +284,7 @@ def read_curves(out: Path) -> dict:
             kind = "eval" if "eval_top1" in record else "train" if "loss" in record else None
             if kind:
                 by_step[(kind, record["step"])] = record
-    per_epoch = yaml.safe_load((out / "train_config.yaml").read_text())["steps_per_epoch"]
+    per_epoch = load_yaml(out / "train_config.yaml")["steps_per_epoch"]
     train = [by_step[k] for k in sorted(k for k in by_step if k[0] == "train")]
     evals = [by_step[k] for k in sorted(k for k in by_step if k[0] == "eval")]
     return {"steps_per_epoch": per_epoch,
