@@ -206,6 +206,30 @@ def test_topk_and_eval_transform():
     assert rows[3] == "| SDT-H-S | 224 | 50000 (ImageNet-1K val) | 84.2 | – | 27 | paper, Table 1 |"
 
 
+def test_a_run_records_the_precision_and_trackers_it_used(data, tmp_path, monkeypatch, caplog, capsys):
+    """End to end (one step): --mixed-precision on the command line wins over accelerate launch's bf16 with a
+    warning naming both; --report-to's default on a core install is no tracker, one log line; both recorded in
+    train_config.yaml; --report-to tensorboard there is refused at start-up, naming the extra."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # a core install: no tensorboard extra
+    out = tmp_path / "run"
+    argv = [a for a in _argv(data, out, "--max-steps", "1") if a not in ("--report-to", "none")]
+    assert _main([*argv, "--report-to", "tensorboard"]) == 2
+    err = capsys.readouterr().err
+    assert "--report-to tensorboard: tensorboard is not installed" in err and "sdt-diffusion[tensorboard]" in err
+    caplog.set_level("INFO", logger="sdt_diffusion.training")
+    assert _train([*argv, "--mixed-precision", "no"]).step == 1
+    lines = [r.getMessage() for r in caplog.records]
+    assert "mixed precision: no (from --mixed-precision on the command line)" in lines
+    assert sum("--mixed-precision no (command line) wins over accelerate launch's mixed precision bf16" in line
+               for line in lines) == 1
+    assert sum(line.startswith("--report-to auto: no tracker") for line in lines) == 1
+    recorded = yaml.safe_load((out / "train_config.yaml").read_text())
+    assert (recorded["mixed_precision_resolved"], recorded["mixed_precision_source"]) == (
+        "no", "--mixed-precision on the command line")
+    assert (recorded["report_to"], recorded["report_to_resolved"]) == ("auto", "none")
+
+
 # ------------------------------------------------------------------------------ run, resume, export, eval
 def test_resume_after_sigterm_matches_an_uninterrupted_run_and_the_export_loads(data, tmp_path):
     common = ("--max-steps", "8", "--checkpoint-every", "4")  # 6 steps per epoch: evaluations at 6 and 8

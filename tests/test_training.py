@@ -29,7 +29,7 @@ from sdt_diffusion.data import (
 from sdt_diffusion.training import diffusion as D
 from sdt_diffusion.training import export, plan, trainer
 from sdt_diffusion.training.checkpointing import latest_checkpoint, list_checkpoints
-from sdt_diffusion.training.diffusion_config import build_parser, parse_args
+from sdt_diffusion.training.diffusion_config import build_parser, parse_args, settings_from_args
 from sdt_diffusion.training.flags import load_yaml_config
 from sdt_diffusion.training.state_files import load_ema_file
 from sdt_diffusion.training.step import NonFiniteLossError
@@ -288,6 +288,93 @@ def test_yaml_config_defaults_cli_overrides_and_unknown_keys(tmp_path):
     # an old key spelling still works for one release, with a one-line warning
     cfg.write_text("sample_guidance_scale: 2.5\n")
     assert parse_args(["--config", str(cfg)]).guidance_scale == 2.5
+
+
+def test_each_flag_knows_where_its_value_came_from(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("learning_rate: 2.0e-4\nmax_steps: 7\n")
+    args = parse_args(["--config", str(cfg), "--max-steps", "9", "--no-flip"])
+    assert (args.max_steps, args.learning_rate, args.random_flip) == (9, 2e-4, False)
+    assert {k: args.sources[k] for k in ("max_steps", "random_flip", "learning_rate", "guidance_scale", "seed")} == {
+        "max_steps": "command line", "random_flip": "command line", "learning_rate": f"--config {cfg}",
+        "guidance_scale": "recipe sdt-p", "seed": "default"}
+    assert "sources" not in vars(args)  # not a flag: not in train_config.yaml's flags
+    (tmp_path / "d").mkdir()
+    settings = settings_from_args(parse_args(["--data-dir", str(tmp_path / "d"), "--output-dir",
+                                              str(tmp_path / "o"), "--mixed-precision", "bf16"]))
+    assert (settings.source("mixed_precision"), settings.source("report_to")) == ("command line", "default")
+    built = _toy_settings(tmp_path)  # settings built in Python, not parsed: their values count as given
+    assert built.source("mixed_precision") == "caller"
+
+
+def test_mixed_precision_flag_over_accelerate_launch_over_yaml_over_default(tmp_path):
+    from sdt_diffusion.training.config import resolve_mixed_precision
+
+    def resolve(argv, launched=None):
+        args = parse_args(argv)
+        env = {} if launched is None else {"ACCELERATE_MIXED_PRECISION": launched}
+        return resolve_mixed_precision(args.mixed_precision, args.sources["mixed_precision"], env)
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("mixed_precision: fp16\n")
+    # the paper recipes' "no" gives way to accelerate launch --mixed_precision bf16 (or its config file, FSDP's)
+    p = resolve(["--config", "sdt-p-xl2"], "bf16")
+    assert (p.value, p.source, p.warning) == ("bf16", "accelerate launch", "")
+    assert p.note == "--config sdt-p-xl2's no gives way to it"
+    assert (resolve(["--config", "sdt-p-xl2"]).value, resolve(["--config", "sdt-p-xl2"]).source) == (
+        "no", "--config sdt-p-xl2")
+    # accelerate launch sets "no" also when nothing was chosen: that does not override a YAML value
+    assert (resolve(["--config", str(cfg)], "no").value, resolve(["--config", str(cfg)], "no").source) == (
+        "fp16", f"--config {cfg}")
+    # an explicit flag wins over accelerate launch, with a warning naming both
+    p = resolve(["--config", str(cfg), "--mixed-precision", "no"], "bf16")
+    assert (p.value, p.source) == ("no", "--mixed-precision on the command line")
+    assert "--mixed-precision no" in p.warning and "ACCELERATE_MIXED_PRECISION=bf16" in p.warning
+    assert resolve(["--mixed-precision", "bf16"], "bf16").warning == ""  # the same choice: no conflict
+    # nothing chosen anywhere: accelerate's default
+    assert (resolve([]).value, resolve([]).source) == ("no", "default")
+    assert (resolve([], "no").value, resolve([], "no").source) == ("no", "accelerate launch")
+    assert (resolve([], "BF16").value, resolve([], "BF16").source) == ("bf16", "accelerate launch")
+
+
+def test_report_to_auto_falls_back_to_none_and_a_named_missing_tracker_is_refused(data, tmp_path, monkeypatch,
+                                                                                  capsys):
+    from sdt_diffusion.training.tracking import resolve_report_to
+
+    assert parse_args([]).report_to == "auto"
+    assert resolve_report_to("auto") == (["tensorboard"], "--report-to auto: tensorboard (installed)")
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # a core install: no tensorboard extra
+    trackers, line = resolve_report_to("auto")
+    assert trackers is None and "no tracker" in line and "pip install 'sdt-diffusion[tensorboard]'" in line
+    with pytest.raises(ConfigError, match=r"--report-to tensorboard \(from --config x.yaml\): .*sdt-diffusion"):
+        resolve_report_to("tensorboard", "--config x.yaml")
+    argv = [a for a in _argv(data, tmp_path / "run") if a not in ("--report-to", "none")]
+    assert _main([*argv, "--report-to", "tensorboard"]) == 2  # refused at start-up, before any compute
+    err = capsys.readouterr().err
+    assert "--report-to tensorboard: tensorboard is not installed" in err and "sdt-diffusion[tensorboard]" in err
+    assert not (tmp_path / "run" / "train_config.yaml").exists()
+
+
+def test_a_run_records_the_precision_and_trackers_it_used(data, tmp_path, monkeypatch, caplog):
+    """End to end (one step): the recipe's "no" gives way to accelerate launch's bf16; --report-to's default on
+    a core install is no tracker; both logged once and recorded in train_config.yaml."""
+    import yaml
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text('mixed_precision: "no"\n')
+    out = tmp_path / "run"
+    argv = [a for a in _argv(data, out, "--config", str(cfg), "--max-steps", "1") if a not in ("--report-to", "none")]
+    caplog.set_level("INFO", logger="sdt_diffusion.training")
+    assert _train(argv).step == 1
+    lines = [r.getMessage() for r in caplog.records]
+    assert f"mixed precision: bf16 (from accelerate launch; --config {cfg}'s no gives way to it)" in lines
+    assert sum(line.startswith("--report-to auto: no tracker") for line in lines) == 1
+    recorded = yaml.safe_load((out / "train_config.yaml").read_text())
+    assert (recorded["mixed_precision"], recorded["mixed_precision_resolved"]) == ("no", "bf16")
+    assert (recorded["mixed_precision_source"], recorded["report_to_resolved"]) == ("accelerate launch", "none")
+    assert not (out / "logs").exists()
 
 
 @pytest.fixture(scope="module")
@@ -686,7 +773,7 @@ def test_every_flag_with_a_default_shows_it_in_help():
             assert f"(default: {shown})" in text, (parser.prog, action.option_strings)
     help_text = " ".join(diffusion_config.build_parser().format_help().split())
     for flag_name, default in (("--learning-rate", "0.0001"), ("--ema-decay", "0.9999"), ("--global-batch-size", "256"),
-                               ("--checkpoint-every", "10000"), ("--report-to", "tensorboard")):
+                               ("--checkpoint-every", "10000"), ("--report-to", "auto")):
         entry = help_text[help_text.index(f"{flag_name} ", help_text.index("options:")):]
         assert f"(default: {default})" in entry[: entry.index(" --", 3)], entry[:200]
 

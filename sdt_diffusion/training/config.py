@@ -14,16 +14,18 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
 from ..data import AUTO_VERIFY_LIMIT, MAX_RESOLUTION, VERIFY_IMAGES, is_visible
 from ..utils.errors import ConfigError
-from .flags import flag, plain, settings_from_namespace
+from .flags import CALLER, COMMAND_LINE, EXPLICIT, flag, plain, settings_from_namespace
 
 __all__ = [
+    "ACCELERATE_MIXED_PRECISION",
     "MAX_GLOBAL_BATCH",
     "MAX_RESOLUTION",
     "MAX_SEED",
@@ -33,6 +35,7 @@ __all__ = [
     "ConfigError",
     "DataSettings",
     "LogSettings",
+    "MixedPrecision",
     "ModelSettings",
     "OptimSettings",
     "RunSettings",
@@ -43,11 +46,15 @@ __all__ = [
     "check_settings",
     "parse_model_kwargs",
     "read_as_data",
+    "resolve_mixed_precision",
     "settings_from_flags",
 ]
 
-REPORT_TO = ("tensorboard", "wandb", "all", "none")
+REPORT_TO = ("auto", "tensorboard", "wandb", "all", "none")
 MIXED_PRECISION = ("no", "fp16", "bf16")
+# How `accelerate launch` (its --mixed_precision, or the config file's mixed_precision, FSDP's included) tells the
+# processes its choice; accelerate launch sets it to "no" also when nothing was chosen.
+ACCELERATE_MIXED_PRECISION = "ACCELERATE_MIXED_PRECISION"
 MAX_SEED = 2**31 - 1  # numpy's global seed must stay below 2**32 after accelerate adds the process index
 # A global batch above this is a typo: ImageNet has 1.28M images, DiT trains with 256; with a small
 # --per-device-batch a batch of 10**12 would make one optimizer step last forever (a stop signal waits for it).
@@ -99,7 +106,9 @@ class OptimSettings:
     weight_decay: float = flag(help="AdamW weight decay")
     ema_decay: float = flag(help="decay of the EMA of the weights, per step from the first")
     max_grad_norm: float | None = flag(help="gradient clipping (default: none)")
-    mixed_precision: str | None = flag(None, "default: accelerate's config", choices=MIXED_PRECISION)
+    mixed_precision: str | None = flag(None, "wins over accelerate launch's --mixed_precision / config file, which "
+                                             "wins over a --config or recipe value; default: accelerate's choice, "
+                                             "else no", choices=MIXED_PRECISION)
     allow_tf32: bool = flag(False, "TF32 matmuls/convolutions on Ampere+")
     gradient_checkpointing: bool = flag(False, "recompute activations in the backward pass")
     compile: bool = flag(False, "torch.compile the model (inductor)")
@@ -121,7 +130,8 @@ class CheckpointSettings:
 @dataclass(frozen=True, kw_only=True)
 class LogSettings:
     title: ClassVar[str] = "logging"
-    report_to: str = flag("tensorboard", "trackers", choices=REPORT_TO)
+    report_to: str = flag("auto", "trackers; 'auto': tensorboard if it is installed, else none (one log line "
+                                  "says which)", choices=REPORT_TO)
     tracker_project: str = flag("sdt-diffusion", "tracker project name")
     log_every: int = flag(10, "steps per metrics line / tracker point")
     progress_bar: bool = flag(True, "a progress bar on the main process", negative="--no-progress-bar")
@@ -138,6 +148,7 @@ class Settings:
     checkpoints: CheckpointSettings
     logging: LogSettings
     flags: dict[str, Any] = field(default_factory=dict)  # as given; recorded in train_config.yaml and trackers
+    sources: dict[str, str] = field(default_factory=dict)  # where each flag came from (flags.FlagNamespace)
 
     @property
     def output_dir(self) -> Path:
@@ -151,6 +162,45 @@ class Settings:
     def record(self) -> dict[str, Any]:
         """The flags as plain YAML/JSON values (``train_config.yaml``, trackers)."""
         return plain(self.flags or self.values())
+
+    def source(self, name: str) -> str:
+        """Where flag ``name``'s value came from (:data:`~.flags.COMMAND_LINE`, ``--config FILE``, ``recipe NAME``,
+        :data:`~.flags.DEFAULT`); :data:`~.flags.CALLER` for settings built without parsing."""
+        return self.sources.get(name, CALLER)
+
+
+@dataclass(frozen=True)
+class MixedPrecision:
+    """The mixed precision a run uses, where it came from, and what gave way to it."""
+
+    value: str  # given to the Accelerator
+    source: str  # "--mixed-precision on the command line", "accelerate launch", "--config FILE", "recipe NAME", ...
+    note: str = ""  # a --config, recipe or default value that gave way to accelerate launch's choice (logged)
+    warning: str = ""  # --mixed-precision overrode accelerate launch's choice (logged as a warning)
+
+
+def resolve_mixed_precision(value: str | None, source: str, environ: Mapping[str, str] | None = None
+                            ) -> MixedPrecision:
+    """The mixed precision of a run whose ``--mixed-precision`` is ``value`` from ``source``: an explicit flag
+    (:data:`~.flags.EXPLICIT`) wins; else accelerate launch's choice (``ACCELERATE_MIXED_PRECISION``, which
+    ``accelerate launch`` sets from its ``--mixed_precision`` or its config file, FSDP's included); else the
+    ``--config`` / recipe value; else ``no``.  ``accelerate launch`` sets ``no`` also when nothing was chosen, so
+    ``no`` there is not a choice that overrides a YAML value (``--mixed-precision no`` is).
+    """
+    environ = os.environ if environ is None else environ
+    launched = (environ.get(ACCELERATE_MIXED_PRECISION) or "").strip().lower()
+    chosen = launched if launched not in ("", "no") else ""
+    if value is not None and source in EXPLICIT:
+        where = "--mixed-precision on the command line" if source == COMMAND_LINE else f"the {source}'s settings"
+        warning = (f"--mixed-precision {value} ({source}) wins over accelerate launch's mixed precision {chosen} "
+                   f"({ACCELERATE_MIXED_PRECISION}={chosen})" if chosen and chosen != value else "")
+        return MixedPrecision(value, where, warning=warning)
+    if chosen:
+        note = f"{source}'s {value} gives way to it" if value is not None and value != chosen else ""
+        return MixedPrecision(chosen, "accelerate launch", note=note)
+    if value is not None:
+        return MixedPrecision(value, source)
+    return MixedPrecision("no", "accelerate launch" if launched else "default")
 
 
 def parse_model_kwargs(value: str | dict | None) -> dict[str, Any]:
@@ -190,7 +240,8 @@ def settings_from_flags(settings_class: type, args: Any, check: Callable[[Any], 
     Raises:
         ConfigError: a bad flag or flag combination.
     """
-    settings = settings_from_namespace(settings_class, args, flags=dict(vars(args)))
+    settings = settings_from_namespace(settings_class, args, flags=dict(vars(args)),
+                                       sources=dict(getattr(args, "sources", None) or {}))
     check_settings(settings)
     check(settings)
     return settings

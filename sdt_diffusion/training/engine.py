@@ -31,6 +31,7 @@ the tail or after the run has finished changes nothing.
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import shutil
 import signal
@@ -71,13 +72,13 @@ from .checkpointing import (
     write_done,
     write_state,
 )
-from .config import Settings
+from .config import ACCELERATE_MIXED_PRECISION, Settings, resolve_mixed_precision
 from .data_stream import normalise, stream_changes
 from .flags import plain
 from .signals import StopSignal
 from .state_files import RngState, restore_rng
 from .step import LossHook, NonFiniteLossError, StepStats, TrainingCore, train_step
-from .tracking import METRICS_FILE, LossWindow, MetricsWriter, log_with, tracker_config
+from .tracking import METRICS_FILE, LossWindow, MetricsWriter, resolve_report_to, tracker_config
 
 __all__ = ["Run", "RunPlan", "Task", "TrainResult", "after_checkpoint", "check_exactness", "check_fresh_output",
            "exit_process", "lock_output", "make_accelerator", "plan_batches", "plan_run", "restore", "run_loop",
@@ -198,17 +199,36 @@ class Task:
 
 
 # ------------------------------------------------------------------------------------------------- plan
-def make_accelerator(settings: Settings) -> Accelerator:
-    """The ``Accelerator``: CPU multi-process (gloo) when several processes run without CUDA."""
-    kwargs: dict[str, Any] = {}
-    if settings.optim.mixed_precision is not None:
-        kwargs["mixed_precision"] = settings.optim.mixed_precision
-    if settings.optim.compile:
-        kwargs["dynamo_backend"] = "inductor"
+def make_accelerator(settings: Settings) -> tuple[Accelerator, dict[str, Any]]:
+    """The ``Accelerator`` (CPU multi-process, gloo, when several processes run without CUDA) and what it was
+    given, for ``train_config.yaml``: the mixed precision and where it came from
+    (:func:`~.config.resolve_mixed_precision`: ``--mixed-precision`` on the command line, else accelerate launch's
+    choice, else the ``--config`` / recipe value, else ``no``) and the trackers (``--report-to auto``: tensorboard
+    if installed).  The main process logs both in one line each.
+
+    Raises:
+        ConfigError: a tracker named by ``--report-to`` is not installed.
+    """
+    precision = resolve_mixed_precision(settings.optim.mixed_precision, settings.source("mixed_precision"))
+    trackers, trackers_line = resolve_report_to(settings.logging.report_to, settings.source("report_to"))
+    kwargs: dict[str, Any] = {"dynamo_backend": "inductor"} if settings.optim.compile else {}
+    if precision.value != (os.environ.get(ACCELERATE_MIXED_PRECISION) or "no").lower():  # else accelerate's own
+        kwargs["mixed_precision"] = precision.value
     out = settings.output_dir
-    return Accelerator(cpu=settings.run.cpu or cpu_multiprocess(), log_with=log_with(settings.logging.report_to),
-                       project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
-                       **kwargs)
+    accelerator = Accelerator(cpu=settings.run.cpu or cpu_multiprocess(), log_with=trackers,
+                              project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+                              **kwargs)
+    used = accelerator.mixed_precision  # e.g. "no" under DeepSpeed, whose config holds the precision
+    if accelerator.is_main_process:
+        if precision.warning:
+            logger.warning("%s", precision.warning)
+        detail = f"; {precision.note}" if precision.note else ""
+        detail += f"; accelerate runs {used}" if used != precision.value else ""
+        logger.info("mixed precision: %s (from %s%s)", precision.value, precision.source, detail)
+        if trackers_line:
+            logger.info("%s", trackers_line)
+    return accelerator, {"mixed_precision_resolved": used, "mixed_precision_source": precision.source,
+                         "report_to_resolved": ",".join(trackers or ["none"])}
 
 
 def plan_batches(global_batch: int, per_device: int | None, num_processes: int) -> tuple[int, int]:
@@ -457,17 +477,19 @@ def start_lineage(plan: RunPlan, out: Path, main: bool) -> tuple[str, dict[str, 
     return trajectory, parent
 
 
-def start_run(task: Task, settings: Settings, plan: RunPlan, core: TrainingCore, step: int) -> Run:
+def start_run(task: Task, settings: Settings, plan: RunPlan, core: TrainingCore, step: int,
+              startup: dict[str, Any] | None = None) -> Run:
     """Files, metrics, trackers and the start-up log of a built (and possibly resumed) run (a resume from an older
     checkpoint moves the newer ones aside, :func:`start_lineage`); an inexact resume (``--allow-inexact-resume``)
-    is recorded in the log and in ``metrics.jsonl``."""
+    is recorded in the log and in ``metrics.jsonl``; ``startup`` (:func:`make_accelerator`'s record) goes into
+    ``train_config.yaml``."""
     accelerator, out, main = core.accelerator, settings.output_dir, core.accelerator.is_main_process
     trajectory, parent = start_lineage(plan, out, main)
     if main:
         out.mkdir(parents=True, exist_ok=True)
         config = {**settings.record(), "resolved_model_config": plan.model_config,
                   "per_device_batch_resolved": plan.per_device, "grad_accum": plan.accum, "num_processes": plan.world,
-                  **task.config_record(plan)}
+                  **(startup or {}), **task.config_record(plan)}
         (out / "train_config.yaml").write_text(yaml.safe_dump(plain(config), sort_keys=False))
         clear_done(out)  # the run is not finished (a finished one never gets here)
         if settings.checkpoints.overwrite:  # the earlier run's checkpoints, metrics and export would mix with these
@@ -611,7 +633,7 @@ def train(task: Task, settings: Settings, loss_hook: LossHook | None = None) -> 
     """
     out = settings.output_dir
     with StopSignal() as stop:  # from the start: a signal before the first step stops after it; after the end, nothing
-        accelerator = make_accelerator(settings)
+        accelerator, startup = make_accelerator(settings)
         with lock_output(settings, accelerator):  # for the life of the run: a second run on the folder is refused
             plan = plan_run(task, settings, accelerator)
             export = out / task.export_name
@@ -623,7 +645,7 @@ def train(task: Task, settings: Settings, loss_hook: LossHook | None = None) -> 
                                    False, task.best(None, out, plan.start_step))
             core = task.build(settings, plan, accelerator)
             step = restore(task, core, plan, settings)
-            run = start_run(task, settings, plan, core, step)
+            run = start_run(task, settings, plan, core, step, startup)
             stopped = False
             try:
                 if plan.resume_from is not None:

@@ -6,6 +6,11 @@ A command's settings are frozen dataclasses, one per ``--help`` group; each fiel
 (``recipes/*.yaml``): the recipe, not the code, holds the paper's / DiT's / RMT's values.  Precedence: recipe,
 then ``--config FILE`` (a path or a packaged recipe name), then the command line.
 
+Each parsed value knows where it came from (:class:`FlagNamespace` ``.sources``: ``command line``,
+``--config FILE``, ``recipe NAME`` or ``default``), so that a setting another layer also decides (the mixed
+precision, which ``accelerate launch`` passes through the environment) can let a value from the command line
+win over that layer and that layer win over a YAML or built-in default.
+
 Why not ``transformers.HfArgumentParser`` (which the trainers used to be asked to use): it declares every flag
 twice (``--max_steps, --max-steps`` in ``--help``), makes a switch ``--cpu [CPU]`` with an optional true/false
 value, cannot give a flag another name (``--aa``, ``--no-flip``), and its YAML loading replaces the command line
@@ -32,10 +37,16 @@ import yaml
 from ..utils.errors import ConfigError
 from ..utils.safe_yaml import load_yaml
 
-__all__ = ["HelpFormatter", "build_parser", "flag", "flag_groups", "flag_table", "load_yaml_config", "parse_flags", "plain", "recipe_names",
-           "settings_from_namespace"]
+__all__ = ["CALLER", "COMMAND_LINE", "DEFAULT", "EXPLICIT", "FlagNamespace", "FlagParser", "HelpFormatter",
+           "build_parser", "flag", "flag_groups", "flag_table", "load_yaml_config", "parse_flags", "plain",
+           "recipe_names", "settings_from_namespace"]
 
 RECIPES = "recipes"  # the packaged recipe folder (sdt_diffusion/training/recipes)
+# Where a flag's value came from (FlagNamespace.sources); a YAML layer is "recipe NAME" or "--config FILE".
+COMMAND_LINE = "command line"
+DEFAULT = "default"  # the code's default
+CALLER = "caller"  # settings built in Python, not parsed: their values count as given
+EXPLICIT = (COMMAND_LINE, CALLER)  # the sources that win over accelerate's own choice
 
 
 def flag(default: Any = dataclasses.MISSING, help: str = "", *, name: str | None = None,
@@ -86,6 +97,63 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 _UNSET = object()  # a recipe field before the recipe is applied
+_NOT_GIVEN = object()  # a flag the command line did not give (while parsing)
+
+
+class FlagNamespace(argparse.Namespace):
+    """Parsed flags, and ``sources``: where each flag's value came from (:data:`COMMAND_LINE`, ``--config FILE``,
+    ``recipe NAME`` or :data:`DEFAULT`).  ``sources`` is a slot, not a flag: ``vars()`` and ``==`` see the flags
+    only."""
+
+    __slots__ = ("sources",)
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.sources: dict[str, str] = {}
+
+
+class FlagParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` that records where each value came from: the command line, or the layer that set its
+    default (``default_sources``: ``recipe NAME``, ``--config FILE``; else :data:`DEFAULT`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.default_sources: dict[str, str] = {}
+
+    def set_yaml_defaults(self, values: dict[str, Any], source: str) -> None:
+        """``values`` (from :func:`load_yaml_config`) as defaults that came from ``source``."""
+        self.set_defaults(**values)
+        self.default_sources.update(dict.fromkeys(values, source))
+
+    def parse_known_args(self, args: Sequence[str] | None = None,
+                         namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
+        namespace = FlagNamespace() if namespace is None else namespace
+        # every flag not already in the namespace starts as _NOT_GIVEN: still so after parsing = not on the command
+        # line; its default is then filled in as argparse would (a text default through the flag's type)
+        actions: dict[str, argparse.Action] = {}
+        for action in self._actions:  # the first action of a destination holds its default (argparse's rule)
+            if action.dest != argparse.SUPPRESS and not hasattr(namespace, action.dest):
+                actions.setdefault(action.dest, action)
+        actions = {dest: a for dest, a in actions.items() if a.default is not argparse.SUPPRESS}
+        for dest in actions:
+            setattr(namespace, dest, _NOT_GIVEN)
+        namespace, rest = super().parse_known_args(args, namespace)
+        sources = {}
+        for dest, action in actions.items():
+            if getattr(namespace, dest) is not _NOT_GIVEN:
+                sources[dest] = COMMAND_LINE
+                continue
+            sources[dest] = self.default_sources.get(dest, DEFAULT)
+            default = action.default
+            if isinstance(default, str):
+                try:
+                    default = self._get_value(action, default)
+                except argparse.ArgumentError as e:
+                    self.error(str(e))
+            setattr(namespace, dest, default)
+        if isinstance(namespace, FlagNamespace):
+            namespace.sources = {**namespace.sources, **sources}
+        return namespace, rest
 
 
 def _add_field(group: Any, f: dataclasses.Field, hint: Any, helps: dict[str, str]) -> None:
@@ -102,14 +170,14 @@ def _add_field(group: Any, f: dataclasses.Field, hint: Any, helps: dict[str, str
 
 
 def build_parser(settings_class: type, prog: str, description: str, recipe_name: str,
-                 helps: dict[str, str] | None = None) -> argparse.ArgumentParser:
+                 helps: dict[str, str] | None = None) -> FlagParser:
     """The parser of a command whose settings are ``settings_class``, its defaults completed by the packaged
     recipe ``recipe_name``; ``helps`` replaces the help text of shared flags where the command says more.
 
     Raises:
         ConfigError: the recipe leaves a field without a value (a packaging error).
     """
-    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
+    parser = FlagParser(prog=prog, description=description, formatter_class=HelpFormatter)
     parser.add_argument("--config", type=str, default=None,
                         help="YAML file of flag values (keys = flag names) or a packaged recipe "
                              f"({', '.join(recipe_names())}); command-line flags override it")
@@ -118,7 +186,7 @@ def build_parser(settings_class: type, prog: str, description: str, recipe_name:
         hints = typing.get_type_hints(group_class)
         for f in dataclasses.fields(group_class):
             _add_field(group, f, hints[f.name], helps or {})
-    parser.set_defaults(**load_yaml_config(_recipe_path(recipe_name), parser))
+    parser.set_yaml_defaults(load_yaml_config(_recipe_path(recipe_name), parser), f"recipe {recipe_name}")
     missing = [a.option_strings[0] for a in parser._actions if a.default is _UNSET]
     if missing:
         raise ConfigError(f"the recipe {recipe_name} gives no value for {missing}")
@@ -222,13 +290,14 @@ def load_yaml_config(path: str | os.PathLike, parser: argparse.ArgumentParser) -
     return out
 
 
-def parse_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
-    """Parse ``argv`` with ``--config`` values as defaults that command-line flags override."""
+def parse_flags(parser: FlagParser, argv: Sequence[str] | None) -> FlagNamespace:
+    """Parse ``argv`` with ``--config`` values as defaults that command-line flags override; the result's
+    ``sources`` say where each value came from."""
     first = argparse.ArgumentParser(add_help=False)  # --config alone: the other flags are parsed once, below
     first.add_argument("--config", default=None)
     pre, _ = first.parse_known_args(argv)
     if pre.config:
-        parser.set_defaults(**load_yaml_config(pre.config, parser))
+        parser.set_yaml_defaults(load_yaml_config(pre.config, parser), f"--config {pre.config}")
     return parser.parse_args(argv)
 
 

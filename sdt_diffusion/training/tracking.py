@@ -15,7 +15,8 @@ from ..utils.files import atomic_write_text
 from ..utils.optional import import_optional
 from .step import StepStats
 
-__all__ = ["METRICS_FILE", "LossWindow", "MetricsWriter", "log_images", "log_with", "tracker_config"]
+__all__ = ["METRICS_FILE", "LossWindow", "MetricsWriter", "log_images", "log_with", "resolve_report_to",
+           "tracker_config"]
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -90,8 +91,9 @@ def tracker_config(flags: dict[str, Any]) -> dict[str, Any]:
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flags.items()}
 
 
-def log_with(report_to: str) -> list[str] | None:
-    """accelerate's ``log_with`` for ``report_to`` (``tensorboard``, ``wandb``, ``all`` or ``none``).
+def log_with(report_to: str, source: str = "") -> list[str] | None:
+    """accelerate's ``log_with`` for ``report_to`` (``tensorboard``, ``wandb``, ``all`` or ``none``; ``source``:
+    where the value came from, named in the error when it is not the command line).
 
     Raises:
         ConfigError: a tracker asked for whose package (an extra of sdt-diffusion) is not installed.
@@ -99,12 +101,29 @@ def log_with(report_to: str) -> list[str] | None:
     if report_to == "none":
         return None
     names = ["tensorboard", "wandb"] if report_to == "all" else [report_to]
+    where = f" (from {source})" if source and source != "command line" else ""
     for name in names:  # optional dependencies: checked for only when asked for
         try:
             import_optional(name, name)
         except ImportError as e:
-            raise ConfigError(f"--report-to {report_to}: {e}") from None
+            raise ConfigError(f"--report-to {report_to}{where}: {e}; or pass --report-to auto or none") from None
     return names
+
+
+def resolve_report_to(report_to: str, source: str = "") -> tuple[list[str] | None, str]:
+    """accelerate's ``log_with`` for ``--report-to`` and, for ``auto``, the log line that says what it chose:
+    tensorboard where it is installed, else no tracker (``metrics.jsonl`` is written either way).
+
+    Raises:
+        ConfigError: a tracker named explicitly is not installed (:func:`log_with`).
+    """
+    if report_to != "auto":
+        return log_with(report_to, source), ""
+    try:
+        import_optional("tensorboard", "tensorboard")
+    except ImportError as e:  # not installed, or installed without one of its own dependencies
+        return None, f"--report-to auto: no tracker, metrics.jsonl only ({e})"
+    return ["tensorboard"], "--report-to auto: tensorboard (installed)"
 
 
 def log_images(accelerator: Any, grid: Any, step: int) -> None:
