@@ -205,10 +205,10 @@ def test_the_end_of_run_window_finishes_on_resume(data, reference, tmp_path, mon
 
     real_export = trainer.export_pipeline
 
-    def crash_at_the_final_export(transformer, vae, id2label, target):
+    def crash_at_the_final_export(transformer, vae, id2label, target, *card):
         if (Path(target).parent / "checkpoint-6").is_dir():
             raise Killed
-        return real_export(transformer, vae, id2label, target)
+        return real_export(transformer, vae, id2label, target, *card)
 
     with monkeypatch.context() as m:
         m.setattr(trainer, "export_pipeline", crash_at_the_final_export)

@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..hub import read_fid_results
+from ..utils.errors import ConfigError
 from ..utils.files import atomic_write_text, check_writable
 from ..utils.optional import import_optional
 from ..utils.runtime import default_device
@@ -424,12 +426,10 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
 def is_results_file(path: str | Path) -> bool:
     """Whether ``path`` holds an ``sdt-fid`` result (a JSON object with its ``fid``, ``samples`` and ``settings``)."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(1 << 20)
-        value = json.loads(head)
-    except (OSError, ValueError):
+        read_fid_results(path)  # the one definition, shared with the model cards (sdt-export --fid-results)
+    except ConfigError:
         return False
-    return isinstance(value, dict) and {"fid", "samples", "reference", "settings"} <= value.keys()
+    return True
 
 
 def _output_problem(output: Path, samples: str, reference: str, overwrite: bool) -> str | None:

@@ -47,6 +47,7 @@ from ..data import (
     verify_images,
 )
 from ..evaluation.classification import eval_transform, evaluate_classifier, summarise
+from ..hub import write_model_card
 from ..models.sdt_h import (
     DEFAULT_DECAY_MODES,
     IMAGENET_MEAN,
@@ -63,6 +64,7 @@ from ..utils.files import atomic_write_text, replace_dir
 from ..utils.optional import import_optional
 from ..utils.runtime import enable_tf32
 from . import engine
+from .cards import classifier_card_facts
 from .classifier_config import (
     ClassifierSettings,
     model_overrides,
@@ -382,7 +384,8 @@ def export_weights(task: ClassifierTask, run: Run) -> tuple[str, dict[str, torch
 
 def export_model(task: ClassifierTask, run: Run, step: int) -> Path:
     """``<output-dir>/model``: a transformers folder (``SDTHForImageClassification``, ``id2label`` from the data,
-    the evaluation image processor) with timm's format in ``model/timm``; written atomically (main process)."""
+    the evaluation image processor) with timm's format in ``model/timm`` and the model card (``README.md``,
+    :mod:`.cards`); written atomically (main process)."""
     s, p = run.settings, run.plan
     resolution, crop_pct, preset = s.data.resolution, s.evaluation.eval_crop_pct, s.model.model
     which, state, info = export_weights(task, run)
@@ -406,6 +409,9 @@ def export_model(task: ClassifierTask, run: Run, step: int) -> Path:
     summary = {"weights": which, "export_weights": s.evaluation.export_weights, "step": step, "model": preset,
                "resolution": resolution, **({"best": info} if info else {})}
     atomic_write_text(tmp / "training_summary.json", json.dumps(summary, indent=2))
+    write_model_card(tmp, classifier_card_facts(
+        model, p.model_config, p.data.id2label, run.out, step, which, info or None,
+        location=str(run.out / MODEL_DIR), repo_id=s.hub.hub_model_id, license=s.hub.hub_license))
     return replace_dir(tmp, run.out / MODEL_DIR)
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ..data import AUTO_VERIFY_LIMIT, MAX_RESOLUTION, VERIFY_IMAGES, is_visible
+from ..hub import check_hub_flags
 from ..utils.errors import ConfigError
 from .flags import CALLER, COMMAND_LINE, EXPLICIT, flag, plain, settings_from_namespace
 
@@ -34,6 +35,7 @@ __all__ = [
     "CheckpointSettings",
     "ConfigError",
     "DataSettings",
+    "HubSettings",
     "LogSettings",
     "MixedPrecision",
     "ModelSettings",
@@ -59,6 +61,7 @@ MAX_SEED = 2**31 - 1  # numpy's global seed must stay below 2**32 after accelera
 # A global batch above this is a typo: ImageNet has 1.28M images, DiT trains with 256; with a small
 # --per-device-batch a batch of 10**12 would make one optimizer step last forever (a stop signal waits for it).
 MAX_GLOBAL_BATCH = 1 << 20
+HIDDEN = "<hidden>"  # what train_config.yaml and the trackers record for a --hub-token
 RESUME_HELP = "'latest' (newest checkpoint in --output-dir, error if none), 'auto' (latest if any) or a path"
 
 
@@ -138,6 +141,21 @@ class LogSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class HubSettings:
+    """Upload of the export to the Hugging Face Hub (the trainers and ``sdt-export``)."""
+
+    title: ClassVar[str] = "Hugging Face Hub"
+    push_to_hub: bool = flag(False, "upload the final export (with its model card) to --hub-model-id on the main "
+                                    "process once the run has finished")
+    hub_model_id: str | None = flag(None, "the Hub repository, e.g. your-name/sdt-p-xl2 (created if missing; the "
+                                          "model card's load snippet names it)")
+    hub_private: bool = flag(False, "create the repository private (an existing one keeps its visibility)")
+    hub_token: str | None = flag(None, "Hub token (default: the HF_TOKEN environment variable or the saved login; "
+                                       "never logged or recorded)")
+    hub_license: str | None = flag(None, "license id for the model card, e.g. apache-2.0 (default: none stated)")
+
+
+@dataclass(frozen=True, kw_only=True)
 class Settings:
     """What every training task is configured by; a task's settings class adds its own groups."""
 
@@ -147,6 +165,7 @@ class Settings:
     optim: OptimSettings
     checkpoints: CheckpointSettings
     logging: LogSettings
+    hub: HubSettings = field(default_factory=HubSettings)  # off unless asked for
     flags: dict[str, Any] = field(default_factory=dict)  # as given; recorded in train_config.yaml and trackers
     sources: dict[str, str] = field(default_factory=dict)  # where each flag came from (flags.FlagNamespace)
 
@@ -160,8 +179,11 @@ class Settings:
                 for f in fields(group)}
 
     def record(self) -> dict[str, Any]:
-        """The flags as plain YAML/JSON values (``train_config.yaml``, trackers)."""
-        return plain(self.flags or self.values())
+        """The flags as plain YAML/JSON values (``train_config.yaml``, trackers); a ``--hub-token`` is hidden."""
+        record = plain(self.flags or self.values())
+        if record.get("hub_token"):
+            record["hub_token"] = HIDDEN
+        return record
 
     def source(self, name: str) -> str:
         """Where flag ``name``'s value came from (:data:`~.flags.COMMAND_LINE`, ``--config FILE``, ``recipe NAME``,
@@ -317,3 +339,4 @@ def check_settings(settings: Settings) -> None:
         raise ConfigError(f"--overwrite contradicts --resume {v['resume']}: pass one of them")
     if v["resume"] not in (None, "latest", "auto") and not Path(v["resume"]).is_dir():
         raise ConfigError(f"--resume {v['resume']}: not a checkpoint directory (or pass 'latest' / 'auto')")
+    check_hub_flags(v["push_to_hub"], v["hub_model_id"], v["hub_token"])

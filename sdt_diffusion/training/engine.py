@@ -17,7 +17,8 @@ SDT-H) are two implementations of :class:`Task`; everything else a run does is h
    (:class:`~.step.NonFiniteLossError`);
 4. after each checkpoint (:func:`after_checkpoint`): the task's evaluations and exports
    (:meth:`Task.after_checkpoint`), and at the last step ``training_done.json``, the only record that a run
-   is finished.
+   is finished;
+5. ``--push-to-hub`` (:func:`push_finished`): the finished run's export goes to the Hub.
 
 Exact resumption: the data stream is a pure function of ``(seed, epoch)`` and skips the consumed batches; every
 process's RNG states, the weights, AdamW and the EMA come back from files that cannot carry code
@@ -49,10 +50,12 @@ from accelerate.utils import ProjectConfiguration, gather_object, set_seed
 from tqdm.auto import tqdm
 
 from ..data import iterate_batches
+from ..hub import HubError
 from ..utils.errors import ConfigError, error_line
 from ..utils.files import check_writable
 from ..utils.run_lock import LOCK_FILE, RunLock, lock_run
 from ..utils.runtime import cpu_multiprocess
+from .cards import push_export
 from .checkpointing import (
     ABANDONED_DIR,
     DONE_FILE,
@@ -81,8 +84,8 @@ from .step import LossHook, NonFiniteLossError, StepStats, TrainingCore, train_s
 from .tracking import METRICS_FILE, LossWindow, MetricsWriter, resolve_report_to, tracker_config
 
 __all__ = ["Run", "RunPlan", "Task", "TrainResult", "after_checkpoint", "check_exactness", "check_fresh_output",
-           "exit_process", "lock_output", "make_accelerator", "plan_batches", "plan_run", "restore", "run_loop",
-           "run_command", "save_run_checkpoint", "start_lineage", "start_run", "train"]
+           "exit_process", "lock_output", "make_accelerator", "plan_batches", "plan_run", "push_finished", "restore",
+           "run_loop", "run_command", "save_run_checkpoint", "start_lineage", "start_run", "train"]
 
 logger = logging.getLogger("sdt_diffusion.training")
 
@@ -641,6 +644,7 @@ def train(task: Task, settings: Settings, loss_hook: LossHook | None = None) -> 
                 if accelerator.is_main_process:
                     logger.info("%s: the run finished at step %d (%s); nothing to do", plan.resume_from,
                                 plan.start_step, DONE_FILE)
+                push_finished(settings, export, accelerator.is_main_process)  # e.g. a failed upload retried
                 return TrainResult(plan.start_step, out, plan.resume_from, export if export.is_dir() else None,
                                    False, task.best(None, out, plan.start_step))
             core = task.build(settings, plan, accelerator)
@@ -656,13 +660,30 @@ def train(task: Task, settings: Settings, loss_hook: LossHook | None = None) -> 
                 accelerator.end_training()
             if run.is_main and not stopped:
                 logger.info("done at step %d", step)
+            if not stopped:
+                push_finished(settings, export, run.is_main)
             return TrainResult(step, out, run.last_checkpoint, export if export.is_dir() else None, stopped,
                                task.best(run, out, step))
 
 
+def push_finished(settings: Settings, export: Path, main: bool) -> None:
+    """``--push-to-hub``: the main process uploads the finished run's export (model card included).
+
+    Raises:
+        HubError: the upload failed (the run stays finished; the same command with ``--resume latest`` retries it).
+    """
+    if not (settings.hub.push_to_hub and main):
+        return
+    if not export.is_dir():
+        logger.warning("--push-to-hub: the run has no export in %s; nothing uploaded", export)
+        return
+    push_export(settings, export)
+
+
 def run_command(task: type[Task], run: Callable[[], Any]) -> int:
     """A training command: ``run()`` (parse the flags, train) with one-line errors; returns the exit code (0 ok,
-    1 non-finite loss, bad data or a failed checkpoint write found during training, 2 bad flags or input)."""
+    1 non-finite loss, bad data or a failed checkpoint write found during training, or a failed ``--push-to-hub``
+    upload, 2 bad flags or input)."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO,
                         datefmt="%H:%M:%S")
     for noisy in task.quiet_loggers:
@@ -677,6 +698,10 @@ def run_command(task: type[Task], run: Callable[[], Any]) -> int:
     except ConfigError as e:
         print(f"{task.prog}: error: {error_line(e)}", file=sys.stderr, flush=True)
         return 2
+    except HubError as e:  # training finished and its export is in place; only the upload failed
+        print(f"{task.prog}: error: {e} (the run finished; rerun the command with --resume latest to retry the "
+              f"upload)", file=sys.stderr, flush=True)
+        return 1
     except NonFiniteLossError as e:
         print(f"{task.prog}: error: {e}. Try a lower --learning-rate, a --max-grad-norm (e.g. 5) or "
               f"--mixed-precision no.", file=sys.stderr, flush=True)

@@ -3,7 +3,8 @@
 Two ways to a pipeline, both through :func:`export_pipeline`: the trainer exports the live EMA at the end
 of a run (and every ``--export-every`` steps), and :func:`export_checkpoint` (the ``sdt-export`` command,
 ``training/export_pipeline.py``) turns any complete ``checkpoint-<step>`` folder into one.  Evaluation
-reads only such pipeline folders; the checkpoint's layout stays the trainer's business.
+reads only such pipeline folders; the checkpoint's layout stays the trainer's business.  Every export carries its
+model card (``README.md``, :mod:`.cards`), and ``sdt-export --push-to-hub`` uploads the folder.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 
+from ..hub import CardFacts, HubError, check_hub_flags, push_folder, read_fid_results, write_model_card
 from ..models.registry import build_transformer, learns_sigma
 from ..pipelines import SDTPipeline
 from ..schedulers import default_scheduler
@@ -26,8 +28,11 @@ from ..utils.cli_args import add_deprecated_alias
 from ..utils.files import private_sibling, replace_dir
 from ..utils.images import make_labelled_grid
 from ..utils.labels import short_name
+from .cards import pipeline_card_facts
 from .checkpointing import STATE_FILE, read_ema_shadow, read_ema_shapes, read_training_state
+from .config import HubSettings
 from .ema import EMA
+from .flags import add_flag_group
 
 __all__ = [
     "build_export_parser",
@@ -81,13 +86,15 @@ def export_pipeline(
     vae: Any | None,
     id2label: dict[int, str] | None,
     target: str | Path,
+    card: CardFacts | None = None,
 ) -> Path:
-    """Save ``SDTPipeline(transformer, vae, DiT's DDPM scheduler, id2label)`` atomically to ``target``.
+    """Save ``SDTPipeline(transformer, vae, DiT's DDPM scheduler, id2label)`` atomically to ``target``, with the
+    model card ``card`` (``README.md``, and ``samples.png`` where the card has a grid) written inside it.
 
     The scheduler is :func:`~sdt_diffusion.schedulers.default_scheduler` for the model's ``learn_sigma``
     (learned-range variance, or fixed-large without a learned variance).  The folder is written under a
     temporary name of its own (:func:`~sdt_diffusion.utils.files.private_sibling`) and renamed, so a crash never
-    leaves a half-written pipeline and no sibling folder of ``target`` is touched.
+    leaves a half-written pipeline (or a pipeline without its card) and no sibling folder of ``target`` is touched.
 
     Raises:
         ValueError: the pipeline would not produce images (latents without a VAE to decode them).
@@ -103,6 +110,8 @@ def export_pipeline(
     pipe = SDTPipeline(transformer=transformer, vae=vae, scheduler=scheduler, id2label=id2label)
     try:
         pipe.save_pretrained(str(tmp))
+        if card is not None:
+            write_model_card(tmp, card)
         return replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # ours alone: the name is unique to this call
@@ -198,14 +207,20 @@ def _check_ema_shapes(checkpoint: str | Path, state: dict[str, Any]) -> None:
 
 
 def export_checkpoint(checkpoint: str | Path, output: str | Path, vae: str | None = None,
-                      vae_subfolder: str | None = None) -> Path:
-    """Export the EMA weights of a training checkpoint (``<run>/checkpoint-<step>``) as an ``SDTPipeline``.
+                      vae_subfolder: str | None = None, *, fid_results: dict[str, Any] | None = None,
+                      hub_model_id: str | None = None, license: str | None = None) -> Path:
+    """Export the EMA weights of a training checkpoint (``<run>/checkpoint-<step>``) as an ``SDTPipeline`` with
+    its model card (:func:`~.cards.pipeline_card_facts`: the run's recipe, held-out loss and sample grid up to the
+    checkpoint's step, read from the checkpoint's run folder).
 
     Args:
         checkpoint: a complete checkpoint folder.
         output: the pipeline folder to write (replaced atomically if it already holds a pipeline).
         vae: override of the run's VAE, see :func:`checkpoint_vae`.
         vae_subfolder: subfolder of ``vae``.
+        fid_results: an ``sdt-fid --output`` result (:func:`~sdt_diffusion.hub.read_fid_results`) for the card.
+        hub_model_id: the Hub repository the card's load snippet names.
+        license: the card's license id (default: none stated).
 
     Returns:
         The pipeline folder.
@@ -245,7 +260,10 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, vae: str | Non
         raise ValueError(f"{origin} {name}" + (f" (subfolder {subfolder})" if subfolder else "")
                          + f": cannot load an AutoencoderKL ({first})") from None
     id2label = {int(k): v for k, v in state["id2label"].items()} if state.get("id2label") else None
-    return export_pipeline(transformer.eval(), autoencoder, id2label, output)
+    card = pipeline_card_facts(transformer, id2label, Path(checkpoint).parent, int(state.get("step", 0)),
+                               location=str(output), repo_id=hub_model_id, license=license, fid_results=fid_results,
+                               model=state.get("model"))
+    return export_pipeline(transformer.eval(), autoencoder, id2label, output, card)
 
 
 def build_export_parser() -> argparse.ArgumentParser:
@@ -259,21 +277,38 @@ def build_export_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", default=None,
                    help="AutoencoderKL folder or hub id, or 'none' for pixel space (default: the VAE the run used)")
     p.add_argument("--vae-subfolder", default=None, help="subfolder of --vae")
+    p.add_argument("--fid-results", default=None, metavar="PATH",
+                   help="an sdt-fid --output JSON of samples of these weights: its FID, sFID, IS, precision and "
+                        "recall go into the model card")
+    add_flag_group(p, HubSettings, {"push_to_hub": "upload the exported folder (with its model card) to "
+                                                   "--hub-model-id"})
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit code (0 ok, 2 bad input)."""
+    """Command-line entry point; returns the exit code (0 ok, 1 failed upload, 2 bad input)."""
     parser = build_export_parser()
     args = parser.parse_args(argv)
     if not args.output_dir:
         parser.error("the following arguments are required: --output-dir")
     try:
-        path = export_checkpoint(args.checkpoint, args.output_dir, args.vae, args.vae_subfolder)
+        check_hub_flags(args.push_to_hub, args.hub_model_id, args.hub_token)
+        fid = read_fid_results(args.fid_results) if args.fid_results else None
+        path = export_checkpoint(args.checkpoint, args.output_dir, args.vae, args.vae_subfolder, fid_results=fid,
+                                 hub_model_id=args.hub_model_id, license=args.hub_license)
     except (ValueError, OSError) as e:  # ConfigError is a ValueError; FileNotFoundError an OSError
         print(f"{parser.prog}: error: {e}", file=sys.stderr, flush=True)
         return 2
     print(f"exported {args.checkpoint} to {path}")
+    if args.push_to_hub:
+        try:
+            url = push_folder(path, args.hub_model_id, private=args.hub_private, token=args.hub_token,
+                              commit_message=f"Upload the EMA pipeline of {Path(args.checkpoint).name} (sdt-export)")
+        except HubError as e:
+            print(f"{parser.prog}: error: {e} (the export in {path} is complete; run the command again to retry "
+                  f"the upload)", file=sys.stderr, flush=True)
+            return 1
+        print(f"uploaded {path} to {url}")
     return 0
 
 

@@ -38,8 +38,8 @@ from ..utils.errors import ConfigError
 from ..utils.safe_yaml import load_yaml
 
 __all__ = ["CALLER", "COMMAND_LINE", "DEFAULT", "EXPLICIT", "FlagNamespace", "FlagParser", "HelpFormatter",
-           "build_parser", "flag", "flag_groups", "flag_table", "load_yaml_config", "parse_flags", "plain",
-           "recipe_names", "settings_from_namespace"]
+           "add_flag_group", "build_parser", "flag", "flag_groups", "flag_table", "load_yaml_config", "parse_flags",
+           "plain", "recipe_names", "settings_from_namespace"]
 
 RECIPES = "recipes"  # the packaged recipe folder (sdt_diffusion/training/recipes)
 # Where a flag's value came from (FlagNamespace.sources); a YAML layer is "recipe NAME" or "--config FILE".
@@ -169,6 +169,18 @@ def _add_field(group: Any, f: dataclasses.Field, hint: Any, helps: dict[str, str
                        choices=md.get("choices"), metavar=md.get("metavar"), help=md.get("help", ""))
 
 
+def add_flag_group(parser: argparse.ArgumentParser, group_class: type, helps: dict[str, str] | None = None,
+                   title: str | None = None) -> argparse._ArgumentGroup:
+    """The flags of one settings group (a frozen dataclass of :func:`flag` fields, all with defaults in code when
+    the parser has no recipe) as an argument group of ``parser``; commands without a settings class of their own
+    (``sdt-export``) share groups this way."""
+    group = parser.add_argument_group(title or getattr(group_class, "title", group_class.__name__))
+    hints = typing.get_type_hints(group_class)
+    for f in dataclasses.fields(group_class):
+        _add_field(group, f, hints[f.name], helps or {})
+    return group
+
+
 def build_parser(settings_class: type, prog: str, description: str, recipe_name: str,
                  helps: dict[str, str] | None = None) -> FlagParser:
     """The parser of a command whose settings are ``settings_class``, its defaults completed by the packaged
@@ -182,10 +194,7 @@ def build_parser(settings_class: type, prog: str, description: str, recipe_name:
                         help="YAML file of flag values (keys = flag names) or a packaged recipe "
                              f"({', '.join(recipe_names())}); command-line flags override it")
     for attr, group_class in flag_groups(settings_class):
-        group = parser.add_argument_group(getattr(group_class, "title", attr))
-        hints = typing.get_type_hints(group_class)
-        for f in dataclasses.fields(group_class):
-            _add_field(group, f, hints[f.name], helps or {})
+        add_flag_group(parser, group_class, helps, getattr(group_class, "title", attr))
     parser.set_yaml_defaults(load_yaml_config(_recipe_path(recipe_name), parser), f"recipe {recipe_name}")
     missing = [a.option_strings[0] for a in parser._actions if a.default is _UNSET]
     if missing:

@@ -11,7 +11,7 @@ and :func:`train` (parsed flags or :class:`~.diffusion_config.DiffusionSettings`
 * the loss (:meth:`DiffusionCore.loss`): a posterior draw of the latents, a timestep and noise per image, the
   hybrid loss ``mse + vb`` (:mod:`.diffusion`);
 * after each checkpoint: the held-out loss (:mod:`.heldout`), EMA sample grids and the EMA pipeline export
-  (:mod:`.export`) at their intervals, all of them at the last step.
+  (:mod:`.export`, with its model card, :mod:`.cards`) at their intervals, all of them at the last step.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from ..utils.errors import ConfigError
 from ..utils.files import atomic_write
 from ..utils.runtime import enable_tf32
 from . import engine
+from .cards import pipeline_card_facts
 from .data_stream import DATA, class_key
 from .diffusion import DiffusionSchedule, training_losses
 from .diffusion_config import DiffusionSettings, parse_args, settings_from_args
@@ -214,7 +215,10 @@ class DiffusionTask(engine.Task):
                 atomic_write(run.out / "samples" / f"step-{step:07d}.png", lambda f: grid.save(f, format="PNG"))
                 log_images(core.accelerator, grid, step)
             if run.is_main and export:
-                path = export_pipeline(transformer, core.vae, run.plan.data.id2label, run.export_dir)
+                card = pipeline_card_facts(transformer, run.plan.data.id2label, run.out, step,
+                                           location=str(run.export_dir), repo_id=s.hub.hub_model_id,
+                                           license=s.hub.hub_license, model=s.model.model)
+                path = export_pipeline(transformer, core.vae, run.plan.data.id2label, run.export_dir, card)
                 logger.info("exported the EMA pipeline to %s", path)
         core.accelerator.wait_for_everyone()
 
