@@ -296,15 +296,8 @@ def test_freq_shift_selects_dits_or_diffusers_timestep_frequencies(freq_shift, d
 
 
 def test_other_resolution_without_abs_pos_embed():
-    model = tiny(use_abs_pos_embed=False)
-    assert model(torch.randn(2, 4, 12, 16), 5, 2).sample.shape == (2, 8, 12, 16)
-
-
-def test_abs_pos_embed_is_the_default_as_in_dit_and_fixes_the_grid():
     model = tiny()
-    assert model.config.use_abs_pos_embed and model.pos_embed.shape == (1, 16, model.inner_dim)
-    with pytest.raises(ValueError, match="use_abs_pos_embed=True fixes the grid"):
-        model(torch.randn(2, 4, 12, 16), 5, 2)
+    assert model(torch.randn(2, 4, 12, 16), 5, 2).sample.shape == (2, 8, 12, 16)
 
 
 def test_return_tuple():

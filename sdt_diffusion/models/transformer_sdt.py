@@ -180,10 +180,8 @@ class SDTTransformer2DModel(ModelMixin, ConfigMixin):
         use_rope: apply 2D axial RoPE to Q and K.
         rope_base: RoPE frequency base.
         use_abs_pos_embed: add DiT's fixed 2D sin-cos position embedding (positions 0..grid-1) to the patch
-            tokens, as DiT does (default True; the paper replaces DiT's attention and is silent on it).  Without
-            it the model follows class labels far later at equal steps (benchmarks/RESULTS.md, "SDT-P against
-            DiT, part by part"); with it the model runs on the ``sample_size`` grid only (set it to False for
-            other sizes: RoPE, LPE and the decay are resolution-free).
+            tokens.  Off by default: the paper's SDA layer already carries position through RoPE, LPE and the
+            decay.
         fixed_decay_init, fixed_decay_range: RMT's gamma schedule for ``decay_mode="fixed"``.
         use_lpe: add the depthwise LPE convolution of V to the attention output (eq. 13).
         use_output_gate: multiply the attention output by the low-rank gate U (eq. 13).
@@ -236,7 +234,7 @@ class SDTTransformer2DModel(ModelMixin, ConfigMixin):
         lpe_kernel_size: int = 5,
         use_rope: bool = True,
         rope_base: float = 10000.0,
-        use_abs_pos_embed: bool = True,
+        use_abs_pos_embed: bool = False,
         fixed_decay_init: float = 2.0,
         fixed_decay_range: float = 4.0,
         use_lpe: bool = True,
