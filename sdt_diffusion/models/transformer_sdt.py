@@ -180,8 +180,9 @@ class SDTTransformer2DModel(ModelMixin, ConfigMixin):
         use_rope: apply 2D axial RoPE to Q and K.
         rope_base: RoPE frequency base.
         use_abs_pos_embed: add DiT's fixed 2D sin-cos position embedding (positions 0..grid-1) to the patch
-            tokens.  Off by default: the paper's SDA layer already carries position through RoPE, LPE and the
-            decay.
+            tokens, as DiT does; the model then runs on the ``sample_size`` grid only.  Off by default (RoPE, LPE and
+            the decay carry position at any resolution), but without it SDT-P follows class labels far later at
+            equal steps (benchmarks/RESULTS.md, "SDT-P against DiT, part by part").
         fixed_decay_init, fixed_decay_range: RMT's gamma schedule for ``decay_mode="fixed"``.
         use_lpe: add the depthwise LPE convolution of V to the attention output (eq. 13).
         use_output_gate: multiply the attention output by the low-rank gate U (eq. 13).
