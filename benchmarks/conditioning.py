@@ -53,6 +53,8 @@ def find_pipelines(roots: list[str]) -> list[tuple[str, str, Path]]:
             raise ConfigError(f"{str(root)!r} holds no pipeline (no model_index.json below it)")
         for folder in below:
             rel = folder.relative_to(root)
+            if rel.parts[0].startswith("seed-"):  # one variant's folder (<variant>/seed-<n>/...): named after it
+                rel = Path(root.resolve().name) / rel
             found.append((str(rel), rel.parts[0] if len(rel.parts) > 1 else str(rel), folder))
     return found
 

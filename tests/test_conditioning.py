@@ -125,3 +125,19 @@ def test_held_out_latents_from_a_cache(tmp_path, capsys):
     with pytest.raises(SystemExit):
         conditioning.main([str(tmp_path / "pipe3"), "--latents-dir", str(tmp_path / "cache")])
     assert "latents of shape (4, 8, 8), the model takes (3, 8, 8)" in capsys.readouterr().err
+
+
+def test_variant_folders_given_one_by_one_are_named_after_the_variant(tmp_path):
+    """`conditioning.py runs/dit runs/sdt-p`: rows grouped by variant, not all under `seed-0`."""
+    conditioning = _load()
+    for variant in ("dit", "sdt-p"):
+        for seed in (0, 1):
+            folder = tmp_path / variant / f"seed-{seed}" / "train" / "pipeline"
+            folder.mkdir(parents=True)
+            (folder / "model_index.json").write_text("{}")
+    found = conditioning.find_pipelines([str(tmp_path / "dit"), str(tmp_path / "sdt-p")])
+    assert [(label, group) for label, group, _ in found] == [
+        ("dit/seed-0/train/pipeline", "dit"), ("dit/seed-1/train/pipeline", "dit"),
+        ("sdt-p/seed-0/train/pipeline", "sdt-p"), ("sdt-p/seed-1/train/pipeline", "sdt-p")]
+    # an ablation output folder keeps its variant names as before
+    assert [group for _, group, _ in conditioning.find_pipelines([str(tmp_path)])] == ["dit", "dit", "sdt-p", "sdt-p"]
