@@ -299,31 +299,25 @@ def mean_std(values: list[float], digits: int = 2) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def table(results: dict, seeds: list[int]) -> str:
-    head = ("| row | final top-1, online (%) | final top-1, EMA (%) | best epoch, max(online, EMA) (%) | "
-            "paper, ImageNet (Tables 1, 3-5) | trained |\n|---|---|---|---|---|---|\n")
-    rows = ""
-    for name, entry in results.items():
-        runs = entry["runs"]
-        rows += (f"| {name} | {mean_std([r['final_top1'] for r in runs])} | "
-                 f"{mean_std([r['final_top1_ema'] for r in runs])} | {mean_std([r['best_top1'] for r in runs])} | "
-                 f"{PAPER_TOP1.get(name, '-')} | {entry.get('trained', '')} |\n")
-    return head + rows + f"\nMean ± sample std over seeds {', '.join(map(str, seeds))}.\n"
+# Columns of the results table: (header, run key, digits); None as the key is the paper's ImageNet top-1.
+TABLE_COLUMNS = [("final top-1, online (%)", "final_top1", 2), ("final top-1, EMA (%)", "final_top1_ema", 2),
+                 ("best epoch, max(online, EMA) (%)", "best_top1", 2), ("paper, ImageNet (Tables 1, 3-5)", None, 0)]
+FIGURE3_COLUMNS = [("final top-1, online (%)", "final_top1", 2), ("final top-1, EMA (%)", "final_top1_ema", 2),
+                   ("final held-out loss, online", "final_eval_loss", 4),
+                   ("final held-out loss, EMA", "final_eval_loss_ema", 4),
+                   ("best epoch, max(online, EMA) (%)", "best_top1", 2)]
 
 
-def figure3_table(results: dict, seeds: list[int]) -> str:
-    """Final top-1 and held-out loss (online and EMA weights) per row, mean ± sample std over seeds."""
-    head = ("| row | final top-1, online (%) | final top-1, EMA (%) | final held-out loss, online | final held-out "
-            "loss, EMA | best epoch, max(online, EMA) (%) | trained |\n|---|---|---|---|---|---|---|\n")
-    rows = ""
+def table(results: dict, seeds: list[int], columns: list[tuple[str, str | None, int]] = TABLE_COLUMNS) -> str:
+    """One row per entry of ``results``: each column's mean ± sample std over seeds, then how it was trained."""
+    headers = [h for h, _, _ in columns] + ["trained"]
+    text = f"| row | {' | '.join(headers)} |\n|{'---|' * (len(headers) + 1)}\n"
     for name, entry in results.items():
         runs = entry["runs"]
-        rows += (f"| {name} | {mean_std([r['final_top1'] for r in runs])} | "
-                 f"{mean_std([r['final_top1_ema'] for r in runs])} | "
-                 f"{mean_std([r['final_eval_loss'] for r in runs], 4)} | "
-                 f"{mean_std([r['final_eval_loss_ema'] for r in runs], 4)} | "
-                 f"{mean_std([r['best_top1'] for r in runs])} | {entry.get('trained', '')} |\n")
-    return head + rows + f"\nMean ± sample std over seeds {', '.join(map(str, seeds))}.\n"
+        cells = [str(PAPER_TOP1.get(name, "-")) if key is None else mean_std([r[key] for r in runs], digits)
+                 for _, key, digits in columns]
+        text += f"| {name} | {' | '.join(cells)} | {entry.get('trained', '')} |\n"
+    return text + f"\nMean ± sample std over seeds {', '.join(map(str, seeds))}.\n"
 
 
 def smooth(values: list[float], window: int) -> list[float]:
@@ -451,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
             results[row.name]["runs"].append({"seed": seed, **read_run(out)})
             if args.figure3:
                 curves.setdefault(row.name, []).append(read_curves(out))
-    text = figure3_table(results, args.seeds) if args.figure3 else table(results, args.seeds)
+    text = table(results, args.seeds, FIGURE3_COLUMNS if args.figure3 else TABLE_COLUMNS)
     meta = {"date": datetime.date.today().isoformat(), "command": shlex.join([sys.executable, *sys.argv]),
             "machine": platform.processor() or platform.machine(),
             "table": None if args.modes or args.figure3 else args.table, "figure3": args.figure3, "stages": stages,
