@@ -123,7 +123,7 @@ class SpatialDecayAttention(nn.Module):
                 return
             _set_unless_loaded(self.gate.weight, None)
             if decay_gate == "rmt":
-                per_unit = eq.rmt_log_gamma(self.num_heads, self.fixed_decay_init, self.fixed_decay_range)
+                per_unit = self.fixed_log_gamma()
                 if self.decay_mode == "cdsf":  # M = alpha * G * d for equal gates (eq. 8)
                     if self.alpha <= 0:
                         raise ValueError("decay_gate_init='rmt' needs alpha > 0 with decay_mode='cdsf'")
