@@ -296,8 +296,18 @@ def test_freq_shift_selects_dits_or_diffusers_timestep_frequencies(freq_shift, d
 
 
 def test_other_resolution_without_abs_pos_embed():
-    model = tiny()
+    model = tiny(use_abs_pos_embed=False)
+    assert not hasattr(model, "pos_embed")
     assert model(torch.randn(2, 4, 12, 16), 5, 2).sample.shape == (2, 8, 12, 16)
+
+
+def test_abs_pos_embed_is_the_default_and_fixes_the_grid():
+    # DiT's choice, kept by the 2026-12-05 factorial (benchmarks/RESULTS.md, "SDT-P against DiT, part by part")
+    model = tiny()
+    assert model.config.use_abs_pos_embed is True and model.pos_embed.shape[1] == 16
+    assert SDTTransformer2DModel.from_preset("SDT-P-S/2").config.use_abs_pos_embed is True
+    with pytest.raises(ValueError, match="use_abs_pos_embed=True fixes the grid to 4\\^2 tokens, got 6x8"):
+        model(torch.randn(2, 4, 12, 16), 5, 2)
 
 
 def test_return_tuple():

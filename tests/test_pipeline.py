@@ -428,8 +428,8 @@ def test_batch_consistency_with_per_sample_generators(name):
     # Initial and DDPM step noise come per sample from the same generators; what differs is float32 rounding
     # in batched vs single matmuls, ~1e-7 relative per forward (checked below). The first step from t=999
     # divides epsilon errors by sqrt(alpha_bar_999) ~ 0.0063 and guidance multiplies them by 4, hence the
-    # 1e-4 tolerance (measured: up to ~2e-4 absolute, 3e-5 relative).
-    torch.testing.assert_close(batch, singles, rtol=1e-4, atol=1e-4)
+    # tolerance below (measured: up to ~2.3e-4 absolute, 3e-5 relative).
+    torch.testing.assert_close(batch, singles, rtol=1e-4, atol=3e-4)
     x, t, y = torch.randn(3, 4, 8, 8, generator=gen()), torch.tensor([999] * 3), torch.tensor(labels)
     with torch.no_grad():
         one_by_one = torch.cat([pipe.transformer(x[i:i + 1], t[:1], y[i:i + 1]).sample for i in range(3)])
