@@ -91,8 +91,8 @@ DATASET_HELP = {
                "--data-files",
     "dataset_config": "load_dataset's config name (name=) of --dataset",
     "dataset_split": "split of --dataset (a saved DatasetDict's or load_dataset's)",
-    "data_files": "load_dataset's data_files for --dataset: comma-separated paths or globs, or SPLIT=GLOB items "
-                  "(train=tr/*.parquet,validation=va/*.parquet)",
+    "data_files": "load_dataset's data_files for --dataset: comma-separated paths or globs, or a JSON object of "
+                  "split -> paths ('{\"train\": \"tr/*.parquet\", \"validation\": \"va/*.parquet\"}')",
     "image_column": "image column of --dataset",
     "label_column": "integer (ClassLabel) label column of --dataset",
     "streaming": "stream --dataset instead of loading it: refused, see docs/training.md (exact resume and the "
