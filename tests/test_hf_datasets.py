@@ -159,6 +159,7 @@ def test_sdt_train_exports_class_names_and_refuses_a_resume_on_changed_data(tmp_
     assert call_and_reset(trainer.train, parse_args(argv)).step == 2
     index = json.loads((out / "pipeline" / "model_index.json").read_text())
     assert index["id2label"] == {"0": "red", "1": "green", "2": "blue"}
+    assert "parquet (load_dataset)" in (out / "pipeline" / "README.md").read_text()  # the card names the data
     assert call_and_reset(trainer.main, [*argv, "--resume", "latest", "--max-steps", "4"]) == 0  # same data: exact
     _parquet(path, [0, 1, 2, 1])  # the data changes under the run
     assert call_and_reset(trainer.main, [*argv, "--resume", "latest", "--max-steps", "6"]) == 2

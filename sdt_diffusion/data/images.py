@@ -58,6 +58,7 @@ __all__ = [
     "class_names_to_id2label",
     "find_unreadable_images",
     "image_mode_problem",
+    "is_saved_dataset",
     "is_visible",
     "load_hf_dataset",
     "load_image_folder",
@@ -419,7 +420,9 @@ def load_saved_dataset(path: str | os.PathLike, split: str | None = None, image_
     return _labelled_rows(ds, description, name, image_column, label_column)
 
 
-def _is_saved_dataset(path: Path) -> bool:
+def is_saved_dataset(path: Path) -> bool:
+    """Whether ``path`` is a folder written by ``save_to_disk`` (it holds ``dataset_info.json`` or
+    ``dataset_dict.json``)."""
     return (path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file()
 
 
@@ -527,7 +530,7 @@ def open_dataset(dataset: str | os.PathLike, split: str | None = "train", image_
     Raises:
         DataInputError: ``config`` or ``data_files`` given for a saved folder, or the readers' errors.
     """
-    if os.path.isdir(dataset) and _is_saved_dataset(Path(dataset)):
+    if os.path.isdir(dataset) and is_saved_dataset(Path(dataset)):
         given = [f for f, v in (("--dataset-config", config), ("--data-files", data_files)) if v]
         if given:
             raise DataInputError(f"{flag} {dataset} is a save_to_disk folder (read with load_from_disk), which "
@@ -548,7 +551,7 @@ def open_labelled_images(path: str | os.PathLike, split: str | None = None, imag
     if not path.is_dir():
         raise DataInputError(f"{_named(flag, 'data', path)}: not a directory (an image folder or a saved dataset; "
                              f"--dataset takes a Hub id or data files)")
-    if _is_saved_dataset(path):
+    if is_saved_dataset(path):
         return load_saved_dataset(path, split, image_column, label_column, flag)
     return load_image_folder(path, flag)
 
