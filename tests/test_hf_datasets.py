@@ -214,6 +214,8 @@ def test_sdt_classify_and_sdt_extract_latents_read_dataset(tmp_path, monkeypatch
     assert (result["top1"], result["images"], result["source"]) == (100.0, 3, "dataset parquet split 'train'")
     assert classify_main([*base, "--streaming"]) == 2
     assert "--streaming: the data's classes are matched" in capsys.readouterr().err
+    assert classify_main([*base, "--split", "train"]) == 0  # the old name of --dataset-split still works, warned
+    assert "--split is deprecated" in capsys.readouterr().err
 
     make_tiny_vae().save_pretrained(tmp_path / "vae")
     argv = ["--dataset", "parquet", "--data-files", str(path), "--vae", str(tmp_path / "vae"), "--resolution", "16",
