@@ -5,7 +5,7 @@
 
 The checkout script of ``sdt-classify`` (also ``python -m sdt_diffusion.evaluation.classification``).  MODEL is
 a transformers folder, a timm folder or a timm weight file (``--arch``); DATA an image folder with one sub-folder
-per class or a ``save_to_disk`` dataset.  All logic lives in ``sdt_diffusion.evaluation.classification``
+per class or a ``save_to_disk`` dataset, or ``--dataset`` anything ``datasets.load_dataset`` takes.  All logic lives in ``sdt_diffusion.evaluation.classification``
 (``--help`` lists the options).
 """
 

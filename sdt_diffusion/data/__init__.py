@@ -3,7 +3,8 @@
 Diffusion training, latent extraction, classifier training and ``eval/classify.py`` all read their data here. It
 imports :mod:`sdt_diffusion.utils` only, never training or evaluation.
 
-- :mod:`.images`: class folders and ``save_to_disk`` datasets as :class:`LabelledImages` (one hidden-file rule,
+- :mod:`.images`: class folders, ``save_to_disk`` datasets and ``load_dataset`` datasets (:func:`open_dataset`,
+  ``--dataset``) as :class:`LabelledImages` (one hidden-file rule,
   one image-extension rule, one way to open an image, :func:`to_rgb`: 16-bit images scaled
   to 8 bits, 32-bit and float ones refused), the label-range check, the unreadable-image scan
   (:func:`verify_images`: ``--verify-images`` of both trainers and latent extraction) and the input errors
@@ -16,6 +17,7 @@ imports :mod:`sdt_diffusion.utils` only, never training or evaluation.
 
 from .images import (
     AUTO_VERIFY_LIMIT,
+    DATASET_HELP,
     EIGHT_BIT_MODES,
     IMAGE_EXTENSIONS,
     MAX_RESOLUTION,
@@ -28,12 +30,17 @@ from .images import (
     class_names_to_id2label,
     find_unreadable_images,
     image_mode_problem,
+    is_saved_dataset,
     is_visible,
+    load_hf_dataset,
     load_image_folder,
     load_image_source,
     load_saved_dataset,
+    open_dataset,
     open_image,
     open_labelled_images,
+    parse_data_files,
+    refuse_streaming,
     to_rgb,
     verify_images,
 )
@@ -45,6 +52,7 @@ __all__ = [
     "AUTO_VERIFY_LIMIT",
     "CACHE_FORMAT",
     "CACHE_VERSION",
+    "DATASET_HELP",
     "EIGHT_BIT_MODES",
     "IMAGE_EXTENSIONS",
     "MAX_RESOLUTION",
@@ -62,15 +70,20 @@ __all__ = [
     "class_names_to_id2label",
     "find_unreadable_images",
     "image_mode_problem",
+    "is_saved_dataset",
     "is_visible",
     "iterate_batches",
+    "load_hf_dataset",
     "load_image_folder",
     "load_image_source",
     "load_saved_dataset",
+    "open_dataset",
     "open_image",
     "open_labelled_images",
+    "parse_data_files",
     "pil_to_tensor",
     "read_cache_metadata",
+    "refuse_streaming",
     "to_rgb",
     "verify_images",
 ]

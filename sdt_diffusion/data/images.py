@@ -1,4 +1,5 @@
-"""The labelled-image reader: class folders and ``save_to_disk`` datasets, images decoded on access.
+"""The labelled-image reader: class folders, ``save_to_disk`` datasets and anything ``datasets.load_dataset`` takes,
+images decoded on access.
 
 One reader serves diffusion training, latent extraction, classifier training and ``eval/classify.py``:
 
@@ -10,6 +11,11 @@ One reader serves diffusion training, latent extraction, classifier training and
   after it.
 * **saved datasets**: a ``datasets.Dataset`` or one split of a ``DatasetDict`` written by ``save_to_disk``, with
   an image column (left undecoded) and an integer label column (``ClassLabel`` names become the class names).
+* **load_dataset datasets** (:func:`load_hf_dataset`): a Hub id (``ILSVRC/imagenet-1k``), a local folder of
+  parquet / arrow / image files, or a builder name (``parquet``, ``imagefolder``, ...) with ``--data-files``, plus
+  a config and a split; the same columns and labels as a saved dataset.  :func:`open_dataset` (``--dataset``)
+  detects a saved dataset first, so a ``save_to_disk`` folder reads as before.  Only map-style datasets: a
+  streamed one (``--streaming``) is refused (:func:`refuse_streaming`).
 
 Every error is a :class:`DataInputError` (a :class:`~sdt_diffusion.utils.errors.ConfigError`) that names the
 folder, file, split, column or row at fault.
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import re
 from collections.abc import Sequence
@@ -27,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import datasets.packaged_modules
 import numpy as np
 from accelerate.utils import gather_object
 from PIL import Image
@@ -37,6 +45,7 @@ from ..utils.labels import default_id2label
 
 __all__ = [
     "AUTO_VERIFY_LIMIT",
+    "DATASET_HELP",
     "EIGHT_BIT_MODES",
     "IMAGE_EXTENSIONS",
     "MAX_RESOLUTION",
@@ -49,12 +58,17 @@ __all__ = [
     "class_names_to_id2label",
     "find_unreadable_images",
     "image_mode_problem",
+    "is_saved_dataset",
     "is_visible",
+    "load_hf_dataset",
     "load_image_folder",
     "load_image_source",
     "load_saved_dataset",
+    "open_dataset",
     "open_image",
     "open_labelled_images",
+    "parse_data_files",
+    "refuse_streaming",
     "to_rgb",
     "verify_images",
 ]
@@ -68,6 +82,23 @@ MAX_RESOLUTION = 4096
 # ``--verify-images``: decode every image before the work starts ('auto': when there are at most this many).
 VERIFY_IMAGES = ("auto", "all", "none")
 AUTO_VERIFY_LIMIT = 20_000
+# datasets' packaged builders (parquet, imagefolder, arrow, ...): a --dataset of that name needs --data-files.
+_PACKAGED_BUILDERS = frozenset(getattr(datasets.packaged_modules, "_PACKAGED_DATASETS_MODULES", ()))
+# The help of the dataset flags, one wording for every command that has them (both trainers, sdt-extract-latents,
+# sdt-classify).
+DATASET_HELP = {
+    "dataset": "a save_to_disk folder, or anything datasets.load_dataset takes: a Hub id (ILSVRC/imagenet-1k), a "
+               "local folder of parquet/arrow/image files, or a builder name (parquet, imagefolder, arrow) with "
+               "--data-files",
+    "dataset_config": "load_dataset's config name (name=) of --dataset",
+    "dataset_split": "split of --dataset (a saved DatasetDict's or load_dataset's)",
+    "data_files": "load_dataset's data_files for --dataset: comma-separated paths or globs, or a JSON object of "
+                  "split -> paths ('{\"train\": \"tr/*.parquet\", \"validation\": \"va/*.parquet\"}')",
+    "image_column": "image column of --dataset",
+    "label_column": "integer (ClassLabel) label column of --dataset",
+    "streaming": "stream --dataset instead of loading it: refused, see docs/training.md (exact resume and the "
+                 "seeded per-epoch order need a map-style dataset of known length)",
+}
 
 
 class DataInputError(ConfigError):
@@ -180,7 +211,8 @@ class LabelledImages:
     """Images with integer labels from a class folder or a saved dataset; images are decoded on access.
 
     ``dataset`` holds the undecoded rows ``{image_column: cell}``: :class:`FolderRows` for a class folder, a
-    ``datasets.Dataset`` (its image column only) for a saved dataset.
+    ``datasets.Dataset`` (its image column only) for a saved or a ``load_dataset`` dataset.  ``origin`` holds the
+    ``load_dataset`` arguments of the latter (``None`` otherwise).
     """
 
     description: str
@@ -189,6 +221,7 @@ class LabelledImages:
     num_classes: int
     dataset: Any
     image_column: str = "image"
+    origin: dict[str, Any] | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -208,7 +241,10 @@ class LabelledImages:
         beside it).  Modification times are left out on purpose: copying or restoring a dataset (``cp``,
         ``rsync`` without ``-t``, a fresh checkout) changes them without changing a single image.  A saved
         dataset is identified by ``datasets``' own fingerprint (kept by ``save_to_disk``, independent of the
-        folder's location), its labels and the size of its Arrow files.
+        folder's location), its labels and the size of its Arrow files.  A ``load_dataset`` dataset likewise, plus its
+        ``load_dataset`` arguments (id or resolved local path, config, split, data files); ``datasets``' fingerprint
+        of it follows the Hub revision, or a local file's path and modification time (so a copied or touched local
+        file counts as changed data).
         """
         digest = hashlib.sha256()
         total = 0
@@ -224,7 +260,9 @@ class LabelledImages:
                 total += max(size, 0)
                 digest.update(b"%d\0%s\0%d\n" % (int(label), rel.split(sep, 1)[-1], size))
         else:
-            source = "saved dataset"
+            source = "saved dataset" if self.origin is None else "load_dataset dataset"
+            if self.origin is not None:
+                digest.update(json.dumps(self.origin, sort_keys=True).encode() + b"\0")
             digest.update(str(getattr(self.dataset, "_fingerprint", None)).encode() + b"\0")
             digest.update(np.ascontiguousarray(self.labels, dtype=np.int64).tobytes())
             for entry in getattr(self.dataset, "cache_files", None) or []:
@@ -312,8 +350,54 @@ def load_image_folder(root: str | os.PathLike, flag: str | None = None) -> Label
     return LabelledImages(f"image folder {root}", labels, classes, len(classes), rows)
 
 
+def _labelled_rows(ds: Any, description: str, name: str, image_column: str, label_column: str,
+                   origin: dict[str, Any] | None = None) -> LabelledImages:
+    """The rows of one split (a saved or a ``load_dataset`` dataset): columns, labels and class names checked."""
+    for column_flag, col in (("--image-column", image_column), ("--label-column", label_column)):
+        if col not in ds.column_names:
+            raise DataInputError(f"{name}: no column {col!r} ({column_flag}); columns: {ds.column_names}")
+    if len(ds) == 0:
+        raise DataInputError(f"{description}: no rows")
+    feature = ds.features[label_column]
+    names = [str(n) for n in feature.names] if isinstance(feature, datasets.ClassLabel) else None
+    labels = _integer_labels(ds[label_column], description, label_column)
+    num_classes = len(names) if names is not None else int(labels.max()) + 1
+    if isinstance(ds.features[image_column], datasets.Image):
+        ds = ds.cast_column(image_column, datasets.Image(decode=False))
+    images = LabelledImages(description, labels, names, num_classes, ds.select_columns([image_column]), image_column,
+                            origin)
+    check_labels(images, num_classes, f"column {label_column!r}")
+    return images
+
+
+def _integer_labels(column: Any, description: str, label_column: str) -> np.ndarray:
+    """A label column as int64: integers (or booleans) as they are, floats only when every value is a whole
+    number (``1.5`` would otherwise be truncated to class 1); anything else refused."""
+    def refuse(why: str) -> DataInputError:
+        return DataInputError(f"{description}: column {label_column!r} does not hold integer labels ({why}); "
+                              f"choose the label column with --label-column, or encode class names as ids first "
+                              f"(datasets' class_encode_column)")
+    try:
+        raw = np.asarray(column)
+    except (TypeError, ValueError) as e:
+        raise refuse(str(e)) from None
+    if raw.ndim != 1:
+        raise DataInputError(f"{description}: column {label_column!r} holds arrays of shape {raw.shape[1:]}, "
+                             f"expected one integer label per row")
+    if raw.dtype.kind in "iub":
+        return raw.astype(np.int64)
+    if raw.dtype.kind == "f":
+        bad = np.flatnonzero(~np.isfinite(raw) | (raw != np.round(raw)))
+        if len(bad):
+            raise refuse(f"{raw[bad[0]].item()!r} at row {int(bad[0])}")
+        return raw.astype(np.int64)
+    shown = raw[0].item() if isinstance(raw[0], np.generic) else raw[0]
+    raise refuse(f"{type(shown).__name__} values such as {shown!r}")
+
+
 def load_saved_dataset(path: str | os.PathLike, split: str | None = None, image_column: str = "image",
-                       label_column: str = "label", flag: str | None = None) -> LabelledImages:
+                       label_column: str = "label", flag: str | None = None,
+                       split_flag: str = "--dataset-split") -> LabelledImages:
     """A ``save_to_disk`` dataset, or its ``split`` when it holds several (a ``DatasetDict``); images undecoded.
 
     Raises:
@@ -328,35 +412,132 @@ def load_saved_dataset(path: str | os.PathLike, split: str | None = None, image_
     description = f"dataset {path}"
     if isinstance(ds, datasets.DatasetDict):
         if split is None:
-            raise DataInputError(f"{name} holds the splits {list(ds)}; name one (--split)")
+            raise DataInputError(f"{name} holds the splits {list(ds)}; name one ({split_flag})")
         if split not in ds:
             raise DataInputError(f"{name}: no split {split!r} (splits: {list(ds)})")
         ds = ds[split]
         description += f" split {split!r}"
-    for column_flag, col in (("--image-column", image_column), ("--label-column", label_column)):
-        if col not in ds.column_names:
-            raise DataInputError(f"{name}: no column {col!r} ({column_flag}); columns: {ds.column_names}")
-    if len(ds) == 0:
-        raise DataInputError(f"{description}: no rows")
-    feature = ds.features[label_column]
-    names = [str(n) for n in feature.names] if isinstance(feature, datasets.ClassLabel) else None
-    try:
-        labels = np.asarray(ds[label_column], dtype=np.int64)
-    except (TypeError, ValueError) as e:
-        raise DataInputError(f"{description}: column {label_column!r} does not hold integer labels ({e})") from None
-    if labels.ndim != 1:
-        raise DataInputError(f"{description}: column {label_column!r} holds arrays of shape {labels.shape[1:]}, "
-                             f"expected one integer label per row")
-    num_classes = len(names) if names is not None else int(labels.max()) + 1
-    if isinstance(ds.features[image_column], datasets.Image):
-        ds = ds.cast_column(image_column, datasets.Image(decode=False))
-    images = LabelledImages(description, labels, names, num_classes, ds.select_columns([image_column]), image_column)
-    check_labels(images, num_classes, f"column {label_column!r}")
-    return images
+    return _labelled_rows(ds, description, name, image_column, label_column)
 
 
-def _is_saved_dataset(path: Path) -> bool:
+def is_saved_dataset(path: Path) -> bool:
+    """Whether ``path`` is a folder written by ``save_to_disk`` (it holds ``dataset_info.json`` or
+    ``dataset_dict.json``)."""
     return (path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file()
+
+
+def parse_data_files(text: str | None, flag: str = "--data-files") -> list[str] | dict[str, list[str]] | None:
+    """``--data-files`` as ``load_dataset``'s ``data_files``: comma-separated paths or globs (a list), or a JSON
+    object of split -> path/glob or list of them (a YAML mapping in a ``--config`` arrives as that JSON).
+
+    Raises:
+        DataInputError: an empty item, or JSON that is not such an object.
+    """
+    if text is None or not str(text).strip():
+        return None
+    text = str(text).strip()
+    if text.startswith("{"):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataInputError(f"{flag} {text!r}: not valid JSON ({e})") from None
+        out = {}
+        for split, files in value.items():
+            files = [files] if isinstance(files, str) else files
+            if not (isinstance(files, list) and files and all(isinstance(f, str) and f.strip() for f in files)):
+                raise DataInputError(f"{flag} {text!r}: split {split!r} must map to a path or glob, or a list of them")
+            out[str(split)] = [f.strip() for f in files]
+        if not out:
+            raise DataInputError(f"{flag} {text!r}: names no files")
+        return out
+    items = [item.strip() for item in text.split(",")]
+    if not all(items):
+        raise DataInputError(f"{flag} {text!r}: an empty path between commas")
+    return items
+
+
+def refuse_streaming(streaming: bool, why: str) -> None:
+    """``--streaming`` is refused (before any compute) with the command's reason ``why``.
+
+    Raises:
+        DataInputError: ``streaming`` is set.
+    """
+    if streaming:
+        raise DataInputError(
+            f"--streaming: {why}; drop --streaming (load_dataset then downloads and prepares the dataset once, in the "
+            f"datasets cache), or prepare it once yourself with load_dataset(...).save_to_disk(...) and pass that "
+            f"folder as --dataset")
+
+
+def load_hf_dataset(dataset: str | os.PathLike, split: str | None = "train", image_column: str = "image",
+                    label_column: str = "label", *, config: str | None = None,
+                    data_files: str | Sequence[str] | dict[str, Any] | None = None, flag: str = "--dataset",
+                    split_flag: str = "--dataset-split") -> LabelledImages:
+    """``datasets.load_dataset(dataset, name=config, data_files=data_files, split=split)``: a Hub id, a local folder
+    of data files, or a builder name with ``data_files``; map-style only; images undecoded.
+
+    ``split=None`` takes the only split and refuses a choice among several.  Offline (``HF_DATASETS_OFFLINE=1``) a
+    Hub id loads from the ``datasets`` cache or not at all.
+
+    Raises:
+        DataInputError: naming the flag and value: a dataset that cannot be loaded (offline, no such folder or Hub
+            id), an unknown config or split, a builder name without ``data_files``, and :func:`load_saved_dataset`'s
+            column and label errors.
+    """
+    dataset = str(dataset)
+    name = f"{flag} {dataset}"
+    if dataset in _PACKAGED_BUILDERS and not os.path.isdir(dataset):
+        if data_files is None:
+            raise DataInputError(f"{name}: the {dataset!r} builder reads the files named by --data-files; give them "
+                                 f"(e.g. --data-files 'data/train-*.{'parquet' if dataset == 'parquet' else '*'}')")
+        if config:  # load_dataset would take any name here as a mere label, and ignore it
+            raise DataInputError(f"--dataset-config {config!r} of {name}: the {dataset!r} builder has no configs; "
+                                 f"drop --dataset-config")
+    try:
+        ds = datasets.load_dataset(dataset, name=config, data_files=data_files, split=split)
+    except Exception as e:  # noqa: BLE001 - any loading error, re-raised naming the flag and the value
+        text = f"{type(e).__name__}: {e}"
+        if isinstance(e, ValueError) and "BuilderConfig" in str(e):
+            raise DataInputError(f"--dataset-config {config!r} of {name}: {text}") from None
+        if isinstance(e, ValueError) and "Unknown split" in str(e):
+            raise DataInputError(f"{split_flag} {split!r} of {name}: {text}") from None
+        if isinstance(e, ConnectionError):
+            raise DataInputError(
+                f"{name}: not a local folder, and load_dataset cannot fetch it as a Hub dataset ({text}); offline "
+                f"(HF_DATASETS_OFFLINE=1 / HF_HUB_OFFLINE=1) a Hub dataset must already be in the datasets cache; "
+                f"otherwise check the id and the network") from None
+        raise DataInputError(f"{name}: load_dataset failed ({text})") from None
+    description = f"dataset {dataset}" + (f" config {config!r}" if config else "")
+    if isinstance(ds, datasets.DatasetDict):
+        if len(ds) != 1:
+            raise DataInputError(f"{name} holds the splits {list(ds)}; name one ({split_flag})")
+        split, ds = next(iter(ds.items()))
+    if not isinstance(ds, datasets.Dataset):
+        raise DataInputError(f"{name}: load_dataset gave a {type(ds).__name__}, not a map-style dataset")
+    description += f" split {split!r}"
+    where = str(Path(dataset).resolve()) if os.path.exists(dataset) else dataset
+    origin = {"path": where, "name": config, "split": split, "data_files": data_files}
+    return _labelled_rows(ds, description, name, image_column, label_column, origin)
+
+
+def open_dataset(dataset: str | os.PathLike, split: str | None = "train", image_column: str = "image",
+                 label_column: str = "label", *, config: str | None = None,
+                 data_files: str | Sequence[str] | dict[str, Any] | None = None, flag: str = "--dataset",
+                 split_flag: str = "--dataset-split") -> LabelledImages:
+    """``--dataset``: a ``save_to_disk`` folder (detected first, read exactly as :func:`load_saved_dataset` does)
+    or else anything ``datasets.load_dataset`` takes (:func:`load_hf_dataset`).
+
+    Raises:
+        DataInputError: ``config`` or ``data_files`` given for a saved folder, or the readers' errors.
+    """
+    if os.path.isdir(dataset) and is_saved_dataset(Path(dataset)):
+        given = [f for f, v in (("--dataset-config", config), ("--data-files", data_files)) if v]
+        if given:
+            raise DataInputError(f"{flag} {dataset} is a save_to_disk folder (read with load_from_disk), which "
+                                 f"takes no {' or '.join(given)}; drop {' and '.join(given)}")
+        return load_saved_dataset(dataset, split, image_column, label_column, flag, split_flag)
+    return load_hf_dataset(dataset, split, image_column, label_column, config=config, data_files=data_files,
+                           flag=flag, split_flag=split_flag)
 
 
 def open_labelled_images(path: str | os.PathLike, split: str | None = None, image_column: str = "image",
@@ -368,8 +549,9 @@ def open_labelled_images(path: str | os.PathLike, split: str | None = None, imag
     """
     path = Path(path)
     if not path.is_dir():
-        raise DataInputError(f"{_named(flag, 'data', path)}: not a directory (an image folder or a saved dataset)")
-    if _is_saved_dataset(path):
+        raise DataInputError(f"{_named(flag, 'data', path)}: not a directory (an image folder or a saved dataset; "
+                             f"--dataset takes a Hub id or data files)")
+    if is_saved_dataset(path):
         return load_saved_dataset(path, split, image_column, label_column, flag)
     return load_image_folder(path, flag)
 
@@ -381,18 +563,25 @@ def load_image_source(
     image_column: str = "image",
     label_column: str = "label",
     folder_flag: str = "--data-dir",
+    *,
+    config: str | None = None,
+    data_files: str | Sequence[str] | dict[str, Any] | None = None,
+    dataset_flag: str = "--dataset",
+    split_flag: str = "--dataset-split",
 ) -> LabelledImages:
-    """The training commands' two flags: a class folder (``data_dir``, errors naming ``folder_flag``) or a saved
-    dataset (``dataset``, errors naming ``--dataset``; ``split`` picks a ``DatasetDict``'s split).
+    """The training commands' two flags: a class folder (``data_dir``, errors naming ``folder_flag``) or a dataset
+    (``dataset``, :func:`open_dataset`: a saved folder or anything ``load_dataset`` takes, errors naming
+    ``dataset_flag``; ``split`` picks the split).
 
     Raises:
         DataInputError: neither or both given, or the reader's errors.
     """
     if (data_dir is None) == (dataset is None):
-        raise DataInputError(f"pass exactly one of {folder_flag}, --dataset")
+        raise DataInputError(f"pass exactly one of {folder_flag}, {dataset_flag}")
     if data_dir is not None:
         return load_image_folder(data_dir, folder_flag)
-    return load_saved_dataset(dataset, split, image_column, label_column, "--dataset")
+    return open_dataset(dataset, split, image_column, label_column, config=config, data_files=data_files,
+                        flag=dataset_flag, split_flag=split_flag)
 
 
 def check_labels(images: LabelledImages, num_classes: int, what: str = "labels") -> None:

@@ -3,7 +3,8 @@
 The transform is the one SDT-H's paper inherits from RMT (and DeiT, Swin): resize the short side to
 ``resolution / 0.875`` (256 for 224) with bicubic interpolation, centre-crop ``resolution``, normalise with
 ImageNet's mean and std.  Data: an image folder with one sub-folder per class (ImageNet's ``train`` / ``val``
-layout) or a ``datasets`` folder written by ``save_to_disk`` with an image and a label column.  Models: a
+layout) or a ``datasets`` folder written by ``save_to_disk`` with an image and a label column, or ``--dataset``:
+also anything ``datasets.load_dataset`` takes (a Hub id, local data files; not streamed).  Models: a
 transformers folder (``save_pretrained``; SDT-H's or any ``AutoModelForImageClassification``), a timm folder
 (``timm.models.save_for_hf``: ``config.json`` with ``architecture``) or a timm weight file with its
 architecture named.  Data classes are matched to the model's by name (its ``id2label``; :func:`check_classes`),
@@ -40,6 +41,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForImageClassification
 
 from ..data import (
+    DATASET_HELP,
     MAX_RESOLUTION,
     DataInputError,
     FolderRows,
@@ -48,9 +50,13 @@ from ..data import (
     check_labels,
     class_names_to_id2label,
     find_unreadable_images,
+    open_dataset,
     open_labelled_images,
+    parse_data_files,
+    refuse_streaming,
 )
 from ..models.sdt_h import IMAGENET_MEAN, IMAGENET_STD, PRESET_OF_TIMM_NAME, SDT_H_PRESETS, SDTH
+from ..utils.cli_args import add_deprecated_alias
 from ..utils.files import atomic_write_text, check_writable
 from ..utils.optional import import_optional
 from ..utils.runtime import default_device
@@ -73,6 +79,7 @@ __all__ = [
     "find_unreadable_images",
     "load_classifier",
     "markdown_rows",
+    "open_data",
     "open_labelled_images",
     "preset_of",
     "summarise",
@@ -94,6 +101,9 @@ PAPER_TABLE1: dict[str, dict[str, float]] = {
 # Unusable evaluation input (data folder, dataset, labels, image, model folder); the message names it.  The data
 # layer's error, so one ``except`` catches a bad model folder and bad data alike (a ConfigError: exit status 2).
 ClassificationInputError = DataInputError
+# Why --streaming is refused: the data's classes are matched to the model's, and every label checked, first.
+STREAMING_REASON = ("the data's classes are matched to the model's and every label is checked before any image is "
+                    "classified, which needs a map-style dataset")
 
 
 # ------------------------------------------------------------------------------------------- transform
@@ -417,11 +427,16 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: sdt-classify runs/sdt-h-t/model /data/imagenet/val --output top1.json",
     )
     p.add_argument("model", help="transformers folder, timm folder, or timm weight file (with --arch)")
-    p.add_argument("data", help="image folder (one sub-folder per class) or a save_to_disk dataset")
-    p.add_argument("--split", default=None,
-                   help="split of a saved DatasetDict, e.g. validation (default: the dataset itself)")
-    p.add_argument("--image-column", default="image", help="image column of a saved dataset (default image)")
-    p.add_argument("--label-column", default="label", help="label column of a saved dataset (default label)")
+    p.add_argument("data", nargs="?", default=None,
+                   help="image folder (one sub-folder per class) or a save_to_disk dataset (or give --dataset)")
+    p.add_argument("--dataset", default=None, help=DATASET_HELP["dataset"] + " (instead of DATA)")
+    p.add_argument("--dataset-config", default=None, help=DATASET_HELP["dataset_config"])
+    p.add_argument("--dataset-split", default=None,
+                   help=DATASET_HELP["dataset_split"] + ", e.g. validation (default: the only split)")
+    p.add_argument("--data-files", default=None, help=DATASET_HELP["data_files"])
+    p.add_argument("--image-column", default="image", help=DATASET_HELP["image_column"] + " or DATA (default image)")
+    p.add_argument("--label-column", default="label", help=DATASET_HELP["label_column"] + " or DATA (default label)")
+    p.add_argument("--streaming", action="store_true", help=f"stream --dataset: refused ({STREAMING_REASON})")
     p.add_argument("--resolution", type=int, default=None,
                    help="centre-crop side (default: the model folder's, else 224); the resize is resolution/0.875")
     p.add_argument("--crop-pct", type=float, default=None, help="crop fraction (default: the model's, else 0.875)")
@@ -436,7 +451,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="write the result as JSON to this file (default: print only)")
     p.add_argument("--no-progress-bar", dest="progress_bar", action="store_false", default=True,
                    help="no progress bar")
+    add_deprecated_alias(p, "--split", "--dataset-split")  # its name before --dataset came
     return p
+
+
+def open_data(args: argparse.Namespace) -> LabelledImages:
+    """DATA (an image folder or a saved dataset) or ``--dataset`` (also anything load_dataset takes).
+
+    Raises:
+        ClassificationInputError: neither or both, ``--streaming``, a load_dataset flag without ``--dataset``, or
+            the reader's errors.
+    """
+    if (args.data is None) == (args.dataset is None):
+        raise ClassificationInputError("pass exactly one of DATA (an image folder or a save_to_disk dataset) and "
+                                       "--dataset")
+    refuse_streaming(args.streaming, STREAMING_REASON)
+    if args.data is not None:
+        for flag_name, value in (("--dataset-config", args.dataset_config), ("--data-files", args.data_files)):
+            if value:
+                raise ClassificationInputError(f"{flag_name} {value!r} needs --dataset (it is load_dataset's "
+                                               f"argument); DATA {args.data} is read as a folder")
+        return open_labelled_images(args.data, args.dataset_split, args.image_column, args.label_column)
+    return open_dataset(args.dataset, args.dataset_split, args.image_column, args.label_column,
+                        config=args.dataset_config, data_files=parse_data_files(args.data_files))
 
 
 def classify(args: argparse.Namespace) -> dict[str, Any]:
@@ -456,7 +493,7 @@ def classify(args: argparse.Namespace) -> dict[str, Any]:
         kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
     except json.JSONDecodeError as e:
         raise ClassificationInputError(f"--model-kwargs is not JSON: {e}") from None
-    images = open_labelled_images(args.data, args.split, args.image_column, args.label_column)
+    images = open_data(args)
     loaded = load_classifier(args.model, args.arch, kwargs)
     images = check_classes(loaded, images)
     if args.check_images:
@@ -470,7 +507,8 @@ def classify(args: argparse.Namespace) -> dict[str, Any]:
     model = loaded.model.to(device)
     sums = evaluate_classifier(loaded.logits, TransformedImages(images, transform), device, args.batch_size,
                                args.num_workers, progress=args.progress_bar, desc="classify")
-    result = {"model": str(args.model), "data": str(args.data), "kind": loaded.kind, "preset": loaded.preset,
+    result = {"model": str(args.model), "data": str(args.data if args.data is not None else args.dataset),
+              "source": images.description, "kind": loaded.kind, "preset": loaded.preset,
               "params": sum(p.numel() for p in model.parameters()), "resolution": resolution,
               "resize": math.floor(resolution / crop_pct), "crop_pct": crop_pct, "num_classes": loaded.num_labels,
               **summarise(sums)}
@@ -486,11 +524,12 @@ def classify_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.output:
         output = Path(args.output).resolve()
-        for role, given in (("model", Path(args.model).resolve()), ("data", Path(args.data).resolve())):
-            if output == given or given in output.parents:
+        data = args.data if args.data is not None else args.dataset
+        for role, named in (("model", args.model), ("data", data)):
+            given = Path(named).resolve() if named is not None else None
+            if given is not None and (output == given or given in output.parents):
                 print(f"{parser.prog}: error: --output {args.output} is {'inside ' if output != given else ''}the "
-                      f"{role} {args.model if role == 'model' else args.data}; name another file for the result",
-                      file=sys.stderr, flush=True)
+                      f"{role} {named}; name another file for the result", file=sys.stderr, flush=True)
                 return 2
         try:
             check_writable(args.output)  # before any image is classified, not after

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import yaml
 
+from ..data import is_saved_dataset
 from ..hub import CardFacts, Metric, data_name, fid_metrics, known_datasets, push_folder
 from ..models import count_parameters
 from ..utils.safe_yaml import load_yaml
@@ -80,10 +81,16 @@ def grid_of_step(run_dir: str | Path, step: int) -> Path | None:
 
 
 def _training_data(config: Mapping[str, Any]) -> str | None:
-    """The training data as the card names it (the last two parts of its path)."""
-    for key, what in (("latents_dir", "latent cache"), ("data_dir", "image folder"), ("dataset", "saved dataset")):
+    """The training data as the card names it (the last two parts of its path; a ``--dataset`` that is no local
+    path, a Hub id or a builder name, as given)."""
+    for key, what in (("latents_dir", "latent cache"), ("data_dir", "image folder"), ("dataset", "dataset")):
         if config.get(key):
-            return f"{data_name(config[key])} ({what})"
+            value = str(config[key])
+            if key == "dataset" and not Path(value).exists():
+                return f"{value} (load_dataset)"
+            if key == "dataset" and is_saved_dataset(Path(value)):
+                what = "saved dataset"
+            return f"{data_name(value)} ({what})"
     return None
 
 

@@ -15,7 +15,6 @@ import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 from ..attention.modes import decay_mode as get_decay_mode
@@ -98,8 +97,9 @@ class SDTHModelSettings:
 @dataclass(frozen=True, kw_only=True)
 class ClassDataSettings:
     title: ClassVar[str] = "classification data"
-    eval_dataset: str | None = flag(None, "validation dataset saved with save_to_disk (instead of --eval-data-dir)")
-    eval_dataset_split: str = flag("validation", "split of a saved validation DatasetDict")
+    eval_dataset: str | None = flag(None, "validation data like --dataset (instead of --eval-data-dir); "
+                                          "--dataset-config and --data-files apply when it is --dataset itself")
+    eval_dataset_split: str = flag("validation", "split of --eval-dataset")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -226,11 +226,10 @@ def _check_sources(s: ClassifierSettings) -> None:
     if s.data.data_dir and s.data.dataset:
         raise ConfigError("pass one of --data-dir and --dataset, not both")
     if not (s.data.data_dir or s.data.dataset):
-        raise ConfigError("pass --data-dir (an image folder) or --dataset (a save_to_disk dataset)")
+        raise ConfigError("pass --data-dir (an image folder) or --dataset (a save_to_disk folder, a Hub id or data "
+                          "files for load_dataset)")
     if s.data.eval_data_dir and s.classes.eval_dataset:
         raise ConfigError("pass one of --eval-data-dir and --eval-dataset, not both")
-    if s.classes.eval_dataset and not Path(s.classes.eval_dataset).is_dir():
-        raise ConfigError(f"--eval-dataset {s.classes.eval_dataset}: not a directory")
 
 
 def check_classifier(s: ClassifierSettings) -> None:

@@ -43,7 +43,9 @@ from ..data import (
     UnreadableImageError,
     check_labels,
     class_names_to_id2label,
+    open_dataset,
     open_labelled_images,
+    parse_data_files,
     verify_images,
 )
 from ..evaluation.classification import eval_transform, evaluate_classifier, summarise
@@ -124,11 +126,20 @@ class ClassifierPlan(RunPlan):
         return {k: v for k, v in self.model_config.items() if k != "num_labels"}
 
 
-def _open(settings: ClassifierSettings, folder: str | None, saved: str | None, split: str, what: str
-          ) -> LabelledImages:
+def _open(settings: ClassifierSettings, folder: str | None, dataset: str | None, split: str, what: str,
+          flags: tuple[str, str, str]) -> LabelledImages:
+    """A class folder (``flags[0]``; a saved dataset there reads as one, as it always has) or a dataset
+    (``flags[1]``, split ``flags[2]``: a saved folder or anything load_dataset takes).  ``--dataset-config`` and
+    ``--data-files`` apply to a dataset that is ``--dataset`` itself (a validation split of the same dataset)."""
+    d = settings.data
     try:
-        return open_labelled_images(folder or saved, split if saved else None, settings.data.image_column,
-                                    settings.data.label_column)
+        if folder:
+            return open_labelled_images(folder, None, d.image_column, d.label_column, flags[0])
+        same = dataset == d.dataset
+        return open_dataset(dataset, split, d.image_column, d.label_column,
+                            config=d.dataset_config if same else None,
+                            data_files=parse_data_files(d.data_files) if same else None, flag=flags[1],
+                            split_flag=flags[2])
     except DataInputError as e:
         raise ConfigError(f"{what}: {e}") from None
 
@@ -140,13 +151,14 @@ def open_data(settings: ClassifierSettings, accelerator: Any) -> ClassifierData:
     Raises:
         ConfigError: no classes, an empty class, labels out of range, mismatched class lists.
     """
-    with accelerator.local_main_process_first():  # a saved dataset may build caches: once per node
+    with accelerator.local_main_process_first():  # a dataset may download or build caches: once per node
         d = settings.data
-        train = _open(settings, d.data_dir, d.dataset, d.dataset_split, "training data")
+        train = _open(settings, d.data_dir, d.dataset, d.dataset_split, "training data",
+                      ("--data-dir", "--dataset", "--dataset-split"))
         held = None
         if d.eval_data_dir or settings.classes.eval_dataset:
             held = _open(settings, d.eval_data_dir, settings.classes.eval_dataset, settings.classes.eval_dataset_split,
-                         "evaluation data")
+                         "evaluation data", ("--eval-data-dir", "--eval-dataset", "--eval-dataset-split"))
     if train.num_classes < 2:
         raise ConfigError(f"{train.description}: a classifier needs at least 2 classes, found {train.num_classes}")
     if held is not None:

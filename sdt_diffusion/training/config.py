@@ -20,7 +20,15 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..data import AUTO_VERIFY_LIMIT, MAX_RESOLUTION, VERIFY_IMAGES, is_visible
+from ..data import (
+    AUTO_VERIFY_LIMIT,
+    DATASET_HELP,
+    MAX_RESOLUTION,
+    VERIFY_IMAGES,
+    is_visible,
+    parse_data_files,
+    refuse_streaming,
+)
 from ..hub import check_hub_flags
 from ..utils.errors import ConfigError
 from .flags import CALLER, COMMAND_LINE, EXPLICIT, flag, plain, settings_from_namespace
@@ -32,6 +40,7 @@ __all__ = [
     "MAX_SEED",
     "MIXED_PRECISION",
     "REPORT_TO",
+    "STREAMING_REASON",
     "CheckpointSettings",
     "ConfigError",
     "DataSettings",
@@ -44,6 +53,7 @@ __all__ = [
     "Settings",
     "check_finite",
     "check_output_outside_data",
+    "check_data_flags",
     "check_positive",
     "check_settings",
     "parse_model_kwargs",
@@ -63,6 +73,9 @@ MAX_SEED = 2**31 - 1  # numpy's global seed must stay below 2**32 after accelera
 MAX_GLOBAL_BATCH = 1 << 20
 HIDDEN = "<hidden>"  # what train_config.yaml and the trackers record for a --hub-token
 RESUME_HELP = "'latest' (newest checkpoint in --output-dir, error if none), 'auto' (latest if any) or a path"
+# Why the trainers refuse --streaming (docs/training.md, "Datasets through load_dataset").
+STREAMING_REASON = ("exact resume and the seeded per-epoch order (EpochSampler) need a map-style dataset of known "
+                    "length, and a stream's position is not restored exactly")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -91,10 +104,13 @@ class ModelSettings:
 class DataSettings:
     title: ClassVar[str] = "data"
     data_dir: str | None = flag(None, "training image folder, one sub-folder per class")
-    dataset: str | None = flag(None, "training dataset saved with datasets' save_to_disk")
-    dataset_split: str = flag("train", "split of a saved DatasetDict")
-    image_column: str = flag("image", "image column of a saved dataset")
-    label_column: str = flag("label", "label column of a saved dataset")
+    dataset: str | None = flag(None, "training data: " + DATASET_HELP["dataset"])
+    dataset_config: str | None = flag(None, DATASET_HELP["dataset_config"])
+    dataset_split: str = flag("train", DATASET_HELP["dataset_split"])
+    data_files: str | None = flag(None, DATASET_HELP["data_files"])
+    image_column: str = flag("image", DATASET_HELP["image_column"])
+    label_column: str = flag("label", DATASET_HELP["label_column"])
+    streaming: bool = flag(False, DATASET_HELP["streaming"])
     eval_data_dir: str | None = flag(None, "held-out image folder with the training classes")
     resolution: int | None = flag(help="image side")
     num_workers: int = flag(help="data-loader worker processes per process")
@@ -292,6 +308,21 @@ def check_output_outside_data(output_flag: str, output: str | None, folders: dic
                               f"data by the next run; choose an {output_flag} outside the data")
 
 
+def check_data_flags(v: dict[str, Any]) -> None:
+    """The ``load_dataset`` flags: ``--dataset-config`` and ``--data-files`` only with ``--dataset``, a readable
+    ``--data-files``, and ``--streaming`` refused (:data:`STREAMING_REASON`).  Whether the dataset loads is the
+    plan's check (it reads the data, still before any compute).
+
+    Raises:
+        ConfigError: naming the flag and its value.
+    """
+    refuse_streaming(v["streaming"], STREAMING_REASON)  # a DataInputError is a ConfigError
+    for flag_name, key in (("--dataset-config", "dataset_config"), ("--data-files", "data_files")):
+        if v[key] and not v["dataset"]:
+            raise ConfigError(f"{flag_name} {v[key]!r} needs --dataset (it is load_dataset's argument)")
+    parse_data_files(v["data_files"])
+
+
 def check_settings(settings: Settings) -> None:
     """Check the shared flags and their combinations without touching data, models or devices.
 
@@ -301,11 +332,12 @@ def check_settings(settings: Settings) -> None:
     v = settings.values()
     if not v["output_dir"]:
         raise ConfigError("--output-dir is required")
-    for flag_name, value in (("--data-dir", v["data_dir"]), ("--dataset", v["dataset"]),
-                             ("--eval-data-dir", v["eval_data_dir"])):
+    for flag_name, value in (("--data-dir", v["data_dir"]), ("--eval-data-dir", v["eval_data_dir"])):
         if value and not Path(value).is_dir():
             raise ConfigError(f"{flag_name} {value}: not a directory")
-    check_output_outside_data("--output-dir", v["output_dir"], {"--data-dir": v["data_dir"],
+    check_data_flags(v)
+    local_dataset = v["dataset"] if v["dataset"] and Path(v["dataset"]).is_dir() else None
+    check_output_outside_data("--output-dir", v["output_dir"], {"--data-dir": v["data_dir"], "--dataset": local_dataset,
                                                                "--eval-data-dir": v["eval_data_dir"]})
     if v["data_dir"] and v["eval_data_dir"] and read_as_data(v["eval_data_dir"], v["data_dir"]):
         raise ConfigError(f"--eval-data-dir {v['eval_data_dir']} holds training images (it is, or lies inside, "

@@ -36,12 +36,15 @@ from ..data import (
     AUTO_VERIFY_LIMIT,
     CACHE_FORMAT,
     CACHE_VERSION,
+    DATASET_HELP,
     MAX_RESOLUTION,
     VERIFY_IMAGES,
     ImageClassDataset,
     UnreadableImageError,
     class_names_to_id2label,
     load_image_source,
+    parse_data_files,
+    refuse_streaming,
     verify_images,
 )
 from ..evaluation.sampling import MAX_PER_DEVICE_BATCH
@@ -57,6 +60,9 @@ from .plan import DEFAULT_VAE, vae_config, vae_reference
 __all__ = ["build_extract_parser", "cli", "extract_latents", "main"]
 
 logger = logging.getLogger("sdt_diffusion.training.extract")
+# Why --streaming is refused here: process r of W encodes the rows [N·r/W, N·(r+1)/W).
+STREAMING_REASON = ("the cache's per-process blocks of rows and its row indices need a map-style dataset of known "
+                    "length")
 
 
 def build_extract_parser() -> argparse.ArgumentParser:
@@ -64,10 +70,13 @@ def build_extract_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="extract_latents.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter)
     p.add_argument("--data-dir", type=str, default=None, help="image folder, one subfolder per class")
-    p.add_argument("--dataset", type=str, default=None, help="a datasets dataset saved with save_to_disk")
-    p.add_argument("--dataset-split", type=str, default="train")
-    p.add_argument("--image-column", type=str, default="image")
-    p.add_argument("--label-column", type=str, default="label")
+    p.add_argument("--dataset", type=str, default=None, help=DATASET_HELP["dataset"])
+    p.add_argument("--dataset-config", type=str, default=None, help=DATASET_HELP["dataset_config"])
+    p.add_argument("--dataset-split", type=str, default="train", help=DATASET_HELP["dataset_split"])
+    p.add_argument("--data-files", type=str, default=None, help=DATASET_HELP["data_files"])
+    p.add_argument("--image-column", type=str, default="image", help=DATASET_HELP["image_column"])
+    p.add_argument("--label-column", type=str, default="label", help=DATASET_HELP["label_column"])
+    p.add_argument("--streaming", action="store_true", help=f"stream --dataset: refused ({STREAMING_REASON})")
     p.add_argument("--vae", type=str, default=DEFAULT_VAE, help="AutoencoderKL folder or hub id")
     p.add_argument("--vae-subfolder", type=str, default=None)
     p.add_argument("--resolution", type=int, default=256)
@@ -96,9 +105,13 @@ def _check_args(args: argparse.Namespace) -> dict[str, Any]:
     """Check the flags before any compute; returns the VAE's config."""
     if bool(args.data_dir) == bool(args.dataset):
         raise ConfigError("pass exactly one of --data-dir, --dataset")
-    for flag, value in (("--data-dir", args.data_dir), ("--dataset", args.dataset)):
-        if value and not Path(value).is_dir():
-            raise ConfigError(f"{flag} {value}: not a directory")
+    if args.data_dir and not Path(args.data_dir).is_dir():
+        raise ConfigError(f"--data-dir {args.data_dir}: not a directory")
+    refuse_streaming(args.streaming, STREAMING_REASON)
+    for flag, value in (("--dataset-config", args.dataset_config), ("--data-files", args.data_files)):
+        if value and not args.dataset:
+            raise ConfigError(f"{flag} {value!r} needs --dataset (it is load_dataset's argument)")
+    parse_data_files(args.data_files)
     if args.batch_size <= 0 or args.resolution <= 0:
         raise ConfigError("--batch-size and --resolution must be > 0")
     if args.resolution > MAX_RESOLUTION:
@@ -109,7 +122,8 @@ def _check_args(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"--num-workers must be >= 0, got {args.num_workers}")
     out = Path(args.output_dir)
     # before check_writable creates the folder: shard folders inside a class folder tree would become a class
-    check_output_outside_data("--output-dir", args.output_dir, {"--data-dir": args.data_dir})
+    local_dataset = args.dataset if args.dataset and Path(args.dataset).is_dir() else None
+    check_output_outside_data("--output-dir", args.output_dir, {"--data-dir": args.data_dir, "--dataset": local_dataset})
     try:
         check_writable(out / "metadata.json")
     except OSError as e:
@@ -182,7 +196,8 @@ def extract_latents(args: argparse.Namespace) -> Path:
     accelerator = Accelerator(cpu=bool(args.cpu) or cpu_multiprocess())
     rank, world = accelerator.process_index, accelerator.num_processes
     with accelerator.local_main_process_first():
-        source = load_image_source(args.data_dir, args.dataset, args.dataset_split, args.image_column, args.label_column)
+        source = load_image_source(args.data_dir, args.dataset, args.dataset_split, args.image_column, args.label_column,
+                                   config=args.dataset_config, data_files=parse_data_files(args.data_files))
     verify_images([source], args.verify_images, accelerator)  # as the trainers do, before any file is written
     dataset = ImageClassDataset(source, args.resolution)
     n = len(dataset)

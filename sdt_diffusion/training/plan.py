@@ -22,6 +22,7 @@ from ..data import (
     LatentCacheDataset,
     class_names_to_id2label,
     load_image_source,
+    parse_data_files,
 )
 from ..models.dit import DiTTransformer2DModel
 from ..models.registry import build_transformer, model_class_of, preset_config
@@ -186,7 +187,7 @@ def _plan_latent_cache(settings: DiffusionSettings) -> DataPlan:
 
 
 def _plan_images(settings: DiffusionSettings, accelerator: Any) -> DataPlan:
-    """An image folder or saved dataset, encoded on the fly by the VAE (or used as pixels without one)."""
+    """An image folder or a dataset (saved or load_dataset), encoded on the fly by the VAE (or used as pixels without one)."""
     spec, data = settings.latents, settings.data
     resolution = data.resolution or DEFAULT_RESOLUTION
     name = spec.vae if spec.vae is not None else DEFAULT_VAE
@@ -200,7 +201,8 @@ def _plan_images(settings: DiffusionSettings, accelerator: Any) -> DataPlan:
         raise ConfigError(f"--resolution {resolution} is not divisible by the VAE's downsampling factor {factor}")
     with accelerator.local_main_process_first():  # a saved dataset may build caches: once per node
         source = load_image_source(data.data_dir, data.dataset, data.dataset_split, data.image_column,
-                                   data.label_column)
+                                   data.label_column, config=data.dataset_config,
+                                   data_files=parse_data_files(data.data_files))
     dataset = ImageClassDataset(source, resolution)
     id2label = class_names_to_id2label(source.class_names, source.num_classes)
     return DataPlan("images", dataset, source.labels, source.num_classes, id2label, source.class_names, resolution,
