@@ -214,3 +214,21 @@ def test_a_classifier_gets_a_new_head_when_the_label_count_changes(tmp_path, mon
     rc = call_and_reset(classifier_trainer.main, _cls_argv(two, tmp_path / "ft2", "--init-from", str(checkpoint),
                                                            "--strict-classes"))
     assert rc == 2 and "--strict-classes" in capsys.readouterr().err
+
+
+def test_a_diffusers_dit_trains_as_dit_or_is_converted_for_an_sdt_p_model(data, tmp_path, monkeypatch):  # noqa: F811
+    from sdt_diffusion.models.convert_dit import convert_dit
+    from sdt_diffusion.models.dit import DiTTransformer2DModel
+    from sdt_diffusion.models.registry import build_transformer
+
+    sizes = {"num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 8, "patch_size": 2}
+    dit = build_transformer({"_class_name": "DiTTransformer2DModel", **sizes, "sample_size": 4, "in_channels": 4,
+                             "out_channels": 8, "num_embeds_ada_norm": 2})
+    dit.save_pretrained(tmp_path / "dit")
+    argv = _argv(data, tmp_path / "ft", "--max-steps", "1", "--init-from", str(tmp_path / "dit"))
+    seen = _step0(monkeypatch, trainer.DiffusionTask, _diffusion(argv[4:]))  # no --model: trained as DiT
+    _assert_equal(seen["model"], load_file(str(tmp_path / "dit" / "diffusion_pytorch_model.safetensors")))
+    argv[1:4] = ["SDT-P-S/2", "--model-kwargs", json.dumps(sizes)]
+    seen = _step0(monkeypatch, trainer.DiffusionTask, _diffusion(argv))  # an SDT-P --model: converted
+    converted = convert_dit(DiTTransformer2DModel.from_pretrained(tmp_path / "dit"))
+    _assert_equal(seen["model"], converted.state_dict())
