@@ -352,7 +352,7 @@ def class_mapping(old_labels: Mapping[int, str] | None, old: int, new_labels: Ma
         return None
     if strict:
         detail = "" if old != new else " (the same count, other names or order)"
-        raise ConfigError(f"--strict-classes: the source {old} classes, the data {new}{detail}; drop "
+        raise ConfigError(f"--strict-classes: the source has {old} classes, the data {new}{detail}; drop "
                           f"--strict-classes to resize the class rows, or train on the source's classes")
     return ClassMapping(old, new, rows, by)
 
