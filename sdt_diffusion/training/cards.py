@@ -94,6 +94,20 @@ def _training_data(config: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _init_source(config: Mapping[str, Any]) -> str | None:
+    """The ``--init-from`` source of the run as the card names it (``train_config.yaml``'s ``init_from``)."""
+    init = config.get("init_from")
+    if not isinstance(init, Mapping) or not init.get("source"):
+        return None
+    details = [str(init.get("kind", "?")), f"{init.get('weights', 'saved')} weights"]
+    if init.get("step") is not None:
+        details.append(f"step {init['step']:,}" if isinstance(init["step"], int) else f"step {init['step']}")
+    if init.get("sha256"):
+        details.append(f"sha256 {str(init['sha256'])[:12]}")
+    source = str(init["source"])  # a local folder by its last two parts (as the data), a Hub id as it is
+    return f"{data_name(source) if Path(source).expanduser().exists() else source} ({', '.join(details)})"
+
+
 def pipeline_card_facts(transformer: torch.nn.Module, id2label: Mapping[int, str] | None, run_dir: str | Path | None,
                         step: int, *, location: str, repo_id: str | None = None, license: str | None = None,
                         fid_results: Mapping[str, Any] | None = None, model: str | None = None) -> CardFacts:
@@ -124,6 +138,7 @@ def pipeline_card_facts(transformer: torch.nn.Module, id2label: Mapping[int, str
         "VAE": config.get("vae") or ("the run's (see the pipeline's vae/)" if config else None),
         "mixed precision": config.get("mixed_precision"),
         "seed": config.get("seed"),
+        "initialised from": _init_source(config),
         "exported weights": "EMA",
     }
     labels = dict(id2label or {})
@@ -172,6 +187,7 @@ def classifier_card_facts(model: torch.nn.Module, model_config: Mapping[str, Any
                                                                  "reprob", "repeated_aug") if config.get(k) is not None)
         or None,
         "resolution": config.get("resolution"),
+        "initialised from": _init_source(config),
         "exported weights": weights,
         "seed": config.get("seed"),
     }

@@ -84,6 +84,18 @@ from .classifier_data import (
 from .data_stream import DATA, class_key
 from .ema import EMA
 from .engine import Run, RunPlan, TrainResult
+from .init_from import (
+    HEAD_PREFIX,
+    ClassMapping,
+    InitSource,
+    check_source_fits,
+    class_mapping,
+    init_record,
+    load_init_weights,
+    log_init,
+    new_head,
+    open_classifier_source,
+)
 from .step import LossHook, TrainingCore
 
 timm = import_optional("timm", "timm")
@@ -120,6 +132,8 @@ class ClassifierPlan(RunPlan):
     steps_per_epoch: int
     warmup_steps: int
     learning_rate: float  # after the linear scaling rule
+    init: InitSource | None = None  # --init-from (None on a resume: the checkpoint wins)
+    class_mapping: ClassMapping | None = None  # a new head: the source's classes differ from the data's
 
     @property
     def sdt_h_kwargs(self) -> dict[str, Any]:
@@ -217,9 +231,48 @@ def plan_classification(settings: ClassifierSettings, accelerator: Any, **layout
     total = settings.run.max_steps or schedule.epochs * steps_per_epoch
     warmup = min(total, round(schedule.warmup_epochs * steps_per_epoch))
     lr = scaled_learning_rate(settings.optim.learning_rate, settings.run.global_batch_size, schedule.lr_base_batch)
+    init, mapping = plan_init(settings, data, model_config, layout["resume_from"], accelerator.is_main_process)
     return ClassifierPlan(**layout, model_config=model_config, sampler=sampler, num_samples=len(data.train),
                           total_steps=total, checkpoint_every=settings.checkpoints.checkpoint_every or steps_per_epoch,
-                          data=data, steps_per_epoch=steps_per_epoch, warmup_steps=warmup, learning_rate=lr)
+                          data=data, steps_per_epoch=steps_per_epoch, warmup_steps=warmup, learning_rate=lr,
+                          init=init, class_mapping=mapping)
+
+
+# ------------------------------------------------------------------------------------------- --init-from
+HEAD_PARAMS = (HEAD_PREFIX + "weight", HEAD_PREFIX + "bias")
+
+
+def ema_names(model: torch.nn.Module) -> list[str]:
+    """The names of what the EMA averages, in its order (:meth:`ClassifierCore.ema_tensors`)."""
+    return [n for n, _ in model.named_parameters()] + [n for n, b in model.named_buffers() if b.is_floating_point()]
+
+
+def plan_init(settings: ClassifierSettings, data: ClassifierData, model_config: dict[str, Any],
+              resume_from: Path | None, main: bool) -> tuple[InitSource | None, ClassMapping | None]:
+    """The ``--init-from`` source and, where its classes differ from the data's, a new head; the architecture is
+    the flags' (``--model`` / ``--model-kwargs``), and every weight but the head must fit it by name and shape
+    (checked on the ``meta`` device).  On a resume the checkpoint wins and the source is not opened.
+
+    Raises:
+        ConfigError: the source cannot be opened or does not fit, or ``--strict-classes`` and the classes differ.
+    """
+    given = settings.init.init_from
+    if not given:
+        return None, None
+    if resume_from is not None:
+        if main:
+            logger.info("--resume: %s wins over --init-from %s (the source only sets the weights of step 0); its "
+                        "weights are not loaded", resume_from, given)
+        return None, None
+    source = open_classifier_source(given, settings.init.init_from_ema)
+    mapping = new_head(class_mapping(source.id2label, source.num_classes, data.id2label, data.num_classes,
+                                     settings.init.strict_classes))
+    with torch.device("meta"):
+        skeleton = timm.create_model(TIMM_NAMES[settings.model.model], pretrained=False,
+                                     num_classes=model_config["num_labels"],
+                                     **{k: v for k, v in model_config.items() if k != "num_labels"})
+    check_source_fits(skeleton, source, mapping, HEAD_PARAMS, ema_names(skeleton))
+    return source, mapping
 
 
 # ------------------------------------------------------------------------------------------------ build
@@ -267,6 +320,10 @@ def build_core(settings: ClassifierSettings, plan: ClassifierPlan, accelerator: 
     if settings.optim.allow_tf32:
         enable_tf32()
     model = build_model(plan, settings.model.model)
+    if plan.init is not None:  # --init-from: the source's weights (the EMA below starts from them)
+        load_init_weights(model, plan.init, plan.class_mapping, HEAD_PARAMS, ema_names(model))
+        if accelerator.is_main_process:
+            log_init(plan.init, plan.class_mapping, "head")
     if settings.optim.gradient_checkpointing:
         model.set_grad_checkpointing(True)
     model.train()
@@ -490,10 +547,11 @@ class ClassifierTask(engine.Task):
 
     def config_record(self, plan: ClassifierPlan) -> dict[str, Any]:
         return {"learning_rate_scaled": plan.learning_rate, "steps_per_epoch": plan.steps_per_epoch,
-                "total_steps": plan.total_steps, "warmup_steps": plan.warmup_steps}
+                "total_steps": plan.total_steps, "warmup_steps": plan.warmup_steps, **init_record(plan)}
 
     def state_record(self, run: Run) -> dict[str, Any]:
-        return {"id2label": run.plan.data.id2label, "resolution": run.settings.data.resolution}
+        return {"id2label": run.plan.data.id2label, "resolution": run.settings.data.resolution,
+                **init_record(run.plan)}
 
     def dataset(self, run: Run) -> Any:
         s = run.settings

@@ -45,6 +45,7 @@ __all__ = [
     "ConfigError",
     "DataSettings",
     "HubSettings",
+    "InitSettings",
     "LogSettings",
     "MixedPrecision",
     "ModelSettings",
@@ -52,6 +53,7 @@ __all__ = [
     "RunSettings",
     "Settings",
     "check_finite",
+    "check_init_flags",
     "check_output_outside_data",
     "check_data_flags",
     "check_positive",
@@ -98,6 +100,20 @@ class ModelSettings:
                                           "e.g. '{\"num_layers\": 2}'")
     alpha: float | None = flag(None, "override the CDSF scale alpha")
     attention_backend: str | None = flag(None, "override the attention backend")
+
+
+@dataclass(frozen=True, kw_only=True)
+class InitSettings:
+    """Fine-tuning: a new run that starts from trained weights (:mod:`.init_from`, docs/training.md)."""
+
+    title: ClassVar[str] = "model initialisation (fine-tuning)"
+    init_from: str | None = flag(None, "start a new run (step 0, fresh optimiser and EMA) from these weights: a "
+                                       "pipeline, checkpoint or model folder, or a Hub id; a --resume that finds a "
+                                       "checkpoint wins over it", metavar="PATH_OR_HUB_ID")
+    init_from_ema: bool = flag(False, "with a checkpoint --init-from: start from its EMA weights, not its online "
+                                      "weights")
+    strict_classes: bool = flag(False, "refuse an --init-from whose classes differ from the data's instead of "
+                                       "resizing its class rows (a classifier: instead of a new head)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -177,6 +193,7 @@ class Settings:
 
     run: RunSettings
     model: ModelSettings
+    init: InitSettings = field(default_factory=InitSettings)  # off unless asked for
     data: DataSettings
     optim: OptimSettings
     checkpoints: CheckpointSettings
@@ -372,3 +389,18 @@ def check_settings(settings: Settings) -> None:
     if v["resume"] not in (None, "latest", "auto") and not Path(v["resume"]).is_dir():
         raise ConfigError(f"--resume {v['resume']}: not a checkpoint directory (or pass 'latest' / 'auto')")
     check_hub_flags(v["push_to_hub"], v["hub_model_id"], v["hub_token"])
+    check_init_flags(settings.init)
+
+
+def check_init_flags(init: InitSettings) -> None:
+    """``--init-from-ema`` and ``--strict-classes`` need ``--init-from`` (the source itself is opened by the task's
+    plan, before any compute).
+
+    Raises:
+        ConfigError: naming the flag.
+    """
+    for name, on in (("--init-from-ema", init.init_from_ema), ("--strict-classes", init.strict_classes)):
+        if on and not init.init_from:
+            raise ConfigError(f"{name} applies to --init-from, which is not given")
+    if init.init_from is not None and not str(init.init_from).strip():
+        raise ConfigError("--init-from is empty: give a pipeline, checkpoint or model folder, or a Hub id")

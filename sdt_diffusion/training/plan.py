@@ -7,6 +7,7 @@ a model that does not fit the data fails in seconds with a :class:`~.config.Conf
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,15 +26,25 @@ from ..data import (
     parse_data_files,
 )
 from ..models.dit import DiTTransformer2DModel
-from ..models.registry import build_transformer, model_class_of, preset_config
+from ..models.registry import MODEL_CLASSES, build_transformer, model_class_of, preset_config
 from ..models.vae import vae_downsampling_factor, vae_scaling_factor
 from ..utils.errors import ConfigError
 from ..utils.labels import LabelIndex
 from ..utils.validation import check_int
+from .checkpointing import read_training_state
 from .config import parse_model_kwargs
 from .diffusion_config import DiffusionSettings, sample_classes
 from .engine import RunPlan
 from .export import default_sample_classes
+from .flags import DEFAULT
+from .init_from import (
+    ClassMapping,
+    InitSource,
+    check_source_fits,
+    class_mapping,
+    class_table_names,
+    open_diffusion_source,
+)
 
 __all__ = [
     "DEFAULT_RESOLUTION",
@@ -48,20 +59,24 @@ __all__ = [
     "vae_reference",
 ]
 
+logger = logging.getLogger("sdt_diffusion.training")
+
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 DEFAULT_RESOLUTION = 256
 
 
 def resolve_model_config(settings: DiffusionSettings, in_channels: int, sample_size: int,
-                         num_classes: int) -> dict[str, Any]:
-    """Preset + overrides, with ``in_channels``/``sample_size``/``num_embeds_ada_norm`` taken from the data.
+                         num_classes: int, base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Preset (or ``base``: an ``--init-from`` source's config) + overrides, with
+    ``in_channels``/``sample_size``/``num_embeds_ada_norm`` taken from the data.
 
     Raises:
         ConfigError: an override contradicts the data or another flag.
     """
     preset = settings.model.model
     overrides = parse_model_kwargs(settings.model.model_kwargs)
-    model_class = model_class_of(preset)
+    model_class = model_class_of(preset) if base is None else MODEL_CLASSES[base["_class_name"]]
+    start = {"_class_name": model_class.__name__, **preset_config(preset)} if base is None else dict(base)
     is_dit = model_class is DiTTransformer2DModel
     given = {"decay_mode": settings.sdt.decay_mode, "alpha": settings.model.alpha,
              "attention_backend": settings.model.attention_backend}
@@ -75,7 +90,7 @@ def resolve_model_config(settings: DiffusionSettings, in_channels: int, sample_s
             raise ConfigError(f"{flag} {value!r} contradicts --model-kwargs {key}={overrides[key]!r}")
         overrides[key] = value
     derived = {"in_channels": in_channels, "sample_size": sample_size, "num_embeds_ada_norm": num_classes}
-    if is_dit and "out_channels" not in overrides:
+    if is_dit and "out_channels" not in overrides and base is None:
         derived["out_channels"] = 2 * in_channels  # DiT learns its variance (DiT's learn_sigma=True)
     for key, value in derived.items():
         if key not in overrides:
@@ -88,7 +103,7 @@ def resolve_model_config(settings: DiffusionSettings, in_channels: int, sample_s
             source = {"in_channels": "the VAE's latent channels (3 in pixel space)",
                       "sample_size": "--resolution / the VAE's downsampling factor"}[key]
             raise ConfigError(f"--model-kwargs {key}={given} contradicts the data: {source} gives {value}")
-    return {"_class_name": model_class.__name__, **preset_config(preset), **derived, **overrides}
+    return {**start, **derived, **overrides}
 
 
 _SIZES = ("patch_size", "sample_size", "in_channels", "out_channels", "num_layers", "num_attention_heads",
@@ -221,6 +236,9 @@ class DiffusionPlan(RunPlan):
 
     data: DataPlan
     sample_classes: list[int]
+    model_name: str = ""  # the preset, or what an --init-from source was trained as (logs, cards, checkpoints)
+    init: InitSource | None = None  # --init-from (None on a resume: the checkpoint wins)
+    class_mapping: ClassMapping | None = None  # the source's classes onto the data's, where they differ
 
 
 def plan_diffusion(settings: DiffusionSettings, accelerator: Any, **layout: Any) -> DiffusionPlan:
@@ -231,7 +249,8 @@ def plan_diffusion(settings: DiffusionSettings, accelerator: Any, **layout: Any)
     """
     world, rank, per_device = layout["world"], layout["rank"], layout["per_device"]
     data = plan_data(settings, accelerator)
-    model_config = resolve_model_config(settings, data.latent_channels, data.latent_size, data.num_classes)
+    init, base, model_name = plan_init(settings, layout["resume_from"], accelerator.is_main_process)
+    model_config = resolve_model_config(settings, data.latent_channels, data.latent_size, data.num_classes, base)
     _check_sizes(model_config, settings.model.model)
     patch = model_config["patch_size"]
     if data.latent_size % patch:
@@ -240,6 +259,14 @@ def plan_diffusion(settings: DiffusionSettings, accelerator: Any, **layout: Any)
             f"{patch} = {data.vae_factor * patch}"
         )
     check_model_config(model_config, settings.model.model)
+    mapping = None
+    if init is not None:
+        mapping = class_mapping(init.id2label, init.num_classes, data.id2label, data.num_classes,
+                                settings.init.strict_classes)
+        with torch.device("meta"):
+            skeleton = build_transformer(model_config)
+        check_source_fits(skeleton, init, mapping, class_table_names(list(skeleton.state_dict())),
+                          [n for n, _ in skeleton.named_parameters()])
     sampler = EpochSampler(len(data.labels), world, rank, settings.run.seed, shuffle=True,
                            random_flip=settings.latents.random_flip)
     if len(sampler) < per_device:
@@ -258,4 +285,64 @@ def plan_diffusion(settings: DiffusionSettings, accelerator: Any, **layout: Any)
         raise ConfigError(f"--sample-classes {bad} outside [0, {model_config['num_embeds_ada_norm']})")
     return DiffusionPlan(**layout, model_config=model_config, sampler=sampler, num_samples=len(data.labels),
                          total_steps=settings.run.max_steps, checkpoint_every=settings.checkpoints.checkpoint_every,
-                         data=data, sample_classes=classes)
+                         data=data, sample_classes=classes, model_name=model_name, init=init,
+                         class_mapping=mapping)
+
+
+# ------------------------------------------------------------------------------------------- --init-from
+def _explicit(settings: DiffusionSettings, name: str) -> bool:
+    """Whether flag ``name`` was given (command line, ``--config`` or a caller), not a recipe's or code default."""
+    source = settings.source(name)
+    return source != DEFAULT and not source.startswith("recipe ")
+
+
+def _check_model_flag(settings: DiffusionSettings, source: InitSource) -> None:
+    """A given ``--model`` (with ``--model-kwargs``) must describe the source's architecture.
+
+    Raises:
+        ConfigError: naming ``--model``, ``--init-from`` and the fields that differ.
+    """
+    preset = settings.model.model
+    wanted = model_class_of(preset).__name__
+    if wanted != source.config.get("_class_name") and source.converted is None:
+        raise ConfigError(f"--model {preset} builds a {wanted}, --init-from {source.reference} holds a "
+                          f"{source.config.get('_class_name')}; drop --model (the source's architecture is used)")
+    overrides = parse_model_kwargs(settings.model.model_kwargs)
+    differ = {k: (overrides.get(k, v), source.config.get(k)) for k, v in preset_config(preset).items()
+              if overrides.get(k, v) != source.config.get(k)}
+    if differ:
+        raise ConfigError(f"--model {preset} contradicts --init-from {source.reference} (field: (--model, source)) "
+                          f"{differ}; drop --model (the source's architecture is used) or give the matching preset")
+
+
+def plan_init(settings: DiffusionSettings, resume_from: Path | None, main: bool
+              ) -> tuple[InitSource | None, dict[str, Any] | None, str]:
+    """``(source, base config, model name)`` of ``--init-from``: the source's config is the architecture (a given
+    ``--model`` must agree; an SDT-P ``--model`` converts a diffusers DiT).  On a resume the checkpoint wins: the
+    source is not opened, and a run started from one keeps the architecture its checkpoint records.
+
+    Raises:
+        ConfigError: the source cannot be opened, or ``--model`` contradicts it.
+    """
+    given = settings.init.init_from
+    if resume_from is not None:
+        state = read_training_state(resume_from)
+        if given and main:
+            logger.info("--resume: %s wins over --init-from %s (the source only sets the weights of step 0); its "
+                        "weights are not loaded", resume_from, given)
+        if state.get("init_from"):  # a run started from a source: its architecture is the checkpoint's
+            return None, {"_class_name": "SDTTransformer2DModel", **(state.get("model_config") or {})}, \
+                str(state.get("model") or settings.model.model)
+        return None, None, settings.model.model
+    if not given:
+        return None, None, settings.model.model
+    explicit = _explicit(settings, "model")
+    convert = explicit and model_class_of(settings.model.model).__name__ == "SDTTransformer2DModel"
+    source = open_diffusion_source(given, settings.init.init_from_ema, convert)
+    if explicit:
+        _check_model_flag(settings, source)
+        return source, source.config, settings.model.model
+    if main:
+        logger.info("--init-from %s: the model is the source's %s (--model %s from the %s is not used)", given,
+                    source.config.get("_class_name"), settings.model.model, settings.source("model"))
+    return source, source.config, source.model_name or str(source.config.get("_class_name"))

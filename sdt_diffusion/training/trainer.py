@@ -44,6 +44,7 @@ from .ema import EMA
 from .engine import Run, TrainResult
 from .export import ema_transformer, export_pipeline, load_vae, sample_grid
 from .heldout import HeldOutSet
+from .init_from import class_table_names, init_record, load_init_weights, log_init
 from .plan import DiffusionPlan, plan_diffusion
 from .step import LossHook, NonFiniteLossError, TrainingCore
 from .tracking import log_images
@@ -152,8 +153,13 @@ class DiffusionTask(engine.Task):
             model = build_transformer(plan.model_config)
         except ValueError as e:
             raise ConfigError(f"bad model configuration: {e}") from None
+        if plan.init is not None:  # --init-from: the source's weights (the EMA below starts from them)
+            load_init_weights(model, plan.init, plan.class_mapping, class_table_names(list(model.state_dict())),
+                              [n for n, _ in model.named_parameters()])
+            if accelerator.is_main_process:
+                log_init(plan.init, plan.class_mapping, "class table")
         if accelerator.is_main_process:
-            logger.info("model %s: %.2fM parameters, config %s", settings.model.model,
+            logger.info("model %s: %.2fM parameters, config %s", plan.model_name,
                         count_parameters(model, trainable_only=False) / 1e6, plan.model_config)
         learn_sigma = learns_sigma(model)
         if settings.optim.gradient_checkpointing:
@@ -184,7 +190,11 @@ class DiffusionTask(engine.Task):
 
     def state_record(self, run: Run) -> dict[str, Any]:
         d = run.plan.data  # the resolved VAE (None in pixel space): an export needs nothing else
-        return {"id2label": d.id2label, "vae": d.vae_name, "vae_subfolder": d.vae_subfolder}
+        return {"id2label": d.id2label, "vae": d.vae_name, "vae_subfolder": d.vae_subfolder,
+                "model": run.plan.model_name, **init_record(run.plan)}
+
+    def config_record(self, plan: DiffusionPlan) -> dict[str, Any]:
+        return init_record(plan)
 
     def dataset(self, run: Run) -> Any:
         return run.plan.data.dataset
@@ -217,7 +227,7 @@ class DiffusionTask(engine.Task):
             if run.is_main and export:
                 card = pipeline_card_facts(transformer, run.plan.data.id2label, run.out, step,
                                            location=str(run.export_dir), repo_id=s.hub.hub_model_id,
-                                           license=s.hub.hub_license, model=s.model.model)
+                                           license=s.hub.hub_license, model=run.plan.model_name)
                 path = export_pipeline(transformer, core.vae, run.plan.data.id2label, run.export_dir, card)
                 logger.info("exported the EMA pipeline to %s", path)
         core.accelerator.wait_for_everyone()
