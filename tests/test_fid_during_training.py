@@ -121,6 +121,7 @@ def test_bad_fid_flags_fail_before_any_compute(extra, expected, data, tmp_path, 
     assert not (out / "metrics.jsonl").exists() and not list(out.glob("checkpoint-*"))
 
 
+@pytest.mark.slow
 def test_fid_rows_match_sdt_fid_and_a_resume_never_scores_a_step_twice(data, tmp_path, cheap_frechet, monkeypatch):
     out = tmp_path / "run"
     calls: list[str] = []

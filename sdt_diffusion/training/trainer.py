@@ -129,8 +129,9 @@ class DiffusionTask(engine.Task):
         classification trainer does; a latent cache holds no images."""
         if plan.data.kind == "images":
             verify_images([plan.data.dataset.source], settings.data.verify_images, accelerator)
-        self.fid = TrainingFid.prepare(settings.fid, settings.run.seed, plan.data.resolution,
-                                       accelerator.is_main_process)
+        if not plan.finished:  # the reference and the Inception weights (--fid-every), before any compute
+            self.fid = TrainingFid.prepare(settings.fid, settings.run.seed, plan.data.resolution,
+                                           accelerator.is_main_process)
 
     def exported(self, output_dir: Path) -> bool:
         return (output_dir / self.export_name / "model_index.json").is_file()
