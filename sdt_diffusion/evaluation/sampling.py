@@ -394,6 +394,26 @@ def check_disk_space(output: Path, num_samples: int, side: int) -> None:
                       f"npz beside {output}, and {free / 1e9:.3g} GB are free")
 
 
+def chunk_sizes(num_samples: int, per_device_batch: int) -> list[int]:
+    """Sizes of the chunks of ``per_device_batch`` consecutive indices that ``0 .. num_samples - 1`` is cut into
+    (the last one may be smaller)."""
+    return [min(per_device_batch, num_samples - start) for start in range(0, num_samples, per_device_batch)]
+
+
+def process_chunks(num_chunks: int, rank: int, world: int) -> range:
+    """The chunks process ``rank`` of ``world`` samples: ``rank, rank + world, rank + 2·world, ...``."""
+    return range(rank, num_chunks, world)
+
+
+def process_indices(num_samples: int, per_device_batch: int, rank: int, world: int) -> np.ndarray:
+    """The sample indices process ``rank`` of ``world`` draws (its chunks' indices, in order); over all ranks they
+    cover ``0 .. num_samples - 1`` exactly once."""
+    sizes = chunk_sizes(num_samples, per_device_batch)
+    parts = [np.arange(c * per_device_batch, c * per_device_batch + sizes[c])
+             for c in process_chunks(len(sizes), rank, world)]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
 def run(settings: SamplingSettings, on_chunk: Callable[[int], None] | None = None) -> Path | None:
     """Sample (this process's share of) ``settings.num_samples`` images; the main process writes the npz.
 
@@ -438,10 +458,10 @@ def _sample(settings: SamplingSettings, output: Path, state: PartialState,
     claim_shards(state, output, recorded)
 
     batch = settings.per_device_batch
-    num_chunks = -(-settings.num_samples // batch)
-    sizes = [min(batch, settings.num_samples - c * batch) for c in range(num_chunks)]
+    sizes = chunk_sizes(settings.num_samples, batch)
+    num_chunks = len(sizes)
     done = {c for c in range(num_chunks) if _chunk_done(chunk_path(output, c), sizes[c])}
-    todo = [c for c in range(state.process_index, num_chunks, state.num_processes) if c not in done]
+    todo = [c for c in process_chunks(num_chunks, state.process_index, state.num_processes) if c not in done]
     bar = tqdm(total=settings.num_samples, initial=sum(sizes[c] for c in done), unit="img", desc="sampling",
                disable=not state.is_main_process, dynamic_ncols=True)
     start = time.time()

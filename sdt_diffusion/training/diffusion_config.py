@@ -14,7 +14,7 @@ import argparse
 import inspect
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -23,6 +23,7 @@ from ..schedulers import NUM_TRAIN_TIMESTEPS
 from ..utils.cli_args import add_deprecated_alias, class_arg
 from ..utils.errors import ConfigError
 from .config import Settings, check_positive, parse_model_kwargs, settings_from_flags
+from .fid import FidSettings, check_fid_settings
 from .flags import build_parser as build_flag_parser
 from .flags import flag, parse_flags
 
@@ -82,6 +83,7 @@ class DiffusionSettings(Settings):
     latents: LatentSettings
     held_out: HeldOutSettings
     samples: SampleSettings
+    fid: FidSettings = field(default_factory=FidSettings)  # off unless --fid-every is given
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,6 +149,7 @@ def check_diffusion(s: DiffusionSettings) -> None:
     if not math.isfinite(s.samples.guidance_scale):
         raise ConfigError(f"--guidance-scale must be finite, got {s.samples.guidance_scale}")
     sample_classes(s)
+    check_fid_settings(s.fid)
 
 
 def settings_from_args(args: argparse.Namespace) -> DiffusionSettings:

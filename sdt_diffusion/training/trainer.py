@@ -43,6 +43,7 @@ from .diffusion_config import DiffusionSettings, parse_args, settings_from_args
 from .ema import EMA
 from .engine import Run, TrainResult
 from .export import ema_transformer, export_pipeline, load_vae, sample_grid
+from .fid import TrainingFid, fid_due
 from .heldout import HeldOutSet
 from .init_from import class_table_names, init_record, load_init_weights, log_init
 from .plan import DiffusionPlan, plan_diffusion
@@ -119,6 +120,7 @@ class DiffusionTask(engine.Task):
 
     def __init__(self) -> None:
         self.held_out: HeldOutSet | None = None
+        self.fid: TrainingFid | None = None  # --fid-every
 
     def plan(self, settings: DiffusionSettings, accelerator: Any, **layout: Any) -> DiffusionPlan:
         return plan_diffusion(settings, accelerator, **layout)
@@ -128,6 +130,9 @@ class DiffusionTask(engine.Task):
         classification trainer does; a latent cache holds no images."""
         if plan.data.kind == "images":
             verify_images([plan.data.dataset.source], settings.data.verify_images, accelerator)
+        if not plan.finished:  # the reference and the Inception weights (--fid-every), before any compute
+            self.fid = TrainingFid.prepare(settings.fid, settings.run.seed, plan.data.resolution,
+                                           accelerator.is_main_process)
 
     def exported(self, output_dir: Path) -> bool:
         return (output_dir / self.export_name / "model_index.json").is_file()
@@ -187,6 +192,8 @@ class DiffusionTask(engine.Task):
                         "accumulation = global batch %d", d.kind, len(d.labels), d.num_classes, d.latent_channels,
                         d.latent_size, d.latent_size, plan.world, plan.per_device, plan.accum,
                         s.run.global_batch_size)
+        if self.fid is not None:
+            self.fid.start(run)
 
     def state_record(self, run: Run) -> dict[str, Any]:
         d = run.plan.data  # the resolved VAE (None in pixel space): an export needs nothing else
@@ -237,6 +244,8 @@ class DiffusionTask(engine.Task):
         every = run.settings.samples
         if self.held_out is not None and (step % run.settings.held_out.eval_every == 0 or final):
             self.evaluate(run, step)
+        if self.fid is not None and fid_due(step, final, run.settings.fid.fid_every):
+            self.fid.evaluate(run, step)
         export = final or (bool(every.export_every) and step % every.export_every == 0)
         samples = bool(every.sample_every) and (final or step % every.sample_every == 0)
         if export or samples:
