@@ -19,8 +19,10 @@ from sdt_diffusion.attention import spatial_decay as eq
 from sdt_diffusion.attention.grid import GridContext
 from sdt_diffusion.models.spatial_decay_attention import SpatialDecayAttention, use_reference_path
 
+# Without DiT's absolute embedding (use_abs_pos_embed=False): the backends must agree on any grid, 3 x 5 included,
+# and only the resolution-free model runs on a grid other than its sample_size's.
 TINY = dict(num_attention_heads=2, attention_head_dim=8, num_layers=2, sample_size=8, patch_size=2,
-            num_embeds_ada_norm=10, gate_rank=4, lpe_kernel_size=3, class_dropout_prob=0.0)
+            num_embeds_ada_norm=10, gate_rank=4, lpe_kernel_size=3, class_dropout_prob=0.0, use_abs_pos_embed=False)
 MODES = ("none", "fixed", "1d", "bidirectional", "decomposed", "cdsf")
 
 
