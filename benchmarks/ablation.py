@@ -61,9 +61,10 @@ NAMED_VARIANTS: dict[str, dict] = {
     "+lpe": {**DIT_ORIGINAL, "use_lpe": True},
     "+gate": {**DIT_ORIGINAL, "use_output_gate": True},
     "+cdsf": {**DIT_ORIGINAL, "decay_mode": "cdsf"},
+    # the full SDT-P without DiT's absolute position embedding: the class defaults until the 2026-12-05 factorial
     "sdt-p": SDT_P,
     # the full SDT-P with DiT's absolute position embedding kept (the paper replaces DiT's attention and says
-    # nothing about its position embedding)
+    # nothing about its position embedding): the class defaults since that factorial
     "sdt-p+abs": {**SDT_P, "use_abs_pos_embed": True},
     # initialisations the paper leaves open (SDTTransformer2DModel's output_gate_init / decay_gate_init)
     "sdt-p+unit-gate": {**SDT_P, "output_gate_init": "unit"},
