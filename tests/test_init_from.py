@@ -145,7 +145,7 @@ def test_bad_sources_fail_by_name_before_any_compute(case, source_run, data, tmp
     assert not (tmp_path / "out" / "train_config.yaml").exists()
 
 
-def test_a_hub_id_is_fetched_with_json_and_safetensors_only(source_run, monkeypatch):
+def test_a_hub_id_is_fetched_with_json_and_safetensors_only(source_run, monkeypatch, tmp_path):
     import huggingface_hub
 
     calls = []
@@ -157,6 +157,8 @@ def test_a_hub_id_is_fetched_with_json_and_safetensors_only(source_run, monkeypa
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
     assert resolve_init_path("someone/sdt-p-tiny") == source_run / "pipeline"
     assert calls[0][0] == "someone/sdt-p-tiny" and not any("bin" in p or "pt" in p for p in calls[0][1])
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # so that ../x names a folder known not to exist
     with pytest.raises(ConfigError, match="--init-from ../x: no such folder"):
         resolve_init_path("../x")
 
