@@ -471,7 +471,8 @@ def _sample(settings: SamplingSettings, output: Path, state: PartialState,
         _atomic_savez(chunk_path(output, chunk), images=images, indices=indices, labels=labels[indices])
         if on_chunk is not None:
             on_chunk(chunk)
-        bar.update(len(indices) * state.num_processes)
+        # the main process counts for every process (they sample in step); the last round may be short
+        bar.update(min(len(indices) * state.num_processes, bar.total - bar.n))
         bar.set_postfix(img_per_s=f"{(n_done + 1) * batch * state.num_processes / (time.time() - start):.2f}")
     bar.close()
     state.wait_for_everyone()

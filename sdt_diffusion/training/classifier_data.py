@@ -1,6 +1,6 @@
 """Training data of the SDT-H classifier: timm's augmentations made a pure function of ``(seed, epoch, image)``.
 
-The images come from :mod:`sdt_diffusion.data` (image folders or ``save_to_disk`` datasets, the same reader
+The images come from :mod:`sdt_diffusion.data` (image folders, ``save_to_disk`` folders or anything ``datasets.load_dataset`` reads, the same reader
 ``eval/classify.py`` uses).  Every random choice of the training transform (timm's random-resized crop, flip,
 RandAugment, random erasing) is drawn from generators seeded with ``(seed, epoch, copy, index)`` inside a fork of
 the global generators, so an image's augmentation does not depend on data-loader workers, processes or restarts;

@@ -509,7 +509,7 @@ class ClassifierTask(engine.Task):
         verify_images(sets, settings.data.verify_images, accelerator)
 
     def stream_fingerprint(self, settings: ClassifierSettings, plan: ClassifierPlan) -> dict[str, Any]:
-        """The training images (file list and sizes, or a saved dataset's fingerprint), the class names, the
+        """The training images (file list and sizes, or a ``datasets`` dataset's fingerprint), the class names, the
         resolution and every augmentation setting (crop, flip, RandAugment, erasing, Mixup/CutMix, smoothing,
         repeated augmentation); the validation data decides no training batch."""
         data = plan.data.train.fingerprint()

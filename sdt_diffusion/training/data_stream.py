@@ -1,7 +1,7 @@
 """The data-stream fingerprint: what, besides the seed and the batch layout, decides the batches a run sees.
 
 Each task names the parts of its stream (:meth:`~.engine.Task.stream_fingerprint`): the training data (a digest of
-its file list and sizes, a saved dataset's fingerprint or a latent cache's metadata and shard sizes, see
+its file list and sizes, a ``datasets`` dataset's fingerprint or a latent cache's metadata and shard sizes, see
 :meth:`~sdt_diffusion.data.LabelledImages.fingerprint`), the class names, and every setting of the transform
 (resolution, flips, augmentation).  Every checkpoint stores them (``data_stream`` in ``training_state.json``); a
 resume compares them part by part with :func:`stream_changes` and each difference becomes a named reason of

@@ -214,7 +214,7 @@ def _plan_images(settings: DiffusionSettings, accelerator: Any) -> DataPlan:
         channels, factor, scaling = int(cfg["latent_channels"]), vae_downsampling_factor(cfg), vae_scaling_factor(cfg)
     if resolution % factor:
         raise ConfigError(f"--resolution {resolution} is not divisible by the VAE's downsampling factor {factor}")
-    with accelerator.local_main_process_first():  # a saved dataset may build caches: once per node
+    with accelerator.local_main_process_first():  # a datasets dataset may build caches: once per node
         source = load_image_source(data.data_dir, data.dataset, data.dataset_split, data.image_column,
                                    data.label_column, config=data.dataset_config,
                                    data_files=parse_data_files(data.data_files))
@@ -225,7 +225,7 @@ def _plan_images(settings: DiffusionSettings, accelerator: Any) -> DataPlan:
 
 
 def plan_data(settings: DiffusionSettings, accelerator: Any) -> DataPlan:
-    """Open the training data (image folder, saved dataset or latent cache) and check shapes against flags."""
+    """Open the training data (image folder, ``datasets`` dataset or latent cache) and check shapes against flags."""
     return _plan_latent_cache(settings) if settings.latents.latents_dir else _plan_images(settings, accelerator)
 
 

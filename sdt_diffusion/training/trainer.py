@@ -5,7 +5,7 @@ and :func:`train` (parsed flags or :class:`~.diffusion_config.DiffusionSettings`
 :class:`~.engine.TrainResult`).  The loop, checkpoints, resume, signals and logging are the engine's
 (:mod:`.engine`); this module supplies what is particular to diffusion (:class:`DiffusionTask`):
 
-* plan (:func:`~.plan.plan_diffusion`): the data (image folder, saved dataset or latent cache), the VAE, the
+* plan (:func:`~.plan.plan_diffusion`): the data (image folder, ``datasets`` dataset or latent cache), the VAE, the
   model config (SDT-P or DiT), the sample classes; then every image decoded (``--verify-images``);
 * build: the VAE, the model, AdamW (constant lr), the EMA, the noise schedule, the held-out set;
 * the loss (:meth:`DiffusionCore.loss`): a posterior draw of the latents, a timestep and noise per image, the
@@ -138,7 +138,7 @@ class DiffusionTask(engine.Task):
         return (output_dir / self.export_name / "model_index.json").is_file()
 
     def stream_fingerprint(self, settings: DiffusionSettings, plan: DiffusionPlan) -> dict[str, Any]:
-        """The images (file list and sizes, a saved dataset's fingerprint, or the latent cache's metadata and shard
+        """The images (file list and sizes, a ``datasets`` dataset's fingerprint, or the latent cache's metadata and shard
         sizes), the class names, the resolution and ``random_flip`` (the sampler draws the flips)."""
         d = plan.data
         data = d.dataset.fingerprint() if d.kind == "latents" else d.dataset.source.fingerprint()
