@@ -93,6 +93,7 @@ from .init_from import (
     init_record,
     load_init_weights,
     log_init,
+    log_resume_wins,
     new_head,
     open_classifier_source,
 )
@@ -242,9 +243,15 @@ def plan_classification(settings: ClassifierSettings, accelerator: Any, **layout
 HEAD_PARAMS = (HEAD_PREFIX + "weight", HEAD_PREFIX + "bias")
 
 
+def ema_named(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """What the EMA averages, in its order, with names: every parameter, then every floating-point buffer
+    (BatchNorm statistics)."""
+    return list(model.named_parameters()) + [(n, b) for n, b in model.named_buffers() if b.is_floating_point()]
+
+
 def ema_names(model: torch.nn.Module) -> list[str]:
-    """The names of what the EMA averages, in its order (:meth:`ClassifierCore.ema_tensors`)."""
-    return [n for n, _ in model.named_parameters()] + [n for n, b in model.named_buffers() if b.is_floating_point()]
+    """The names of what the EMA averages, in its order (an ``--init-from`` checkpoint's EMA file is in it)."""
+    return [n for n, _ in ema_named(model)]
 
 
 def plan_init(settings: ClassifierSettings, data: ClassifierData, model_config: dict[str, Any],
@@ -261,8 +268,7 @@ def plan_init(settings: ClassifierSettings, data: ClassifierData, model_config: 
         return None, None
     if resume_from is not None:
         if main:
-            logger.info("--resume: %s wins over --init-from %s (the source only sets the weights of step 0); its "
-                        "weights are not loaded", resume_from, given)
+            log_resume_wins(resume_from, given)
         return None, None
     source = open_classifier_source(given, settings.init.init_from_ema)
     mapping = new_head(class_mapping(source.id2label, source.num_classes, data.id2label, data.num_classes,
@@ -285,9 +291,8 @@ class ClassifierCore(TrainingCore):
     criterion: torch.nn.Module
 
     def ema_tensors(self) -> list[torch.Tensor]:
-        """What the EMA averages: every parameter, then every floating-point buffer (BatchNorm statistics)."""
-        model = self.unwrapped
-        return list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]
+        """What the EMA averages (:func:`ema_named`)."""
+        return [t for _, t in ema_named(self.unwrapped)]
 
     def before_step(self, step: int) -> None:
         self.scheduler.step_update(step)  # the lr of update ``step`` (0-based): warm-up, then cosine

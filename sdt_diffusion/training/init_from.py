@@ -43,7 +43,7 @@ from .checkpointing import (
 )
 
 __all__ = ["ClassMapping", "InitSource", "check_fit", "check_source_fits", "class_mapping", "class_table_names",
-           "init_record", "load_init_weights", "log_init", "new_head", "open_classifier_source", "open_diffusion_source",
+           "diffusion_weight_names", "init_record", "load_init_weights", "log_init", "log_resume_wins", "new_head", "open_classifier_source", "open_diffusion_source",
            "resolve_init_path"]
 
 logger = logging.getLogger("sdt_diffusion.training")
@@ -365,6 +365,18 @@ def new_head(mapping: ClassMapping | None) -> ClassMapping | None:
 def class_table_names(state_names: Sequence[str]) -> list[str]:
     """The class-table parameters of a diffusion model's state dict."""
     return [n for n in state_names if n.endswith(CLASS_TABLE_SUFFIXES)]
+
+
+def diffusion_weight_names(model: torch.nn.Module) -> tuple[list[str], list[str]]:
+    """``(class-table parameters, EMA names)`` of a diffusion model, as :func:`check_source_fits` and
+    :func:`load_init_weights` take them (its EMA averages the parameters, in their order)."""
+    return class_table_names(list(model.state_dict())), [n for n, _ in model.named_parameters()]
+
+
+def log_resume_wins(resume_from: Path, given: str) -> None:
+    """The log line of a ``--resume`` that found a checkpoint while ``--init-from`` is given (main process)."""
+    logger.info("--resume: %s wins over %s %s (the source only sets the weights of step 0); its weights are not "
+                "loaded", resume_from, FLAG, given)
 
 
 def _remap_rows(fresh: torch.Tensor, source: torch.Tensor, mapping: ClassMapping | None, null_rows: bool

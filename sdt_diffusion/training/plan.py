@@ -42,7 +42,8 @@ from .init_from import (
     InitSource,
     check_source_fits,
     class_mapping,
-    class_table_names,
+    diffusion_weight_names,
+    log_resume_wins,
     open_diffusion_source,
 )
 
@@ -265,8 +266,7 @@ def plan_diffusion(settings: DiffusionSettings, accelerator: Any, **layout: Any)
                                 settings.init.strict_classes)
         with torch.device("meta"):
             skeleton = build_transformer(model_config)
-        check_source_fits(skeleton, init, mapping, class_table_names(list(skeleton.state_dict())),
-                          [n for n, _ in skeleton.named_parameters()])
+        check_source_fits(skeleton, init, mapping, *diffusion_weight_names(skeleton))
     sampler = EpochSampler(len(data.labels), world, rank, settings.run.seed, shuffle=True,
                            random_flip=settings.latents.random_flip)
     if len(sampler) < per_device:
@@ -328,8 +328,7 @@ def plan_init(settings: DiffusionSettings, resume_from: Path | None, main: bool
     if resume_from is not None:
         state = read_training_state(resume_from)
         if given and main:
-            logger.info("--resume: %s wins over --init-from %s (the source only sets the weights of step 0); its "
-                        "weights are not loaded", resume_from, given)
+            log_resume_wins(resume_from, given)
         if state.get("init_from"):  # a run started from a source: its architecture is the checkpoint's
             return None, {"_class_name": "SDTTransformer2DModel", **(state.get("model_config") or {})}, \
                 str(state.get("model") or settings.model.model)

@@ -45,7 +45,7 @@ from .engine import Run, TrainResult
 from .export import ema_transformer, export_pipeline, load_vae, sample_grid
 from .fid import TrainingFid, fid_due
 from .heldout import HeldOutSet
-from .init_from import class_table_names, init_record, load_init_weights, log_init
+from .init_from import diffusion_weight_names, init_record, load_init_weights, log_init
 from .plan import DiffusionPlan, plan_diffusion
 from .step import LossHook, NonFiniteLossError, TrainingCore
 from .tracking import log_images
@@ -159,8 +159,7 @@ class DiffusionTask(engine.Task):
         except ValueError as e:
             raise ConfigError(f"bad model configuration: {e}") from None
         if plan.init is not None:  # --init-from: the source's weights (the EMA below starts from them)
-            load_init_weights(model, plan.init, plan.class_mapping, class_table_names(list(model.state_dict())),
-                              [n for n, _ in model.named_parameters()])
+            load_init_weights(model, plan.init, plan.class_mapping, *diffusion_weight_names(model))
             if accelerator.is_main_process:
                 log_init(plan.init, plan.class_mapping, "class table")
         if accelerator.is_main_process:
