@@ -347,6 +347,11 @@ def test_a_rollback_moves_the_newer_checkpoints_aside_and_latest_follows_the_new
     first = {s: (out / f"checkpoint-{s}" / "model.safetensors").read_bytes() for s in (8, 10)}
     old = _lineage(out, 10)
     assert _lineage(out, 2)["parent"] is None and old["parent"] == {"step": 8, "trajectory": old["trajectory"]}
+    # the old trajectory's sample grids and FID results (what --sample-every and --fid-every write)
+    for name in ("samples/step-0000004.png", "samples/step-0000008.png", "fid/step-0000006/results.json",
+                 "fid/step-0000010/results.json"):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(name)
 
     # back to step 6 with a lower learning rate, up to step 8
     assert _main(_argv(data, out, "--resume", str(out / "checkpoint-6"), "--learning-rate", "1e-5",
@@ -354,10 +359,17 @@ def test_a_rollback_moves_the_newer_checkpoints_aside_and_latest_follows_the_new
     assert [s for s, _ in list_checkpoints(out)] == [2, 4, 6, 8]
     (aside,) = (out / "abandoned").iterdir()
     assert aside.name.endswith("-from-6")
-    assert sorted(p.name for p in aside.iterdir()) == ["checkpoint-10", "checkpoint-8", "metrics.jsonl"]
+    assert sorted(p.name for p in aside.iterdir()) == ["checkpoint-10", "checkpoint-8", "fid", "metrics.jsonl",
+                                                       "samples"]
     for s, weights in first.items():  # nothing finished is lost
         assert (aside / f"checkpoint-{s}" / "model.safetensors").read_bytes() == weights
+    # the outputs newer than step 6 went with them; older ones stay
+    assert (aside / "samples" / "step-0000008.png").read_text() == "samples/step-0000008.png"
+    assert (aside / "fid" / "step-0000010" / "results.json").read_text() == "fid/step-0000010/results.json"
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-0000004.png"]
+    assert sorted(p.name for p in (out / "fid").iterdir()) == ["step-0000006"]
     assert f"moved to {aside}" in caplog.text and "checkpoint-8, checkpoint-10" in caplog.text
+    assert "2 newer step outputs (fid, samples)" in caplog.text
     new = _lineage(out, 8)
     assert new["parent"] == {"step": 6, "trajectory": old["trajectory"]} and new["trajectory"] != old["trajectory"]
 
@@ -369,6 +381,28 @@ def test_a_rollback_moves_the_newer_checkpoints_aside_and_latest_follows_the_new
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 11))
     assert (out / "checkpoint-10" / "model.safetensors").read_bytes() != first[10]
+
+
+def test_a_refused_start_removes_only_a_folder_it_created_and_left_empty(tmp_path):
+    from sdt_diffusion.training.engine import no_trace_if_refused
+    from sdt_diffusion.utils.run_lock import LOCK_FILE
+
+    def refuse(out: Path, created_here: bool, *files: str) -> None:
+        with pytest.raises(ConfigError), no_trace_if_refused(out, created_here):
+            out.mkdir(exist_ok=True)
+            for name in (LOCK_FILE, *files):
+                (out / name).write_text("")
+            raise ConfigError("refused")
+
+    refuse(tmp_path / "new", True)
+    assert not (tmp_path / "new").exists()
+    refuse(tmp_path / "given", False)  # the user's folder, empty or not, stays
+    assert (tmp_path / "given").is_dir()
+    refuse(tmp_path / "written", True, "train_config.yaml")  # something was written: nothing is deleted
+    assert sorted(p.name for p in (tmp_path / "written").iterdir()) == sorted([LOCK_FILE, "train_config.yaml"])
+    with no_trace_if_refused(tmp_path / "ok", True):  # no exception: untouched
+        (tmp_path / "ok").mkdir()
+    assert (tmp_path / "ok").is_dir()
 
 
 def test_pruning_after_a_rollback_keeps_the_new_trajectorys_newest_checkpoint(data, reference, tmp_path):

@@ -73,6 +73,7 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "load_state",
+    "newer_step_outputs",
     "prune_checkpoints",
     "read_done",
     "read_ema_shadow",
@@ -391,19 +392,38 @@ def prune_checkpoints(output_dir: str | Path, keep: int) -> list[Path]:
     return doomed
 
 
-def set_aside_newer(output_dir: str | Path, step: int) -> tuple[Path | None, list[Path]]:
-    """Move every complete checkpoint of ``output_dir`` newer than ``step`` into
-    ``<output_dir>/abandoned/<YYYYmmdd-HHMMSS>-from-<step>/`` (a rename each, nothing copied or deleted); returns
-    ``(that folder, the checkpoints as they were named)``, ``(None, [])`` when there is none.  Main process only.
+_STEP_OUTPUT = re.compile(r"step-(\d+)(?:\.[A-Za-z0-9]+)?")  # a step's output: samples/step-0000400.png, fid/step-0000400
+
+
+def newer_step_outputs(output_dir: str | Path, step: int, step_dirs: tuple[str, ...]) -> list[Path]:
+    """The entries ``<output_dir>/<d>/step-<n>[.<ext>]`` with ``n > step``, for every ``d`` in ``step_dirs``."""
+    found = []
+    for d in step_dirs:
+        folder = Path(output_dir) / d
+        if folder.is_dir():
+            found += sorted(p for p in folder.iterdir()
+                            if (m := _STEP_OUTPUT.fullmatch(p.name)) is not None and int(m.group(1)) > step)
+    return found
+
+
+def set_aside_newer(output_dir: str | Path, step: int,
+                    step_dirs: tuple[str, ...] = ()) -> tuple[Path | None, list[Path], list[Path]]:
+    """Move every complete checkpoint of ``output_dir`` newer than ``step``, and every step output newer than
+    ``step`` in the folders ``step_dirs`` (a task's sample grids and FID results, :func:`newer_step_outputs`), into
+    ``<output_dir>/abandoned/<YYYYmmdd-HHMMSS>-from-<step>/`` (a rename each, nothing copied or deleted; a step
+    output keeps its folder: ``.../fid/step-0000400``); returns ``(that folder, the checkpoints, the step outputs
+    as they were named)``, ``(None, [], [])`` when no checkpoint is newer (then the run continues the newest
+    checkpoint's trajectory, and its newer outputs are remade as they were).  Main process only.
 
     A resume from an older checkpoint starts another trajectory: left in place, the newer checkpoints of the old
     one would be what ``--resume latest`` continues after a requeue, and what pruning keeps while it deletes the
-    new trajectory's.
+    new trajectory's; its newer sample grids and FID results would read as this run's until it overwrote them.
     """
     root = Path(output_dir)
     newer = [p for s, p in list_checkpoints(root) if s > step]
-    if not newer:
-        return None, []
+    if not newer:  # a resume from the newest checkpoint continues its trajectory and remakes the same outputs
+        return None, [], []
+    outputs = newer_step_outputs(root, step, step_dirs)
     stem = root / ABANDONED_DIR / f"{time.strftime('%Y%m%d-%H%M%S')}-from-{step}"
     folder, n = stem, 1
     while folder.exists():  # a second rollback to the same step within a second
@@ -412,7 +432,11 @@ def set_aside_newer(output_dir: str | Path, step: int) -> tuple[Path | None, lis
     folder.mkdir(parents=True)
     for p in newer:
         os.replace(p, folder / p.name)
-    return folder, newer
+    for p in outputs:
+        target = folder / p.parent.relative_to(root) / p.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(p, target)
+    return folder, newer, outputs
 
 
 # --------------------------------------------------------------------------------------------- reading

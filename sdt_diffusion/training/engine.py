@@ -38,7 +38,8 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, NoReturn
@@ -148,6 +149,8 @@ class Task:
     restored_hparams: ClassVar[tuple[tuple[str, str], ...]] = (("lr", "--learning-rate"),
                                                                ("weight_decay", "--weight-decay"))
     quiet_loggers: ClassVar[tuple[str, ...]] = ("accelerate", "datasets", "torch")
+    # folders in --output-dir of per-step outputs named step-<n>[.ext]; a rollback moves the newer ones aside
+    step_output_dirs: ClassVar[tuple[str, ...]] = ()
     input_errors: ClassVar[tuple[type[Exception], ...]] = ()  # bad data found during training: exit status 1
 
     def plan(self, settings: Any, accelerator: Any, **layout: Any) -> RunPlan:
@@ -330,6 +333,21 @@ def check_fresh_output(out: Path, resume: str | None) -> None:
                           f"pass --overwrite to train it again from scratch, or choose another --output-dir")
 
 
+@contextmanager
+def no_trace_if_refused(out: Path, created_here: bool) -> Iterator[None]:
+    """On an exception, delete ``out`` when this run created it (``created_here``) and it holds nothing but the
+    run lock: a start refused before writing anything (a bad ``--init-from``, a reference that cannot be read)
+    leaves no empty run folder behind.  Anything else in it stays."""
+    try:
+        yield
+    except BaseException:
+        if created_here and out.is_dir() and {p.name for p in out.iterdir()} <= {LOCK_FILE}:
+            (out / LOCK_FILE).unlink(missing_ok=True)
+            with suppress(OSError):
+                out.rmdir()
+        raise
+
+
 def lock_output(settings: Settings, accelerator: Any) -> RunLock:
     """Lock ``--output-dir`` for the life of the run (:func:`~..utils.run_lock.lock_run`: taken by the main
     process before any process writes the folder); every process raises if it is taken.
@@ -455,13 +473,16 @@ def new_trajectory() -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
-def start_lineage(plan: RunPlan, out: Path, main: bool) -> tuple[str, dict[str, Any] | None]:
+def start_lineage(plan: RunPlan, out: Path, main: bool,
+                  step_dirs: tuple[str, ...] = ()) -> tuple[str, dict[str, Any] | None]:
     """The run's trajectory id and the parent of its first checkpoint.
 
     A fresh run starts a trajectory; a resume from the newest checkpoint continues the checkpoint's; a resume from
     an older one (e.g. to retry with a lower learning rate) starts a new one, and the main process moves the
-    newer checkpoints of the old trajectory to ``<output-dir>/abandoned/<time>-from-<step>/`` (with a copy of
-    ``metrics.jsonl`` as it was), so that ``--resume latest`` and pruning follow the new trajectory.
+    newer checkpoints of the old trajectory, and its newer outputs in the task's ``step_output_dirs``, to
+    ``<output-dir>/abandoned/<time>-from-<step>/`` (with a copy of ``metrics.jsonl`` as it was), so that
+    ``--resume latest`` and pruning follow the new trajectory and no sample grid or FID result of the old one
+    reads as the new one's.
     """
     if plan.resume_from is None:
         return new_trajectory(), None
@@ -469,13 +490,15 @@ def start_lineage(plan: RunPlan, out: Path, main: bool) -> tuple[str, dict[str, 
     parent = {"step": plan.start_step, "trajectory": saved.get("trajectory")}
     if not main:  # only the main process writes training_state.json
         return "", parent
-    folder, moved = set_aside_newer(out, plan.start_step)
+    folder, moved, outputs = set_aside_newer(out, plan.start_step, step_dirs)
     if folder is not None and (out / METRICS_FILE).is_file():
         shutil.copy2(out / METRICS_FILE, folder / METRICS_FILE)  # the resumed run drops the lines after its step
     if moved:
-        logger.warning("resuming from step %d abandons the newer checkpoints %s of the earlier trajectory: moved to "
-                       "%s (nothing is deleted; --resume latest and pruning now follow this run)", plan.start_step,
-                       ", ".join(p.name for p in moved), folder)
+        also = f" and {len(outputs)} newer step outputs ({', '.join(sorted({p.parent.name for p in outputs}))})" \
+            if outputs else ""
+        logger.warning("resuming from step %d abandons the newer checkpoints %s%s of the earlier trajectory: moved "
+                       "to %s (nothing is deleted; --resume latest and pruning now follow this run)", plan.start_step,
+                       ", ".join(p.name for p in moved), also, folder)
     trajectory = saved.get("trajectory") if not moved and saved.get("trajectory") else new_trajectory()
     return trajectory, parent
 
@@ -487,7 +510,7 @@ def start_run(task: Task, settings: Settings, plan: RunPlan, core: TrainingCore,
     is recorded in the log and in ``metrics.jsonl``; ``startup`` (:func:`make_accelerator`'s record) goes into
     ``train_config.yaml``."""
     accelerator, out, main = core.accelerator, settings.output_dir, core.accelerator.is_main_process
-    trajectory, parent = start_lineage(plan, out, main)
+    trajectory, parent = start_lineage(plan, out, main, task.step_output_dirs)
     if main:
         out.mkdir(parents=True, exist_ok=True)
         config = {**settings.record(), "resolved_model_config": plan.model_config,
@@ -635,9 +658,11 @@ def train(task: Task, settings: Settings, loss_hook: LossHook | None = None) -> 
         NonFiniteLossError: the loss became NaN/inf (nothing is saved after the last good checkpoint).
     """
     out = settings.output_dir
+    new_folder = not out.exists()
     with StopSignal() as stop:  # from the start: a signal before the first step stops after it; after the end, nothing
         accelerator, startup = make_accelerator(settings)
-        with lock_output(settings, accelerator):  # for the life of the run: a second run on the folder is refused
+        # for the life of the run: a second run on the folder is refused; a refused start leaves no new folder
+        with no_trace_if_refused(out, new_folder and accelerator.is_main_process), lock_output(settings, accelerator):
             plan = plan_run(task, settings, accelerator)
             export = out / task.export_name
             if plan.finished:

@@ -36,14 +36,14 @@ from ..utils.errors import ConfigError
 from ..utils.files import atomic_write
 from ..utils.runtime import enable_tf32
 from . import engine
-from .cards import pipeline_card_facts
+from .cards import SAMPLES_DIR, pipeline_card_facts
 from .data_stream import DATA, class_key
 from .diffusion import DiffusionSchedule, training_losses
 from .diffusion_config import DiffusionSettings, parse_args, settings_from_args
 from .ema import EMA
 from .engine import Run, TrainResult
 from .export import ema_transformer, export_pipeline, load_vae, sample_grid
-from .fid import TrainingFid, fid_due
+from .fid import FID_DIR, TrainingFid, fid_due
 from .heldout import HeldOutSet
 from .init_from import diffusion_weight_names, init_record, load_init_weights, log_init
 from .plan import DiffusionPlan, plan_diffusion
@@ -116,6 +116,7 @@ class DiffusionTask(engine.Task):
     export_name = "pipeline"
     legacy_model_defaults = {"_class_name": "SDTTransformer2DModel"}  # checkpoints from before DiT could be trained
     quiet_loggers = ("accelerate", "diffusers", "datasets", "torch")
+    step_output_dirs = (SAMPLES_DIR, FID_DIR)  # samples/step-<n>.png, fid/step-<n>/ (a rollback moves newer ones)
     input_errors = (UnreadableImageError,)  # an image that broke during training (see --verify-images)
 
     def __init__(self) -> None:
@@ -185,7 +186,7 @@ class DiffusionTask(engine.Task):
     def start(self, run: Run) -> None:
         plan, s = run.plan, run.settings
         if run.is_main:
-            (run.out / "samples").mkdir(exist_ok=True)
+            (run.out / SAMPLES_DIR).mkdir(exist_ok=True)
             d = plan.data
             logger.info("data: %s, %d samples, %d classes, inputs %dx%dx%d; %d processes x %d per device x %d "
                         "accumulation = global batch %d", d.kind, len(d.labels), d.num_classes, d.latent_channels,
@@ -228,7 +229,7 @@ class DiffusionTask(engine.Task):
             if run.is_main and samples:
                 grid = sample_grid(transformer, core.vae, run.plan.data.id2label, run.plan.sample_classes,
                                    core.device, s.samples.sample_steps, s.samples.guidance_scale, s.run.seed)
-                atomic_write(run.out / "samples" / f"step-{step:07d}.png", lambda f: grid.save(f, format="PNG"))
+                atomic_write(run.out / SAMPLES_DIR / f"step-{step:07d}.png", lambda f: grid.save(f, format="PNG"))
                 log_images(core.accelerator, grid, step)
             if run.is_main and export:
                 card = pipeline_card_facts(transformer, run.plan.data.id2label, run.out, step,
