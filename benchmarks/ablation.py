@@ -20,7 +20,7 @@ then DiT's recipe (400K steps, batch 256, lr 1e-4, EMA 0.9999) and its FID guida
 
     python benchmarks/ablation.py --latents-dir data/imagenet256-latents --model-size B --patch-size 2 \\
         --variants dit none fixed cdsf --seeds 0 --launcher "accelerate launch --multi_gpu --num_processes 8" \\
-        --fid-reference data/ref/VIRTUAL_imagenet256_labeled.npz --fid-samples 50000 --output-dir runs/ablation
+        --fid-reference data/ref/VIRTUAL_imagenet256_labeled.npz --fid-num-samples 50000 --output-dir runs/ablation
 
 A finished run (its ``result.json``) is never trained again: rerun the same command after an interruption
 (an interrupted training resumes from its last checkpoint).  Results: ``<output-dir>/ablation.md`` and
@@ -47,6 +47,7 @@ from sdt_diffusion.attention import DECAY_MODES
 from sdt_diffusion.evaluation import compute_metrics
 from sdt_diffusion.tools.demo import DEMO_MODEL_KWARGS, train_command
 from sdt_diffusion.tools.digits import DigitData, prepare_digits, train_judge
+from sdt_diffusion.utils.cli_args import add_deprecated_alias
 from sdt_diffusion.utils.seeding import index_generator
 
 # The factorial over Spatial Decay Attention's parts: SDT-P with every part off and DiT's absolute sin-cos
@@ -205,10 +206,10 @@ def imagenet_run(variant: Variant, seed: int, args: argparse.Namespace) -> dict:
     if args.fid_reference:
         samples = run_dir / "samples.npz"
         sample_cmd = [*launcher, "-m", "sdt_diffusion.evaluation.sampling", "--pipeline", str(run_dir / "train" / "pipeline"),
-                      "--num-samples", str(args.fid_samples), "--guidance-scale", str(args.guidance_scale),
+                      "--num-samples", str(args.fid_num_samples), "--guidance-scale", str(args.guidance_scale),
                       "--seed", str(seed), "--output", str(samples)]
         run_training(sample_cmd, run_dir / "sample.log")
-        metrics = compute_metrics(str(samples), args.fid_reference, inception_weights=args.inception_weights)
+        metrics = compute_metrics(str(samples), args.fid_reference, inception_weights=args.fid_inception_weights)
         result.update({k: metrics.get(k) for k in ("fid", "sfid", "inception_score", "precision", "recall")})
     return result
 
@@ -290,8 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--patch-size", type=int, default=2, choices=(2, 4, 8))
     g.add_argument("--launcher", help='e.g. "accelerate launch --multi_gpu --num_processes 8"')
     g.add_argument("--fid-reference", help="ADM reference batch npz: sample and score FID-N per run")
-    g.add_argument("--fid-samples", type=int, default=50000)
-    g.add_argument("--inception-weights", help="local Inception-V3 state dict (default: torch-fidelity's download)")
+    g.add_argument("--fid-num-samples", type=int, default=50000,
+                   help="images sampled and scored per run (sdt-train's --fid-num-samples; default 50000: FID-50K)")
+    g.add_argument("--fid-inception-weights",
+                   help="local Inception-V3 state dict (sdt-train's --fid-inception-weights; default: "
+                        "torch-fidelity's download)")
+    add_deprecated_alias(p, "--fid-samples", "--fid-num-samples")
+    add_deprecated_alias(p, "--inception-weights", "--fid-inception-weights")
     return p
 
 
@@ -299,8 +305,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
     fill_mode_defaults(args)
-    if args.fid_reference and args.fid_samples < 10:  # checked before any training, not after it
-        parser.error(f"--fid-samples must be at least 10 (the Inception Score's 10 splits), got {args.fid_samples}")
+    if args.fid_reference and args.fid_num_samples < 10:  # checked before any training, not after it
+        parser.error("--fid-num-samples must be at least 10 (the Inception Score's 10 splits), "
+                     f"got {args.fid_num_samples}")
     if args.fid_reference and not args.latents_dir:
         parser.error("--fid-reference scores ImageNet runs: give --latents-dir too (the digits are scored by the judge)")
     variants = variants_from(args.variants, args.alphas)

@@ -54,7 +54,7 @@ def test_unknown_variant_is_refused():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--latents-dir", "cache", "--fid-reference", "ref.npz", "--fid-samples", "5"], "--fid-samples must be at least 10"),
+    (["--latents-dir", "cache", "--fid-reference", "ref.npz", "--fid-num-samples", "5"], "--fid-num-samples must be at least 10"),
     (["--fid-reference", "ref.npz"], "give --latents-dir too"),
 ])
 def test_fid_settings_are_checked_before_any_training(argv, message, tmp_path, capsys):
@@ -62,6 +62,18 @@ def test_fid_settings_are_checked_before_any_training(argv, message, tmp_path, c
     with pytest.raises(SystemExit):
         ablation.main([*argv, "--output-dir", str(tmp_path / "runs")])
     assert message in capsys.readouterr().err and not (tmp_path / "runs").exists()
+
+
+def test_the_fid_flags_are_named_as_in_sdt_train_and_the_old_spellings_warn(capsys):
+    parser = _load().build_parser()
+    old = parser.parse_args(["--fid-samples", "64", "--inception-weights", "w.pth"])
+    err = capsys.readouterr().err
+    assert "--fid-samples is deprecated" in err and "use --fid-num-samples" in err
+    assert "--inception-weights is deprecated" in err and "use --fid-inception-weights" in err
+    new = parser.parse_args(["--fid-num-samples", "64", "--fid-inception-weights", "w.pth"])
+    assert (old.fid_num_samples, old.fid_inception_weights) == (new.fid_num_samples, new.fid_inception_weights) \
+        == (64, "w.pth")
+    assert "--fid-samples" not in parser.format_help() and "--fid-num-samples" in parser.format_help()
 
 
 def test_recipe_defaults_follow_the_mode():
@@ -123,8 +135,8 @@ def test_imagenet_path_trains_on_a_latent_cache_samples_and_scores_fid(tmp_path)
     table = ablation.main(["--latents-dir", str(tmp_path / "cache"), "--model-size", "S", "--patch-size", "2",
                            "--model-kwargs", json.dumps(tiny), "--variants", "dit", "cdsf", "--seeds", "0",
                            "--steps", "2", "--batch-size", "4", "--launcher", " ".join(launch),
-                           "--fid-reference", str(tmp_path / "ref.npz"), "--fid-samples", "10",
-                           "--inception-weights", str(tmp_path / "inception.pth"), "--output-dir",
+                           "--fid-reference", str(tmp_path / "ref.npz"), "--fid-num-samples", "10",
+                           "--fid-inception-weights", str(tmp_path / "inception.pth"), "--output-dir",
                            str(tmp_path / "runs")])
     assert list(table) == ["dit", "cdsf"]
     for variant in ("dit", "cdsf"):
