@@ -6,9 +6,9 @@ device, date, torch version and git commit.  Definitions: ``sdt_diffusion/benchm
     # GPU (bf16 autocast): S/2 .. XL/2 at batch 32, sampling batch 64 x 250 steps
     python benchmarks/benchmark.py --output benchmarks/results_h100.json
     # CPU (float32): S/2 at batch 8, with the model as it was before the fast path in the same loop
-    python benchmarks/benchmark.py --device cpu --sizes S --batch 8 --sample-batch 4 --before --output cpu.json
+    python benchmarks/benchmark.py --device cpu --model-sizes S --batch-size 8 --sample-batch 4 --before --output cpu.json
     # both models under torch.compile (inductor)
-    python benchmarks/benchmark.py --device cpu --sizes S --batch 8 --compile --skip-memory --attn-tokens
+    python benchmarks/benchmark.py --device cpu --model-sizes S --batch-size 8 --compile --skip-memory --attn-tokens
 """
 
 from __future__ import annotations
@@ -22,27 +22,28 @@ import harness as bm
 import torch
 
 from sdt_diffusion.attention.backends import resolve_backend_name
+from sdt_diffusion.utils.cli_args import add_deprecated_alias
 from sdt_diffusion.utils.runtime import default_device
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="cuda, cpu or auto (cuda when available)")
-    p.add_argument("--sizes", nargs="+", default=None, choices=list(bm.MODEL_SIZES),
+    p.add_argument("--model-sizes", nargs="+", default=None, choices=list(bm.MODEL_SIZES),
                    help="model sizes (default: S B L XL on CUDA, S on CPU)")
     p.add_argument("--patch-size", type=int, default=2)
-    p.add_argument("--batch", type=int, default=None, help="training batch (default 32 on CUDA, 8 on CPU)")
+    p.add_argument("--batch-size", type=int, default=None, help="training batch (default 32 on CUDA, 8 on CPU)")
     p.add_argument("--sample-batch", type=int, default=None,
                    help="images per guided sampling step; the model sees twice as many (default 64 CUDA, 4 CPU)")
     p.add_argument("--sample-steps", type=int, default=250, help="DDPM steps the images/s figure assumes")
     p.add_argument("--attn-tokens", type=int, nargs="*", default=[256, 1024],
                    help="token counts (square grids) for the attention-alone benchmark; none to skip")
-    p.add_argument("--attn-batch", type=int, default=None, help="batch of the attention benchmark (default: --batch)")
+    p.add_argument("--attn-batch", type=int, default=None, help="batch of the attention benchmark (default: --batch-size)")
     p.add_argument("--attn-size", default=None, choices=list(bm.MODEL_SIZES),
-                   help="heads and head width of the attention benchmark (default: the largest of --sizes)")
+                   help="heads and head width of the attention benchmark (default: the largest of --model-sizes)")
     p.add_argument("--attn-backends", nargs="+", default=None,
                    help="backends to time against SDPA without bias (default: sdpa augmented dense flex math)")
-    p.add_argument("--backend", default="auto", help="SDT's attention_backend for the model benchmarks")
+    p.add_argument("--attention-backend", default="auto", help="SDT's attention_backend for the model benchmarks")
     p.add_argument("--decay-mode", default="cdsf")
     p.add_argument("--before", action="store_true",
                    help="also time SDT on its reference path (the code before the fast path) in the same loop")
@@ -61,7 +62,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="wall: elapsed time; cpu: this process's CPU time (CPU device; with --threads 1 the "
                         "single-core time of a step, unaffected by other processes on a shared machine)")
     p.add_argument("--output", default=None, help="JSON file for all results")
-    return p.parse_args(argv)
+    # the spellings before the flags took the trainers' names
+    add_deprecated_alias(p, "--sizes", "--model-sizes")
+    add_deprecated_alias(p, "--batch", "--batch-size")
+    add_deprecated_alias(p, "--backend", "--attention-backend")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -76,8 +85,8 @@ def main(argv: list[str] | None = None) -> dict:
     bm.set_clock(args.clock)
     if cuda:
         torch.set_float32_matmul_precision("high")  # TF32 for the float32 leftovers, as DiT trains
-    sizes = args.sizes or (["S", "B", "L", "XL"] if cuda else ["S"])
-    batch = args.batch or (32 if cuda else 8)
+    sizes = args.model_sizes or (["S", "B", "L", "XL"] if cuda else ["S"])
+    batch = args.batch_size or (32 if cuda else 8)
     sample_batch = args.sample_batch or (64 if cuda else 4)
     warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
     repeats = args.repeats or (10 if cuda else 5)
@@ -89,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": "python " + " ".join(sys.argv),
         "settings": {**vars(args), "sizes": sizes, "batch": batch, "sample_batch": sample_batch, "warmup": warmup,
                      "repeats": repeats, "attn_size": attn_size,
-                     "sdt_backend_resolved": resolve_backend_name(args.backend, device, args.decay_mode,
+                     "sdt_backend_resolved": resolve_backend_name(args.attention_backend, device, args.decay_mode,
                                                                   (32 // args.patch_size) ** 2)},
         "train": [], "sample": [], "attention": [],
     }
@@ -99,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"[train] {size}/{args.patch_size} batch {batch}", flush=True)
             try:
                 results["train"].append(bm.benchmark_training(
-                    size, batch, device, warmup, repeats, args.backend, args.decay_mode, args.patch_size,
+                    size, batch, device, warmup, repeats, args.attention_backend, args.decay_mode, args.patch_size,
                     measure_memory=not args.skip_memory, peak_tflops=args.peak_tflops if cuda else None,
                     before=args.before, before_backend=args.before_backend, compile_model=args.compile))
             except Exception as err:  # e.g. out of memory: keep the other sizes
@@ -108,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"[sample] {size}/{args.patch_size} batch {sample_batch} x2", flush=True)
             try:
                 results["sample"].append(bm.benchmark_sampling(
-                    size, sample_batch, args.sample_steps, device, warmup, repeats, args.backend, args.decay_mode,
+                    size, sample_batch, args.sample_steps, device, warmup, repeats, args.attention_backend, args.decay_mode,
                     args.patch_size, before=args.before, before_backend=args.before_backend,
                     compile_model=args.compile))
             except Exception as err:

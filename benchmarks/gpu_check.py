@@ -887,11 +887,10 @@ def step_sdt_h(ctx: argparse.Namespace, rec: Recorder) -> None:
 
     sh = mode_settings(ctx.mode)["sdt_h"]
     cuda = torch.cuda.is_available()
-    argv = ["--device", "cuda" if cuda else "cpu", "--models", *sh["models"], "--batch", str(sh["batch"]),
-            "--size", str(sh["size"]),
-            "--warmup", str(sh["warmup"]), "--repeats", str(sh["repeats"])]
+    argv = ["--device", "cuda" if cuda else "cpu", "--models", *sh["models"], "--batch-size", str(sh["batch"]),
+            "--resolution", str(sh["size"]), "--warmup", str(sh["warmup"]), "--repeats", str(sh["repeats"])]
     if cuda:
-        argv.append("--amp")
+        argv += ["--mixed-precision", "bf16"]
     if not sh["memory"]:
         argv.append("--skip-memory")
     result = sdt_h_speed.main(argv)

@@ -4,7 +4,7 @@
 the difference: where SDT's extra time goes.  CPU, float32 (the GPU profile needs CUDA events and is
 not covered here).
 
-    python benchmarks/profile_sdt.py --sizes S --batch 8 --threads 1 --steps 2
+    python benchmarks/profile_sdt.py --model-size S --batch-size 8 --threads 1 --steps 2
     python benchmarks/profile_sdt.py --backends auto augmented --before   # SDT paths side by side, and the old one
     python benchmarks/profile_sdt.py --pieces --threads 1    # each fast piece against its plain form, CPU time
 """
@@ -24,6 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 from sdt_diffusion.attention import kernels
 from sdt_diffusion.attention import spatial_decay as eq
 from sdt_diffusion.attention.grid import GridContext
+from sdt_diffusion.utils.cli_args import add_deprecated_alias
 
 
 def op_self_times(step) -> dict[str, float]:
@@ -156,10 +157,10 @@ def format_profile(results: dict[str, dict], top: int) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", default="S", choices=list(bm.MODEL_SIZES))
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--model-size", default="S", choices=list(bm.MODEL_SIZES))
+    p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--mode", default="train", choices=["train", "sample"],
                    help="training step, or one guided sampling step (model sees 2 x batch)")
     p.add_argument("--backends", nargs="+", default=["auto"], help="SDT attention backends to profile")
@@ -174,14 +175,21 @@ def main(argv: list[str] | None = None) -> dict:
                    help="instead: time each fast piece of one attention layer against its plain form (CPU time)")
     p.add_argument("--repeats", type=int, default=20, help="timed runs per piece with --pieces")
     p.add_argument("--output", default=None, help="JSON with every op's time")
-    args = p.parse_args(argv)
+    add_deprecated_alias(p, "--size", "--model-size")  # the spellings before the flags took the trainers' names
+    add_deprecated_alias(p, "--batch", "--batch-size")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.pieces:
-        pieces = time_pieces(args.size, args.batch, args.repeats)
+        pieces = time_pieces(args.model_size, args.batch_size, args.repeats)
         env = bm.environment(torch.device("cpu"))
         print(f"{env['device']} | {env['date_utc']} | torch {env['torch']} | commit {env['git_commit']} | "
-              f"{args.size}/2 shapes, batch {args.batch}, fwd+bwd, ms CPU time (median of {args.repeats})")
+              f"{args.model_size}/2 shapes, batch {args.batch_size}, fwd+bwd, ms CPU time "
+              f"(median of {args.repeats})")
         print("| piece | fast | plain | fast / plain |\n|---|---|---|---|")
         for name, t in pieces.items():
             print(f"| {name} | {t['fast']:.2f} | {t['plain']:.2f} | {t['fast'] / t['plain']:.2f} |")
@@ -189,12 +197,12 @@ def main(argv: list[str] | None = None) -> dict:
             with open(args.output, "w") as f:
                 json.dump({"env": env, "command": "python " + " ".join(sys.argv), "pieces_ms": pieces}, f, indent=2)
         return pieces
-    results = profile_models(args.size, args.batch, args.backends, args.steps, args.warmup, args.mode, args.before,
-                             args.compile)
+    results = profile_models(args.model_size, args.batch_size, args.backends, args.steps, args.warmup, args.mode,
+                             args.before, args.compile)
     table = format_profile(results, args.top)
     env = bm.environment(torch.device("cpu"))
     print(f"{env['device']} | {env['date_utc']} | torch {env['torch']} | commit {env['git_commit']} | "
-          f"{args.mode} step, {args.size}/2, batch {args.batch}{', compiled' if args.compile else ''}, "
+          f"{args.mode} step, {args.model_size}/2, batch {args.batch_size}{', compiled' if args.compile else ''}, "
           "ms per step (self CPU time)")
     print(table)
     if args.output:

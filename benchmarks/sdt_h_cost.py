@@ -24,6 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from sdt_diffusion.models import count_parameters
 from sdt_diffusion.models.sdt_h import SDT_H_PRESETS, SDTH
+from sdt_diffusion.utils.cli_args import add_deprecated_alias
 
 # Paper, Table 1 (params M, GFLOPs at 224^2); RMT's released models (exact counts; fvcore GFLOPs measured on
 # RMT's code: RMT_T3 2.65, RMT_S 4.80, RMT_M2 10.41; RMT's paper rounds them to 2.5 / 4.5 / 9.7).
@@ -62,17 +63,22 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", type=int, default=224, help="square input size (a multiple of 32)")
+    p.add_argument("--resolution", type=int, default=224, help="square input side (a multiple of 32)")
     p.add_argument("--output", default=None, help="JSON file for the rows")
-    args = p.parse_args(argv)
+    add_deprecated_alias(p, "--size", "--resolution")  # the spelling before the flags took the trainers' names
+    return p
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    args = build_parser().parse_args(argv)
     rows = []
     for preset in PAPER:  # the SDT-H presets (the RMT presets: tests/test_rmt.py, docs/sdt_h.md)
         for layout, modes in LAYOUTS.items():
-            rows.append({**measure(preset, modes, args.size), "layout": layout,
+            rows.append({**measure(preset, modes, args.resolution), "layout": layout,
                          "gate_rank": SDT_H_PRESETS[preset]["gate_rank"]})
-    print(f"SDT-H at {args.size}x{args.size}, 1 multiply-add = 1 FLOP (FlopCounterMode total / 2):\n")
+    print(f"SDT-H at {args.resolution}x{args.resolution}, 1 multiply-add = 1 FLOP (FlopCounterMode total / 2):\n")
     print(table(rows))
     if args.output:
         with open(args.output, "w") as f:

@@ -15,7 +15,7 @@ and ``swin_tiny_patch4_window7_224`` (the ConvNeXt-T and Swin-T of the paper's T
     # CPU (float32), batch 32, 224x224, one thread: the numbers in benchmarks/RESULTS.md
     python benchmarks/sdt_h_speed.py --device cpu --threads 1 --repeats 5 --output sdt_h_speed_cpu.json
     # CUDA (bf16 autocast), batch 32 -- the same table on a GPU:
-    python benchmarks/sdt_h_speed.py --device cuda --amp --warmup 5 --repeats 20 --output sdt_h_speed_cuda.json
+    python benchmarks/sdt_h_speed.py --device cuda --mixed-precision bf16 --warmup 5 --repeats 20 --output sdt_h_speed_cuda.json
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import sdt_diffusion  # noqa: F401  (registers sdt_h_tiny with timm)
+from sdt_diffusion.utils.cli_args import add_deprecated_alias
 
 DEFAULT_MODELS = ("sdt_h_tiny", "convnext_nano", "convnext_tiny", "swin_tiny_patch4_window7_224")
 
@@ -194,31 +195,42 @@ def table(rows: dict[str, dict[str, Any]], ref: str, cpu_time: bool) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), help="timm names; the first is the reference")
-    p.add_argument("--backend", default="auto", help="SDT-H's attention_backend")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--size", type=int, default=224)
-    p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
+    p.add_argument("--attention-backend", default="auto", help="SDT-H's attention_backend")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--resolution", type=int, default=224, help="square input side")
+    p.add_argument("--mixed-precision", default="no", choices=("no", "bf16"), help="bf16: bf16 autocast (CUDA)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--output", default=None, help="JSON file for the results")
-    args = p.parse_args(argv)
+    # the spellings before the flags took the trainers' names
+    add_deprecated_alias(p, "--backend", "--attention-backend")
+    add_deprecated_alias(p, "--batch", "--batch-size")
+    add_deprecated_alias(p, "--size", "--resolution")
+    add_deprecated_alias(p, "--amp", "--mixed-precision", nargs=0, const="bf16", choices=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    batch, size, backend = args.batch_size, args.resolution, args.attention_backend
+    amp = args.mixed_precision == "bf16"
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
-    models = {name: build(name, args.backend) for name in args.models}
-    steps = {name: make_step(m, device, args.batch, args.size, args.amp) for name, m in models.items()}
+    models = {name: build(name, backend) for name in args.models}
+    steps = {name: make_step(m, device, batch, size, amp) for name, m in models.items()}
     times = time_interleaved(steps, device, args.warmup, args.repeats)
     rows: dict[str, dict[str, Any]] = {}
     for name, model in models.items():
         wall, cpu = times[name]["wall"], times[name]["cpu"]
-        rows[name] = {"params": sum(q.numel() for q in model.parameters()), "gmacs": forward_gmacs(name, args.size),
+        rows[name] = {"params": sum(q.numel() for q in model.parameters()), "gmacs": forward_gmacs(name, size),
                       "median_s": statistics.median(wall), "min_s": min(wall), "cpu_median_s": statistics.median(cpu),
                       "runs_s": [round(t, 4) for t in wall], "cpu_runs_s": [round(t, 4) for t in cpu]}
     if not args.skip_memory:
@@ -226,21 +238,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if device.type == "cuda":
                 rows[name]["peak_mib"] = cuda_peak_memory(steps[name], device) / 2**20
             else:
-                rows[name]["peak_mib"] = cpu_peak_memory(name, args.backend, args.batch, args.size) / 2**20
+                rows[name]["peak_mib"] = cpu_peak_memory(name, backend, batch, size) / 2**20
 
     env = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model_name(),
         "cpu_model": cpu_model_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__, "timm": timm.__version__, "git_commit": git_commit(),
-        "batch": args.batch, "size": args.size, "amp": args.amp, "backend": args.backend,
+        "batch": batch, "size": size, "amp": amp, "backend": backend,
         "warmup": args.warmup, "repeats": args.repeats,
     }
     if hasattr(os, "getloadavg"):
         env["load_average_1_5_15"] = [round(v, 2) for v in os.getloadavg()]
     print(f"{env['device']} ({env['cores']} cores, {env['torch_threads']} torch threads), torch {env['torch']}, "
-          f"timm {env['timm']}, batch {args.batch}, {args.size}x{args.size}, "
-          f"{'bf16 autocast' if args.amp else 'float32'}, {env['date_utc']}\n")
+          f"timm {env['timm']}, batch {batch}, {size}x{size}, "
+          f"{'bf16 autocast' if amp else 'float32'}, {env['date_utc']}\n")
     print(table(rows, args.models[0], cpu_time=device.type == "cpu"))
     result = {"environment": env, "rows": rows}
     if args.output:
