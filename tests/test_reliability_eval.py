@@ -259,6 +259,8 @@ def test_classify_refuses_folder_names_the_model_does_not_know(tmp_path, monkeyp
     (["--crop-pct", "0"], "--crop-pct must lie in (0, 1], got 0.0"),
     (["--resolution", "-5"], "--resolution must lie in [1, 4096], got -5"),
     (["--resolution", "100000000"], "--resolution must lie in [1, 4096]"),
+    (["--batch-size", str(10**12)], "--batch-size must lie in [1, 65536], got 1000000000000"),
+    (["--num-workers", str(10**6)], "--num-workers must lie in [0, 256], got 1000000"),  # a million processes
 ])
 def test_classify_bad_flags_are_one_line_errors(tmp_path, monkeypatch, capsys, flags, message):
     """Probe: --crop-pct nan / 0, --resolution -5 / 10^8. Before: a ValueError traceback from the transform (nan,
@@ -402,6 +404,16 @@ def _fid(argv: list[str]) -> int:
         return evaluate_main(argv)
     except SystemExit as e:
         return int(e.code)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", str(10**12)], "--batch-size must lie in [1, 65536], got 1000000000000"),
+    (["--num-workers", str(10**6)], "--num-workers must lie in [0, 256], got 1000000"),
+])
+def test_fid_sizes_are_bounded_before_anything_is_read(flags, message, tmp_path, capsys):
+    ref, samples = _stats_npz(tmp_path / "ref.npz"), _samples_npz(tmp_path / "samples.npz")
+    assert _fid([str(samples), str(ref), *flags, "--quiet"]) == 2
+    assert message in capsys.readouterr().err
 
 
 def _no_inception(*args, **kwargs):

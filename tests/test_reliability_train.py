@@ -472,6 +472,7 @@ DIFFUSION_SIZES = {
     "resolution": (["--resolution", str(10**8)], "--resolution must lie in [1, 4096], got 100000000"),
     "global batch": (["--global-batch-size", str(10**12), "--per-device-batch", "2"],  # a step that never ends
                      "--global-batch-size must lie in [1, 1048576]"),
+    "workers": (["--num-workers", str(10**6)], "--num-workers must lie in [0, 256], got 1000000"),  # a fork bomb
 }
 
 
@@ -497,7 +498,9 @@ def _classifier_argv(data: Path, out: Path, *extra: str) -> list[str]:
     (["--resolution", str(10**8)], "--resolution must lie in [1, 4096], got 100000000"),  # MemoryError at the resize
     (["--repeated-aug", str(10**9)], "--repeated-aug must lie in [1, 16]"),  # 60 GB of sampler keys per epoch
     (["--recount", str(10**9)], "--recount must lie in [1, 100]"),  # 10^9 erasing boxes per image: a hang
-], ids=["resolution", "repeated-aug", "recount"])
+    (["--eval-batch-size", str(10**12)], "--eval-batch-size must lie in [1, 65536]"),  # the whole held-out set
+    (["--num-workers", str(10**6)], "--num-workers must lie in [0, 256]"),  # a million worker processes
+], ids=["resolution", "repeated-aug", "recount", "eval-batch-size", "num-workers"])
 def test_absurd_classifier_sizes_are_refused_with_the_flag_and_its_bound(extra, expected, data, tmp_path):
     with pytest.raises(ConfigError) as info:
         classifier_config.settings_from_args(classifier_config.parse_args(_classifier_argv(data, tmp_path / "o",
@@ -508,7 +511,8 @@ def test_absurd_classifier_sizes_are_refused_with_the_flag_and_its_bound(extra, 
 @pytest.mark.parametrize("extra, expected", [
     (["--resolution", str(10**8)], "--resolution must lie in [1, 4096], got 100000000"),
     (["--batch-size", str(10**12)], "--batch-size must lie in [1, 65536]"),  # the whole dataset in one batch
-], ids=["resolution", "batch-size"])
+    (["--num-workers", str(10**6)], "--num-workers must lie in [0, 256]"),
+], ids=["resolution", "batch-size", "num-workers"])
 def test_absurd_extraction_sizes_are_refused_with_the_flag_and_its_bound(extra, expected, data, tmp_path):
     argv = ["--data-dir", str(data), "--vae", str(tmp_path / "no-vae-needed"), "--output-dir", str(tmp_path / "c"),
             "--resolution", "8", *extra]

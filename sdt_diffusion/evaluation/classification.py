@@ -59,7 +59,7 @@ from ..models.sdt_h import IMAGENET_MEAN, IMAGENET_STD, PRESET_OF_TIMM_NAME, SDT
 from ..utils.cli_args import add_deprecated_alias
 from ..utils.files import atomic_write_text, check_writable
 from ..utils.optional import import_optional
-from ..utils.runtime import default_device
+from ..utils.runtime import MAX_NUM_WORKERS, MAX_PER_DEVICE_BATCH, default_device
 
 __all__ = [
     "DEFAULT_CROP_PCT",
@@ -482,9 +482,10 @@ def classify(args: argparse.Namespace) -> dict[str, Any]:
     Raises:
         ClassificationInputError: bad data, model or flags (before any image is classified).
     """
-    if args.batch_size <= 0 or args.num_workers < 0:
-        raise ClassificationInputError(f"--batch-size must be > 0 and --num-workers >= 0, got {args.batch_size} "
-                                       f"and {args.num_workers}")
+    if not 0 < args.batch_size <= MAX_PER_DEVICE_BATCH:
+        raise ClassificationInputError(f"--batch-size must lie in [1, {MAX_PER_DEVICE_BATCH}], got {args.batch_size}")
+    if not 0 <= args.num_workers <= MAX_NUM_WORKERS:
+        raise ClassificationInputError(f"--num-workers must lie in [0, {MAX_NUM_WORKERS}], got {args.num_workers}")
     if args.resolution is not None and not 0 < args.resolution <= MAX_RESOLUTION:
         raise ClassificationInputError(f"--resolution must lie in [1, {MAX_RESOLUTION}], got {args.resolution}")
     if args.crop_pct is not None and not (math.isfinite(args.crop_pct) and 0 < args.crop_pct <= 1):

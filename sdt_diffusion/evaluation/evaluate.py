@@ -27,7 +27,7 @@ from ..hub import read_fid_results
 from ..utils.errors import ConfigError
 from ..utils.files import atomic_write_text, check_writable
 from ..utils.optional import import_optional
-from ..utils.runtime import default_device
+from ..utils.runtime import MAX_NUM_WORKERS, MAX_PER_DEVICE_BATCH, default_device
 from .formulas import feature_statistics, frechet_distance, inception_score, precision_recall
 from .images import EvaluationInputError, ImageSource, open_images
 from .inception import FEATURE_EXTRACTOR_NAME, InceptionFeatures, extract_features, load_inception
@@ -385,6 +385,10 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
         parser.error("--device cuda requested but CUDA is not available")
     if min(args.batch_size, args.k, args.pr_batch_size, args.is_splits) < 1 or args.num_workers < 0:
         parser.error("--batch-size, --k, --is-splits and --pr-batch-size must be positive, --num-workers >= 0")
+    if args.batch_size > MAX_PER_DEVICE_BATCH:
+        parser.error(f"--batch-size must lie in [1, {MAX_PER_DEVICE_BATCH}], got {args.batch_size}")
+    if args.num_workers > MAX_NUM_WORKERS:
+        parser.error(f"--num-workers must lie in [0, {MAX_NUM_WORKERS}], got {args.num_workers}")
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     if not metrics or set(metrics) - set(ALL_METRICS):
         parser.error(f"--metrics must be a comma-separated subset of {','.join(ALL_METRICS)}")

@@ -49,13 +49,12 @@ from ..schedulers import SCHEDULER_NAMES, make_scheduler
 from ..utils.cli_args import DTYPE_ALIASES, DTYPE_CHOICES, add_dtype_argument, torch_dtype
 from ..utils.files import atomic_write, atomic_write_text, check_writable, sha256_file
 from ..utils.run_lock import lock_run
-from ..utils.runtime import cpu_multiprocess
+from ..utils.runtime import MAX_PER_DEVICE_BATCH, cpu_multiprocess
 from ..utils.seeding import index_generator
 
 MAX_SEED = 2**63 - 1  # per-sample seeds are taken modulo 2**63 - 1 (utils.seeding)
-# Bounds checked before anything is allocated: 200 × FID-50K, and a batch far above any accelerator's memory.
+# Checked before anything is allocated (with utils.runtime.MAX_PER_DEVICE_BATCH): 200 × FID-50K.
 MAX_NUM_SAMPLES = 10_000_000
-MAX_PER_DEVICE_BATCH = 65_536
 # The completeness marker of a training checkpoint folder (the trainer's file name; evaluation never reads the
 # checkpoint, it only recognises one to point at the export command).
 CHECKPOINT_MARKER = "training_state.json"

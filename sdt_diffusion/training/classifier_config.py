@@ -22,6 +22,7 @@ from ..data import AUTO_VERIFY_LIMIT
 from ..models.sdt_h import SDT_H_PRESETS, SDTH
 from ..utils.cli_args import add_deprecated_alias
 from ..utils.errors import ConfigError
+from ..utils.runtime import MAX_PER_DEVICE_BATCH
 from .config import Settings, check_finite, check_positive, parse_model_kwargs, settings_from_flags
 from .flags import build_parser as build_flag_parser
 from .flags import flag, parse_flags
@@ -252,7 +253,8 @@ def check_classifier(s: ClassifierSettings) -> None:
     if v["resolution"] is None:
         raise ConfigError("--resolution is required")
     check_positive(v, ("epochs", "lr_base_batch", "eval_batch_size", "repeated_aug", "recount"))
-    for name, bound in (("repeated_aug", MAX_REPEATED_AUG), ("recount", MAX_RECOUNT)):
+    for name, bound in (("repeated_aug", MAX_REPEATED_AUG), ("recount", MAX_RECOUNT),
+                        ("eval_batch_size", MAX_PER_DEVICE_BATCH)):
         if v[name] > bound:
             raise ConfigError(f"--{name.replace('_', '-')} must lie in [1, {bound}], got {v[name]}")
     check_positive(v, ("eval_every_epochs", "warmup_epochs"), allow_zero=True)

@@ -31,6 +31,7 @@ from ..data import (
 )
 from ..hub import check_hub_flags
 from ..utils.errors import ConfigError
+from ..utils.runtime import MAX_NUM_WORKERS
 from .flags import CALLER, COMMAND_LINE, EXPLICIT, flag, plain, settings_from_namespace
 
 __all__ = [
@@ -364,6 +365,8 @@ def check_settings(settings: Settings) -> None:
     check_positive(v, ("max_steps", "global_batch_size", "per_device_batch", "resolution", "checkpoint_every",
                        "log_every"))
     check_positive(v, ("keep_checkpoints", "num_workers"), allow_zero=True)
+    if v["num_workers"] > MAX_NUM_WORKERS:
+        raise ConfigError(f"--num-workers must lie in [0, {MAX_NUM_WORKERS}], got {v['num_workers']}")
     if v["resolution"] is not None and v["resolution"] > MAX_RESOLUTION:
         raise ConfigError(f"--resolution must lie in [1, {MAX_RESOLUTION}], got {v['resolution']}")
     if v["global_batch_size"] > MAX_GLOBAL_BATCH:

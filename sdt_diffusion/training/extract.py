@@ -47,11 +47,10 @@ from ..data import (
     refuse_streaming,
     verify_images,
 )
-from ..evaluation.sampling import MAX_PER_DEVICE_BATCH
 from ..models.vae import vae_downsampling_factor, vae_scaling_factor
 from ..utils.errors import error_line
 from ..utils.files import atomic_write_text, check_writable
-from ..utils.runtime import cpu_multiprocess, enable_tf32
+from ..utils.runtime import MAX_NUM_WORKERS, MAX_PER_DEVICE_BATCH, cpu_multiprocess, enable_tf32
 from .config import ConfigError, check_output_outside_data
 from .export import load_vae
 from .flags import HelpFormatter
@@ -118,8 +117,8 @@ def _check_args(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"--resolution must lie in [1, {MAX_RESOLUTION}], got {args.resolution}")
     if args.batch_size > MAX_PER_DEVICE_BATCH:
         raise ConfigError(f"--batch-size must lie in [1, {MAX_PER_DEVICE_BATCH}], got {args.batch_size}")
-    if args.num_workers < 0:
-        raise ConfigError(f"--num-workers must be >= 0, got {args.num_workers}")
+    if not 0 <= args.num_workers <= MAX_NUM_WORKERS:
+        raise ConfigError(f"--num-workers must lie in [0, {MAX_NUM_WORKERS}], got {args.num_workers}")
     out = Path(args.output_dir)
     # before check_writable creates the folder: shard folders inside a class folder tree would become a class
     local_dataset = args.dataset if args.dataset and Path(args.dataset).is_dir() else None

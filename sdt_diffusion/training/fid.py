@@ -33,6 +33,7 @@ from typing import Any, ClassVar
 from ..schedulers import NUM_TRAIN_TIMESTEPS, SCHEDULER_NAMES
 from ..utils.errors import ConfigError
 from ..utils.files import atomic_write_text
+from ..utils.runtime import MAX_PER_DEVICE_BATCH
 from .export import ema_transformer, export_pipeline
 from .flags import flag
 from .tracking import METRICS_FILE
@@ -72,7 +73,7 @@ def check_fid_settings(s: FidSettings) -> None:
     Raises:
         ConfigError: naming the flag at fault.
     """
-    from ..evaluation.sampling import MAX_NUM_SAMPLES, MAX_PER_DEVICE_BATCH
+    from ..evaluation.sampling import MAX_NUM_SAMPLES
 
     if s.fid_every < 0:
         raise ConfigError(f"--fid-every must be >= 0, got {s.fid_every}")

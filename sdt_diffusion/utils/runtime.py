@@ -8,7 +8,13 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["cpu_multiprocess", "default_device", "enable_tf32", "ieee_fp32"]
+__all__ = ["MAX_NUM_WORKERS", "MAX_PER_DEVICE_BATCH", "cpu_multiprocess", "default_device", "enable_tf32", "ieee_fp32"]
+
+# Bounds every command checks before anything is allocated or started: a batch far above any accelerator's
+# memory, and more data-loader worker processes per process than the largest machines have cores (each worker is
+# a process: --num-workers 10**6 would fork until the machine stops).
+MAX_PER_DEVICE_BATCH = 65_536
+MAX_NUM_WORKERS = 256
 
 
 def default_device(requested: str | torch.device | None = None) -> torch.device:
