@@ -255,7 +255,7 @@ def check_classifier(s: ClassifierSettings) -> None:
     check_positive(v, ("epochs", "lr_base_batch", "eval_batch_size", "repeated_aug", "recount"))
     for name, bound in (("repeated_aug", MAX_REPEATED_AUG), ("recount", MAX_RECOUNT),
                         ("eval_batch_size", MAX_PER_DEVICE_BATCH)):
-        if v[name] > bound:
+        if v[name] is not None and v[name] > bound:  # --eval-batch-size: None is the training micro-batch
             raise ConfigError(f"--{name.replace('_', '-')} must lie in [1, {bound}], got {v[name]}")
     check_positive(v, ("eval_every_epochs", "warmup_epochs"), allow_zero=True)
     check_finite(v, ("min_lr", "warmup_lr", "adam_eps", "drop_path", "color_jitter", "mixup", "cutmix", "smoothing",
